@@ -1,0 +1,208 @@
+"""Typed configuration: dataclasses validated at construction, loaded from YAML plus `key=value` overrides.
+
+Every field has a type; loading rejects unknown keys (with a "did you mean"), wrong types and
+impossible combinations before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .serialization import FIXED_ORDERS, MASK_UNITS, SCAN_ORDERS, check_mask, check_scan_order, grid_size
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class EncoderConfig:
+    """A Vision-LSTM encoder (DESIGN §3). Defaults are MAL-T at 192 px."""
+    img_size: int = 192
+    patch_size: int = 16
+    in_chans: int = 3
+    dim: int = 192
+    depth: int = 24
+    num_heads: int = 4               # mLSTM heads; head dim = expansion * dim / num_heads
+    expansion: int = 2               # up-projection D -> expansion*D for each of the x and z branches
+    qkv_block_size: int = 4          # block-diagonal q/k/v projections with blocks of this size
+    conv_kernel_size: int = 4        # causal depthwise conv along each layer's sequence
+    drop_path_rate: float = 0.0
+    cluster_size: int = 4            # k: clusters of k x k patches
+    scan_order: str = "alternating"  # one of SCAN_ORDERS
+    bidirectional: bool = True       # fine-tuning/inference: every other layer runs its sequence reversed
+    mlstm_backend: str = "auto"      # mLSTM kernel; "auto" picks the fastest available
+
+    def __post_init__(self):
+        grid_size(self.img_size, self.patch_size)
+        check_scan_order(self.scan_order)
+        for name in ("patch_size", "in_chans", "dim", "depth", "num_heads", "expansion", "qkv_block_size",
+                     "conv_kernel_size", "cluster_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        inner = self.expansion * self.dim
+        if inner % self.num_heads or inner % self.qkv_block_size:
+            raise ValueError(f"model.expansion*model.dim = {inner} must be divisible by num_heads "
+                             f"({self.num_heads}) and qkv_block_size ({self.qkv_block_size})")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return grid_size(self.img_size, self.patch_size)
+
+
+@dataclass
+class DecoderConfig:
+    """The pretraining decoder (DESIGN §4, paper Tables 12-13)."""
+    kind: str = "transformer"        # "transformer" or "xlstm"
+    depth: int = 8
+    dim: int = 512
+    num_heads: int = 16              # transformer heads (xlstm decoder uses 4 mLSTM heads)
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self):
+        if self.kind not in ("transformer", "xlstm"):
+            raise ValueError(f"decoder.kind must be 'transformer' or 'xlstm', got {self.kind!r}")
+        if self.depth < 1 or self.dim < 1:
+            raise ValueError("decoder.depth and decoder.dim must be >= 1")
+        if self.kind == "transformer" and self.dim % self.num_heads:
+            raise ValueError(f"decoder.dim {self.dim} must be divisible by decoder.num_heads {self.num_heads}")
+
+
+@dataclass
+class MaskConfig:
+    """Input masking for pretraining (paper Table 5)."""
+    unit: str = "cluster"            # none | pixel | patch | cluster
+    ratio: float = 0.2
+
+    def __post_init__(self):
+        check_mask(self.unit, self.ratio)
+
+
+@dataclass
+class ObjectiveConfig:
+    """Everything of the MAL pretraining objective beyond the encoder."""
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    norm_pix_loss: bool = True       # targets normalized per patch (MAE)
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "mal_tiny": dict(dim=192, depth=24),
+    "mal_small": dict(dim=384, depth=24),
+    "mal_base": dict(dim=768, depth=24),
+}
+
+__all__ = ["EncoderConfig", "DecoderConfig", "MaskConfig", "ObjectiveConfig", "MODEL_PRESETS",
+           "FIXED_ORDERS", "MASK_UNITS", "SCAN_ORDERS", "from_dict", "to_dict", "apply_overrides", "load_yaml"]
+
+
+# ----------------------------------------------------------------------------- generic loading
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return value coerced to tp (int -> float allowed, tuples from lists) or raise a clear ValueError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"{key}: {value!r} matches none of {tp}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ValueError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_check_type(v, a, key) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        return origin(_check_type(v, inner, key) for v in value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ValueError(f"{key}: expected true/false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ValueError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, names, n=1)
+        hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; valid keys: {names}"
+        raise ValueError(f"unknown config key {prefix}{k!r}{hint}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{name}: expected a mapping, got {value!r}")
+            kwargs[name] = from_dict(tp, value, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, tp, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"invalid config{' ' + prefix.rstrip('.') if prefix else ''}: {e}") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Dataclass -> plain nested dict (tuples as lists), ready for YAML/JSON."""
+    def conv(v):
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return conv(dataclasses.asdict(obj))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found; see configs/ for the shipped ones")
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    return data

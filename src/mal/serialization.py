@@ -1,0 +1,298 @@
+"""Image <-> patch sequence: patchify, cluster partition, the six scan orders, input masking.
+
+A grid of h x w patches is tiled into clusters of k x k adjacent patches (edge clusters are smaller
+when k does not divide the grid). Cluster (u, v) sits in cluster row u and cluster column v; inside a
+cluster, patch (a, b) is local row a, local column b. A *scan order* is a permutation `perm` of the
+h*w raster patch indices: `perm[t]` is the raster index of the patch at sequence position t.
+Permutations are built once per (grid, k, order) and cached; they are applied with `gather`.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+# Inner patterns: how the patches inside one cluster are visited.
+INNER_PATTERNS = ("row", "col", "row_rev", "col_rev")
+# The four fixed orders of DESIGN §2 / paper Fig. 4: (cluster direction along a cluster row, inner pattern).
+FIXED_ORDERS = {
+    "row_fwd": ("fwd", "row"),      # (a)
+    "col_fwd": ("fwd", "col"),      # (b)
+    "row_bwd": ("bwd", "row_rev"),  # (c)
+    "col_bwd": ("bwd", "col_rev"),  # (d)
+}
+SCAN_ORDERS = (*FIXED_ORDERS, "random", "alternating")
+MASK_UNITS = ("none", "pixel", "patch", "cluster")
+
+
+# ----------------------------------------------------------------------------- validation
+def grid_size(img_size: int | tuple[int, int], patch_size: int) -> tuple[int, int]:
+    """Patch grid (h, w) of an image; ValueError when the image is not a multiple of the patch."""
+    H, W = (img_size, img_size) if isinstance(img_size, int) else img_size
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {patch_size}; "
+                         f"resize/crop to a multiple of {patch_size} (e.g. {H // patch_size * patch_size}) "
+                         f"or change patch_size")
+    return H // patch_size, W // patch_size
+
+
+def check_scan_order(order: str) -> str:
+    if order not in SCAN_ORDERS:
+        raise ValueError(f"unknown scan order {order!r}; choose one of {list(SCAN_ORDERS)}")
+    return order
+
+
+def check_divides(h: int, w: int, k: int) -> None:
+    """Pretraining needs whole clusters: k must divide both grid sides."""
+    if k < 1 or h % k or w % k:
+        ok = [d for d in range(1, min(h, w) + 1) if h % d == 0 and w % d == 0]
+        raise ValueError(f"cluster size {k} does not divide the {h}x{w} patch grid; pretraining needs whole "
+                         f"clusters: use cluster_size in {ok} or change img_size/patch_size")
+
+
+# ----------------------------------------------------------------------------- patches
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, h*w, p*p*C), raster order, pixels inside a patch as (row, col, channel)."""
+    B, C, H, W = imgs.shape
+    h, w = H // p, W // p
+    x = imgs.reshape(B, C, h, p, w, p)                                      # (B, C, h, p, w, p)
+    x = x.permute(0, 2, 4, 3, 5, 1)                                         # (B, h, w, p, p, C)
+    return x.reshape(B, h * w, p * p * C)                                   # (B, hw, p*p*C)
+
+
+def unpatchify(x: torch.Tensor, p: int, h: int, w: int) -> torch.Tensor:
+    """(B, h*w, p*p*C) -> (B, C, h*p, w*p); the inverse of `patchify`."""
+    B, N, D = x.shape
+    C = D // (p * p)
+    x = x.reshape(B, h, w, p, p, C)                                         # (B, h, w, p, p, C)
+    x = x.permute(0, 5, 1, 3, 2, 4)                                         # (B, C, h, p, w, p)
+    return x.reshape(B, C, h * p, w * p)                                    # (B, C, H, W)
+
+
+# ----------------------------------------------------------------------------- clusters
+def cluster_grid(h: int, w: int, k: int) -> tuple[int, int]:
+    """Number of cluster rows and columns (R, C); edge clusters are smaller if k does not divide."""
+    if k < 1:
+        raise ValueError(f"cluster size must be >= 1, got {k}")
+    return math.ceil(h / k), math.ceil(w / k)
+
+
+def _inner(rows: range, cols: range, pattern: str) -> list[tuple[int, int]]:
+    """Visit order of the (row, col) patches of one cluster."""
+    if pattern == "row":
+        return [(a, b) for a in rows for b in cols]
+    if pattern == "col":
+        return [(a, b) for b in cols for a in rows]
+    if pattern == "row_rev":
+        return _inner(rows, cols, "row")[::-1]
+    if pattern == "col_rev":
+        return _inner(rows, cols, "col")[::-1]
+    raise ValueError(f"unknown inner pattern {pattern!r}; choose one of {list(INNER_PATTERNS)}")
+
+
+def _cluster_patches(h: int, w: int, k: int, u: int, v: int, pattern: str) -> list[int]:
+    rows = range(u * k, min((u + 1) * k, h))
+    cols = range(v * k, min((v + 1) * k, w))
+    return [a * w + b for a, b in _inner(rows, cols, pattern)]
+
+
+def cluster_sequence(h: int, w: int, k: int, direction: str) -> list[int]:
+    """Cluster ids u*C+v in visiting order: rows top to bottom, columns left->right ('fwd') or right->left ('bwd')."""
+    R, C = cluster_grid(h, w, k)
+    if direction not in ("fwd", "bwd"):
+        raise ValueError(f"unknown cluster direction {direction!r}; use 'fwd' or 'bwd'")
+    cols = range(C) if direction == "fwd" else range(C - 1, -1, -1)
+    return [u * C + v for u in range(R) for v in cols]
+
+
+@lru_cache(maxsize=None)
+def _order_list(h: int, w: int, k: int, clusters: tuple[int, ...], pattern: str) -> tuple[int, ...]:
+    R, C = cluster_grid(h, w, k)
+    out: list[int] = []
+    for c in clusters:
+        out += _cluster_patches(h, w, k, c // C, c % C, pattern)
+    return tuple(out)
+
+
+@lru_cache(maxsize=None)
+def scan_order(h: int, w: int, k: int, order: str) -> torch.Tensor:
+    """Permutation (h*w,) of a fixed scan order (a)-(d) on any grid; cached (CPU, int64)."""
+    if order not in FIXED_ORDERS:
+        raise ValueError(f"{order!r} is not a fixed scan order; choose one of {list(FIXED_ORDERS)}")
+    direction, pattern = FIXED_ORDERS[order]
+    clusters = tuple(cluster_sequence(h, w, k, direction))
+    return torch.tensor(_order_list(h, w, k, clusters, pattern), dtype=torch.long)
+
+
+def order_from_clusters(h: int, w: int, k: int, clusters: torch.Tensor, pattern: str = "row") -> torch.Tensor:
+    """Patch permutations from cluster sequences: clusters (B, n) of cluster ids -> (B, h*w)."""
+    return torch.stack([torch.tensor(_order_list(h, w, k, tuple(c.tolist()), pattern), dtype=torch.long)
+                        for c in clusters])
+
+
+def inverse(perm: torch.Tensor) -> torch.Tensor:
+    """Inverse permutation along the last dim: inv[..., perm[..., t]] = t."""
+    inv = torch.empty_like(perm)
+    ar = torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)
+    return inv.scatter_(-1, perm, ar)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, N, D) gathered along tokens by idx (M,) shared or (B, M) per sample -> (B, M, D)."""
+    if idx.dim() == 1:
+        return x[:, idx]
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def serialize(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Raster tokens (B, N, D) -> sequence order."""
+    return gather_tokens(x, perm)
+
+
+def deserialize(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Sequence-ordered tokens (B, N, D) -> raster order."""
+    return gather_tokens(x, inverse(perm))
+
+
+# ----------------------------------------------------------------------------- pretraining layout
+@lru_cache(maxsize=None)
+def cluster_patch_table(h: int, w: int, k: int) -> torch.Tensor:
+    """(n, k*k): raster indices of each cluster's patches in row-major order; needs k | h and k | w."""
+    check_divides(h, w, k)
+    R, C = cluster_grid(h, w, k)
+    return torch.tensor([_cluster_patches(h, w, k, c // C, c % C, "row") for c in range(R * C)], dtype=torch.long)
+
+
+@lru_cache(maxsize=None)
+def inner_perm(k: int, pattern: str) -> torch.Tensor:
+    """(k*k,): row-major local positions of a k x k cluster in the visiting order of `pattern`."""
+    return torch.tensor([a * k + b for a, b in _inner(range(k), range(k), pattern)], dtype=torch.long)
+
+
+@lru_cache(maxsize=None)
+def slot_perm(num_slots: int, k: int, pattern: str) -> torch.Tensor:
+    """Sequence of a layer over the slot layout (slot s, local row-major j): s*k*k + inner_perm[j]."""
+    base = torch.arange(num_slots).unsqueeze(1) * (k * k)                   # (S, 1)
+    return (base + inner_perm(k, pattern).unsqueeze(0)).reshape(-1)         # (S*k*k,)
+
+
+# ----------------------------------------------------------------------------- masking
+def num_masked(ratio: float, units: int, unit_size: int, positions: int) -> int:
+    """Units to mask so that about ratio*positions positions are masked (paper: 20% of 144 -> 28 patches)."""
+    if ratio <= 0:
+        return 0
+    return max(1, min(units, round(math.floor(ratio * positions) / unit_size)))
+
+
+def check_mask(unit: str, ratio: float) -> None:
+    if unit not in MASK_UNITS:
+        raise ValueError(f"unknown masking unit {unit!r}; choose one of {list(MASK_UNITS)}")
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"masking ratio {ratio} is outside [0, 1); use e.g. 0.2 for 20 %")
+
+
+def _random_subset(B: int, total: int, count: int, generator, device) -> torch.Tensor:
+    """(B, total) bool with exactly `count` True per row, uniformly at random."""
+    scores = torch.rand(B, total, generator=generator, device=device)
+    idx = scores.argsort(dim=1)[:, :count]
+    return torch.zeros(B, total, dtype=torch.bool, device=device).scatter_(1, idx, True)
+
+
+def sample_mask(unit: str, ratio: float, B: int, h: int, w: int, k: int, p: int,
+                generator: torch.Generator | None = None, device=None) -> torch.Tensor | None:
+    """Input mask. pixel: (B, h*p, w*p); patch/cluster: (B, h*w) over raster patches; none/0: None."""
+    check_mask(unit, ratio)
+    if unit == "none" or ratio == 0:
+        return None
+    N = h * w
+    if unit == "pixel":
+        P = N * p * p
+        m = _random_subset(B, P, num_masked(ratio, P, 1, P), generator, device)
+        return m.view(B, h * p, w * p)
+    if unit == "patch":
+        return _random_subset(B, N, num_masked(ratio, N, 1, N), generator, device)
+    table = cluster_patch_table(h, w, k).to(device)                         # (n, k*k)
+    n = table.shape[0]
+    chosen = _random_subset(B, n, num_masked(ratio, n, k * k, N), generator, device)  # (B, n)
+    m = torch.zeros(B, N, dtype=torch.bool, device=device)
+    m.scatter_(1, table.unsqueeze(0).expand(B, -1, -1).reshape(B, -1),
+               chosen.unsqueeze(-1).expand(-1, -1, k * k).reshape(B, -1))
+    return m
+
+
+# ----------------------------------------------------------------------------- per-layer schedules
+def layer_orders(order: str, depth: int, h: int, w: int, k: int, bidirectional: bool, batch: int = 1,
+                 generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Fine-tuning/inference: the raster permutation each encoder layer scans, (h*w,) or (B, h*w) for random.
+
+    alternating: layers cycle (a), (b), (c), (d). random: one random cluster sequence per sample, row-major
+    inside. bidirectional: every other layer runs its sequence reversed (ViL style).
+    """
+    check_scan_order(order)
+    base = None
+    if order == "random":
+        n = math.prod(cluster_grid(h, w, k))
+        clusters = torch.stack([torch.randperm(n, generator=generator) for _ in range(batch)])
+        base = order_from_clusters(h, w, k, clusters)                        # (B, hw)
+    fixed = list(FIXED_ORDERS)
+    out = []
+    for layer in range(depth):
+        if order == "alternating":
+            perm = scan_order(h, w, k, fixed[layer % len(fixed)])
+        elif order == "random":
+            perm = base
+        else:
+            perm = scan_order(h, w, k, order)
+        out.append(perm.flip(-1) if bidirectional and layer % 2 == 1 else perm)
+    return out
+
+
+def pretrain_cluster_orders(order: str, batch: int, h: int, w: int, k: int,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pretraining: each sample's cluster sequence, (B, n) cluster ids.
+
+    alternating: drawn per sample from the (a)/(c) sequences; random: a random permutation per sample;
+    (a)-(d): that order's sequence.
+    """
+    check_scan_order(order)
+    check_divides(h, w, k)
+    n = math.prod(cluster_grid(h, w, k))
+    if order == "random":
+        return torch.stack([torch.randperm(n, generator=generator) for _ in range(batch)])
+    if order == "alternating":
+        seqs = torch.tensor([cluster_sequence(h, w, k, "fwd"), cluster_sequence(h, w, k, "bwd")])  # (2, n)
+        pick = torch.randint(0, 2, (batch,), generator=generator)                                 # (B,)
+        return seqs[pick]
+    return torch.tensor(cluster_sequence(h, w, k, FIXED_ORDERS[order][0])).expand(batch, n).clone()
+
+
+def pretrain_layer_patterns(order: str, depth: int) -> list[str]:
+    """Pretraining: the inner pattern each layer uses (alternating cycles the patterns of (a)-(d))."""
+    check_scan_order(order)
+    if order == "alternating":
+        return [INNER_PATTERNS[layer % len(INNER_PATTERNS)] for layer in range(depth)]
+    pattern = "row" if order == "random" else FIXED_ORDERS[order][1]
+    return [pattern] * depth
+
+
+def plan_steps(orders: list[torch.Tensor]) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+    """Turn per-layer orders over a canonical layout into per-layer gathers from the previous layer's layout.
+
+    Returns (steps, last): step l gathers layer l's sequence from layer l-1's (None when unchanged);
+    `last` is the final layer's order, so `inverse(last)` returns to the canonical layout.
+    """
+    steps: list[torch.Tensor | None] = []
+    cur_inv = None
+    for perm in orders:
+        if cur_inv is None:
+            idx = perm
+        elif perm.dim() == 1 and cur_inv.dim() == 1:
+            idx = cur_inv[perm]
+        else:
+            B = max(perm.shape[0] if perm.dim() == 2 else 1, cur_inv.shape[0] if cur_inv.dim() == 2 else 1)
+            idx = torch.gather(cur_inv.expand(B, -1), 1, perm.expand(B, -1))
+        identity = torch.equal(idx, torch.arange(idx.shape[-1]).expand_as(idx))
+        steps.append(None if identity else idx)
+        cur_inv = inverse(perm)
+    return steps, orders[-1]

@@ -1,0 +1,252 @@
+"""Vision-LSTM (mLSTM) encoder: the backbone MAL pretrains and fine-tunes (DESIGN §3).
+
+One class serves pretraining (num_classes=0, fed cluster-serialized tokens by `mal.pretrain`) and
+classification (bilateral pooling + linear head), with the same parameter names, so pretraining
+checkpoints load strictly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
+
+from .config import MODEL_PRESETS, EncoderConfig
+from .kernels import mlstm
+from .serialization import gather_tokens, grid_size, inverse, layer_orders, plan_steps
+
+
+def small_init_(weight: torch.Tensor, dim: int) -> None:
+    """N(0, sqrt(2 / (5 dim))): "Transformers without Tears" init used by ViL for up/q/k/v projections."""
+    nn.init.normal_(weight, mean=0.0, std=math.sqrt(2 / (5 * dim)))
+
+
+def wang_init_(weight: torch.Tensor, dim: int, num_blocks: int) -> None:
+    """N(0, 2 / (num_blocks sqrt(dim))): ViL's init of the down-projection of each residual branch."""
+    nn.init.normal_(weight, mean=0.0, std=2 / num_blocks / math.sqrt(dim))
+
+
+class LinearHeadwise(nn.Module):
+    """Block-diagonal linear map: `dim` features in independent blocks of `block_size` (ViL's q/k/v)."""
+
+    def __init__(self, dim: int, block_size: int, bias: bool = True):
+        super().__init__()
+        self.dim, self.block_size = dim, block_size
+        self.weight = nn.Parameter(torch.empty(dim // block_size, block_size, block_size))  # (nb, out, in)
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.unflatten(-1, (-1, self.block_size))                          # (..., nb, bs)
+        x = torch.einsum("...hi,hoi->...ho", x, self.weight).flatten(-2)   # (..., dim)
+        return x if self.bias is None else x + self.bias
+
+    def dense_weight(self) -> torch.Tensor:
+        """The equivalent (dim, dim) dense weight (for fused GEMMs)."""
+        return torch.block_diag(*self.weight.unbind(0))
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise conv along the sequence that only looks back: output t sees inputs t-K+1..t."""
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv1d(dim, dim, kernel_size, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x.transpose(1, 2), (self.kernel_size - 1, 0))             # (B, C, S+K-1)
+        return self.conv(x).transpose(1, 2)                                  # (B, S, C)
+
+
+class ViLLayer(nn.Module):
+    """mLSTM layer of a ViL block: up-projection, causal conv, q/k/v, gates, mLSTM cell, output gate."""
+
+    def __init__(self, dim: int, num_heads: int = 4, expansion: int = 2, qkv_block_size: int = 4,
+                 conv_kernel_size: int = 4, num_blocks: int = 24, backend: str = "auto"):
+        super().__init__()
+        inner = expansion * dim
+        self.dim, self.inner, self.num_heads, self.num_blocks = dim, inner, num_heads, num_blocks
+        self.backend = backend
+        self.proj_up = nn.Linear(dim, 2 * inner)
+        self.conv = CausalConv1d(inner, conv_kernel_size)
+        self.q_proj = LinearHeadwise(inner, qkv_block_size)
+        self.k_proj = LinearHeadwise(inner, qkv_block_size)
+        self.v_proj = LinearHeadwise(inner, qkv_block_size)
+        self.igate = nn.Linear(3 * inner, num_heads)
+        self.fgate = nn.Linear(3 * inner, num_heads)
+        self.outnorm = nn.Parameter(torch.ones(inner))      # per-head LayerNorm weight
+        self.outnorm_bias = nn.Parameter(torch.zeros(inner))
+        self.skip = nn.Parameter(torch.ones(inner))         # learnable skip of the conv output
+        self.proj_down = nn.Linear(inner, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        small_init_(self.proj_up.weight, self.dim)
+        nn.init.zeros_(self.proj_up.bias)
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            small_init_(proj.weight, self.dim)
+            nn.init.zeros_(proj.bias)
+        self.conv.conv.reset_parameters()
+        nn.init.zeros_(self.igate.weight)
+        nn.init.normal_(self.igate.bias, mean=0.0, std=0.1)
+        nn.init.zeros_(self.fgate.weight)
+        with torch.no_grad():
+            self.fgate.bias.copy_(torch.linspace(3.0, 6.0, self.num_heads))
+        nn.init.ones_(self.outnorm)
+        nn.init.zeros_(self.outnorm_bias)
+        nn.init.ones_(self.skip)
+        wang_init_(self.proj_down.weight, self.dim, self.num_blocks)
+        nn.init.zeros_(self.proj_down.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        NH, DH = self.num_heads, self.inner // self.num_heads
+        x_m, z = self.proj_up(x).chunk(2, dim=-1)                            # (B, S, I) each
+        x_c = F.silu(self.conv(x_m))                                         # (B, S, I)
+        q, k, v = self.q_proj(x_c), self.k_proj(x_c), self.v_proj(x_m)       # (B, S, I) each
+        gate_in = torch.cat([q, k, v], dim=-1)                               # (B, S, 3I)
+        i = self.igate(gate_in).transpose(1, 2)                              # (B, NH, S)
+        f = self.fgate(gate_in).transpose(1, 2)                              # (B, NH, S)
+        heads = lambda t: t.view(B, S, NH, DH).transpose(1, 2)               # (B, NH, S, DH)
+        h = mlstm(heads(q), heads(k), heads(v), i, f, backend=self.backend)  # (B, NH, S, DH)
+        h = F.layer_norm(h.transpose(1, 2), (DH,)).reshape(B, S, self.inner)  # (B, S, I) per-head norm
+        h = h * self.outnorm + self.outnorm_bias                             # (B, S, I)
+        h = (h + self.skip * x_c) * F.silu(z)                                # (B, S, I)
+        return self.proj_down(h)                                             # (B, S, D)
+
+
+class ViLBlock(nn.Module):
+    """Pre-norm residual block around one mLSTM layer, with drop-path."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, **layer_kwargs):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.layer = ViLLayer(dim, **layer_kwargs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.layer(self.norm(x)))                  # (B, S, D)
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, orders: list[torch.Tensor],
+               steps: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Run `blocks`, block l over the sequence `orders[l]` of the canonical tokens x (B, N, D).
+
+    Returns the tokens in the last block's sequence order. `steps` (from `plan_steps`, on x's device)
+    may be passed to skip recomputing the gathers.
+    """
+    if steps is None:
+        steps = [s if s is None else s.to(x.device) for s in plan_steps(orders)[0]]
+    for blk, idx in zip(blocks, steps):
+        if idx is not None:
+            x = gather_tokens(x, idx)                                        # (B, N, D) layer's sequence
+        x = blk(x)
+    return x
+
+
+class VisionLSTM(nn.Module):
+    """ViL encoder + optional classification head (bilateral pooling: first and last token)."""
+
+    def __init__(self, cfg: EncoderConfig, num_classes: int = 1000):
+        super().__init__()
+        self.cfg, self.num_classes = cfg, num_classes
+        h, w = cfg.grid
+        D = cfg.dim
+        self.patch_embed = nn.Conv2d(cfg.in_chans, D, cfg.patch_size, cfg.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, h * w, D))
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList([
+            ViLBlock(D, drop_path=dpr[d], num_heads=cfg.num_heads, expansion=cfg.expansion,
+                     qkv_block_size=cfg.qkv_block_size, conv_kernel_size=cfg.conv_kernel_size,
+                     num_blocks=cfg.depth, backend=cfg.mlstm_backend)
+            for d in range(cfg.depth)])
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(2 * D, num_classes) if num_classes > 0 else nn.Identity()
+        self._plans: dict = {}
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    # ---------------------------------------------------------------- embedding
+    def grid_of(self, x: torch.Tensor) -> tuple[int, int]:
+        """Patch grid of an image batch, with clear errors for wrong channels or sizes."""
+        if x.dim() != 4 or x.shape[1] != self.cfg.in_chans:
+            raise ValueError(f"expected images of shape (B, {self.cfg.in_chans}, H, W), got {tuple(x.shape)}; "
+                             f"convert images to {self.cfg.in_chans} channels (RGB) or set model.in_chans")
+        return grid_size((x.shape[2], x.shape[3]), self.cfg.patch_size)
+
+    def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
+        """Position embedding (1, h*w, D), bicubically resampled when the grid differs from the config's."""
+        h0, w0 = self.cfg.grid
+        if (h, w) == (h0, w0):
+            return self.pos_embed
+        return resample_abs_pos_embed(self.pos_embed, (h, w), (h0, w0), num_prefix_tokens=0)
+
+    def patchify_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> patch embeddings (B, h*w, D) in raster order, without position."""
+        self.grid_of(x)
+        return self.patch_embed(x).flatten(2).transpose(1, 2)               # (B, hw, D)
+
+    # ---------------------------------------------------------------- scan plans
+    def _plan(self, h: int, w: int, batch: int, device) -> list[torch.Tensor | None]:
+        cfg = self.cfg
+        if cfg.scan_order == "random":
+            orders = layer_orders("random", cfg.depth, h, w, cfg.cluster_size, cfg.bidirectional, batch)
+            return [s if s is None else s.to(device) for s in plan_steps(orders)[0]]
+        key = (h, w, str(device))
+        if key not in self._plans:
+            orders = layer_orders(cfg.scan_order, cfg.depth, h, w, cfg.cluster_size, cfg.bidirectional)
+            self._plans[key] = [s if s is None else s.to(device) for s in plan_steps(orders)[0]]
+        return self._plans[key]
+
+    # ---------------------------------------------------------------- forward
+    def forward_features(self, x: torch.Tensor, raster: bool = False) -> torch.Tensor:
+        """Images -> normalized tokens (B, N, D), in the last layer's sequence order (raster=True: raster order)."""
+        h, w = self.grid_of(x)
+        t = self.patchify_embed(x) + self.pos_embed_for(h, w)               # (B, hw, D)
+        steps = self._plan(h, w, x.shape[0], x.device)
+        t = run_blocks(self.blocks, t, [], steps)                           # (B, hw, D) last order
+        t = self.norm(t)
+        if raster:
+            cfg = self.cfg
+            last = layer_orders(cfg.scan_order, cfg.depth, h, w, cfg.cluster_size, cfg.bidirectional)[-1]
+            if cfg.scan_order == "random":
+                raise ValueError("raster=True is not defined for the random scan order (orders differ per call)")
+            t = gather_tokens(t, inverse(last).to(t.device))
+        return t
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Bilateral pooling (first and last token of the sequence) + linear head."""
+        x = torch.cat([x[:, 0], x[:, -1]], dim=-1)                           # (B, 2D)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _build(preset: str, num_classes: int, **overrides) -> VisionLSTM:
+    return VisionLSTM(EncoderConfig(**{**MODEL_PRESETS[preset], **overrides}), num_classes=num_classes)
+
+
+def mal_tiny(num_classes: int = 1000, **overrides) -> VisionLSTM:
+    """MAL-T: dim 192, 24 blocks (~6.3 M parameters at 192 px with a 1000-class head)."""
+    return _build("mal_tiny", num_classes, **overrides)
+
+
+def mal_small(num_classes: int = 1000, **overrides) -> VisionLSTM:
+    """MAL-S: dim 384, 24 blocks (~23.3 M parameters)."""
+    return _build("mal_small", num_classes, **overrides)
+
+
+def mal_base(num_classes: int = 1000, **overrides) -> VisionLSTM:
+    """MAL-B: dim 768, 24 blocks (~89.0 M parameters)."""
+    return _build("mal_base", num_classes, **overrides)

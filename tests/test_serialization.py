@@ -1,0 +1,104 @@
+"""Scan orders, cluster partitions, patchify and masking."""
+import pytest
+import torch
+
+from mal.serialization import (FIXED_ORDERS, SCAN_ORDERS, cluster_patch_table, deserialize, inverse, layer_orders,
+                               patchify, pretrain_cluster_orders, sample_mask, scan_order, serialize, unpatchify)
+
+
+def test_patchify_roundtrip():
+    x = torch.randn(2, 3, 48, 32)
+    p = patchify(x, 4)
+    assert p.shape == (2, 12 * 8, 48)
+    assert torch.equal(p[0, 1], x[0, :, 0:4, 4:8].permute(1, 2, 0).reshape(-1))  # patch (0, 1)
+    assert torch.equal(unpatchify(p, 4, 12, 8), x)
+
+
+@pytest.mark.parametrize("grid", [(12, 12), (14, 14), (13, 9)])
+@pytest.mark.parametrize("order", list(FIXED_ORDERS))
+def test_orders_are_permutations_with_inverse(grid, order):
+    h, w = grid
+    perm = scan_order(h, w, 4, order)
+    assert torch.equal(perm.sort().values, torch.arange(h * w))
+    assert torch.equal(perm[inverse(perm)], torch.arange(h * w))
+    x = torch.randn(2, h * w, 5)
+    assert torch.equal(deserialize(serialize(x, perm), perm), x)
+
+
+def test_orders_a_to_d_on_12x12_k4():
+    # cluster (0,0) covers rows 0-3, cols 0-3; cluster (0,2) covers rows 0-3, cols 8-11.
+    a = scan_order(12, 12, 4, "row_fwd").tolist()
+    assert a[:16] == [0, 1, 2, 3, 12, 13, 14, 15, 24, 25, 26, 27, 36, 37, 38, 39]
+    assert a[16:32] == [4, 5, 6, 7, 16, 17, 18, 19, 28, 29, 30, 31, 40, 41, 42, 43]
+    b = scan_order(12, 12, 4, "col_fwd").tolist()
+    assert b[:16] == [0, 12, 24, 36, 1, 13, 25, 37, 2, 14, 26, 38, 3, 15, 27, 39]
+    assert b[16:32] == [4, 16, 28, 40, 5, 17, 29, 41, 6, 18, 30, 42, 7, 19, 31, 43]
+    c = scan_order(12, 12, 4, "row_bwd").tolist()   # clusters right to left, reversed row-major inside
+    assert c[:16] == [47, 46, 45, 44, 35, 34, 33, 32, 23, 22, 21, 20, 11, 10, 9, 8]
+    assert c[16:32] == [43, 42, 41, 40, 31, 30, 29, 28, 19, 18, 17, 16, 7, 6, 5, 4]
+    d = scan_order(12, 12, 4, "col_bwd").tolist()   # reversed column-major inside
+    assert d[:16] == [47, 35, 23, 11, 46, 34, 22, 10, 45, 33, 21, 9, 44, 32, 20, 8]
+    assert d[16:32] == [43, 31, 19, 7, 42, 30, 18, 6, 41, 29, 17, 5, 40, 28, 16, 4]
+    # second cluster row starts at patch row 4
+    assert a[48:52] == [48, 49, 50, 51]
+
+
+def test_ragged_clusters_14x14():
+    perm = scan_order(14, 14, 4, "row_fwd").tolist()
+    # last cluster of the first cluster row is 4 rows x 2 cols: cols 12, 13
+    assert perm[48:56] == [12, 13, 26, 27, 40, 41, 54, 55]
+    # the very last cluster is 2 x 2
+    assert perm[-4:] == [180, 181, 194, 195]
+    x = torch.randn(3, 196, 4)
+    for order in FIXED_ORDERS:
+        p = scan_order(14, 14, 4, order)
+        assert torch.equal(deserialize(serialize(x, p), p), x)
+
+
+def test_random_order_per_sample_and_seeded():
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = layer_orders("random", 2, 12, 12, 4, False, batch=4, generator=g1)[0]
+    b = layer_orders("random", 2, 12, 12, 4, False, batch=4, generator=g2)[0]
+    assert a.shape == (4, 144) and torch.equal(a, b)
+    assert len({tuple(r.tolist()) for r in a}) > 1
+    for row in a:
+        assert torch.equal(row.sort().values, torch.arange(144))
+    c = pretrain_cluster_orders("random", 8, 12, 12, 4, torch.Generator().manual_seed(4))
+    assert len({tuple(r.tolist()) for r in c}) > 1
+
+
+def test_alternating_layers_cycle_and_reverse():
+    orders = layer_orders("alternating", 8, 12, 12, 4, bidirectional=True)
+    assert torch.equal(orders[0], scan_order(12, 12, 4, "row_fwd"))
+    assert torch.equal(orders[1], scan_order(12, 12, 4, "col_fwd").flip(0))
+    assert torch.equal(orders[2], scan_order(12, 12, 4, "row_bwd"))
+    assert torch.equal(orders[4], orders[0])
+    seqs = pretrain_cluster_orders("alternating", 64, 12, 12, 4, torch.Generator().manual_seed(0))
+    assert {tuple(r.tolist()) for r in seqs} == {(0, 1, 2, 3, 4, 5, 6, 7, 8), (2, 1, 0, 5, 4, 3, 8, 7, 6)}
+
+
+def test_cluster_table_and_divisibility_error():
+    t = cluster_patch_table(12, 12, 4)
+    assert t.shape == (9, 16) and t[1, :4].tolist() == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match="does not divide"):
+        cluster_patch_table(14, 14, 4)
+
+
+@pytest.mark.parametrize("unit,expected", [("patch", 28), ("cluster", 32)])
+def test_mask_counts(unit, expected):
+    m = sample_mask(unit, 0.2, 5, 12, 12, 4, 4, torch.Generator().manual_seed(0))
+    assert m.shape == (5, 144) and (m.sum(1) == expected).all()
+    if unit == "cluster":   # whole clusters
+        per_cluster = m[:, cluster_patch_table(12, 12, 4)].float().mean(-1)
+        assert set(per_cluster.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_pixel_mask_and_errors():
+    m = sample_mask("pixel", 0.1, 2, 12, 12, 4, 4)
+    assert m.shape == (2, 48, 48) and (m.sum((1, 2)) == int(0.1 * 48 * 48)).all()
+    assert sample_mask("none", 0.5, 2, 12, 12, 4, 4) is None
+    with pytest.raises(ValueError, match="unknown masking unit"):
+        sample_mask("token", 0.2, 2, 12, 12, 4, 4)
+    with pytest.raises(ValueError, match=r"outside \[0, 1\)"):
+        sample_mask("patch", 1.0, 2, 12, 12, 4, 4)
+    assert set(SCAN_ORDERS) == {"row_fwd", "col_fwd", "row_bwd", "col_bwd", "random", "alternating"}
