@@ -99,7 +99,135 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "mal_base": dict(dim=768, depth=24),
 }
 
-__all__ = ["EncoderConfig", "DecoderConfig", "MaskConfig", "ObjectiveConfig", "MODEL_PRESETS",
+
+# ----------------------------------------------------------------------------- training
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TASKS = ("pretrain", "finetune", "supervised")
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are loaded."""
+    dataset: str = "default"           # "default" (embedded MNIST digits) or an ImageFolder root
+    train_split: str = "train"
+    val_split: str = "test"            # "" = no evaluation during training
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    num_workers: int = 8
+    cache: bool = False                # decode all images once into a uint8 tensor (small images)
+    strict: bool = False               # fail on the first unreadable image instead of skipping it
+    crop_min_scale: float = 0.2        # pretraining RandomResizedCrop scale lower bound
+    eval_crop_pct: float = 0.875       # eval: resize to img_size / crop_pct, center crop
+
+    def __post_init__(self):
+        if self.num_workers < 0:
+            raise ValueError("data.num_workers must be >= 0")
+        if not 0 < self.crop_min_scale <= 1 or not 0 < self.eval_crop_pct <= 1:
+            raise ValueError("data.crop_min_scale and data.eval_crop_pct must be in (0, 1]")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + warm-up + cosine. lr = blr * batch_size / 256 unless lr is set."""
+    batch_size: int = 256              # global batch: processes x accum_steps x per-process micro-batch
+    accum_steps: int = 1
+    epochs: int = 100
+    warmup_epochs: float = 5.0
+    blr: float = 1.5e-4
+    lr: float = 0.0                    # absolute lr; 0 = derive from blr
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float = 0.0             # max grad norm; 0 = off
+    layer_decay: float = 1.0           # layer-wise lr decay (fine-tuning); 1 = off
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.accum_steps < 1 or self.epochs < 1:
+            raise ValueError("optim.batch_size, optim.accum_steps and optim.epochs must be >= 1")
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"optim.batch_size {self.batch_size} is not divisible by optim.accum_steps "
+                             f"{self.accum_steps}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError("optim.layer_decay must be in (0, 1]")
+
+    @property
+    def abs_lr(self) -> float:
+        return self.lr if self.lr > 0 else self.blr * self.batch_size / 256
+
+
+@dataclass
+class AugConfig:
+    """Fine-tuning augmentation (MAE's recipe through timm); pretraining uses RandomResizedCrop + flip."""
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # "" = off
+    reprob: float = 0.25
+    mixup: float = 0.8                 # 0 = off
+    cutmix: float = 1.0                # 0 = off
+    label_smoothing: float = 0.1
+    crop_min_scale: float = 0.08
+
+
+@dataclass
+class RunConfig:
+    """One training run: pretraining, fine-tuning from a pretraining checkpoint, or supervised from scratch."""
+    task: str = "pretrain"
+    model: EncoderConfig = field(default_factory=EncoderConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    init: str = ""                     # fine-tuning: pretraining checkpoint folder or .safetensors
+    num_classes: int = 0               # 0 = number of class folders of the dataset
+    ema_decay: float = 0.0             # model EMA for fine-tuning; 0 = off
+    amp: bool = True                   # bf16 autocast on CUDA
+    compile: bool = False              # torch.compile the model
+    seed: int = 0
+    output_dir: str = "runs/mal"
+    save_every: int = 500              # checkpoint every N optimizer steps (and at the end)
+    keep_every: int = 0                # also keep ckpt_<step> every N steps; 0 = only ckpt_last
+    log_every: int = 10
+    eval_every: int = 1                # epochs between evaluations
+    nan_policy: str = "stop"           # "stop": abort keeping the last good checkpoint; "skip": skip the step
+    max_steps: int = 0                 # stop after this many optimizer steps (0 = all epochs)
+    probe: bool = True                 # pretraining: k-NN and linear probe of the frozen encoder at the end
+    knn_k: int = 20
+    viz_samples: int = 8               # pretraining: images in the prediction PNG
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, got {self.task!r}")
+        if self.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError("ema_decay must be in [0, 1)")
+        if self.task == "pretrain":
+            from .serialization import check_divides
+            check_divides(*self.model.grid, self.model.cluster_size)
+        if self.save_every < 1 or self.log_every < 1 or self.eval_every < 1:
+            raise ValueError("save_every, log_every and eval_every must be >= 1")
+
+    def check_world(self, world_size: int) -> None:
+        """The global batch must split evenly over processes and accumulation steps."""
+        per = self.optim.batch_size // self.optim.accum_steps
+        if per % world_size:
+            raise ValueError(f"optim.batch_size {self.optim.batch_size} / accum_steps {self.optim.accum_steps} = "
+                             f"{per} is not divisible by the {world_size} processes; pick a batch size that is")
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML file (optional) + overrides -> validated RunConfig. A `preset:` key picks MAL-T/S/B dims."""
+    data = load_yaml(path) if path else {}
+    apply_overrides(data, overrides or [])
+    preset = data.pop("preset", None)
+    if preset is not None:
+        if preset not in MODEL_PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {list(MODEL_PRESETS)}")
+        data["model"] = {**MODEL_PRESETS[preset], **(data.get("model") or {})}
+    return from_dict(RunConfig, data)
+
+
+__all__ = ["RunConfig", "DataConfig", "OptimConfig", "AugConfig", "load_run_config", "EncoderConfig", "DecoderConfig", "MaskConfig", "ObjectiveConfig", "MODEL_PRESETS",
            "FIXED_ORDERS", "MASK_UNITS", "SCAN_ORDERS", "from_dict", "to_dict", "apply_overrides", "load_yaml"]
 
 
@@ -134,6 +262,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):   # YAML reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{key}: expected a number, got {value!r}") from None
     if tp is bool and not isinstance(value, bool):
         raise ValueError(f"{key}: expected true/false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -152,8 +285,8 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
     if unknown:
         k = unknown[0]
         close = difflib.get_close_matches(k, names, n=1)
-        hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; valid keys: {names}"
-        raise ValueError(f"unknown config key {prefix}{k!r}{hint}")
+        hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {names}"
+        raise ValueError(f"unknown config key '{prefix}{k}'{hint}")
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 
 from .config import MODEL_PRESETS, EncoderConfig
+from .fused import FastPath, block_forward
 from .kernels import mlstm
 from .serialization import gather_tokens, grid_size, inverse, layer_orders, plan_steps
 
@@ -118,15 +119,27 @@ class ViLLayer(nn.Module):
 
 
 class ViLBlock(nn.Module):
-    """Pre-norm residual block around one mLSTM layer, with drop-path."""
+    """Pre-norm residual block around one mLSTM layer, with drop-path.
+
+    `fast_path()` switches the block to `mal.fused.block_forward` (same function and parameters, fewer
+    kernels, optionally torch.compile'd); the default is the plain PyTorch forward.
+    """
 
     def __init__(self, dim: int, drop_path: float = 0.0, **layer_kwargs):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.layer = ViLLayer(dim, **layer_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.fast: FastPath | None = None
+
+    def fast_path(self, enabled: bool = True, compile: bool = True, mode: str | None = None) -> "ViLBlock":
+        """Run the fused block (compile=True: its two elementwise/GEMM regions under torch.compile(mode))."""
+        self.fast = FastPath(compile=compile, mode=mode) if enabled else None
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast is not None:
+            return block_forward(self, x, self.fast)                         # (B, S, D)
         return x + self.drop_path(self.layer(self.norm(x)))                  # (B, S, D)
 
 
@@ -175,6 +188,17 @@ class VisionLSTM(nn.Module):
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+
+    def fast_path(self, enabled: bool = True, compile: bool = True, mode: str | None = None) -> "VisionLSTM":
+        """Switch every block to the fused fast path (see `mal.fused`); parameters and state dict are unchanged.
+
+        compile=True compiles the two regions around the mLSTM cell once for all blocks (static shapes:
+        each new input shape compiles again, so raise `torch._dynamo.config.cache_size_limit` when a run
+        uses many shapes). The mLSTM kernel itself is the model's `mlstm_backend` ("auto": Triton on the GPU).
+        """
+        for blk in self.blocks:
+            blk.fast_path(enabled, compile, mode)
+        return self
 
     # ---------------------------------------------------------------- embedding
     def grid_of(self, x: torch.Tensor) -> tuple[int, int]:

@@ -1,0 +1,136 @@
+"""Fast path of a ViL block (DESIGN §6): the same function as `ViLBlock`'s plain forward, in fewer kernels.
+
+A block runs as three pieces: `block_pre` (pre-LayerNorm, up-projection, causal conv + SiLU, q/k/v and
+both gates), the mLSTM cell (`mal.kernels.mlstm`, eager: the fused Triton kernel on the GPU), and
+`block_post` (per-head norm, learnable skip, output gate, down-projection, residual). `block_pre` and
+`block_post` are pure functions of tensors, so one `torch.compile` of each serves every block of a model
+(and every model of the same shapes), and the compiled region never has to trace the Triton kernel.
+
+Algebra used (exact in real arithmetic, so the fused block equals the plain one up to rounding):
+  * the gates are linear in [q, k, v] and q, k, v are affine in (x_c, x_m), so
+        gates = x_c @ (Wg_q Wq + Wg_k Wk)^T + x_m @ (Wg_v Wv)^T + (bg + Wg_q bq + Wg_k bk + Wg_v bv)
+    and the (B, S, 3I) concatenation and its two GEMMs become two thin GEMMs on tensors we have anyway;
+  * the depthwise causal conv is K shifted multiply-adds (fused by the compiler with SiLU and q/k);
+  * the 4x4 block-diagonal q/k/v maps are a broadcast multiply + sum over 4 inputs when compiled
+    (a pointwise kernel), an einsum in eager mode;
+  * `block_post` recomputes x_c from x_m instead of keeping it alive for the backward.
+Parameter names and state dicts are untouched: the fast path only reads the block's parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .kernels import mlstm
+
+
+def headwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pointwise: bool) -> torch.Tensor:
+    """Block-diagonal map of `LinearHeadwise`: x (..., nb*bs), weight (nb, out=bs, in=bs) -> (..., nb*bs)."""
+    nb, bs = weight.shape[0], weight.shape[-1]
+    if pointwise:                                                           # one fusable pointwise kernel
+        y = (x.unflatten(-1, (nb, 1, bs)) * weight).sum(-1).flatten(-2)     # (..., nb*bs)
+    else:
+        y = torch.einsum("...hi,hoi->...ho", x.unflatten(-1, (nb, bs)), weight).flatten(-2)  # (..., nb*bs)
+    return y if bias is None else y + bias
+
+
+def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """SiLU(depthwise causal conv): x (B, S, C), weight (C, 1, K), bias (C,) -> (B, S, C) in x's dtype."""
+    S, K = x.shape[1], weight.shape[-1]
+    xp = F.pad(x, (0, 0, K - 1, 0))                                         # (B, S+K-1, C)
+    w = weight[:, 0, :].t()                                                 # (K, C)
+    y = bias + sum(xp[:, j:j + S] * w[j] for j in range(K))                 # (B, S, C)
+    return F.silu(y).to(x.dtype)
+
+
+def gate_weights(wg: torch.Tensor, bg: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | None,
+                 wk: torch.Tensor, bk: torch.Tensor | None, wv: torch.Tensor, bv: torch.Tensor | None):
+    """Precompose the gate Linear(3I -> G) with the q/k/v maps: -> (w_c (G, I), w_m (G, I), b (G,)), float32+.
+
+    wg (G, 3I), bg (G,) are the stacked [igate; fgate] weights; wq/wk/wv (nb, bs, bs) the headwise weights.
+    """
+    G, I = wg.shape[0], wq.shape[0] * wq.shape[-1]
+    with torch.autocast(wg.device.type, enabled=False):
+        gq, gk, gv = wg.split(I, dim=1)                                     # (G, I) each
+        comp = lambda g, w: torch.einsum("gho,hoi->ghi", g.unflatten(1, (w.shape[0], w.shape[1])), w).reshape(G, I)
+        w_c = comp(gq, wq) + comp(gk, wk)                                   # (G, I) acts on x_c
+        w_m = comp(gv, wv)                                                  # (G, I) acts on x_m
+        b = bg
+        for g, bias in ((gq, bq), (gk, bk), (gv, bv)):
+            if bias is not None:
+                b = b + g @ bias                                            # (G,)
+    return w_c, w_m, b
+
+
+def block_pre(x, ln_w, ln_b, ln_eps: float, up_w, up_b, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg,
+              pointwise: bool = False):
+    """Block input x (B, S, D) -> xz (B, S, 2I), q, k, v (B, S, I) and gate pre-activations (B, S, 2NH)."""
+    I = up_w.shape[0] // 2
+    xn = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, ln_eps)                # (B, S, D)
+    xz = F.linear(xn, up_w, up_b)                                           # (B, S, 2I)
+    x_m = xz[..., :I]                                                       # (B, S, I)
+    x_c = causal_conv_silu(x_m, conv_w, conv_b)                             # (B, S, I)
+    q = headwise(x_c, wq, bq, pointwise).to(xz.dtype)                       # (B, S, I)
+    k = headwise(x_c, wk, bk, pointwise).to(xz.dtype)                       # (B, S, I)
+    v = headwise(x_m, wv, bv, pointwise).to(xz.dtype)                       # (B, S, I)
+    w_c, w_m, b = gate_weights(wg, bg, wq, bq, wk, bk, wv, bv)
+    g = F.linear(x_c, w_c) + F.linear(x_m, w_m, b)                          # (B, S, 2NH)
+    return xz, q, k, v, g
+
+
+def block_post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b):
+    """Cell output h (B, NH, S, DH) + xz (B, S, 2I) -> down-projected branch (B, S, D), plus residual if given."""
+    B, NH, S, DH = h.shape
+    I = NH * DH
+    x_m, z = xz[..., :I], xz[..., I:]                                       # (B, S, I) each
+    x_c = causal_conv_silu(x_m, conv_w, conv_b)                             # (B, S, I) recomputed
+    hn = F.layer_norm(h, (DH,)).transpose(1, 2).reshape(B, S, I)            # (B, S, I) per-head norm
+    y = (hn * norm_w + norm_b + skip * x_c) * F.silu(z)                     # (B, S, I)
+    y = F.linear(y, down_w, down_b)                                         # (B, S, D)
+    return y if residual is None else residual + y
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn, mode: str | None):
+    """One torch.compile'd copy of `fn` per mode, shared by all blocks (static shapes)."""
+    key = (fn.__name__, mode)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=False, mode=mode)
+    return _COMPILED[key]
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """How a block runs its fast path: eager (compile=False) or through torch.compile in `mode`."""
+    compile: bool = True
+    mode: str | None = None
+
+
+def block_forward(blk: nn.Module, x: torch.Tensor, fast: FastPath) -> torch.Tensor:
+    """Fast forward of a `ViLBlock` (x (B, S, D) -> (B, S, D)); same function as `blk`'s plain forward."""
+    L = blk.layer
+    pre = _compiled(block_pre, fast.mode) if fast.compile else block_pre
+    post = _compiled(block_post, fast.mode) if fast.compile else block_post
+    wg = torch.cat([L.igate.weight, L.fgate.weight], 0)                     # (2NH, 3I)
+    bg = torch.cat([L.igate.bias, L.fgate.bias], 0)                         # (2NH,)
+    conv = L.conv.conv
+    xz, q, k, v, g = pre(x, blk.norm.weight, blk.norm.bias, blk.norm.eps, L.proj_up.weight, L.proj_up.bias,
+                         conv.weight, conv.bias, L.q_proj.weight, L.q_proj.bias, L.k_proj.weight, L.k_proj.bias,
+                         L.v_proj.weight, L.v_proj.bias, wg, bg, pointwise=fast.compile)
+    B, S, _ = x.shape
+    NH, DH = L.num_heads, L.inner // L.num_heads
+    heads = lambda t: t.view(B, S, NH, DH).transpose(1, 2)                  # (B, NH, S, DH)
+    i, f = g[..., :NH].transpose(1, 2), g[..., NH:].transpose(1, 2)         # (B, NH, S) each
+    h = mlstm(heads(q), heads(k), heads(v), i, f, backend=L.backend)        # (B, NH, S, DH)
+    fuse_residual = isinstance(blk.drop_path, nn.Identity) or not blk.training
+    y = post(h, xz, x if fuse_residual else None, conv.weight, conv.bias, L.outnorm, L.outnorm_bias, L.skip,
+             L.proj_down.weight, L.proj_down.bias)                          # (B, S, D)
+    return y if fuse_residual else x + blk.drop_path(y)
+
+
+__all__ = ["FastPath", "block_forward", "block_pre", "block_post", "gate_weights", "headwise", "causal_conv_silu"]

@@ -1,0 +1,407 @@
+"""Fused causal mLSTM cell in Triton: forward and backward, flash-attention style (no S x S matrix in HBM).
+
+Computes exactly the function of `mlstm_torch.mlstm_parallel` (see its docstring) and registers itself as
+the "triton" backend of `mal.kernels`.
+
+Gate algebra (all O(S) per (batch, head), done in torch in float32):
+
+    a_t = sum_{s<=t} logsigmoid(f_s)          (log-forget cumsum)
+    logD[t, j] = (a_t - a_j) + i_j            (j <= t)
+    j*_t = argmax_{j<=t} (i_j - a_j)          (a cummax), so m_t = logD[t, j*_t]
+
+so the row stabilizer is known before the kernel runs and no online rescaling is needed. The kernels tile
+queries x keys, recompute P = q k^T / sqrt(DH) and the decay exp((a_t - a_j) + i_j - m_t) per tile (in
+torch's order of operations: a_t - a_j first, which stays exact for nearby j even when |a| is in the
+thousands), and keep only O(S) per-row statistics (the row sum s_t of C) for the backward.
+
+Backward, with N_t = max(|s_t|, exp(-m_t)) + eps, r_t = 1/N_t, delta_t = dh_t . h_t:
+
+    dN_t = -delta_t r_t,  g_t = dN_t * sign(s_t) [if |s_t| > exp(-m_t), else 0]
+    dP_tj = (r_t (dh_t . v_j) + g_t) exp(logD_tj - m_t)              (causal)
+    dq = dP k / sqrt(DH),  dk = dP^T q / sqrt(DH),  dv = (C r)^T dh
+    dlogD_tj = dP_tj P_tj      -> row sums R_t and column sums K_j from the kernels
+    m_t itself carries dm_t = eps * dN_t (the output depends on the stabilizer only through eps); torch's
+    amax sends it to the arg-max entry j*_t of row t (the cummax index).
+    da = R - K + dm - scatter(dm at j*),  di = K + scatter(dm at j*),  df = revcumsum(da) * sigmoid(-f).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import triton  # an ImportError here is what mal.kernels expects when triton is missing
+import triton.language as tl
+
+from . import register_backend
+from .mlstm_torch import EPS
+
+MIN_HEAD_DIM = 16          # tl.dot needs every dimension >= 16
+MAX_HEAD_DIM = 512         # one padded head-dim tile of 512 still fits in registers/shared memory
+MAX_SEQ_LEN = 16384        # the kernel has no hard limit; this keeps int32 row indices far from overflow
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Backward: recompute delta_t = dh_t . h_t from the fp32 tiles (one more q k^T, dh v^T pass in the dq kernel)
+# instead of from the stored low-precision output. Costs ~2 of ~9 tile products; keeps di/df/dq/dk as accurate
+# as torch's when one key dominates a row (large gates), where dlogD cancels.
+EXACT_DELTA = True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _decay(causal, a_row, a_col, i_col, m_row):
+    """exp(logD - m) on the causal part, 0 elsewhere; logD - m in torch's order: (a_t - a_j) + i_j - m_t."""
+    log_d = ((a_row - a_col) + i_col) - m_row
+    return tl.where(causal, tl.exp(tl.where(causal, log_d, 0.0)), 0.0)
+
+
+@triton.jit
+def _dq_tile(q, do, k_base, v_base, A, Ig, vec_base, offs_m, row_ok, a_row, m_row, start_n, S, DH,
+             sks, skd, svs, svd, scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """For one key tile of a query block: k (BN, BD), P = q k^T * scale, dh v^T and the decay (BM, BN)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)                                  # (BN,)
+    offs_d = tl.arange(0, BLOCK_D)                                            # (BD,)
+    col_ok = offs_n < S
+    kv_mask = col_ok[:, None] & (offs_d < DH)[None, :]
+    k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0)  # (BN, BD)
+    v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)  # (BN, BD)
+    a_col = tl.load(A + vec_base + offs_n, mask=col_ok, other=0.0)            # (BN,)
+    i_col = tl.load(Ig + vec_base + offs_n, mask=col_ok, other=0.0)           # (BN,)
+    if IEEE:
+        p = tl.dot(q, tl.trans(k), input_precision="ieee") * scale           # (BM, BN)
+        dov = tl.dot(do, tl.trans(v), input_precision="ieee")                # (BM, BN)
+    else:
+        p = tl.dot(q, tl.trans(k)) * scale
+        dov = tl.dot(do, tl.trans(v))
+    causal = (offs_n[None, :] <= offs_m[:, None]) & col_ok[None, :] & row_ok[:, None]  # (BM, BN)
+    decay = _decay(causal, a_row[:, None], a_col[None, :], i_col[None, :], m_row[:, None])  # (BM, BN)
+    return k, p, dov, decay
+
+
+@triton.jit(do_not_specialize=["S"])
+def _mlstm_fwd_kernel(
+    Q, K, V, A, Ig, Mlog, O, Ssum,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
+    NH, S, DH, scale, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One program = one query block of one (batch, head): h = (C @ V) / (max(|rowsum C|, exp(-m)) + eps)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // NH
+    h = pid_bh % NH
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
+    vec_base = pid_bh.to(tl.int64) * S                                      # (B, NH, S) vectors are contiguous
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                          # (BM,)
+    offs_d = tl.arange(0, BLOCK_D)                                            # (BD,)
+    row_ok = offs_m < S
+    d_ok = offs_d < DH
+    q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)             # (BM, BD)
+    a_row = tl.load(A + vec_base + offs_m, mask=row_ok, other=0.0)            # (BM,) log-forget cumsum a_t
+    m_row = tl.load(Mlog + vec_base + offs_m, mask=row_ok, other=0.0)         # (BM,) stabilizer m_t
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                      # (BM, BD) sum_j C v_j
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)                           # (BM,) sum_j C
+    for start_n in range(0, (pid_m + 1) * BLOCK_M, BLOCK_N):                 # keys past S are masked
+        offs_n = start_n + tl.arange(0, BLOCK_N)                              # (BN,)
+        col_ok = offs_n < S
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0)  # (BN, BD)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)  # (BN, BD)
+        a_col = tl.load(A + vec_base + offs_n, mask=col_ok, other=0.0)        # (BN,)
+        i_col = tl.load(Ig + vec_base + offs_n, mask=col_ok, other=0.0)       # (BN,)
+        if IEEE:
+            p = tl.dot(q, tl.trans(k), input_precision="ieee") * scale       # (BM, BN)
+        else:
+            p = tl.dot(q, tl.trans(k)) * scale                                # (BM, BN)
+        causal = (offs_n[None, :] <= offs_m[:, None]) & col_ok[None, :] & row_ok[:, None]  # (BM, BN)
+        decay = _decay(causal, a_row[:, None], a_col[None, :], i_col[None, :], m_row[:, None])  # (BM, BN)
+        c = p * decay                                                         # (BM, BN)
+        row_sum += tl.sum(c, axis=1)
+        if IEEE:
+            acc += tl.dot(c, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(c.to(v.dtype), v)
+
+    norm = tl.maximum(tl.abs(row_sum), tl.exp(-m_row)) + eps                  # (BM,)
+    out = acc / norm[:, None]                                                 # (BM, BD)
+    tl.store(o_base + offs_m[:, None] * sos + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Ssum + vec_base + offs_m, row_sum, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["S"])
+def _mlstm_bwd_dq_kernel(
+    Q, K, V, O, DO, A, Ig, Mlog, Rinv, Sgn, DQ, DN, RowG,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
+    sdob, sdoh, sdos, sdod,
+    NH, S, DH, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    EXACT_DELTA: tl.constexpr,
+):
+    """One program = one query block: dq, the row sums of dlogD, and dN_t = -(dh_t . h_t) / N_t."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // NH
+    h = pid_bh % NH
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
+    do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
+    vec_base = pid_bh.to(tl.int64) * S
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                          # (BM,)
+    offs_d = tl.arange(0, BLOCK_D)                                            # (BD,)
+    row_ok = offs_m < S
+    d_ok = offs_d < DH
+    md_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=md_mask, other=0.0)     # (BM, BD)
+    do = tl.load(do_base + offs_m[:, None] * sdos + offs_d[None, :] * sdod, mask=md_mask, other=0.0)  # (BM, BD)
+    a_row = tl.load(A + vec_base + offs_m, mask=row_ok, other=0.0)            # (BM,)
+    m_row = tl.load(Mlog + vec_base + offs_m, mask=row_ok, other=0.0)         # (BM,)
+    r = tl.load(Rinv + vec_base + offs_m, mask=row_ok, other=0.0)             # (BM,) 1 / N_t
+    sgn = tl.load(Sgn + vec_base + offs_m, mask=row_ok, other=0.0)            # (BM,) d|s|/ds on the |s| branch
+    hi = (pid_m + 1) * BLOCK_M                                                # keys past S are masked
+    if EXACT_DELTA:
+        # delta_t = r_t sum_j (dh_t . v_j) C_tj from the same fp32 tiles the gradient uses, so that the
+        # cancellation in dlogD (exact when one key dominates a row) is exact here too.
+        u = tl.zeros([BLOCK_M], dtype=tl.float32)                             # (BM,)
+        for start_n in range(0, hi, BLOCK_N):
+            k, p, dov, decay = _dq_tile(q, do, k_base, v_base, A, Ig, vec_base, offs_m, row_ok, a_row, m_row,
+                                        start_n, S, DH, sks, skd, svs, svd, scale, BLOCK_N, BLOCK_D, IEEE)
+            u += tl.sum(dov * p * decay, axis=1)
+        delta = u * r                                                         # (BM,)
+    else:
+        o = tl.load(o_base + offs_m[:, None] * sos + offs_d[None, :] * sod, mask=md_mask, other=0.0)  # (BM, BD)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)         # (BM,) dh_t . h_t
+    dn = -delta * r                                                           # (BM,)
+    g = dn * sgn                                                              # (BM,)
+    tl.store(DN + vec_base + offs_m, dn, mask=row_ok)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                       # (BM, BD)
+    row_g = tl.zeros([BLOCK_M], dtype=tl.float32)                             # (BM,) row sums of dP * P
+    for start_n in range(0, hi, BLOCK_N):
+        k, p, dov, decay = _dq_tile(q, do, k_base, v_base, A, Ig, vec_base, offs_m, row_ok, a_row, m_row,
+                                    start_n, S, DH, sks, skd, svs, svd, scale, BLOCK_N, BLOCK_D, IEEE)
+        dp = (r[:, None] * dov + g[:, None]) * decay                          # (BM, BN) dL/dP
+        row_g += tl.sum(dp * p, axis=1)
+        if IEEE:
+            dq += tl.dot(dp, k, input_precision="ieee")
+        else:
+            dq += tl.dot(dp.to(k.dtype), k)
+    dq = dq * scale
+    tl.store(DQ + vec_base * DH + offs_m[:, None] * DH + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_mask)
+    tl.store(RowG + vec_base + offs_m, row_g, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["S"])
+def _mlstm_bwd_dkdv_kernel(
+    Q, K, V, DO, A, Ig, Mlog, Rinv, Gn, DK, DV, ColG,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdob, sdoh, sdos, sdod,
+    NH, S, DH, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One program = one key block: dk, dv and the column sums of dlogD, looping over later query blocks."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // NH
+    h = pid_bh % NH
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
+    vec_base = pid_bh.to(tl.int64) * S
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)                                  # (BN,)
+    offs_d = tl.arange(0, BLOCK_D)                                            # (BD,)
+    col_ok = offs_n < S
+    d_ok = offs_d < DH
+    nd_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=nd_mask, other=0.0)  # (BN, BD)
+    v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=nd_mask, other=0.0)  # (BN, BD)
+    a_col = tl.load(A + vec_base + offs_n, mask=col_ok, other=0.0)            # (BN,)
+    i_col = tl.load(Ig + vec_base + offs_n, mask=col_ok, other=0.0)           # (BN,)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)                       # (BN, BD)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)                       # (BN, BD)
+    col_g = tl.zeros([BLOCK_N], dtype=tl.float32)                             # (BN,) column sums of dP * P
+    for start_m in range(start_n, S, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)                              # (BM,)
+        row_ok = offs_m < S
+        md_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=md_mask, other=0.0)     # (BM, BD)
+        do = tl.load(do_base + offs_m[:, None] * sdos + offs_d[None, :] * sdod, mask=md_mask, other=0.0)  # (BM, BD)
+        a_row = tl.load(A + vec_base + offs_m, mask=row_ok, other=0.0)        # (BM,)
+        m_row = tl.load(Mlog + vec_base + offs_m, mask=row_ok, other=0.0)     # (BM,)
+        r = tl.load(Rinv + vec_base + offs_m, mask=row_ok, other=0.0)         # (BM,)
+        g = tl.load(Gn + vec_base + offs_m, mask=row_ok, other=0.0)           # (BM,)
+        if IEEE:
+            pt = tl.dot(k, tl.trans(q), input_precision="ieee") * scale      # (BN, BM) P^T
+            dovt = tl.dot(v, tl.trans(do), input_precision="ieee")           # (BN, BM) (dh v^T)^T
+        else:
+            pt = tl.dot(k, tl.trans(q)) * scale
+            dovt = tl.dot(v, tl.trans(do))
+        causal = (offs_n[:, None] <= offs_m[None, :]) & row_ok[None, :]       # (BN, BM)
+        decay = _decay(causal, a_row[None, :], a_col[:, None], i_col[:, None], m_row[None, :])  # (BN, BM)
+        ct = pt * decay * r[None, :]                                          # (BN, BM) (C / N)^T
+        dpt = (r[None, :] * dovt + g[None, :]) * decay                        # (BN, BM) dL/dP^T
+        col_g += tl.sum(dpt * pt, axis=1)
+        if IEEE:
+            dv += tl.dot(ct, do.to(tl.float32), input_precision="ieee")
+            dk += tl.dot(dpt, q.to(tl.float32), input_precision="ieee")
+        else:
+            dv += tl.dot(ct.to(do.dtype), do)
+            dk += tl.dot(dpt.to(q.dtype), q)
+    dk = dk * scale
+    out_off = vec_base * DH + offs_n[:, None] * DH + offs_d[None, :]          # dk, dv are contiguous
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=nd_mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=nd_mask)
+    tl.store(ColG + vec_base + offs_n, col_g, mask=col_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launch configuration
+# ----------------------------------------------------------------------------------------------------------
+
+def _block_d(dh: int) -> int:
+    """Head dim padded to a power of two (masked inside the kernel)."""
+    return max(MIN_HEAD_DIM, triton.next_power_of_2(dh))
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, for 2-byte inputs; float32 halves the tiles.
+_FWD_CFG = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 4, 2),
+            256: (64, 32, 8, 2), 512: (64, 32, 8, 1)}
+_BWD_DQ_CFG = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2),
+               256: (64, 32, 8, 1), 512: (32, 32, 8, 1)}
+_BWD_DKDV_CFG = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2),
+                 256: (32, 64, 8, 1), 512: (32, 32, 8, 1)}
+_MIN_TILE = 16
+
+
+def _cfg(table: dict, block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    bm, bn, warps, stages = table[block_d]
+    if dtype == torch.float32 and block_d >= 128:   # 4-byte tiles: halve them to stay inside shared memory
+        bm, bn, stages = max(_MIN_TILE, bm // 2), max(_MIN_TILE, bn // 2), 1
+    return bm, bn, warps, stages
+
+
+def _gate_stats(i: torch.Tensor, f: torch.Tensor):
+    """O(S) gate algebra in float32: log-forget cumsum a, input gate, row arg-max j* and stabilizer m.
+
+    m_t = logD[t, j*_t] is evaluated with the same operations as torch's amax picks, so it is bitwise the
+    reference's stabilizer (and exp(logD - m) <= 1 exactly)."""
+    log_f = F.logsigmoid(f.float())                                         # (B, NH, S)
+    a = torch.cumsum(log_f, dim=-1).contiguous()                            # (B, NH, S)
+    ig = i.float().contiguous()                                             # (B, NH, S)
+    arg = torch.cummax(ig - a, dim=-1).indices                              # (B, NH, S)
+    m = (a - a.gather(-1, arg)) + ig.gather(-1, arg)                        # (B, NH, S)
+    return a, ig, arg, m.contiguous()
+
+
+def _strides(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+class _MlstmTriton(torch.autograd.Function):
+    """Autograd wrapper: forward keeps q, k, v, output and O(S) row statistics; backward recomputes tiles."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, i, f, eps):
+        B, NH, S, DH = q.shape
+        a, ig, arg, m = _gate_stats(i, f)
+        out = torch.empty((B, NH, S, DH), dtype=q.dtype, device=q.device)   # (B, NH, S, DH)
+        row_sum = torch.empty((B, NH, S), dtype=torch.float32, device=q.device)  # (B, NH, S)
+        block_d = _block_d(DH)
+        bm, bn, warps, stages = _cfg(_FWD_CFG, block_d, q.dtype)
+        scale = 1.0 / math.sqrt(DH)
+        grid = (triton.cdiv(S, bm), B * NH)
+        _mlstm_fwd_kernel[grid](
+            q, k, v, a, ig, m, out, row_sum,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            NH, S, DH, scale, eps,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, IEEE=q.dtype == torch.float32,
+            num_warps=warps, num_stages=stages)
+        ctx.save_for_backward(q, k, v, f, out, a, ig, arg, m, row_sum)
+        ctx.i_dtype = i.dtype
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, f, out, a, ig, arg, m, row_sum = ctx.saved_tensors
+        eps = ctx.eps
+        B, NH, S, DH = q.shape
+        floor = torch.exp(-m)                                               # (B, NH, S)
+        abs_branch = row_sum.abs() > floor                                  # (B, NH, S)
+        norm = torch.where(abs_branch, row_sum.abs(), floor) + eps          # (B, NH, S) N_t
+        r = (1.0 / norm).contiguous()                                       # (B, NH, S)
+        sgn = torch.where(abs_branch, torch.sign(row_sum), torch.zeros_like(row_sum)).contiguous()
+        if dout.dtype != q.dtype:
+            dout = dout.to(q.dtype)
+        block_d = _block_d(DH)
+        scale = 1.0 / math.sqrt(DH)
+        ieee = q.dtype == torch.float32
+        dq = torch.empty((B, NH, S, DH), dtype=q.dtype, device=q.device)    # (B, NH, S, DH)
+        dk = torch.empty_like(dq)                                           # (B, NH, S, DH)
+        dv = torch.empty_like(dq)                                           # (B, NH, S, DH)
+        dn = torch.empty((B, NH, S), dtype=torch.float32, device=q.device)   # (B, NH, S) dL/dN
+        row_g = torch.empty_like(dn)                                        # (B, NH, S)
+        col_g = torch.empty_like(dn)                                        # (B, NH, S)
+
+        bm, bn, warps, stages = _cfg(_BWD_DQ_CFG, block_d, q.dtype)
+        _mlstm_bwd_dq_kernel[(triton.cdiv(S, bm), B * NH)](
+            q, k, v, out, dout, a, ig, m, r, sgn, dq, dn, row_g,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dout),
+            NH, S, DH, scale,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, IEEE=ieee, EXACT_DELTA=EXACT_DELTA,
+            num_warps=warps, num_stages=stages)
+        g = (dn * sgn).contiguous()                                         # (B, NH, S)
+        bm, bn, warps, stages = _cfg(_BWD_DKDV_CFG, block_d, q.dtype)
+        _mlstm_bwd_dkdv_kernel[(triton.cdiv(S, bn), B * NH)](
+            q, k, v, dout, a, ig, m, r, g, dk, dv, col_g,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
+            NH, S, DH, scale,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, IEEE=ieee, num_warps=warps, num_stages=stages)
+
+        dm = eps * dn                                                       # (B, NH, S) through the stabilizer
+        to_argmax = torch.zeros_like(dm).scatter_add_(-1, arg, dm)          # (B, NH, S)
+        da = row_g - col_g + dm - to_argmax                                 # (B, NH, S) dL/da
+        di = col_g + to_argmax                                              # (B, NH, S)
+        d_logf = da.flip(-1).cumsum(-1).flip(-1)                            # (B, NH, S) reverse cumsum
+        df = d_logf * torch.sigmoid(-f.float())                             # (B, NH, S)
+        return dq, dk, dv, di.to(ctx.i_dtype), df.to(f.dtype), None
+
+
+def mlstm_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+                 eps: float = EPS) -> torch.Tensor:
+    """Fused causal mLSTM. q, k, v: (B, NH, S, DH); i, f: (B, NH, S) -> (B, NH, S, DH) in q's dtype."""
+    return _MlstmTriton.apply(q, k, v, i, f, eps)
+
+
+def supports(q, k, v, i, f) -> bool:
+    """True for CUDA tensors of one float dtype, 16 <= DH <= 512 and 1 <= S <= MAX_SEQ_LEN."""
+    if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in (q, k, v, i, f)):
+        return False
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        return False
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    B, NH, S, DH = q.shape
+    if i.shape != (B, NH, S) or f.shape != (B, NH, S) or not (i.is_floating_point() and f.is_floating_point()):
+        return False
+    return MIN_HEAD_DIM <= DH <= MAX_HEAD_DIM and 1 <= S <= MAX_SEQ_LEN and B * NH > 0
+
+
+register_backend("triton", mlstm_triton, supports)
+
+__all__ = ["mlstm_triton", "supports"]

@@ -1,0 +1,52 @@
+"""Pictures a user looks at: next-cluster prediction grids and training curves."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+MIN_SIDE = 96  # pixels per image side in saved grids
+
+
+def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x * s + m).clamp(0, 1)
+
+
+def save_prediction_grid(path: Path, rows: list[torch.Tensor], mean, std) -> Path:
+    """PNG with one column per image and one row per tensor (e.g. input as seen, prediction, target)."""
+    grid = torch.cat([denormalize(r.float().cpu(), mean, std) for r in rows], dim=0)  # (R*B, C, H, W)
+    scale = max(1, MIN_SIDE // grid.shape[-1])
+    if scale > 1:                                            # small images: enlarge, keep pixels sharp
+        grid = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="nearest")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, path, nrow=rows[0].shape[0], padding=2, pad_value=1.0)
+    return path
+
+
+def plot_curves(csv_path: Path, png_path: Path, keys: tuple[str, ...] = ("loss",)) -> Path | None:
+    """Plot columns of a metrics CSV against the step (matplotlib, headless)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(open(csv_path)))
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        if pts:
+            ax.plot(*zip(*pts), label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return Path(png_path)
