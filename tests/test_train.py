@@ -1,0 +1,155 @@
+"""The command line and training loops end to end on real images (CPU)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mal.cli import main
+from mal.config import load_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model.dim=32", "model.depth=2", "objective.decoder.depth=1", "objective.decoder.dim=32",
+        "objective.decoder.num_heads=4", "data.num_workers=0", "data.cache=false", "log_every=1"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _pretrain_args(data, out, *extra):
+    return ["pretrain", "--config", str(REPO / "configs/cifar10_pretrain.yaml"), "--output", str(out), "--no-progress",
+            f"data.dataset={data}", "optim.batch_size=16", "optim.epochs=2", "optim.warmup_epochs=0.5", *TINY, *extra]
+
+
+def test_pretrain_finetune_eval_end_to_end(image_folder, tmp_path, capsys):
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    assert main(_pretrain_args(image_folder, pre)) == 0
+    out = capsys.readouterr().out
+    assert "resolved config:" in out and "cluster_size: 4" in out
+    summary = json.loads((pre / "summary.json").read_text())
+    assert summary["steps"] == 2 * (192 // 16)
+    assert 0 <= summary["knn_top1"] <= 100 and 0 <= summary["linprobe_top1"] <= 100
+    assert (pre / "predictions.png").stat().st_size > 0 and (pre / "loss.png").exists()
+    assert (pre / "tb").is_dir() and len((pre / "metrics.csv").read_text().splitlines()) == 1 + summary["steps"]
+    weights = load_file(str(pre / "ckpt_last/model.safetensors"))
+    assert "mask_token" in weights and any(k.startswith("decoder.") for k in weights)
+
+    assert main(["finetune", "--config", str(REPO / "configs/cifar10_finetune.yaml"), "--init", str(pre / "ckpt_last"),
+                 "--output", str(ft), "--no-progress", f"data.dataset={image_folder}", "optim.batch_size=16",
+                 "optim.epochs=1", "ema_decay=0.9", "model.dim=32", "model.depth=2", "data.num_workers=0",
+                 "data.cache=false"]) == 0
+    ft_summary = json.loads((ft / "summary.json").read_text())
+    assert 0 <= ft_summary["val_top1"] <= 100 and ft_summary["val_top5"] == 100.0   # 3 classes: top-5 is all
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(ft / "ckpt_last"), "--knn", "--linprobe", "--json", str(tmp_path / "e.json"),
+                 "data.num_workers=0"]) == 0
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert abs(res["top1"] - ft_summary["val_top1"]) < 1e-6          # same weights, same data -> same number
+    assert {"knn_top1", "linprobe_top1", "top5"} <= set(res)
+
+
+def test_run_folder_is_never_overwritten_unless_asked(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _pretrain_args(image_folder, out, "max_steps=1", "probe=false")
+    assert main(args) == 0
+    marker = out / "keep.txt"
+    marker.write_text("mine")
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err and marker.exists()
+    assert main(args + ["--overwrite"]) == 0
+    assert not marker.exists()
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="did you mean 'optim.epochs'"):
+        load_run_config(REPO / "configs/cifar10_pretrain.yaml", ["optim.epoch=3"])
+    with pytest.raises(ValueError, match="model.depth: expected an integer"):
+        load_run_config(None, ["model.depth=deep"])
+    with pytest.raises(ValueError, match="cluster size 5 does not divide the 12x12 patch grid"):
+        load_run_config(REPO / "configs/cifar10_pretrain.yaml", ["model.cluster_size=5"])
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        load_run_config(REPO / "configs/cifar10_finetune.yaml", ["model.img_size=50"])
+    cfg = load_run_config(None, ["optim.batch_size=12"])
+    with pytest.raises(ValueError, match="not divisible by the 5 processes"):
+        cfg.check_world(5)
+
+
+def test_finetune_rejects_incompatible_checkpoint(image_folder, tmp_path, capsys):
+    pre = tmp_path / "pre"
+    assert main(_pretrain_args(image_folder, pre, "max_steps=1", "probe=false")) == 0
+    code = main(["finetune", "--config", str(REPO / "configs/cifar10_finetune.yaml"), "--init", str(pre / "ckpt_last"),
+                 "--output", str(tmp_path / "ft"), f"data.dataset={image_folder}", "model.dim=48", "model.depth=2",
+                 "data.num_workers=0"])
+    assert code == 2
+    assert "model.dim: checkpoint 32 vs config 48" in capsys.readouterr().err
+
+
+def _weights(run):
+    return load_file(str(Path(run) / "ckpt_last/model.safetensors"))
+
+
+def _assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), k
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "mal", *args]
+
+
+def test_killed_run_resumes_to_identical_weights(image_folder, tmp_path):
+    """SIGKILL at a random step (checkpoint every step), --resume, same final weights as uninterrupted."""
+    common = ["max_steps=10", "save_every=1", "probe=false", "objective.mask.unit=patch"]
+    ref = tmp_path / "ref"
+    subprocess.run(_cli(*_pretrain_args(image_folder, ref, *common)), check=True, env=_env(), capture_output=True)
+    run = tmp_path / "killed"
+    kill_at = int(torch.randint(2, 8, (1,)).item())
+    proc = subprocess.Popen(_cli(*_pretrain_args(image_folder, run, *common)), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = run / "ckpt_last/meta.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if json.loads(meta.read_text())["step"] >= kill_at:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = json.loads(meta.read_text())["step"] if meta.exists() else 0
+    assert step_at_kill < 10, "the run finished before it could be killed"
+    subprocess.run(_cli(*_pretrain_args(image_folder, run, *common), "--resume"), check=True, env=_env(),
+                   capture_output=True)
+    _assert_same_weights(_weights(ref), _weights(run))
+    rows = (run / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 11))
+
+
+def test_torchrun_two_processes_match_one(image_folder, tmp_path):
+    """DDP (gloo, 2 CPU processes) with the same global batch gives the same weights as one process."""
+    common = ["max_steps=4", "probe=false", "optim.batch_size=8"]
+    one = tmp_path / "one"
+    subprocess.run(_cli(*_pretrain_args(image_folder, one, *common)), check=True, env=_env(), capture_output=True)
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mal",
+           *_pretrain_args(image_folder, two, *common)]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_same_weights(_weights(one), _weights(two), atol=2e-5)
+    # and accumulation: 1 process, 2 micro-batches of 4
+    acc = tmp_path / "acc"
+    subprocess.run(_cli(*_pretrain_args(image_folder, acc, *common, "optim.accum_steps=2")), check=True, env=_env(),
+                   capture_output=True)
+    _assert_same_weights(_weights(one), _weights(acc), atol=2e-5)
