@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from .config import RunConfig, load_run_config, to_dict
+from .data import BadImageError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEMO_PRETRAIN = "demo_pretrain.yaml"
@@ -84,11 +85,9 @@ def _run(cfg: RunConfig, args_resume: bool, overwrite: bool, progress: bool) -> 
 
 
 def cmd_eval(args) -> dict:
-    import torch
-
     from . import data as mdata
     from .checkpoint import load_encoder, load_weights, read_meta
-    from .config import from_dict
+    from .config import apply_overrides, from_dict
     from .distributed import device_for, init_distributed
     from .evaluate import evaluate_classifier, extract_features, knn_accuracy, linear_probe_accuracy
     from .train import build_loader_simple
@@ -99,7 +98,8 @@ def cmd_eval(args) -> dict:
     data = meta["config"]
     data["task"] = "finetune" if meta["task"] == "pretrain" else meta["task"]
     data["init"] = ""
-    from .config import apply_overrides
+    if meta["task"] == "pretrain":      # probe in the pretraining direction, as at the end of pretraining
+        data["model"]["bidirectional"] = False
     apply_overrides(data, args.overrides)
     cfg = from_dict(RunConfig, data)
     info = init_distributed()
@@ -111,7 +111,7 @@ def cmd_eval(args) -> dict:
     classes = meta.get("classes") or list(getattr(test_set, "classes", []))
     is_classifier = meta["task"] != "pretrain"
     model = VisionLSTM(cfg.model, num_classes=meta["num_classes"] if is_classifier else 0)
-    report = load_encoder(model, load_weights(ckpt))
+    load_encoder(model, load_weights(ckpt))
     model.to(device)
     out: dict = {"checkpoint": str(ckpt), "dataset": str(dataset), "split": split}
     if is_classifier:
@@ -124,8 +124,6 @@ def cmd_eval(args) -> dict:
         raise ValueError(f"{ckpt} is a pretraining checkpoint: it has no classifier head; use --knn and/or "
                          f"--linprobe, or fine-tune it first with `mal finetune --init {ckpt}`")
     if args.knn or args.linprobe:
-        if report["new"] and is_classifier:
-            pass
         train_set = mdata.build_dataset(dataset, cfg.data.train_split, tf, strict=cfg.data.strict)
         tr_f, tr_y = extract_features(model, build_loader_simple(train_set, args.batch_size, cfg, info), device,
                                       cfg.amp, progress=info.is_main)
@@ -140,7 +138,6 @@ def cmd_eval(args) -> dict:
         print(json.dumps(out, indent=2))
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2))
-    del torch
     return out
 
 
@@ -174,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = _resolve(args, {"pretrain": "pretrain", "finetune": "finetune", "supervised": "supervised"}[args.command])
             _run(cfg, args.resume, args.overwrite, not args.no_progress)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, BadImageError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and "out of GPU memory" not in str(e):
             raise
         print(f"mal {args.command}: error: {e}", file=sys.stderr)
