@@ -1,0 +1,136 @@
+"""The small-scale reproduction of the paper's ablations on CIFAR-10 (48 px, patch 4, 12x12 grid, MAL-T).
+
+Each experiment is a pretraining run followed by fine-tuning (or one supervised run); every finished
+experiment appends one row to OUT/results.jsonl and OUT/results.csv with the exact commands that made it.
+Several experiments may share one GPU (--parallel). Finished stages are skipped, killed ones resumed.
+
+    python experiments/cifar10_sweep.py --data data/cifar10 --out runs/sweep --parallel 3 \
+        --pre-epochs 30 --ft-epochs 30 --only 'default|table6'
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Experiment:
+    name: str
+    table: str                      # which paper table the row belongs to
+    setting: str                    # the value of the ablated variable
+    pretrain: list[str] | None = None   # overrides of configs/cifar10_pretrain.yaml; None = supervised
+    finetune: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+def experiments(seeds: list[int]) -> list[Experiment]:
+    exps: list[Experiment] = []
+    for s in seeds:   # rows 1-2 with several seeds
+        exps.append(Experiment(f"supervised_s{s}", "baseline", "supervised", None, seed=s))
+        exps.append(Experiment(f"default_s{s}", "baseline", "MAL default", [], seed=s))
+    for k in (1, 2, 3, 6):                       # k=4 is the default row
+        exps.append(Experiment(f"table6_k{k}", "table6", f"k={k}", [f"model.cluster_size={k}"],
+                               [f"model.cluster_size={k}"]))
+    for order in ("row_fwd", "col_fwd", "row_bwd", "col_bwd", "random"):
+        exps.append(Experiment(f"table7_{order}", "table7", order, [f"model.scan_order={order}"],
+                               [f"model.scan_order={order}"]))
+    for unit in ("pixel", "patch", "cluster"):
+        for ratio in (0.0, 0.1, 0.2, 0.5):
+            if unit == "cluster" and ratio == 0.2:
+                continue                          # the default row
+            if ratio == 0.0 and unit != "cluster":
+                continue                          # ratio 0 is the same run for every unit
+            exps.append(Experiment(f"table5_{unit}_{int(ratio * 100)}", "table5", f"{unit} {int(ratio * 100)}%",
+                                   [f"objective.mask.unit={unit}", f"objective.mask.ratio={ratio}"]))
+    exps.append(Experiment("table12_d4", "table12", "depth 4, width 512", ["objective.decoder.depth=4"]))
+    # depth 8 / width 512 is the default row
+    exps.append(Experiment("table13_xlstm", "table13", "xLSTM decoder",
+                           ["objective.decoder.kind=xlstm", "objective.decoder.depth=2"]))
+    return exps
+
+
+def run_stage(cmd: list[str], log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as fh:
+        fh.write("$ " + shlex.join(cmd) + "\n")
+        fh.flush()
+        subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=True, cwd=REPO)
+
+
+def stage_cmd(task: str, cfg: str, out: Path, overrides: list[str], resume: bool) -> list[str]:
+    return [sys.executable, "-m", "mal", task, "--config", cfg, "--output", str(out), "--no-progress",
+            *(["--resume"] if resume else []), *overrides]
+
+
+def execute(exp: Experiment, args) -> dict:
+    """Run (or resume, or skip if done) the stages of one experiment; return its results row."""
+    base = Path(args.out) / exp.name
+    common = [f"data.dataset={args.data}", f"seed={exp.seed}", f"data.num_workers={args.workers}", *args.set]
+    if exp.pretrain is None:
+        stages = [("supervised", "configs/cifar10_supervised.yaml", base / "supervised",
+                   [*common, f"optim.epochs={args.pre_epochs + args.ft_epochs}"])]
+    else:
+        stages = [("pretrain", "configs/cifar10_pretrain.yaml", base / "pretrain",
+                   [*common, f"optim.epochs={args.pre_epochs}", *exp.pretrain]),
+                  ("finetune", "configs/cifar10_finetune.yaml", base / "finetune",
+                   [*common, f"optim.epochs={args.ft_epochs}", f"init={base / 'pretrain/ckpt_last'}", *exp.finetune])]
+    t0 = time.time()
+    summaries = {}
+    for task, cfg, out, overrides in stages:
+        if not (out / "summary.json").exists():
+            run_stage(stage_cmd(task, cfg, out, overrides, resume=(out / "ckpt_last/meta.json").exists()),
+                      base / "log.txt")
+        summaries[task] = json.loads((out / "summary.json").read_text())
+    pre, last = summaries.get("pretrain", {}), summaries[stages[-1][0]]
+    return {"name": exp.name, "table": exp.table, "setting": exp.setting, "seed": exp.seed,
+            "pretrain_loss": pre.get("final_loss"), "knn": pre.get("knn_top1"), "linprobe": pre.get("linprobe_top1"),
+            "top1": last.get("val_top1"), "top5": last.get("val_top5"), "wall_s": round(time.time() - t0, 1),
+            "commands": [shlex.join(["mal", *stage_cmd(t, c, o, ov, False)[3:]]) for t, c, o, ov in stages]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="data/cifar10")
+    ap.add_argument("--out", default="runs/sweep")
+    ap.add_argument("--parallel", type=int, default=1, help="experiments running at once on the GPU")
+    ap.add_argument("--workers", type=int, default=4, help="data loader workers per run")
+    ap.add_argument("--pre-epochs", type=int, default=30)
+    ap.add_argument("--ft-epochs", type=int, default=30)
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--only", default="", help="regex on experiment names")
+    ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every run (smoke tests)")
+    ap.add_argument("--list", action="store_true", help="print the experiments and exit")
+    args = ap.parse_args()
+    exps = [e for e in experiments([int(s) for s in args.seeds.split(",")]) if re.search(args.only, e.name)]
+    if args.list:
+        for e in exps:
+            print(f"{e.name:24s} {e.table:9s} {e.setting}")
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(args.parallel) as pool:
+        for row in pool.map(lambda e: execute(e, args), exps):
+            print(json.dumps(row), flush=True)
+            with open(out / "results.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+    rows = [json.loads(line) for line in open(out / "results.jsonl")]
+    keys = ["name", "table", "setting", "seed", "pretrain_loss", "knn", "linprobe", "top1", "top5", "wall_s"]
+    with open(out / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
