@@ -4,7 +4,8 @@ A block runs as three pieces: `block_pre` (pre-LayerNorm, up-projection, causal 
 both gates), the mLSTM cell (`mal.kernels.mlstm`, eager: the fused Triton kernel on the GPU), and
 `block_post` (per-head norm, learnable skip, output gate, down-projection, residual). `block_pre` and
 `block_post` are pure functions of tensors, so one `torch.compile` of each serves every block of a model
-(and every model of the same shapes), and the compiled region never has to trace the Triton kernel.
+(and every model of the same shapes), and the compiled regions never trace the Triton kernel (tracing it
+into one whole-block graph failed in inductor 2.11: cumsum scan codegen and the kernel's compile).
 
 Algebra used (exact in real arithmetic, so the fused block equals the plain one up to rounding):
   * the gates are linear in [q, k, v] and q, k, v are affine in (x_c, x_m), so
@@ -106,19 +107,19 @@ def _compiled(fn, mode: str | None):
 
 @dataclass(frozen=True)
 class FastPath:
-    """How a block runs its fast path: eager (compile=False) or through torch.compile in `mode`."""
+    """How a block runs its fast path: eager (compile=False) or its two regions through torch.compile(mode)."""
     compile: bool = True
     mode: str | None = None
 
 
 def block_forward(blk: nn.Module, x: torch.Tensor, fast: FastPath) -> torch.Tensor:
     """Fast forward of a `ViLBlock` (x (B, S, D) -> (B, S, D)); same function as `blk`'s plain forward."""
-    L = blk.layer
+    L, conv = blk.layer, blk.layer.conv.conv
+    fuse_residual = isinstance(blk.drop_path, nn.Identity) or not blk.training
     pre = _compiled(block_pre, fast.mode) if fast.compile else block_pre
     post = _compiled(block_post, fast.mode) if fast.compile else block_post
     wg = torch.cat([L.igate.weight, L.fgate.weight], 0)                     # (2NH, 3I)
     bg = torch.cat([L.igate.bias, L.fgate.bias], 0)                         # (2NH,)
-    conv = L.conv.conv
     xz, q, k, v, g = pre(x, blk.norm.weight, blk.norm.bias, blk.norm.eps, L.proj_up.weight, L.proj_up.bias,
                          conv.weight, conv.bias, L.q_proj.weight, L.q_proj.bias, L.k_proj.weight, L.k_proj.bias,
                          L.v_proj.weight, L.v_proj.bias, wg, bg, pointwise=fast.compile)
@@ -127,7 +128,6 @@ def block_forward(blk: nn.Module, x: torch.Tensor, fast: FastPath) -> torch.Tens
     heads = lambda t: t.view(B, S, NH, DH).transpose(1, 2)                  # (B, NH, S, DH)
     i, f = g[..., :NH].transpose(1, 2), g[..., NH:].transpose(1, 2)         # (B, NH, S) each
     h = mlstm(heads(q), heads(k), heads(v), i, f, backend=L.backend)        # (B, NH, S, DH)
-    fuse_residual = isinstance(blk.drop_path, nn.Identity) or not blk.training
     y = post(h, xz, x if fuse_residual else None, conv.weight, conv.bias, L.outnorm, L.outnorm_bias, L.skip,
              L.proj_down.weight, L.proj_down.bias)                          # (B, S, D)
     return y if fuse_residual else x + blk.drop_path(y)

@@ -133,7 +133,7 @@ class ViLBlock(nn.Module):
         self.fast: FastPath | None = None
 
     def fast_path(self, enabled: bool = True, compile: bool = True, mode: str | None = None) -> "ViLBlock":
-        """Run the fused block (compile=True: its two elementwise/GEMM regions under torch.compile(mode))."""
+        """Run the fused block (compile=True: its two regions around the mLSTM cell under torch.compile(mode))."""
         self.fast = FastPath(compile=compile, mode=mode) if enabled else None
         return self
 
@@ -192,9 +192,9 @@ class VisionLSTM(nn.Module):
     def fast_path(self, enabled: bool = True, compile: bool = True, mode: str | None = None) -> "VisionLSTM":
         """Switch every block to the fused fast path (see `mal.fused`); parameters and state dict are unchanged.
 
-        compile=True compiles the two regions around the mLSTM cell once for all blocks (static shapes:
-        each new input shape compiles again, so raise `torch._dynamo.config.cache_size_limit` when a run
-        uses many shapes). The mLSTM kernel itself is the model's `mlstm_backend` ("auto": Triton on the GPU).
+        compile=True compiles the two regions around the mLSTM cell once for all blocks. Shapes are static:
+        each new input shape compiles again, so raise `torch._dynamo.config.cache_size_limit` when a run uses many shapes.
+        The mLSTM kernel is the model's `mlstm_backend` ("auto": the Triton kernel on the GPU).
         """
         for blk in self.blocks:
             blk.fast_path(enabled, compile, mode)

@@ -1,0 +1,240 @@
+"""Time the mLSTM cell: fused Triton backend vs the torch parallel form vs causal SDPA (speed-of-light reference).
+
+For each head dim: forward (no grad) and forward+backward medians from `triton.testing.do_bench` (CUDA events,
+warm-up first), eagerly (host launch overhead included, as a training step sees it when the GPU waits on
+the CPU), and as GPU kernel time alone (profiler sum of all kernels per call, marked 'gpu'); peak extra memory of one forward+backward; ratios.
+Prints JSON, then a markdown table.
+
+    PYTHONPATH=src python benchmarks/mlstm_kernel.py [--dh 96 192 384] [--batch 128] [--sweep] [--profile]
+
+`--sweep` also times (GPU kernel time) candidate tile configurations of each Triton kernel and prints the
+fastest per head dim; `--profile` prints the per-kernel GPU times of the Triton forward+backward.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+
+WARMUP_MS, REP_MS = 25, 200
+FWD_CANDIDATES = [(64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2),
+                  (64, 32, 8, 1), (32, 32, 4, 2), (64, 16, 4, 2)]
+BWD_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 32, 8, 1),
+                  (32, 64, 8, 1), (32, 32, 4, 2), (32, 32, 8, 1), (16, 32, 4, 2), (32, 16, 4, 2)]
+
+
+def bench(fn) -> float:
+    """Median milliseconds of fn() (CUDA events)."""
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+
+
+def gpu_ms(fn, iters: int = 20) -> float:
+    """GPU milliseconds per fn() call: the summed kernel times from the profiler (launch gaps removed)."""
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
+    return total_us / iters / 1e3
+
+
+def peak_mib(fn) -> float:
+    """Extra peak memory (MiB) of one call, above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def sdpa_fn():
+    """Causal SDPA restricted to flash, else memory-efficient attention; returns (fn, backend name)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def make(backend):
+        def call(q, k, v, i, f):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return call
+    return [(make(SDPBackend.FLASH_ATTENTION), "sdpa-flash"), (make(SDPBackend.EFFICIENT_ATTENTION), "sdpa-mem-eff")]
+
+
+def make_inputs(B, NH, S, DH, dtype):
+    q, k, v = (torch.randn(B, NH, S, DH, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    i = torch.randn(B, NH, S, device="cuda", requires_grad=True)
+    f = (torch.randn(B, NH, S, device="cuda") + 3.0).requires_grad_()
+    dh = torch.randn(B, NH, S, DH, device="cuda", dtype=dtype)
+    return (q, k, v, i, f), dh
+
+
+def time_backend(fn, inputs, dh):
+    """Eager and GPU-kernel-time fwd / fwd+bwd milliseconds and the peak MiB of one fwd+bwd for fn on inputs."""
+    leaves = [t for t in inputs if t.requires_grad]
+
+    def fwd():
+        with torch.no_grad():
+            fn(*inputs)
+
+    def fwd_bwd():
+        out = fn(*inputs)
+        torch.autograd.grad(out, leaves, dh, allow_unused=True)
+
+    fwd_bwd()
+    res = {"fwd_ms": bench(fwd), "fwd_bwd_ms": bench(fwd_bwd), "peak_mib": peak_mib(fwd_bwd)}
+    res["gpu_fwd_ms"] = gpu_ms(fwd)
+    res["gpu_fwd_bwd_ms"] = gpu_ms(fwd_bwd)
+    return res
+
+
+def floors(B, NH, S, DH, itemsize=2):
+    """Causal-attention-like FLOPs (two S x S x DH products, half of the square) and HBM bytes of q, k, v, h."""
+    flop_fwd = 2 * 2 * B * NH * S * S * DH / 2
+    bytes_fwd = 4 * B * NH * S * DH * itemsize
+    return flop_fwd, bytes_fwd
+
+
+def sweep(B, NH, S, DH, dtype):
+    """Time each Triton kernel's candidate configs; returns the best per table."""
+    from mal.kernels import mlstm_triton as mt
+    inputs, dh = make_inputs(B, NH, S, DH, dtype)
+    bd = mt._block_d(DH)
+    best = {}
+    for name, table, cands, with_bwd in (("fwd", mt._FWD_CFG, FWD_CANDIDATES, False),
+                                         ("dq", mt._BWD_DQ_CFG, BWD_CANDIDATES, True),
+                                         ("dkdv", mt._BWD_DKDV_CFG, BWD_CANDIDATES, True)):
+        keep = table[bd]
+        results = []
+        for cfg in cands:
+            table[bd] = cfg
+            try:
+                out = mt.mlstm_triton(*inputs)
+                if with_bwd:
+                    torch.autograd.grad(out, inputs, dh)
+                torch.cuda.synchronize()
+                detached = [t.detach() for t in inputs]
+                if with_bwd:
+                    ms = gpu_ms(lambda: torch.autograd.grad(mt.mlstm_triton(*inputs), inputs, dh))
+                else:
+                    ms = gpu_ms(lambda: mt.mlstm_triton(*detached))
+                results.append((ms, cfg))
+            except Exception as exc:  # noqa: BLE001 - out-of-resources configs are expected
+                results.append((math.inf, cfg))
+                print(f"  DH={DH} {cfg}: {type(exc).__name__}")
+        table[bd] = keep
+        results.sort()
+        best[name] = results[0][1]
+        print(f"sweep DH={DH} {name}: " + ", ".join(f"{c}={ms:.3f}" for ms, c in results[:5]), flush=True)
+    return best
+
+
+def profile(inputs, dh, iters=5):
+    """Per-kernel GPU time of the Triton forward+backward."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    from mal.kernels.mlstm_triton import mlstm_triton
+    for _ in range(2):
+        torch.autograd.grad(mlstm_triton(*inputs), inputs, dh)
+    torch.cuda.synchronize()
+    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            torch.autograd.grad(mlstm_triton(*inputs), inputs, dh)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=50))
+
+
+def delta_ablation(inputs, dh):
+    """GPU-kernel fwd+bwd ms with delta taken from the stored output instead of recomputed tiles."""
+    from mal.kernels import mlstm_triton as mt
+    mt.EXACT_DELTA = False
+    try:
+        return gpu_ms(lambda: torch.autograd.grad(mt.mlstm_triton(*inputs), inputs, dh))
+    finally:
+        mt.EXACT_DELTA = True
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dh", type=int, nargs="+", default=[96, 192, 384])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=197)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--delta-ablation", action="store_true",
+                    help="also time the backward with delta from the stored output (EXACT_DELTA=False)")
+    ap.add_argument("--json", default=None, help="also write the JSON results here")
+    args = ap.parse_args()
+
+    from mal.kernels import mlstm_parallel
+    from mal.kernels.mlstm_triton import mlstm_triton
+
+    dtype = torch.bfloat16
+    dev = torch.cuda.get_device_name()
+    rows = []
+    for DH in args.dh:
+        B, NH, S = args.batch, args.heads, args.seq
+        if args.sweep:
+            print(json.dumps({"DH": DH, "best": sweep(B, NH, S, DH, dtype)}), flush=True)
+        inputs, dh = make_inputs(B, NH, S, DH, dtype)
+        row = {"device": dev, "B": B, "NH": NH, "S": S, "DH": DH, "dtype": "bf16"}
+        for name, fn in [("triton", mlstm_triton), ("torch", mlstm_parallel)] + [(n, f) for f, n in sdpa_fn()]:
+            try:
+                row[name] = time_backend(fn, inputs, dh)
+            except RuntimeError as exc:   # e.g. flash attention rejects head dims above 256
+                print(f"{name} DH={DH}: {str(exc).splitlines()[0][:120]}")
+                continue
+            torch.cuda.empty_cache()
+        sdpa = row.get("sdpa-flash") or row.get("sdpa-mem-eff")
+        row["sdpa"] = "sdpa-flash" if "sdpa-flash" in row else "sdpa-mem-eff"
+        flop, nbytes = floors(B, NH, S, DH)
+        row["triton_fwd_tflops"] = flop / row["triton"]["fwd_ms"] / 1e9
+        row["triton_fwd_gbps_qkvh"] = nbytes / row["triton"]["fwd_ms"] / 1e6
+        row["speedup_vs_torch_fwd"] = row["torch"]["fwd_ms"] / row["triton"]["fwd_ms"]
+        row["speedup_vs_torch_fwd_bwd"] = row["torch"]["fwd_bwd_ms"] / row["triton"]["fwd_bwd_ms"]
+        row["vs_sdpa_fwd"] = row["triton"]["fwd_ms"] / sdpa["fwd_ms"]
+        row["vs_sdpa_fwd_bwd"] = row["triton"]["fwd_bwd_ms"] / sdpa["fwd_bwd_ms"]
+        row["gpu_vs_sdpa_fwd_bwd"] = row["triton"]["gpu_fwd_bwd_ms"] / sdpa["gpu_fwd_bwd_ms"]
+        row["gpu_speedup_vs_torch_fwd_bwd"] = row["torch"]["gpu_fwd_bwd_ms"] / row["triton"]["gpu_fwd_bwd_ms"]
+        if args.profile:
+            profile(inputs, dh)
+        if args.delta_ablation:
+            row["triton_o_delta_gpu_fwd_bwd_ms"] = delta_ablation(inputs, dh)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del inputs, dh
+        torch.cuda.empty_cache()
+
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    print(f"\n{dev}, B={args.batch}, NH={args.heads}, S={args.seq}, bf16, median ms (do_bench); "
+          "eager / gpu kernel time\n")
+    print("| DH | sdpa | triton fwd | torch fwd | sdpa fwd | triton f+b | torch f+b | sdpa f+b "
+          "| torch/triton f+b | triton/sdpa f+b | peak MiB triton / torch / sdpa |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t, p, s = r["triton"], r["torch"], r[r["sdpa"]]
+
+        def two(x, key):
+            return f"{x[key]:.3f} / {x['gpu_' + key]:.3f}"
+        print(f"| {r['DH']} | {r['sdpa'][5:]} | {two(t, 'fwd_ms')} | {two(p, 'fwd_ms')} | {two(s, 'fwd_ms')} | "
+              f"{two(t, 'fwd_bwd_ms')} | {two(p, 'fwd_bwd_ms')} | {two(s, 'fwd_bwd_ms')} | "
+              f"{r['speedup_vs_torch_fwd_bwd']:.1f}x / {r['gpu_speedup_vs_torch_fwd_bwd']:.1f}x | "
+              f"{r['vs_sdpa_fwd_bwd']:.2f}x / {r['gpu_vs_sdpa_fwd_bwd']:.2f}x | "
+              f"{t['peak_mib']:.0f} / {p['peak_mib']:.0f} / {s['peak_mib']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""Encoder and pretraining throughput on one GPU: MAL's fast path vs its plain path, a reference ViL, DeiT.
+
+Rows (all bf16 autocast, 224 px, 1000 classes, one process, one GPU, measured side by side):
+  fast         MAL encoder, fused block (`VisionLSTM.fast_path()`: torch.compile'd regions around the "auto"
+               (Triton) mLSTM kernel), the whole inference call / training step captured in one CUDA graph
+  fast_nocg    as fast, without the CUDA graph (every kernel launched from Python)
+  plain        MAL encoder, mlstm_backend="torch", eager (the plain PyTorch path)
+  ref          reference ViL of the same dims from the PyPI `xlstm` package's `mLSTMLayer` (ViL v1 block), eager
+  ref_compile  the same reference, every residual block torch.compile'd (regional compilation)
+  deit         timm DeiT-T/S/B (pretrained=False), eager
+Measured: inference img/s (batch 256, no grad), training img/s and peak memory (batch 128, forward + backward
++ AdamW step), and the MAL pretraining step at 192 px (MALPretrain, default ObjectiveConfig, batches 64 and
+256; rows fast and plain). Times are medians of per-iteration CUDA events after warm-up.
+
+    PYTHONPATH=src python benchmarks/throughput.py --sizes T,S,B --rows fast,fast_nocg,plain,ref,ref_compile,deit \
+        --pretrain B --json results.json
+
+Prints JSON, then markdown tables with the ratios and the DESIGN §6 goals.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SIZES = {"T": ("mal_tiny", 192, "deit_tiny_patch16_224"), "S": ("mal_small", 384, "deit_small_patch16_224"),
+         "B": ("mal_base", 768, "deit_base_patch16_224")}
+ROWS = ("fast", "fast_nocg", "plain", "ref", "ref_compile", "deit")
+IMG, NUM_CLASSES, DEPTH = 224, 1000, 24
+GIB = 2**30
+
+
+# ----------------------------------------------------------------------------------------------- reference ViL
+class RefViL(nn.Module):
+    """ViL v1 built from `xlstm.mLSTMLayer`: patch embed + pos embed, 24 pre-LN residual mLSTM blocks whose
+    sequence direction alternates (the sequence is flipped after every block), bilateral pooling, head."""
+
+    def __init__(self, dim: int, depth: int = DEPTH, img: int = IMG, patch: int = 16, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        from xlstm.blocks.mlstm.layer import mLSTMLayer, mLSTMLayerConfig
+        seq = (img // patch) ** 2
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.pos_embed = nn.Parameter(torch.randn(1, seq, dim) * 0.02)
+        cfg = dict(embedding_dim=dim, proj_factor=2, num_heads=4, qkv_proj_blocksize=4, conv1d_kernel_size=4,
+                   context_length=seq, _num_blocks=depth)
+        self.blocks = nn.ModuleList([RefBlock(dim, mLSTMLayer(mLSTMLayerConfig(**cfg))) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(2 * dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, S, D)
+        for blk in self.blocks:
+            t = blk(t).flip(1)                                                # (B, S, D) next block runs reversed
+        t = self.norm(t)
+        return self.head(torch.cat([t[:, 0], t[:, -1]], dim=-1))            # (B, classes)
+
+
+class RefBlock(nn.Module):
+    """Pre-LN residual block around one xlstm mLSTMLayer."""
+
+    def __init__(self, dim: int, layer: nn.Module):
+        super().__init__()
+        self.norm, self.layer = nn.LayerNorm(dim), layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layer(self.norm(x))                                   # (B, S, D)
+
+
+# ----------------------------------------------------------------------------------------------- models
+def build(row: str, size: str) -> nn.Module:
+    from mal import vision_lstm
+    preset, dim, deit = SIZES[size]
+    if row in ("fast", "fast_nocg", "plain"):
+        model = getattr(vision_lstm, preset)(NUM_CLASSES, img_size=IMG, mlstm_backend="torch" if row == "plain" else "auto")
+        if row != "plain":
+            model.fast_path(compile=True, mode=ARGS.compile_mode)
+    elif row in ("ref", "ref_compile"):
+        model = RefViL(dim)
+        if row == "ref_compile":
+            for blk in model.blocks:
+                blk.compile(dynamic=False)
+    elif row == "deit":
+        import timm
+        model = timm.create_model(deit, pretrained=False, num_classes=NUM_CLASSES)
+    else:
+        raise ValueError(row)
+    return model.cuda()
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def cuda_times(step, warmup: int, iters: int) -> tuple[float, float]:
+    """(median ms per call over `iters` CUDA-event-timed calls, warm-up seconds incl. compilation)."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    warm_s = time.perf_counter() - t0
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times), warm_s
+
+
+def graphed(step):
+    """Warm `step` up on a side stream (compiles), capture one call in a CUDA graph, return its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(ARGS.warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def top_kernels(step, n: int = 15) -> list[dict]:
+    """torch.profiler: the n CUDA kernels with the most total time over one call of step."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    evs = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0]
+    tot = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+    evs.sort(key=tot, reverse=True)
+    all_us = sum(tot(e) for e in evs)
+    out = [{"kernel": e.key[:90], "calls": e.count, "ms": round(tot(e) / 1e3, 3)} for e in evs[:n]]
+    return [{"total_gpu_ms": round(all_us / 1e3, 2), "kernels_launched": sum(e.count for e in evs)}] + out
+
+
+def measure_encoder(row: str, size: str, res: dict) -> None:
+    model = build(row, size)
+    res["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    if row.startswith("fast"):
+        from mal.kernels import resolve_backend
+        dh = model.cfg.expansion * model.cfg.dim // model.cfg.num_heads
+        q = torch.empty(1, 4, 196, dh, device="cuda", dtype=torch.bfloat16)
+        res["mlstm_backend"] = resolve_backend(q, q, q, q[..., 0], q[..., 0]).name
+    x = torch.randn(ARGS.infer_batch, 3, IMG, IMG, device="cuda")
+    cg = row == "fast"                                                   # capture whole calls in CUDA graphs
+    if "infer" in ARGS.modes:
+        model.eval()
+
+        def infer():
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cg):
+                model(x)
+        t0 = time.perf_counter()
+        step = graphed(infer) if cg else infer
+        ms, warm = cuda_times(step, ARGS.warmup, ARGS.iters)
+        warm += time.perf_counter() - t0 if cg else 0
+        res["infer_img_s"] = round(ARGS.infer_batch / ms * 1e3, 1)
+        res["infer_warmup_s"] = round(warm, 1)
+    if "train" in ARGS.modes:
+        model.train()
+        xb = x[:ARGS.train_batch].contiguous()
+        y = torch.randint(0, NUM_CLASSES, (ARGS.train_batch,), device="cuda")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True, capturable=cg)
+
+        def train():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cg):
+                loss = F.cross_entropy(model(xb), y)
+            loss.backward()
+            opt.step()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        step = graphed(train) if cg else train
+        ms, warm = cuda_times(step, ARGS.warmup, ARGS.iters)
+        warm += time.perf_counter() - t0 if cg else 0
+        res["train_img_s"] = round(ARGS.train_batch / ms * 1e3, 1)
+        res["train_peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+        res["train_warmup_s"] = round(warm, 1)
+        if row in ARGS.profile:
+            res["train_profile"] = top_kernels(step)
+
+
+def measure_pretrain(row: str, size: str, batch: int, res: dict) -> None:
+    from mal import MALPretrain
+    from mal.config import MODEL_PRESETS, EncoderConfig, ObjectiveConfig
+    preset = SIZES[size][0]
+    enc = EncoderConfig(**{**MODEL_PRESETS[preset], "img_size": 192,
+                           "mlstm_backend": "torch" if row == "plain" else "auto"})
+    model = MALPretrain(enc, ObjectiveConfig()).cuda()
+    cg = row == "fast"
+    if row in ("fast", "fast_nocg"):
+        model.encoder.fast_path(compile=True, mode=ARGS.compile_mode)
+        if ARGS.compile_decoder:
+            for blk in getattr(model.decoder, "blocks", []):
+                blk.compile(dynamic=False)
+    imgs = torch.randn(batch, 3, 192, 192, device="cuda")
+    sets = [model.sample_inputs(batch, torch.Generator().manual_seed(s), "cuda") for s in range(4)]
+    opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.999), weight_decay=0.05, fused=True,
+                            capturable=cg)
+    it = [0]
+
+    def step():
+        clusters, mask = sets[0 if cg else it[0] % len(sets)]          # a graph replays static inputs
+        it[0] += 1
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cg):
+            loss = model(imgs, clusters, mask)["loss"]
+        loss.backward()
+        opt.step()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    run = graphed(step) if cg else step
+    ms, warm = cuda_times(run, ARGS.warmup, ARGS.iters)
+    warm += time.perf_counter() - t0 if cg else 0
+    res["img_s"] = round(batch / ms * 1e3, 1)
+    res["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+    res["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    res["warmup_s"] = round(warm, 1)
+    if row in ARGS.profile:
+        res["profile"] = top_kernels(run)
+
+
+def guarded(fn, *a) -> dict:
+    """Run one measurement; record OOMs, errors and budget skips instead of dying."""
+    res: dict = {}
+    if time.perf_counter() - T_START > ARGS.time_budget:
+        return {"skipped": "time budget"}
+    from torch._dynamo.utils import counters
+    counters.clear()
+    try:
+        fn(*a, res)
+        if counters["graph_break"] or counters["stats"].get("unique_graphs"):
+            res["dynamo"] = {"graphs": counters["stats"].get("unique_graphs", 0),
+                             "graph_breaks": {k[:120]: v for k, v in counters["graph_break"].items()}}
+    except torch.cuda.OutOfMemoryError:
+        res["error"] = "OOM"
+    except Exception as e:  # noqa: BLE001 - a broken row must not lose the others
+        res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    gc.collect()
+    torch.cuda.empty_cache()
+    print(json.dumps({"row": a, **res}), flush=True)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------- report
+def ratio(a, b):
+    return round(a / b, 2) if a and b else None
+
+
+def goals(enc: dict, pre: dict) -> list[dict]:
+    """DESIGN §6 goals as (goal, target, measured, met)."""
+    out = []
+    for size, rows in enc.items():
+        r, rc = rows.get("ref", {}), rows.get("ref_compile", {})
+        f = rows.get("fast", {}) if "infer_img_s" in rows.get("fast", {}) else rows.get("fast_nocg", {})
+        for key, target, name in (("infer_img_s", 5.0, "inference vs ref eager"), ("train_img_s", 4.0, "training vs ref eager")):
+            v = ratio(f.get(key), r.get(key))
+            out.append({"size": size, "goal": f"{name} >= {target}x", "measured": v, "met": v is not None and v >= target})
+        v = ratio(f.get("train_peak_gib"), r.get("train_peak_gib"))
+        out.append({"size": size, "goal": "train memory <= 1/3 of ref eager", "measured": v,
+                    "met": v is not None and v <= 1 / 3})
+        for key, target, name in (("infer_img_s", 2.5, "inference vs ref compiled"), ("train_img_s", 2.0, "training vs ref compiled")):
+            v = ratio(f.get(key), rc.get(key))
+            out.append({"size": size, "goal": f"{name} >= {target}x", "measured": v, "met": v is not None and v >= target})
+    for size, rows in pre.items():
+        fast = rows.get("fast", {}) if any("img_s" in v for v in rows.get("fast", {}).values()) else rows.get("fast_nocg", {})
+        best = max((v.get("img_s") or 0) for v in fast.values()) if fast else None
+        out.append({"size": size, "goal": "pretraining >= 3000 img/s (better batch)", "measured": best,
+                    "met": bool(best and best >= 3000)})
+        m64 = fast.get("64", {}).get("peak_gb")
+        out.append({"size": size, "goal": "pretraining peak <= 12 GB at batch 64", "measured": m64,
+                    "met": m64 is not None and m64 <= 12})
+    return out
+
+
+def markdown(enc: dict, pre: dict, gl: list[dict]) -> str:
+    lines = ["| size | row | infer img/s | train img/s | train peak GiB | fast/ref infer | fast/ref train | "
+             "fast/ref_compile infer | fast/ref_compile train | fast/deit infer | fast/deit train |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for size, rows in enc.items():
+        f = rows.get("fast", {})
+        for row, v in rows.items():
+            cells = [v.get("infer_img_s", v.get("error", v.get("skipped", "-"))), v.get("train_img_s", "-"),
+                     v.get("train_peak_gib", "-")]
+            if row.startswith("fast"):
+                f = v
+                for other in ("ref", "ref_compile", "deit"):
+                    o = rows.get(other, {})
+                    cells += [ratio(f.get("infer_img_s"), o.get("infer_img_s")),
+                              ratio(f.get("train_img_s"), o.get("train_img_s"))]
+            else:
+                cells += [""] * 6
+            lines.append(f"| {size} | {row} | " + " | ".join("-" if c is None else str(c)[:70].replace("\n", " ")
+                                                             for c in cells) + " |")
+    if pre:
+        lines += ["", "| pretrain size | row | batch | img/s | peak GiB | peak GB |", "|---|---|---|---|---|---|"]
+        for size, rows in pre.items():
+            for row, bs in rows.items():
+                for b, v in bs.items():
+                    val = str(v.get('img_s', v.get('error', v.get('skipped'))))[:70].replace("\n", " ")
+                    lines.append(f"| {size} | {row} | {b} | {val} | "
+                                 f"{v.get('peak_gib', '-')} | {v.get('peak_gb', '-')} |")
+    lines += ["", "| size | goal | measured | met |", "|---|---|---|---|"]
+    lines += [f"| {g['size']} | {g['goal']} | {g['measured']} | {'yes' if g['met'] else 'NO'} |" for g in gl]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    global ARGS, T_START
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="T,S,B")
+    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--modes", default="infer,train", help="encoder measurements: infer, train")
+    p.add_argument("--no-ref-compile", default="", help="sizes to skip ref_compile for (its compile is slow), e.g. B")
+    p.add_argument("--pretrain", default="B", help="sizes for the pretraining step ('' = none)")
+    p.add_argument("--pretrain-rows", default="fast,fast_nocg,plain")
+    p.add_argument("--pretrain-batches", default="64,256")
+    p.add_argument("--infer-batch", type=int, default=256)
+    p.add_argument("--train-batch", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode of the fast path (default: 'default')")
+    p.add_argument("--compile-decoder", type=int, default=1, help="fast pretraining row: compile decoder blocks")
+    p.add_argument("--profile", default="", help="rows to profile (top CUDA kernels of one training step)")
+    p.add_argument("--time-budget", type=float, default=1e9, help="seconds; later measurements are skipped")
+    p.add_argument("--json", default="")
+    ARGS = p.parse_args(argv)
+    ARGS.profile = [r for r in ARGS.profile.split(",") if r]
+    ARGS.modes = ARGS.modes.split(",")
+    T_START = time.perf_counter()
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": sys.version.split()[0],
+            "command": " ".join(sys.argv)}
+    for mod in ("triton", "timm", "xlstm"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001
+            info[mod] = f"unavailable ({type(e).__name__})"
+    print(json.dumps(info), flush=True)
+    skip_rc = set(filter(None, ARGS.no_ref_compile.split(",")))
+    enc: dict = {}
+    for size in filter(None, ARGS.sizes.split(",")):
+        enc[size] = {}
+        for row in filter(None, ARGS.rows.split(",")):
+            if row == "ref_compile" and size in skip_rc:
+                enc[size][row] = {"skipped": "--no-ref-compile"}
+                continue
+            enc[size][row] = guarded(measure_encoder, row, size)
+    pre: dict = {}
+    for size in filter(None, ARGS.pretrain.split(",")):
+        pre[size] = {}
+        for row in filter(None, ARGS.pretrain_rows.split(",")):
+            pre[size][row] = {b: guarded(measure_pretrain, row, size, int(b))
+                              for b in filter(None, ARGS.pretrain_batches.split(","))}
+    gl = goals(enc, pre)
+    result = {"device": info, "encoder": enc, "pretrain": pre, "goals": gl,
+              "settings": {k: v for k, v in vars(ARGS).items() if k != "json"},
+              "total_s": round(time.perf_counter() - T_START, 1)}
+    print(json.dumps(result, indent=1))
+    print(markdown(enc, pre, gl))
+    if ARGS.json:
+        with open(ARGS.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    return result
+
+
+ARGS: argparse.Namespace
+T_START = 0.0
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The fused fast path of a ViL block computes the plain block's function, with the same parameters.
+
+CPU (always): float64, the eager fused block (einsum and pointwise headwise forms) equals the plain block
+for outputs and every parameter gradient to ~1e-12 (the fusion is pure algebra).
+GPU (needs CUDA + triton): the compiled fast path (Triton mLSTM) in bf16 autocast against the plain path in
+float32: relative error ||x - ref|| / ||ref|| of the output and of every parameter gradient at most
+BF16_REL_SLACK x the plain path's own bf16 error + BF16_REL_FLOOR.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from mal import EncoderConfig, MALPretrain, ObjectiveConfig, VisionLSTM
+from mal import fused
+from mal.fused import block_pre, gate_weights, headwise
+from mal.vision_lstm import ViLBlock
+
+F64_TOL = 1e-10
+BF16_REL_SLACK, BF16_REL_FLOOR = 2.0, 1e-2
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.find_spec("triton")),
+                               reason="needs CUDA and triton")
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    """Non-trivial values for every parameter (zero-init gates would hide gate-path bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            r = torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device)
+            p.copy_(r * 0.3 + (p.data if p.dim() == 1 else 0) * 0.5)
+
+
+def _out_and_grads(module, x):
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    out = module(x)
+    g = torch.Generator(device=out.device).manual_seed(7)
+    out.backward(torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype))
+    grads = {n: p.grad.detach().clone() for n, p in module.named_parameters()}
+    grads["input"] = x.grad.detach().clone()
+    return out.detach(), grads
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dim,heads,seq", [(16, 4, 9), (24, 2, 17)])
+def test_fused_block_equals_plain_block_float64(dim, heads, seq):
+    torch.manual_seed(0)
+    blk = ViLBlock(dim, num_heads=heads, num_blocks=4, backend="torch").double()
+    _randomize(blk, 1)
+    x = torch.randn(3, seq, dim, dtype=torch.float64)
+    out_ref, g_ref = _out_and_grads(blk, x)
+    blk.fast_path(compile=False)
+    out, g = _out_and_grads(blk, x)
+    assert _rel(out, out_ref) < F64_TOL
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        assert _rel(g[name], g_ref[name]) < F64_TOL, name
+
+
+def test_pointwise_headwise_and_gate_precomposition_are_exact():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    w, b = torch.randn(8, 4, 4, dtype=torch.float64), torch.randn(32, dtype=torch.float64)
+    assert _rel(headwise(x, w, b, pointwise=True), headwise(x, w, b, pointwise=False)) < F64_TOL
+    dense = torch.block_diag(*w.unbind(0))
+    assert _rel(headwise(x, w, None, pointwise=True), x @ dense.t()) < F64_TOL
+    # gates of [q, k, v] == precomposed gates of (x_c, x_m)
+    ws = [torch.randn(8, 4, 4, dtype=torch.float64) for _ in range(3)]
+    bs = [torch.randn(32, dtype=torch.float64) for _ in range(3)]
+    wg, bg = torch.randn(6, 96, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    x_c, x_m = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 5, 32, dtype=torch.float64)
+    qkv = torch.cat([headwise(x_c, ws[0], bs[0], False), headwise(x_c, ws[1], bs[1], False),
+                     headwise(x_m, ws[2], bs[2], False)], -1)
+    w_c, w_m, b = gate_weights(wg, bg, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2])
+    assert _rel(x_c @ w_c.t() + x_m @ w_m.t() + b, qkv @ wg.t() + bg) < F64_TOL
+
+
+def test_pre_region_pointwise_form_matches_eager_form():
+    torch.manual_seed(0)
+    blk = ViLBlock(16, num_heads=4, num_blocks=4).double()
+    _randomize(blk, 2)
+    L, c = blk.layer, blk.layer.conv.conv
+    args = (torch.randn(2, 7, 16, dtype=torch.float64), blk.norm.weight, blk.norm.bias, blk.norm.eps,
+            L.proj_up.weight, L.proj_up.bias, c.weight, c.bias, L.q_proj.weight, L.q_proj.bias, L.k_proj.weight,
+            L.k_proj.bias, L.v_proj.weight, L.v_proj.bias, torch.cat([L.igate.weight, L.fgate.weight]),
+            torch.cat([L.igate.bias, L.fgate.bias]))
+    for a, b in zip(block_pre(*args, pointwise=True), block_pre(*args, pointwise=False)):
+        assert _rel(a, b) < F64_TOL
+
+
+def test_compiled_regions_trace_without_graph_breaks():
+    """Each compiled region is one graph (dynamo, fullgraph) on the CPU."""
+    torch.manual_seed(0)
+    blk = ViLBlock(16, num_heads=4, num_blocks=4, backend="torch").double()
+    _randomize(blk, 5)
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    ref = blk(x)
+    torch._dynamo.reset()
+    fused._COMPILED.clear()
+    real = torch.compile
+    try:
+        torch.compile = lambda fn, **kw: real(fn, backend="eager", fullgraph=True)
+        blk.fast_path(compile=True)
+        out = blk(x)
+    finally:
+        torch.compile = real
+        fused._COMPILED.clear()
+    assert _rel(out, ref) < F64_TOL
+
+
+def test_fast_path_keeps_state_dict_and_model_output():
+    cfg = EncoderConfig(img_size=32, patch_size=8, dim=16, depth=4, cluster_size=2, mlstm_backend="torch")
+    torch.manual_seed(0)
+    model = VisionLSTM(cfg, num_classes=5).double().eval()
+    _randomize(model, 3)
+    keys = list(model.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ref = model(x)
+    model.fast_path(compile=False)
+    assert list(model.state_dict()) == keys
+    assert _rel(model(x), ref) < F64_TOL
+    plain = VisionLSTM(cfg, num_classes=5).double().eval()
+    plain.load_state_dict(model.state_dict(), strict=True)
+    assert _rel(plain(x), ref) < F64_TOL
+    model.fast_path(enabled=False)
+    assert all(b.fast is None for b in model.blocks)
+
+
+def test_fast_path_in_pretraining_model():
+    cfg = EncoderConfig(img_size=16, patch_size=4, dim=16, depth=4, cluster_size=2, mlstm_backend="torch")
+    torch.manual_seed(0)
+    model = MALPretrain(cfg, ObjectiveConfig()).double()
+    imgs = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    clusters, mask = model.sample_inputs(2, torch.Generator().manual_seed(0))
+    ref = model(imgs, clusters, mask)["loss"]
+    model.encoder.fast_path(compile=False)
+    assert abs(model(imgs, clusters, mask)["loss"].item() - ref.item()) < 1e-10 * abs(ref.item())
+
+
+@needs_gpu
+@pytest.mark.parametrize("dim,seq", [(64, 197), (192, 128)])
+def test_compiled_fast_path_bf16_matches_plain_path_on_gpu(dim, seq):
+    torch.manual_seed(0)
+    blk = ViLBlock(dim, num_heads=4, num_blocks=24, backend="torch").cuda()
+    _randomize(blk, 4)
+    x = torch.randn(8, seq, dim, device="cuda")
+    out_ref, g_ref = _out_and_grads(blk, x)                                  # plain, float32 reference
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_plain, g_plain = _out_and_grads(blk, x)                          # plain, bf16
+    fast = ViLBlock(dim, num_heads=4, num_blocks=24, backend="auto").cuda()
+    fast.load_state_dict(blk.state_dict(), strict=True)
+    fast.fast_path(compile=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, g = _out_and_grads(fast, x)                                     # fused + Triton + compiled, bf16
+    assert torch.isfinite(out).all()
+    e_plain, e_fast = _rel(out_plain, out_ref), _rel(out, out_ref)
+    assert e_fast <= BF16_REL_SLACK * e_plain + BF16_REL_FLOOR, (e_fast, e_plain)
+    for name in g_ref:
+        e_plain, e_fast = _rel(g_plain[name], g_ref[name]), _rel(g[name], g_ref[name])
+        assert e_fast <= BF16_REL_SLACK * e_plain + BF16_REL_FLOOR, (name, e_fast, e_plain)
