@@ -181,7 +181,7 @@ class RunConfig:
     num_classes: int = 0               # 0 = number of class folders of the dataset
     ema_decay: float = 0.0             # model EMA for fine-tuning; 0 = off
     amp: bool = True                   # bf16 autocast on CUDA
-    compile: bool = False              # torch.compile the model
+    fast_path: bool = True             # CUDA: fused ViL blocks (compiled regions + Triton mLSTM); CPU: plain path
     seed: int = 0
     output_dir: str = "runs/mal"
     save_every: int = 500              # checkpoint every N optimizer steps (and at the end)

@@ -33,7 +33,7 @@ from .evaluate import (autocast_for, evaluate_classifier, extract_features, knn_
 from .pretrain import MALPretrain
 from .serialization import patchify, unpatchify
 from .viz import plot_curves, save_prediction_grid
-from .vision_lstm import VisionLSTM
+from .vision_lstm import ViLBlock, VisionLSTM
 
 log = logging.getLogger("mal")
 SEED_STRIDE = 1_000_003
@@ -308,8 +308,8 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
         step = state["step"]
         set_rng_state(state["rng"][info.rank % len(state["rng"])], draws)
         log.info("resumed %s at step %d", ckpt, step)
-    if cfg.compile:
-        model = torch.compile(model)
+    if cfg.fast_path:
+        enable_fast_path(raw, device)
     if info.enabled:
         model = DDP(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
 
@@ -450,6 +450,16 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
             plot_curves(run_dir / "metrics.csv", run_dir / "loss.png")
     barrier()
     return summary
+
+
+def enable_fast_path(model: nn.Module, device: torch.device) -> None:
+    """Switch every ViL block (encoder, and an xLSTM decoder) to the fused fast path on CUDA."""
+    if device.type != "cuda":
+        log.info("fast_path: no CUDA device, running the plain PyTorch path")
+        return
+    for m in model.modules():
+        if isinstance(m, ViLBlock):
+            m.fast_path()
 
 
 class _null:
