@@ -118,16 +118,16 @@ def cmd_eval(args) -> dict:
         if list(getattr(test_set, "classes", classes)) != classes:
             raise ValueError(f"the classes of {dataset}/{split} differ from the checkpoint's {classes[:5]}...; "
                              f"evaluate on a dataset with the same class folders")
-        out.update(evaluate_classifier(model, build_loader_simple(test_set, args.batch_size, cfg, info), device,
+        out.update(evaluate_classifier(model, build_loader_simple(test_set, args.batch_size, cfg), device,
                                        cfg.amp, progress=info.is_main))
     elif not (args.knn or args.linprobe):
         raise ValueError(f"{ckpt} is a pretraining checkpoint: it has no classifier head; use --knn and/or "
                          f"--linprobe, or fine-tune it first with `mal finetune --init {ckpt}`")
     if args.knn or args.linprobe:
         train_set = mdata.build_dataset(dataset, cfg.data.train_split, tf, strict=cfg.data.strict)
-        tr_f, tr_y = extract_features(model, build_loader_simple(train_set, args.batch_size, cfg, info), device,
+        tr_f, tr_y = extract_features(model, build_loader_simple(train_set, args.batch_size, cfg), device,
                                       cfg.amp, progress=info.is_main)
-        te_f, te_y = extract_features(model, build_loader_simple(test_set, args.batch_size, cfg, info), device,
+        te_f, te_y = extract_features(model, build_loader_simple(test_set, args.batch_size, cfg), device,
                                       cfg.amp, progress=info.is_main)
         n_cls = len(getattr(train_set, "classes", [])) or None
         if args.knn:

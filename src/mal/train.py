@@ -15,11 +15,13 @@ import math
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -267,7 +269,7 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
     device = device_for(info)
     ckpt = prepare_run_dir(run_dir, resume, overwrite, info)
     if info.is_main:
-        (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -349,7 +351,7 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
 
     bar = tqdm(total=total_steps, initial=step, desc=cfg.task, disable=not (progress and info.is_main),
                dynamic_ncols=True)
-    skipped, last_eval = 0, {}
+    skipped, last_eval, loss_val = 0, {}, float("nan")
     t_window, n_window = time.perf_counter(), 0
     start_time = time.perf_counter()
     while step < total_steps:
@@ -374,7 +376,7 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
                     imgs = imgs.to(device, non_blocking=True)
                     labels = labels.to(device, non_blocking=True)
                     sync = a == o.accum_steps - 1 or not info.enabled
-                    ctx = model.no_sync() if (info.enabled and not sync) else _null()
+                    ctx = model.no_sync() if (info.enabled and not sync) else nullcontext()
                     with ctx, autocast_for(device, cfg.amp):
                         if cfg.task == "pretrain":
                             rows = torch.arange(info.rank, o.batch_size, info.world_size)[a * micro:(a + 1) * micro]
@@ -439,7 +441,7 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
 
     summary: dict[str, Any] = {"task": cfg.task, "steps": step, "epochs": step / steps_per_epoch,
                                "skipped_steps": skipped, "train_time_s": time.perf_counter() - start_time,
-                               "final_loss": loss_val if step else None, "run_dir": str(run_dir)}
+                               "final_loss": loss_val, "run_dir": str(run_dir)}
     if cfg.task == "pretrain":
         summary.update(finish_pretraining(cfg, raw, train_eval_set, val_set, run_dir, info, device, num_classes))
     elif last_eval:
@@ -460,14 +462,6 @@ def enable_fast_path(model: nn.Module, device: torch.device) -> None:
     for m in model.modules():
         if isinstance(m, ViLBlock):
             m.fast_path()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def finish_pretraining(cfg: RunConfig, model: MALPretrain, train_eval: Dataset | None, val: Dataset | None,
@@ -507,7 +501,7 @@ def finish_pretraining(cfg: RunConfig, model: MALPretrain, train_eval: Dataset |
     return out
 
 
-def build_loader_simple(ds: Dataset, batch_size: int, cfg: RunConfig, info: DistInfo) -> DataLoader:
+def build_loader_simple(ds: Dataset, batch_size: int, cfg: RunConfig) -> DataLoader:
     """An in-order evaluation loader on this process (no sharding)."""
     return mdata.build_loader(ds, batch_size, train=False, num_workers=cfg.data.num_workers, distributed=False,
                               persistent_workers=False)
