@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
 from .config import DecoderConfig
-from .serialization import gather_tokens, plan_steps, slot_perm
+from .serialization import gather_tokens, layer_plan, slot_perm
 from .vision_lstm import ViLBlock, run_blocks
 
 
@@ -77,15 +77,12 @@ class Decoder(nn.Module):
             self._cache[key] = slot.unsqueeze(1) >= slot.unsqueeze(0)
         return self._cache[key]
 
-    def _steps(self, num_tokens: int, device) -> list[torch.Tensor | None]:
+    def _steps(self, num_tokens: int, device) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+        """xLSTM decoder: per-layer gathers over the slot layout and the gather back to it."""
         key = ("steps", num_tokens, str(device))
         if key not in self._cache:
             num_slots = num_tokens // (self.k * self.k)
-            orders = [slot_perm(num_slots, self.k, p) for p in self.layer_patterns]
-            steps, last = plan_steps(orders)
-            back = plan_steps([last, torch.arange(num_tokens)])[0][1]        # gather back to slot layout
-            self._cache[key] = ([s if s is None else s.to(device) for s in steps],
-                                None if back is None else back.to(device))
+            self._cache[key] = layer_plan([slot_perm(num_slots, self.k, p) for p in self.layer_patterns], device)
         return self._cache[key]
 
     def forward(self, enc: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:

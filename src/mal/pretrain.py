@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .config import EncoderConfig, ObjectiveConfig
 from .decoder import Decoder
-from .serialization import (cluster_patch_table, gather_tokens, patchify, plan_steps, pretrain_cluster_orders,
+from .serialization import (cluster_patch_table, gather_tokens, layer_plan, patchify, pretrain_cluster_orders,
                             pretrain_layer_patterns, sample_mask, slot_perm, unpatchify)
 from .vision_lstm import VisionLSTM, run_blocks
 
@@ -39,19 +39,16 @@ class MALPretrain(nn.Module):
         self.decoder = Decoder(obj_cfg.decoder, enc_cfg.dim, h * w, p * p * C, k,
                                layer_patterns=pretrain_layer_patterns(enc_cfg.scan_order, obj_cfg.decoder.depth))
         slots = self.n - 1
-        orders = [slot_perm(slots, k, pat) for pat in pretrain_layer_patterns(enc_cfg.scan_order, enc_cfg.depth)]
-        self._enc_orders = orders
-        steps, last = plan_steps(orders)
-        self._enc_steps = steps
-        self._enc_back = plan_steps([last, torch.arange(slots * k * k)])[0][1]  # back to the slot layout
+        self._enc_orders = [slot_perm(slots, k, pat) for pat in pretrain_layer_patterns(enc_cfg.scan_order, enc_cfg.depth)]
         self._device_cache: dict = {}
         nn.init.normal_(self.mask_token, std=0.02)
 
     def _on(self, device):
+        """Per-device cache: encoder layer gathers, the gather back to the slot layout, the cluster table."""
         key = str(device)
         if key not in self._device_cache:
-            mv = lambda t: None if t is None else t.to(device)
-            self._device_cache[key] = ([mv(s) for s in self._enc_steps], mv(self._enc_back), self.table.to(device))
+            steps, back = layer_plan(self._enc_orders, device)
+            self._device_cache[key] = (steps, back, self.table.to(device))
         return self._device_cache[key]
 
     def sample_inputs(self, batch: int, generator: torch.Generator | None = None, device=None):

@@ -296,3 +296,14 @@ def plan_steps(orders: list[torch.Tensor]) -> tuple[list[torch.Tensor | None], t
         steps.append(None if identity else idx)
         cur_inv = inverse(perm)
     return steps, orders[-1]
+
+
+def layer_plan(orders: list[torch.Tensor], device=None) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+    """`plan_steps` moved to `device`, plus the gather from the last layer's order back to the canonical
+    layout (None when the last order is the canonical one)."""
+    steps, last = plan_steps(orders)
+    back = inverse(last)
+    if torch.equal(back, torch.arange(back.shape[-1]).expand_as(back)):
+        back = None
+    move = lambda t: None if t is None else t.to(device)
+    return [move(s) for s in steps], move(back)
