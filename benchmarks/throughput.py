@@ -4,6 +4,9 @@ Rows (all bf16 autocast, 224 px, 1000 classes, one process, one GPU, measured si
   fast         MAL encoder, fused block (`VisionLSTM.fast_path()`: torch.compile'd regions around the "auto"
                (Triton) mLSTM kernel), the whole inference call / training step captured in one CUDA graph
   fast_nocg    as fast, without the CUDA graph (every kernel launched from Python)
+  fast_ckpt    as fast, with `fast_path(checkpoint=True)` (each block keeps only its input for the backward and
+               recomputes its forward there); training only (inference is the fast row's: nothing is saved)
+  fast_ckpt_nocg  as fast_ckpt, without the CUDA graph
   plain        MAL encoder, mlstm_backend="torch", eager (the plain PyTorch path)
   ref          reference ViL of the same dims from the PyPI `xlstm` package's `mLSTMLayer` (ViL v1 block), eager
   ref_compile  the same reference, every residual block torch.compile'd (regional compilation)
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 
 SIZES = {"T": ("mal_tiny", 192, "deit_tiny_patch16_224"), "S": ("mal_small", 384, "deit_small_patch16_224"),
          "B": ("mal_base", 768, "deit_base_patch16_224")}
-ROWS = ("fast", "fast_nocg", "plain", "ref", "ref_compile", "deit")
+ROWS = ("fast", "fast_nocg", "fast_ckpt", "fast_ckpt_nocg", "plain", "ref", "ref_compile", "deit")
 IMG, NUM_CLASSES, DEPTH = 224, 1000, 24
 GIB = 2**30
 
@@ -77,10 +80,10 @@ class RefBlock(nn.Module):
 def build(row: str, size: str) -> nn.Module:
     from mal import vision_lstm
     preset, dim, deit = SIZES[size]
-    if row in ("fast", "fast_nocg", "plain"):
+    if row.startswith("fast") or row == "plain":
         model = getattr(vision_lstm, preset)(NUM_CLASSES, img_size=IMG, mlstm_backend="torch" if row == "plain" else "auto")
         if row != "plain":
-            model.fast_path(compile=True, mode=ARGS.compile_mode)
+            model.fast_path(compile=True, mode=ARGS.compile_mode, checkpoint="ckpt" in row)
     elif row in ("ref", "ref_compile"):
         model = RefViL(dim)
         if row == "ref_compile":
@@ -151,8 +154,8 @@ def measure_encoder(row: str, size: str, res: dict) -> None:
         q = torch.empty(1, 4, 196, dh, device="cuda", dtype=torch.bfloat16)
         res["mlstm_backend"] = resolve_backend(q, q, q, q[..., 0], q[..., 0]).name
     x = torch.randn(ARGS.infer_batch, 3, IMG, IMG, device="cuda")
-    cg = row == "fast"                                                   # capture whole calls in CUDA graphs
-    if "infer" in ARGS.modes:
+    cg = row in ("fast", "fast_ckpt")                                    # capture whole calls in CUDA graphs
+    if "infer" in ARGS.modes and "ckpt" not in row:                      # checkpointing changes training only
         model.eval()
 
         def infer():
@@ -260,13 +263,22 @@ def goals(enc: dict, pre: dict) -> list[dict]:
     out = []
     for size, rows in enc.items():
         r, rc = rows.get("ref", {}), rows.get("ref_compile", {})
-        f = rows.get("fast", {}) if "infer_img_s" in rows.get("fast", {}) else rows.get("fast_nocg", {})
+        fr = rows.get("fast", {})
+        f = fr if ("infer_img_s" in fr or "train_img_s" in fr) else rows.get("fast_nocg", {})
         for key, target, name in (("infer_img_s", 5.0, "inference vs ref eager"), ("train_img_s", 4.0, "training vs ref eager")):
             v = ratio(f.get(key), r.get(key))
             out.append({"size": size, "goal": f"{name} >= {target}x", "measured": v, "met": v is not None and v >= target})
         v = ratio(f.get("train_peak_gib"), r.get("train_peak_gib"))
         out.append({"size": size, "goal": "train memory <= 1/3 of ref eager", "measured": v,
                     "met": v is not None and v <= 1 / 3})
+        fc = rows.get("fast_ckpt", {}) if "train_img_s" in rows.get("fast_ckpt", {}) else rows.get("fast_ckpt_nocg", {})
+        if fc:
+            v = ratio(fc.get("train_img_s"), r.get("train_img_s"))
+            out.append({"size": size, "goal": "training vs ref eager >= 4.0x (checkpoint=True)", "measured": v,
+                        "met": v is not None and v >= 4.0})
+            v = ratio(fc.get("train_peak_gib"), r.get("train_peak_gib"))
+            out.append({"size": size, "goal": "train memory <= 1/3 of ref eager (checkpoint=True)", "measured": v,
+                        "met": v is not None and v <= 1 / 3})
         for key, target, name in (("infer_img_s", 2.5, "inference vs ref compiled"), ("train_img_s", 2.0, "training vs ref compiled")):
             v = ratio(f.get(key), rc.get(key))
             out.append({"size": size, "goal": f"{name} >= {target}x", "measured": v, "met": v is not None and v >= target})

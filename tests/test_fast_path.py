@@ -63,6 +63,68 @@ def test_fused_block_equals_plain_block_float64(dim, heads, seq):
         assert _rel(g[name], g_ref[name]) < F64_TOL, name
 
 
+@pytest.mark.parametrize("dim,heads,seq,drop", [(16, 4, 9, 0.0), (24, 2, 17, 0.3)])
+def test_checkpointed_fused_block_equals_plain_block_float64(dim, heads, seq, drop):
+    """fast_path(checkpoint=True): same output and every gradient as the plain block (drop-path included)."""
+    torch.manual_seed(0)
+    blk = ViLBlock(dim, drop_path=drop, num_heads=heads, num_blocks=4, backend="torch").double().train()
+    _randomize(blk, 1)
+    x = torch.randn(3, seq, dim, dtype=torch.float64)
+    torch.manual_seed(11)
+    out_ref, g_ref = _out_and_grads(blk, x)
+    blk.fast_path(compile=False, checkpoint=True)
+    assert blk.fast.checkpoint
+    torch.manual_seed(11)                                                    # the same drop-path mask
+    out, g = _out_and_grads(blk, x)
+    assert _rel(out, out_ref) < F64_TOL
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        assert _rel(g[name], g_ref[name]) < F64_TOL, name
+
+
+def test_checkpointed_fast_path_saves_only_the_block_input():
+    """With checkpoint=True the autograd graph of a block keeps (about) its input alone: far fewer saved bytes."""
+    torch.manual_seed(0)
+    blk = ViLBlock(32, num_heads=4, num_blocks=4, backend="torch").double()
+    x = torch.randn(2, 16, 32, dtype=torch.float64, requires_grad=True)
+
+    def saved_bytes(checkpoint: bool) -> int:
+        blk.fast_path(compile=False, checkpoint=checkpoint)
+        seen: dict = {}
+
+        def pack(t):
+            seen[(t.data_ptr(), t.shape, t.stride())] = t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            blk(x)
+        params = {p.data_ptr() for p in blk.parameters()}
+        return sum(b for (ptr, *_), b in seen.items() if ptr not in params)
+    full, ckpt = saved_bytes(False), saved_bytes(True)
+    assert ckpt <= x.numel() * x.element_size(), (ckpt, full)
+    assert ckpt * 10 < full, (ckpt, full)
+
+
+def test_model_fast_path_checkpoint_option():
+    cfg = EncoderConfig(img_size=32, patch_size=8, dim=16, depth=4, cluster_size=2, mlstm_backend="torch")
+    torch.manual_seed(0)
+    model = VisionLSTM(cfg, num_classes=5).double()
+    _randomize(model, 3)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ref = model(x)
+    ref.square().sum().backward()
+    g_ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.fast_path(compile=False, checkpoint=True)
+    assert all(b.fast.checkpoint for b in model.blocks)
+    out = model(x)
+    out.square().sum().backward()
+    assert _rel(out, ref) < F64_TOL
+    for n, p in model.named_parameters():
+        assert _rel(p.grad, g_ref[n]) < F64_TOL, n
+    with torch.no_grad():                                                    # no grad: no checkpointing at all
+        assert _rel(model(x), ref) < F64_TOL
+
+
 def test_pointwise_headwise_and_gate_precomposition_are_exact():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 32, dtype=torch.float64)
@@ -144,8 +206,9 @@ def test_fast_path_in_pretraining_model():
 
 
 @needs_gpu
+@pytest.mark.parametrize("checkpoint", [False, True])
 @pytest.mark.parametrize("dim,seq", [(64, 197), (192, 128)])
-def test_compiled_fast_path_bf16_matches_plain_path_on_gpu(dim, seq):
+def test_compiled_fast_path_bf16_matches_plain_path_on_gpu(dim, seq, checkpoint):
     torch.manual_seed(0)
     blk = ViLBlock(dim, num_heads=4, num_blocks=24, backend="torch").cuda()
     _randomize(blk, 4)
@@ -155,7 +218,7 @@ def test_compiled_fast_path_bf16_matches_plain_path_on_gpu(dim, seq):
         out_plain, g_plain = _out_and_grads(blk, x)                          # plain, bf16
     fast = ViLBlock(dim, num_heads=4, num_blocks=24, backend="auto").cuda()
     fast.load_state_dict(blk.state_dict(), strict=True)
-    fast.fast_path(compile=True)
+    fast.fast_path(compile=True, checkpoint=checkpoint)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out, g = _out_and_grads(fast, x)                                     # fused + Triton + compiled, bf16
     assert torch.isfinite(out).all()

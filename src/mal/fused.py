@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .kernels import mlstm
 
@@ -107,15 +108,35 @@ def _compiled(fn, mode: str | None):
 
 @dataclass(frozen=True)
 class FastPath:
-    """How a block runs its fast path: eager (compile=False) or its two regions through torch.compile(mode)."""
+    """How a block runs its fast path.
+
+    compile: eager (False) or the two regions around the cell through torch.compile(mode).
+    checkpoint: activation checkpointing of the whole block in training (`torch.utils.checkpoint`,
+        non-reentrant): the backward keeps only the block input x (B, S, D) and recomputes the block's
+        forward (pre-region, mLSTM cell forward, post-region) before its backward. Saves all of the block's
+        other saved activations (q, k, v, h, xz, gates, LayerNorm outputs, ...) for one extra block forward
+        per training step; no effect without grad.
+    """
     compile: bool = True
     mode: str | None = None
+    checkpoint: bool = False
 
 
 def block_forward(blk: nn.Module, x: torch.Tensor, fast: FastPath) -> torch.Tensor:
     """Fast forward of a `ViLBlock` (x (B, S, D) -> (B, S, D)); same function as `blk`'s plain forward."""
-    L, conv = blk.layer, blk.layer.conv.conv
     fuse_residual = isinstance(blk.drop_path, nn.Identity) or not blk.training
+    if fast.checkpoint and torch.is_grad_enabled():
+        # drop-path (the block's only randomness) stays outside, so the recompute needs no RNG state
+        y = torch.utils.checkpoint.checkpoint(_branch, blk, x, fast, fuse_residual, use_reentrant=False,
+                                              preserve_rng_state=False)  # (B, S, D)
+    else:
+        y = _branch(blk, x, fast, fuse_residual)                            # (B, S, D)
+    return y if fuse_residual else x + blk.drop_path(y)
+
+
+def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool) -> torch.Tensor:
+    """The block's residual branch (B, S, D), plus x when fuse_residual."""
+    L, conv = blk.layer, blk.layer.conv.conv
     pre = _compiled(block_pre, fast.mode) if fast.compile else block_pre
     post = _compiled(block_post, fast.mode) if fast.compile else block_post
     wg = torch.cat([L.igate.weight, L.fgate.weight], 0)                     # (2NH, 3I)
@@ -128,9 +149,8 @@ def block_forward(blk: nn.Module, x: torch.Tensor, fast: FastPath) -> torch.Tens
     heads = lambda t: t.view(B, S, NH, DH).transpose(1, 2)                  # (B, NH, S, DH)
     i, f = g[..., :NH].transpose(1, 2), g[..., NH:].transpose(1, 2)         # (B, NH, S) each
     h = mlstm(heads(q), heads(k), heads(v), i, f, backend=L.backend)        # (B, NH, S, DH)
-    y = post(h, xz, x if fuse_residual else None, conv.weight, conv.bias, L.outnorm, L.outnorm_bias, L.skip,
+    return post(h, xz, x if fuse_residual else None, conv.weight, conv.bias, L.outnorm, L.outnorm_bias, L.skip,
              L.proj_down.weight, L.proj_down.bias)                          # (B, S, D)
-    return y if fuse_residual else x + blk.drop_path(y)
 
 
 __all__ = ["FastPath", "block_forward", "block_pre", "block_post", "gate_weights", "headwise", "causal_conv_silu"]

@@ -311,7 +311,7 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
         set_rng_state(state["rng"][info.rank % len(state["rng"])], draws)
         log.info("resumed %s at step %d", ckpt, step)
     if cfg.fast_path:
-        enable_fast_path(raw, device)
+        enable_fast_path(raw, device, cfg.recompute)
     if info.enabled:
         model = DDP(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
 
@@ -454,14 +454,15 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
     return summary
 
 
-def enable_fast_path(model: nn.Module, device: torch.device) -> None:
-    """Switch every ViL block (encoder, and an xLSTM decoder) to the fused fast path on CUDA."""
+def enable_fast_path(model: nn.Module, device: torch.device, recompute: bool = False) -> None:
+    """Switch every ViL block (encoder, and an xLSTM decoder) to the fused fast path on CUDA
+    (recompute: activation checkpointing of each block)."""
     if device.type != "cuda":
         log.info("fast_path: no CUDA device, running the plain PyTorch path")
         return
     for m in model.modules():
         if isinstance(m, ViLBlock):
-            m.fast_path()
+            m.fast_path(checkpoint=recompute)
 
 
 def finish_pretraining(cfg: RunConfig, model: MALPretrain, train_eval: Dataset | None, val: Dataset | None,

@@ -16,7 +16,7 @@ from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from .config import MODEL_PRESETS, EncoderConfig
 from .fused import FastPath, block_forward
 from .kernels import mlstm
-from .serialization import gather_tokens, grid_size, inverse, layer_orders, plan_steps
+from .serialization import gather_tokens, grid_size, layer_orders, layer_plan, plan_steps
 
 
 def small_init_(weight: torch.Tensor, dim: int) -> None:
@@ -132,9 +132,11 @@ class ViLBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.fast: FastPath | None = None
 
-    def fast_path(self, enabled: bool = True, compile: bool = True, mode: str | None = None) -> "ViLBlock":
-        """Run the fused block (compile=True: its two regions around the mLSTM cell under torch.compile(mode))."""
-        self.fast = FastPath(compile=compile, mode=mode) if enabled else None
+    def fast_path(self, enabled: bool = True, compile: bool = True, mode: str | None = None,
+                  checkpoint: bool = False) -> "ViLBlock":
+        """Run the fused block (compile=True: its two regions around the mLSTM cell under torch.compile(mode);
+        checkpoint=True: in training keep only the block input and recompute the block in the backward)."""
+        self.fast = FastPath(compile=compile, mode=mode, checkpoint=checkpoint) if enabled else None
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,15 +191,18 @@ class VisionLSTM(nn.Module):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
-    def fast_path(self, enabled: bool = True, compile: bool = True, mode: str | None = None) -> "VisionLSTM":
+    def fast_path(self, enabled: bool = True, compile: bool = True, mode: str | None = None,
+                  checkpoint: bool = False) -> "VisionLSTM":
         """Switch every block to the fused fast path (see `mal.fused`); parameters and state dict are unchanged.
 
         compile=True compiles the two regions around the mLSTM cell once for all blocks. Shapes are static:
         each new input shape compiles again, so raise `torch._dynamo.config.cache_size_limit` when a run uses many shapes.
         The mLSTM kernel is the model's `mlstm_backend` ("auto": the Triton kernel on the GPU).
+        checkpoint=True trades compute for training memory: each block keeps only its input (B, N, D) for the
+        backward and recomputes its forward there (one extra forward per step; see docs/benchmarks.md).
         """
         for blk in self.blocks:
-            blk.fast_path(enabled, compile, mode)
+            blk.fast_path(enabled, compile, mode, checkpoint)
         return self
 
     # ---------------------------------------------------------------- embedding
@@ -221,15 +226,16 @@ class VisionLSTM(nn.Module):
         return self.patch_embed(x).flatten(2).transpose(1, 2)               # (B, hw, D)
 
     # ---------------------------------------------------------------- scan plans
-    def _plan(self, h: int, w: int, batch: int, device) -> list[torch.Tensor | None]:
+    def _plan(self, h: int, w: int, batch: int, device) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+        """Per-layer gathers for a grid and the gather back to raster order (cached unless the order is random)."""
         cfg = self.cfg
         if cfg.scan_order == "random":
             orders = layer_orders("random", cfg.depth, h, w, cfg.cluster_size, cfg.bidirectional, batch)
-            return [s if s is None else s.to(device) for s in plan_steps(orders)[0]]
+            return layer_plan(orders, device)
         key = (h, w, str(device))
         if key not in self._plans:
             orders = layer_orders(cfg.scan_order, cfg.depth, h, w, cfg.cluster_size, cfg.bidirectional)
-            self._plans[key] = [s if s is None else s.to(device) for s in plan_steps(orders)[0]]
+            self._plans[key] = layer_plan(orders, device)
         return self._plans[key]
 
     # ---------------------------------------------------------------- forward
@@ -237,15 +243,11 @@ class VisionLSTM(nn.Module):
         """Images -> normalized tokens (B, N, D), in the last layer's sequence order (raster=True: raster order)."""
         h, w = self.grid_of(x)
         t = self.patchify_embed(x) + self.pos_embed_for(h, w)               # (B, hw, D)
-        steps = self._plan(h, w, x.shape[0], x.device)
+        steps, back = self._plan(h, w, x.shape[0], x.device)
         t = run_blocks(self.blocks, t, [], steps)                           # (B, hw, D) last order
         t = self.norm(t)
-        if raster:
-            cfg = self.cfg
-            last = layer_orders(cfg.scan_order, cfg.depth, h, w, cfg.cluster_size, cfg.bidirectional)[-1]
-            if cfg.scan_order == "random":
-                raise ValueError("raster=True is not defined for the random scan order (orders differ per call)")
-            t = gather_tokens(t, inverse(last).to(t.device))
+        if raster and back is not None:
+            t = gather_tokens(t, back)                                       # (B, hw, D) raster order
         return t
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
