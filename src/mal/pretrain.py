@@ -110,7 +110,3 @@ class MALPretrain(nn.Module):
             pred = pred * (tgt.var(-1, keepdim=True) + NORM_PIX_EPS).sqrt() + tgt.mean(-1, keepdim=True)
         idx = out["target_idx"].unsqueeze(-1).expand(-1, -1, patches.shape[-1])
         return unpatchify(patches.scatter(1, idx, pred), p, h, w)           # (B, C, H, W)
-
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The encoder's weights under the classifier's parameter names."""
-        return self.encoder.state_dict()
