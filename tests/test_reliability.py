@@ -105,3 +105,13 @@ def test_bad_images_are_skipped_and_counted_or_fail_with_strict(image_folder, tm
     assert main(_args(data, tmp_path / "strict", "optim.epochs=1", "--strict-data")) == 2
     err = capsys.readouterr().err
     assert "zz_" in err and "strict" in err
+
+
+def test_nan_between_checks_is_caught_before_the_next_checkpoint(image_folder, tmp_path, monkeypatch, capsys):
+    """The loss is read only at log/save steps; a NaN in between still stops the run before it saves."""
+    _poison_forward(monkeypatch, {6})                                # step index 5
+    out = tmp_path / "run"
+    assert main(_args(image_folder, out, "max_steps=10", "save_every=4", "log_every=4")) == 2
+    assert "non-finite loss between steps 4 and 7" in capsys.readouterr().err
+    assert json.loads((out / "ckpt_last/meta.json").read_text())["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt_mod.load_weights(out / "ckpt_last").values())

@@ -352,6 +352,12 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
     bar = tqdm(total=total_steps, initial=step, desc=cfg.task, disable=not (progress and info.is_main),
                dynamic_ncols=True)
     skipped, last_eval, loss_val = 0, {}, float("nan")
+    bad, unchecked_from = torch.zeros((), device=device), step
+
+    def eval_due(s: int) -> bool:
+        return (cfg.task != "pretrain" and val_set is not None and
+                (s % (steps_per_epoch * cfg.eval_every) == 0 or s == total_steps))
+
     t_window, n_window = time.perf_counter(), 0
     start_time = time.perf_counter()
     while step < total_steps:
@@ -393,19 +399,31 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
                 raise RuntimeError(f"out of GPU memory with a per-GPU micro-batch of {micro} images; lower "
                                    f"optim.batch_size or raise optim.accum_steps (e.g. optim.accum_steps="
                                    f"{o.accum_steps * 2}) to keep the global batch") from None
-            stats = all_reduce_sum(torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float()]))
-            loss_val = (stats[0] / info.world_size).item()
-            if stats[1] > 0:
-                optimizer.zero_grad(set_to_none=True)
-                if cfg.nan_policy == "stop":
-                    raise FloatingPointError(
-                        f"loss is {loss_val} at step {step}; stopped. The last good checkpoint is "
-                        f"{run_dir / 'ckpt_last'}. Lower the lr, set optim.clip_grad, or set nan_policy=skip")
-                skipped += 1
-                log.warning("non-finite loss at step %d skipped (%d so far)", step, skipped)
-                step += 1
-                bar.update(1)
-                continue
+            # The loss is read (a host sync) only where it is used: logs, checkpoints, evaluations, the skip
+            # policy. Non-finite losses in between are remembered on the device, so a checkpoint is never
+            # written after one.
+            bad += (~torch.isfinite(loss_sum)).float()
+            nxt = step + 1
+            if (cfg.nan_policy == "skip" or nxt % cfg.log_every == 0 or nxt % cfg.save_every == 0
+                    or nxt == total_steps or eval_due(nxt)):
+                stats = all_reduce_sum(torch.stack([loss_sum, bad]))
+                loss_val = (stats[0] / info.world_size).item()
+                if stats[1] > 0:
+                    optimizer.zero_grad(set_to_none=True)
+                    if cfg.nan_policy == "stop":
+                        where = (f"loss is {loss_val} at step {step}" if unchecked_from == step else
+                                 f"non-finite loss between steps {unchecked_from} and {step} (now {loss_val})")
+                        raise FloatingPointError(
+                            f"{where}; stopped. The last good checkpoint is {run_dir / 'ckpt_last'}. Lower the lr, "
+                            f"set optim.clip_grad, or set nan_policy=skip")
+                    skipped += 1
+                    log.warning("non-finite loss at step %d skipped (%d so far)", step, skipped)
+                    bad.zero_()
+                    unchecked_from = step = step + 1
+                    bar.update(1)
+                    continue
+                bad.zero_()
+                unchecked_from = nxt
             if o.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(raw.parameters(), o.clip_grad)
             optimizer.step()
@@ -424,8 +442,7 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
                 t_window, n_window = time.perf_counter(), 0
             if step % cfg.save_every == 0 or step == total_steps:
                 save(final=step == total_steps)
-            if (cfg.task != "pretrain" and val_set is not None and
-                    (step % (steps_per_epoch * cfg.eval_every) == 0 or step == total_steps)):
+            if eval_due(step):
                 last_eval = evaluate_classifier(ema.module if ema is not None else raw,
                                                 eval_loader(val_set, cfg, info, True), device, cfg.amp)
                 metrics.write(step, epoch=step / steps_per_epoch, val_top1=last_eval["top1"],
