@@ -373,8 +373,8 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
             for g in optimizer.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             model.train()
-            if cfg.task == "pretrain":
-                clusters_all, mask_all = raw.sample_inputs(o.batch_size, draws)
+            if cfg.task == "pretrain":                  # draws for the whole global batch, sliced per process
+                clusters_all, mask_all = (to_device(t, device) for t in raw.sample_inputs(o.batch_size, draws))
             loss_sum = torch.zeros((), device=device)
             try:
                 for a in range(o.accum_steps):
@@ -385,9 +385,10 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
                     ctx = model.no_sync() if (info.enabled and not sync) else nullcontext()
                     with ctx, autocast_for(device, cfg.amp):
                         if cfg.task == "pretrain":
-                            rows = torch.arange(info.rank, o.batch_size, info.world_size)[a * micro:(a + 1) * micro]
-                            mask = None if mask_all is None else mask_all[rows].to(device)
-                            loss = model(imgs, clusters_all[rows].to(device), mask)["loss"]
+                            # this micro-batch holds global positions rank + W*j, j in [a*micro, (a+1)*micro)
+                            rows = slice(info.rank + a * micro * info.world_size, None, info.world_size)
+                            mask = None if mask_all is None else mask_all[rows][:micro]
+                            loss = model(imgs, clusters_all[rows][:micro], mask)["loss"]
                         else:
                             targets = labels
                             if mixup is not None:
@@ -469,6 +470,13 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
             plot_curves(run_dir / "metrics.csv", run_dir / "loss.png")
     barrier()
     return summary
+
+
+def to_device(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Host tensor -> device without a stream sync (pinned, non-blocking) on CUDA."""
+    if t is None or device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def enable_fast_path(model: nn.Module, device: torch.device, recompute: bool = False) -> None:
