@@ -73,23 +73,7 @@ def load_encoder(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict
     return {"dropped": dropped, "new": head_new}
 
 
-# ----------------------------------------------------------------------------- atomic files
-def atomic_write(path: Path, write_fn) -> None:
-    """Write via a temp file in the same directory, fsync, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
+# ----------------------------------------------------------------------------- checkpoint folders
 def save_checkpoint(directory: Path, model_state: dict[str, torch.Tensor], train_state: dict[str, Any],
                     meta: dict[str, Any]) -> Path:
     """Write a checkpoint directory atomically (built aside, then renamed over the old one)."""

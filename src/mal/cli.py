@@ -90,7 +90,7 @@ def cmd_eval(args) -> dict:
     from .config import apply_overrides, from_dict
     from .distributed import device_for, init_distributed
     from .evaluate import evaluate_classifier, extract_features, knn_accuracy, linear_probe_accuracy
-    from .train import build_loader_simple
+    from .train import eval_loader
     from .vision_lstm import VisionLSTM
 
     ckpt = Path(args.checkpoint)
@@ -118,16 +118,16 @@ def cmd_eval(args) -> dict:
         if list(getattr(test_set, "classes", classes)) != classes:
             raise ValueError(f"the classes of {dataset}/{split} differ from the checkpoint's {classes[:5]}...; "
                              f"evaluate on a dataset with the same class folders")
-        out.update(evaluate_classifier(model, build_loader_simple(test_set, args.batch_size, cfg), device,
+        out.update(evaluate_classifier(model, eval_loader(test_set, cfg, info, False, args.batch_size), device,
                                        cfg.amp, progress=info.is_main))
     elif not (args.knn or args.linprobe):
         raise ValueError(f"{ckpt} is a pretraining checkpoint: it has no classifier head; use --knn and/or "
                          f"--linprobe, or fine-tune it first with `mal finetune --init {ckpt}`")
     if args.knn or args.linprobe:
         train_set = mdata.build_dataset(dataset, cfg.data.train_split, tf, strict=cfg.data.strict)
-        tr_f, tr_y = extract_features(model, build_loader_simple(train_set, args.batch_size, cfg), device,
+        tr_f, tr_y = extract_features(model, eval_loader(train_set, cfg, info, False, args.batch_size), device,
                                       cfg.amp, progress=info.is_main)
-        te_f, te_y = extract_features(model, build_loader_simple(test_set, args.batch_size, cfg), device,
+        te_f, te_y = extract_features(model, eval_loader(test_set, cfg, info, False, args.batch_size), device,
                                       cfg.amp, progress=info.is_main)
         n_cls = len(getattr(train_set, "classes", [])) or None
         if args.knn:
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             cmd_demo(args)
         else:
-            cfg = _resolve(args, {"pretrain": "pretrain", "finetune": "finetune", "supervised": "supervised"}[args.command])
+            cfg = _resolve(args, args.command)
             _run(cfg, args.resume, args.overwrite, not args.no_progress)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, BadImageError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and "out of GPU memory" not in str(e):

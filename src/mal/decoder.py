@@ -95,7 +95,7 @@ class Decoder(nn.Module):
                 x = blk(x, visible)
         else:
             steps, back = self._steps(M, x.device)
-            x = run_blocks(self.blocks, x, [], steps)
+            x = run_blocks(self.blocks, x, steps)
             if back is not None:
                 x = gather_tokens(x, back)                                   # (B, M, Dd) slot layout
         return self.pred(self.norm(x))                                       # (B, M, p*p*C)

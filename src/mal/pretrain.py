@@ -82,7 +82,7 @@ class MALPretrain(nn.Module):
         seq = table[clusters].flatten(1)                                     # (B, n*k²) raster ids in sequence
         kk = self.k * self.k
         x = gather_tokens(tokens, seq[:, :-kk])                              # (B, (n-1)k², D) clusters 0..n-2
-        x = run_blocks(self.encoder.blocks, x, [], steps)                    # (B, (n-1)k², D) last layer's order
+        x = run_blocks(self.encoder.blocks, x, steps)                    # (B, (n-1)k², D) last layer's order
         if back is not None:
             x = gather_tokens(x, back)                                       # (B, (n-1)k², D) slot layout
         x = self.encoder.norm(x)

@@ -106,9 +106,11 @@ def build_datasets(cfg: RunConfig) -> tuple[Dataset, Dataset | None, Dataset | N
     return train, val, train_eval
 
 
-def eval_loader(ds: Dataset, cfg: RunConfig, info: DistInfo, distributed: bool) -> DataLoader:
+def eval_loader(ds: Dataset, cfg: RunConfig, info: DistInfo, distributed: bool,
+                batch_size: int | None = None) -> DataLoader:
+    """In-order evaluation loader; sharded over processes when `distributed` (default batch: the micro-batch)."""
     micro = max(1, cfg.optim.batch_size // cfg.optim.accum_steps // info.world_size)
-    return mdata.build_loader(ds, micro, train=False, num_workers=cfg.data.num_workers,
+    return mdata.build_loader(ds, batch_size or micro, train=False, num_workers=cfg.data.num_workers,
                               distributed=distributed and info.enabled, persistent_workers=False)
 
 
@@ -525,9 +527,3 @@ def finish_pretraining(cfg: RunConfig, model: MALPretrain, train_eval: Dataset |
         out["linprobe_top1"] = linear_probe_accuracy(tr_f, tr_y, te_f, te_y, num_classes=num_classes, device=device)
         log.info("frozen encoder: k-NN %.2f %%, linear probe %.2f %%", out["knn_top1"], out["linprobe_top1"])
     return out
-
-
-def build_loader_simple(ds: Dataset, batch_size: int, cfg: RunConfig) -> DataLoader:
-    """An in-order evaluation loader on this process (no sharding)."""
-    return mdata.build_loader(ds, batch_size, train=False, num_workers=cfg.data.num_workers, distributed=False,
-                              persistent_workers=False)

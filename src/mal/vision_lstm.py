@@ -16,7 +16,7 @@ from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from .config import MODEL_PRESETS, EncoderConfig
 from .fused import FastPath, block_forward
 from .kernels import mlstm
-from .serialization import gather_tokens, grid_size, layer_orders, layer_plan, plan_steps
+from .serialization import gather_tokens, grid_size, layer_orders, layer_plan
 
 
 def small_init_(weight: torch.Tensor, dim: int) -> None:
@@ -145,15 +145,11 @@ class ViLBlock(nn.Module):
         return x + self.drop_path(self.layer(self.norm(x)))                  # (B, S, D)
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, orders: list[torch.Tensor],
-               steps: list[torch.Tensor | None] | None = None) -> torch.Tensor:
-    """Run `blocks`, block l over the sequence `orders[l]` of the canonical tokens x (B, N, D).
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, steps: list[torch.Tensor | None]) -> torch.Tensor:
+    """Run `blocks` on tokens x (B, N, D); before block l, gather by steps[l] (from `layer_plan`; None = keep).
 
-    Returns the tokens in the last block's sequence order. `steps` (from `plan_steps`, on x's device)
-    may be passed to skip recomputing the gathers.
+    Returns the tokens in the last block's sequence order.
     """
-    if steps is None:
-        steps = [s if s is None else s.to(x.device) for s in plan_steps(orders)[0]]
     for blk, idx in zip(blocks, steps):
         if idx is not None:
             x = gather_tokens(x, idx)                                        # (B, N, D) layer's sequence
@@ -244,7 +240,7 @@ class VisionLSTM(nn.Module):
         h, w = self.grid_of(x)
         t = self.patchify_embed(x) + self.pos_embed_for(h, w)               # (B, hw, D)
         steps, back = self._plan(h, w, x.shape[0], x.device)
-        t = run_blocks(self.blocks, t, [], steps)                           # (B, hw, D) last order
+        t = run_blocks(self.blocks, t, steps)                           # (B, hw, D) last order
         t = self.norm(t)
         if raster and back is not None:
             t = gather_tokens(t, back)                                       # (B, hw, D) raster order
