@@ -16,7 +16,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +84,6 @@ def execute(exp: Experiment, args) -> dict:
                    [*common, f"optim.epochs={args.pre_epochs}", *exp.pretrain]),
                   ("finetune", "configs/cifar10_finetune.yaml", base / "finetune",
                    [*common, f"optim.epochs={args.ft_epochs}", f"init={base / 'pretrain/ckpt_last'}", *exp.finetune])]
-    t0 = time.time()
     summaries = {}
     for task, cfg, out, overrides in stages:
         if not (out / "summary.json").exists():
@@ -95,7 +93,8 @@ def execute(exp: Experiment, args) -> dict:
     pre, last = summaries.get("pretrain", {}), summaries[stages[-1][0]]
     return {"name": exp.name, "table": exp.table, "setting": exp.setting, "seed": exp.seed,
             "pretrain_loss": pre.get("final_loss"), "knn": pre.get("knn_top1"), "linprobe": pre.get("linprobe_top1"),
-            "top1": last.get("val_top1"), "top5": last.get("val_top5"), "wall_s": round(time.time() - t0, 1),
+            "top1": last.get("val_top1"), "top5": last.get("val_top5"),
+            "train_s": round(sum(v.get("train_time_s", 0) for v in summaries.values()), 1),
             "commands": [shlex.join(["mal", *stage_cmd(t, c, o, ov, False)[3:]]) for t, c, o, ov in stages]}
 
 
@@ -125,7 +124,7 @@ def main() -> None:
             with open(out / "results.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
     rows = [json.loads(line) for line in open(out / "results.jsonl")]
-    keys = ["name", "table", "setting", "seed", "pretrain_loss", "knn", "linprobe", "top1", "top5", "wall_s"]
+    keys = ["name", "table", "setting", "seed", "pretrain_loss", "knn", "linprobe", "top1", "top5", "train_s"]
     with open(out / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, keys, extrasaction="ignore")
         w.writeheader()

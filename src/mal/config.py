@@ -184,6 +184,7 @@ class RunConfig:
     fast_path: bool = True             # CUDA: fused ViL blocks (compiled regions + Triton mLSTM); CPU: plain path
     recompute: bool = False            # fast path: keep only block inputs, recompute blocks in the backward
                                        # (~18 % slower training, ~4-5x less activation memory)
+    cuda_graph: bool = True            # one GPU: replay each micro-batch's forward + backward from CUDA graphs
     seed: int = 0
     output_dir: str = "runs/mal"
     save_every: int = 500              # checkpoint every N optimizer steps (and at the end)

@@ -17,10 +17,10 @@ PROBE_WD = 1e-4
 PROBE_BATCH = 256
 
 
-def autocast_for(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when amp is on; a no-op elsewhere."""
+def autocast_for(device: torch.device, amp: bool, cache: bool = True):
+    """bf16 autocast on CUDA when amp is on; a no-op elsewhere. cache=False for CUDA-graph capture."""
     if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return nullcontext()
 
 

@@ -34,6 +34,7 @@ from .distributed import DistInfo, all_reduce_sum, barrier, device_for
 from .evaluate import (autocast_for, evaluate_classifier, extract_features, knn_accuracy, linear_probe_accuracy)
 from .pretrain import MALPretrain
 from .serialization import patchify, unpatchify
+from .step import LossStep, StepRunner, adapt_loaded_optimizer, graphs_usable, make_optimizer
 from .viz import plot_curves, save_prediction_grid
 from .vision_lstm import ViLBlock, VisionLSTM
 
@@ -174,6 +175,22 @@ def cosine_lr(step: int, total: int, warmup: int, base: float, floor: float) -> 
     return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def build_criterion(cfg: RunConfig, num_classes: int) -> tuple[nn.Module | None, Any]:
+    """(loss on logits, timm Mixup or None) of a classification run; (None, None) for pretraining."""
+    if cfg.task == "pretrain":
+        return None, None
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    a = cfg.aug
+    if a.mixup > 0 or a.cutmix > 0:
+        mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing,
+                      num_classes=num_classes)
+        return SoftTargetCrossEntropy(), mixup
+    if a.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(a.label_smoothing), None
+    return nn.CrossEntropyLoss(), None
+
+
 # ----------------------------------------------------------------------------- run folder
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, info: DistInfo) -> Path | None:
     """Create the run folder; never clobber an existing one unless asked. Returns the checkpoint to resume."""
@@ -291,7 +308,7 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     warmup_steps = int(o.warmup_epochs * steps_per_epoch)
-    optimizer = torch.optim.AdamW(param_groups(raw, o.weight_decay, o.layer_decay), lr=o.abs_lr, betas=o.betas)
+    optimizer = make_optimizer(param_groups(raw, o.weight_decay, o.layer_decay), o.abs_lr, o.betas, device)
     ema = None
     if cfg.ema_decay > 0:
         from timm.utils import ModelEmaV3
@@ -307,6 +324,7 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
         raw.load_state_dict(load_weights(ckpt))
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
+        adapt_loaded_optimizer(optimizer, device)
         if ema is not None and "ema" in state:
             ema.module.load_state_dict(state["ema"])
         step = state["step"]
@@ -317,20 +335,10 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
     if info.enabled:
         model = DDP(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
 
-    criterion: nn.Module
-    mixup = None
-    if cfg.task != "pretrain":
-        from timm.data import Mixup
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-        if cfg.aug.mixup > 0 or cfg.aug.cutmix > 0:
-            mixup = Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix,
-                          label_smoothing=cfg.aug.label_smoothing, num_classes=num_classes)
-            criterion = SoftTargetCrossEntropy()
-        elif cfg.aug.label_smoothing > 0:
-            criterion = LabelSmoothingCrossEntropy(cfg.aug.label_smoothing)
-        else:
-            criterion = nn.CrossEntropyLoss()
-
+    criterion, mixup = build_criterion(cfg, num_classes)
+    runner = StepRunner(LossStep(model, cfg.task, criterion), device, cfg.amp,
+                        graphs_usable(cfg.cuda_graph, device, info), o.accum_steps)
+    runner.zero_grad(optimizer)
     metrics = MetricsLog(run_dir, info.is_main)
     metrics.truncate_after(step)
     sampler = StepSampler(len(train_set), o.batch_size, info.world_size, info.rank, cfg.seed)
@@ -385,17 +393,16 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
                     labels = labels.to(device, non_blocking=True)
                     sync = a == o.accum_steps - 1 or not info.enabled
                     ctx = model.no_sync() if (info.enabled and not sync) else nullcontext()
-                    with ctx, autocast_for(device, cfg.amp):
+                    with ctx:
                         if cfg.task == "pretrain":
                             # this micro-batch holds global positions rank + W*j, j in [a*micro, (a+1)*micro)
                             rows = slice(info.rank + a * micro * info.world_size, None, info.world_size)
-                            mask = None if mask_all is None else mask_all[rows][:micro]
-                            loss = model(imgs, clusters_all[rows][:micro], mask)["loss"]
+                            extra = () if mask_all is None else (mask_all[rows][:micro],)
+                            loss = runner(imgs, clusters_all[rows][:micro], *extra)
                         else:
-                            targets = labels
                             if mixup is not None:
-                                imgs, targets = mixup(imgs, labels)
-                            loss = criterion(model(imgs).float(), targets)
+                                imgs, labels = mixup(imgs, labels)
+                            loss = runner(imgs, labels)
                         (loss / o.accum_steps).backward()
                     loss_sum += loss.detach().float() / o.accum_steps
             except torch.cuda.OutOfMemoryError:
@@ -412,7 +419,7 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
                 stats = all_reduce_sum(torch.stack([loss_sum, bad]))
                 loss_val = (stats[0] / info.world_size).item()
                 if stats[1] > 0:
-                    optimizer.zero_grad(set_to_none=True)
+                    runner.zero_grad(optimizer)
                     if cfg.nan_policy == "stop":
                         where = (f"loss is {loss_val} at step {step}" if unchecked_from == step else
                                  f"non-finite loss between steps {unchecked_from} and {step} (now {loss_val})")
@@ -430,7 +437,7 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
             if o.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(raw.parameters(), o.clip_grad)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            runner.zero_grad(optimizer)
             if ema is not None:
                 ema.update(raw, step=step)
             step += 1
@@ -521,6 +528,8 @@ def finish_pretraining(cfg: RunConfig, model: MALPretrain, train_eval: Dataset |
         # probe with the pretraining direction (no reversed layers), same weights
         enc = VisionLSTM(dataclasses.replace(cfg.model, bidirectional=False), num_classes=0).to(device)
         enc.load_state_dict(model.encoder.state_dict())
+        if cfg.fast_path:
+            enable_fast_path(enc, device)
         tr_f, tr_y = extract_features(enc, eval_loader(train_eval, cfg, info, False), device, cfg.amp)
         te_f, te_y = extract_features(enc, eval_loader(val, cfg, info, False), device, cfg.amp)
         out["knn_top1"] = knn_accuracy(tr_f, tr_y, te_f, te_y, k=cfg.knn_k, num_classes=num_classes)

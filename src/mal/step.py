@@ -1,0 +1,112 @@
+"""The loss of one training micro-batch, run eagerly or replayed from CUDA graphs, and the optimizer.
+
+On one GPU the forward and backward of a micro-batch are captured once in two CUDA graphs
+(`torch.cuda.make_graphed_callables`) and replayed every step: the host then launches two graphs
+instead of thousands of kernels, which is what bounds a small model's step (DESIGN §6). The
+optimizer, gradient clipping and EMA stay eager (a few fused kernels). The captured step is the same
+computation as the eager one; the autocast weight cache is off so the casts are inside the graph.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .distributed import DistInfo
+from .evaluate import autocast_for
+
+log = logging.getLogger("mal")
+
+
+class LossStep(nn.Module):
+    """Loss of one micro-batch as a module over the model's parameters (what the graphs capture).
+
+    pretrain: forward(imgs, clusters[, mask]) -> MAL loss;  classification: forward(imgs, targets) -> loss.
+    """
+
+    def __init__(self, model: nn.Module, task: str, criterion: nn.Module | None = None):
+        super().__init__()
+        self.model, self.task, self.criterion = model, task, criterion
+
+    def forward(self, imgs: torch.Tensor, second: torch.Tensor, *mask: torch.Tensor) -> torch.Tensor:
+        if self.task == "pretrain":
+            return self.model(imgs, second, mask[0] if mask else None)["loss"]
+        return self.criterion(self.model(imgs).float(), second)
+
+
+def graphs_usable(want: bool, device: torch.device, info: DistInfo) -> bool:
+    """CUDA graphs need a CUDA device and one process (DDP's all-reduce hooks run eagerly)."""
+    if not want:
+        return False
+    if device.type != "cuda":
+        log.info("cuda_graph: no CUDA device, steps run eagerly")
+        return False
+    if info.enabled:
+        log.info("cuda_graph: off under DDP (%d processes); steps run eagerly", info.world_size)
+        return False
+    return True
+
+
+class StepRunner:
+    """Calls `LossStep` eagerly under autocast, or through CUDA graphs captured at the first call.
+
+    The first call's tensors fix the shapes (the loader drops the last partial batch, so every
+    micro-batch has the same shapes); later calls copy their inputs into the captured buffers.
+    A replayed backward hands out gradients that alias the graph's buffers, so with gradient
+    accumulation the gradients are kept allocated and zeroed in place (`zero_grad`) instead.
+    """
+
+    def __init__(self, loss_step: LossStep, device: torch.device, amp: bool, graphs: bool, accum_steps: int = 1,
+                 warmup: int = 3):
+        self.loss_step, self.device, self.amp, self.graphs, self.warmup = loss_step, device, amp, graphs, warmup
+        self.keep_grads = graphs and accum_steps > 1
+        self._graphed: Callable | None = None
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clear the gradients before a step's first micro-batch."""
+        if not self.keep_grads:
+            optimizer.zero_grad(set_to_none=True)
+            return
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        optimizer.zero_grad(set_to_none=False)
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        if not self.graphs:
+            with autocast_for(self.device, self.amp):
+                return self.loss_step(*args)
+        if self._graphed is None:
+            self._graphed = self.capture(args)
+        return self._graphed(*args)
+
+    def capture(self, args: tuple[torch.Tensor, ...]) -> Callable:
+        """Warm up (compiles the fast path) and capture forward + backward for inputs shaped like `args`."""
+        static = tuple(a.detach().clone() for a in args)
+        with autocast_for(self.device, self.amp, cache=False):
+            return torch.cuda.make_graphed_callables(self.loss_step, static, num_warmup_iters=self.warmup,
+                                                     allow_unused_input=True)
+
+
+def make_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device
+                   ) -> torch.optim.AdamW:
+    """AdamW, fused into a few kernels per parameter group on CUDA."""
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+
+
+def adapt_loaded_optimizer(optimizer: torch.optim.AdamW, device: torch.device) -> None:
+    """After `load_state_dict`: a checkpoint written on another device type keeps working here
+    (fused only on CUDA; the fused kernel wants its step counters on the parameters' device)."""
+    fused = device.type == "cuda"
+    for g in optimizer.param_groups:
+        g["fused"], g["foreach"] = fused, None if fused else g.get("foreach")
+        for p in g["params"]:
+            st = optimizer.state.get(p, {})
+            if "step" in st:
+                st["step"] = st["step"].to(device=p.device if fused else "cpu", dtype=torch.float32)
+
+
+__all__ = ["LossStep", "StepRunner", "graphs_usable", "make_optimizer", "adapt_loaded_optimizer"]

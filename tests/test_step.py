@@ -1,0 +1,183 @@
+"""The training step: the loss module the CUDA graphs capture, when graphs are used, the optimizer's
+device portability, and (on a GPU) graphed steps == eager steps, also through `mal.train` with accumulation."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from mal.cli import main
+from mal.config import DecoderConfig, EncoderConfig, ObjectiveConfig, load_run_config
+from mal.distributed import DistInfo
+from mal.pretrain import MALPretrain
+from mal.step import LossStep, StepRunner, adapt_loaded_optimizer, graphs_usable, make_optimizer
+from mal.train import build_criterion
+from mal.vision_lstm import VisionLSTM
+
+REPO = Path(__file__).resolve().parents[1]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+ENC = dict(img_size=24, patch_size=4, dim=32, depth=2, cluster_size=2)
+DEC = DecoderConfig(depth=1, dim=32, num_heads=4)
+
+
+def test_graphs_only_on_one_cuda_process():
+    assert graphs_usable(True, torch.device("cuda"), DistInfo())
+    assert not graphs_usable(False, torch.device("cuda"), DistInfo())
+    assert not graphs_usable(True, torch.device("cpu"), DistInfo())
+    assert not graphs_usable(True, torch.device("cuda"), DistInfo(rank=0, world_size=2))
+
+
+def test_loss_step_is_the_model_loss():
+    torch.manual_seed(0)
+    pre = MALPretrain(EncoderConfig(**ENC), ObjectiveConfig(decoder=DEC))
+    imgs = torch.randn(3, 3, 24, 24)
+    clusters, mask = pre.sample_inputs(3, torch.Generator().manual_seed(1))
+    runner = StepRunner(LossStep(pre, "pretrain"), torch.device("cpu"), amp=True, graphs=False)
+    assert torch.equal(runner(imgs, clusters, mask), pre(imgs, clusters, mask)["loss"])
+
+    cfg = load_run_config(REPO / "configs/cifar10_supervised.yaml", ["aug.mixup=0", "aug.cutmix=0"])
+    crit, mixup = build_criterion(cfg, 10)
+    assert mixup is None
+    clf = VisionLSTM(EncoderConfig(**ENC), num_classes=10)
+    y = torch.tensor([1, 2, 3])
+    loss = StepRunner(LossStep(clf, "supervised", crit), torch.device("cpu"), True, False)(imgs, y)
+    assert torch.equal(loss, crit(clf(imgs).float(), y))
+    with pytest.raises(Exception):      # labels are checked by the criterion, not silently ignored
+        StepRunner(LossStep(clf, "supervised", crit), torch.device("cpu"), True, False)(imgs, y[:2])
+
+
+def test_optimizer_state_from_a_fused_gpu_run_resumes_on_cpu():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = make_optimizer([{"params": list(model.parameters())}], 1e-2, (0.9, 0.999), torch.device("cpu"))
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:                  # what a fused CUDA run writes
+        g["fused"], g["foreach"] = True, None
+    opt2 = make_optimizer([{"params": list(model.parameters())}], 1e-2, (0.9, 0.999), torch.device("cpu"))
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["fused"] is True
+    adapt_loaded_optimizer(opt2, torch.device("cpu"))
+    assert opt2.param_groups[0]["fused"] is False
+    before = model.weight.detach().clone()
+    model(torch.randn(2, 4)).sum().backward()
+    opt2.step()                                     # would raise "fused=True requires CUDA" without the adapt
+    assert not torch.equal(before, model.weight)
+    assert opt2.state[model.weight]["step"].item() == 2
+
+
+def _steps(model, graphs: bool, batches, task="pretrain", crit=None):
+    """Three AdamW steps through StepRunner; returns the losses."""
+    dev = torch.device("cuda")
+    opt = make_optimizer([{"params": list(model.parameters())}], 1e-3, (0.9, 0.999), dev)
+    runner = StepRunner(LossStep(model, task, crit), dev, amp=True, graphs=graphs)
+    losses = []
+    for args in batches:
+        loss = runner(*args)
+        loss.backward()
+        opt.step()
+        runner.zero_grad(opt)
+        losses.append(loss.item())
+    return losses
+
+
+@cuda
+@pytest.mark.parametrize("accum", [1, 2, 3])
+def test_graphed_gradients_accumulate_like_eager(accum):
+    """Gradients of `accum` micro-batches (loss/accum each), over two optimizer steps: graphs == eager."""
+    torch.manual_seed(0)
+    obj = ObjectiveConfig(decoder=DEC)
+    models = [MALPretrain(EncoderConfig(**ENC), obj).cuda().train() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    g = torch.Generator().manual_seed(5)
+    micro = []
+    for _ in range(2 * accum):
+        c, mask = models[0].sample_inputs(4, g, "cuda")
+        micro.append((torch.randn(4, 3, 24, 24, device="cuda"), c, mask))
+    grads = []
+    for m, graphs in zip(models, (False, True)):
+        m.encoder.fast_path()
+        dev = torch.device("cuda")
+        opt = make_optimizer([{"params": list(m.parameters())}], 1e-3, (0.9, 0.999), dev)
+        runner = StepRunner(LossStep(m, "pretrain"), dev, amp=True, graphs=graphs, accum_steps=accum)
+        assert runner.keep_grads == (graphs and accum > 1)
+        runner.zero_grad(opt)
+        per_step = []
+        for s in range(2):
+            for a in range(accum):
+                (runner(*micro[s * accum + a]) / accum).backward()
+            per_step.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]).clone())
+            opt.step()
+            runner.zero_grad(opt)
+        grads.append(per_step)
+    for eager, graph in zip(*grads):
+        assert eager.shape == graph.shape
+        rel = (eager - graph).norm() / eager.norm()
+        assert rel < 2e-2, rel.item()             # a wrong accumulation gives a relative error of order 1
+
+
+@cuda
+@pytest.mark.parametrize("unit", ["cluster", "pixel", "none"])
+def test_graphed_pretraining_steps_match_eager_steps(unit):
+    torch.manual_seed(0)
+    obj = ObjectiveConfig(decoder=DEC, mask={"unit": unit, "ratio": 0.2 if unit != "none" else 0.0})
+    a = MALPretrain(EncoderConfig(**ENC), obj).cuda().train()
+    b = MALPretrain(EncoderConfig(**ENC), obj).cuda().train()
+    b.load_state_dict(a.state_dict())
+    for m in (a, b):
+        m.encoder.fast_path()
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(3):
+        c, mask = a.sample_inputs(8, g, "cuda")
+        batches.append((torch.randn(8, 3, 24, 24, device="cuda"), c, *(() if mask is None else (mask,))))
+    init = [p.detach().clone() for p in a.parameters()]
+    eager, graph = _steps(a, False, batches), _steps(b, True, batches)
+    assert torch.allclose(torch.tensor(eager), torch.tensor(graph), rtol=2e-2, atol=1e-3), (eager, graph)
+    assert eager[0] != eager[1]                     # the replays saw new inputs and new weights
+    upd_a = torch.cat([(p - p0).flatten() for p, p0 in zip(a.parameters(), init)])
+    upd_b = torch.cat([(p - p0).flatten() for p, p0 in zip(b.parameters(), init)])
+    assert upd_a.norm() > 0
+    rel = (upd_a - upd_b).norm() / upd_a.norm()     # 3 AdamW steps: same updates up to bf16 noise
+    assert rel < 1e-1, rel.item()               # stale inputs or wrong gradients give order 1
+
+
+@cuda
+def test_graphed_classification_step_with_mixup_targets_matches_eager():
+    torch.manual_seed(0)
+    a = VisionLSTM(EncoderConfig(**ENC), num_classes=10).cuda().train()
+    b = VisionLSTM(EncoderConfig(**ENC), num_classes=10).cuda().train()
+    b.load_state_dict(a.state_dict())
+    for m in (a, b):
+        m.fast_path()
+    cfg = load_run_config(REPO / "configs/cifar10_supervised.yaml")
+    crit, mixup = build_criterion(cfg, 10)
+    batches = []
+    for _ in range(3):
+        x, y = mixup(torch.randn(8, 3, 24, 24, device="cuda"), torch.randint(0, 10, (8,), device="cuda"))
+        batches.append((x, y))
+    eager, graph = _steps(a, False, batches, "supervised", crit), _steps(b, True, batches, "supervised", crit)
+    assert torch.allclose(torch.tensor(eager), torch.tensor(graph), rtol=2e-2, atol=1e-3), (eager, graph)
+
+
+@cuda
+def test_training_run_with_graphs_and_accumulation_matches_eager(image_folder, tmp_path):
+    """`mal pretrain` with cuda_graph on/off and accum_steps 2: same losses and weights within bf16 noise."""
+    common = ["--config", str(REPO / "configs/cifar10_pretrain.yaml"), "--no-progress", f"data.dataset={image_folder}",
+              "optim.batch_size=32", "optim.accum_steps=2", "max_steps=4", "probe=false", "model.dim=32",
+              "model.depth=2", "objective.decoder.depth=1", "objective.decoder.dim=32", "objective.decoder.num_heads=4",
+              "data.num_workers=0", "data.cache=false", "log_every=1"]
+    runs = {}
+    for graph in (True, False):
+        out = tmp_path / f"g{int(graph)}"
+        assert main(["pretrain", "--output", str(out), f"cuda_graph={str(graph).lower()}", *common]) == 0
+        runs[graph] = (json.loads((out / "summary.json").read_text()),
+                       load_file(str(out / "ckpt_last/model.safetensors")))
+    (s1, w1), (s0, w0) = runs[True], runs[False]
+    assert s1["steps"] == s0["steps"] == 4
+    assert abs(s1["final_loss"] - s0["final_loss"]) < 2e-2 * abs(s0["final_loss"])
+    for k in w0:
+        assert torch.allclose(w1[k], w0[k], atol=3e-3), k
