@@ -87,7 +87,8 @@ def execute(exp: Experiment, args) -> dict:
     summaries = {}
     for task, cfg, out, overrides in stages:
         if not (out / "summary.json").exists():
-            run_stage(stage_cmd(task, cfg, out, overrides, resume=(out / "ckpt_last/meta.json").exists()),
+            resume = (out / "ckpt_last/meta.json").exists()     # killed before its first checkpoint: start over
+            run_stage(stage_cmd(task, cfg, out, overrides, resume) + ([] if resume else ["--overwrite"]),
                       base / "log.txt")
         summaries[task] = json.loads((out / "summary.json").read_text())
     pre, last = summaries.get("pretrain", {}), summaries[stages[-1][0]]

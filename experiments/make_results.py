@@ -1,7 +1,8 @@
-"""Render the sweep's results (OUT/results.jsonl from cifar10_sweep.py) as docs/results.md-style tables
-next to the paper's ImageNet numbers, plus plots (accuracy vs cluster size, pretraining loss curves).
+"""Render the sweep's results (results.jsonl from cifar10_sweep.py) as tables in the paper's format next to
+the paper's ImageNet numbers, written into the tables section of docs/results.md, plus plots (accuracy vs
+cluster size, pretraining loss curves, validation curves of rows 1-2).
 
-    python experiments/make_results.py --results runs/sweep/results.jsonl --out docs/results_tables.md
+    python experiments/make_results.py --results docs/results/cifar10_sweep/results.jsonl --doc docs/results.md
 """
 from __future__ import annotations
 
@@ -44,16 +45,17 @@ def tables(rows: list[dict]) -> str:
     by = defaultdict(lambda: defaultdict(list))
     for r in rows:
         by[r["table"]][r["setting"]].append(r)
-        if r["table"] == "baseline" and r["setting"] == "MAL default":
-            for t, alias in DEFAULT_ALIASES.items():
-                by[t][alias].append(r)
+    for t, alias in DEFAULT_ALIASES.items():        # the default run is one row of every ablation table that ran
+        if t in by:
+            by[t][alias] += by["baseline"].get("MAL default", [])
     out = []
     for t in ("baseline", "table6", "table7", "table5", "table12", "table13"):
         if t not in by:
             continue
-        out += [f"### {TITLES[t]}", "", "| setting | fine-tuned top-1 (ours, CIFAR-10) | k-NN | linear probe | "
+        out += [f"#### {TITLES[t]}", "", "| setting | fine-tuned top-1 (ours, CIFAR-10) | k-NN | linear probe | "
                 "paper top-1 (ImageNet, MAL-B) | runs |", "|---|---|---|---|---|---|"]
-        for setting, rs in by[t].items():
+        order = list(PAPER.get(t, {}))
+        for setting, rs in sorted(by[t].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
             out.append(f"| {setting} | {fmt([r.get('top1') for r in rs])} | {fmt([r.get('knn') for r in rs])} | "
                        f"{fmt([r.get('linprobe') for r in rs])} | {PAPER.get(t, {}).get(setting, '–')} | "
                        f"{', '.join(r['name'] for r in rs)} |")
@@ -61,57 +63,109 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def read_metrics(path: Path, key: str) -> list[tuple[float, float]]:
+    """(epoch, value) points of one column of a run's metrics.csv."""
+    if not path.exists():
+        return []
+    return [(float(x["epoch"]), float(x[key])) for x in csv.DictReader(open(path)) if x.get(key)]
+
+
 def plots(rows: list[dict], runs_dir: Path, out_dir: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     made = []
-    ks = sorted((int(r["setting"][2:]), r["top1"]) for r in rows if r["table"] == "table6" and r.get("top1") is not None)
-    ks += [(4, r["top1"]) for r in rows if r["setting"] == "MAL default" and r.get("top1") is not None]
-    if ks:
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        ax.scatter(*zip(*ks), label="ours (CIFAR-10)")
-        ax.set_xlabel("cluster size k")
-        ax.set_ylabel("fine-tuned top-1 (%)")
-        ax.grid(alpha=0.3)
+
+    def save(fig, name):
         fig.tight_layout()
-        made.append(out_dir / "results_cluster_size.png")
+        made.append(out_dir / name)
         fig.savefig(made[-1], dpi=110)
         plt.close(fig)
+
+    by_k = defaultdict(list)
+    for r in rows:
+        if r["table"] == "table6":
+            by_k[int(r["setting"][2:])].append(r)
+        elif r["setting"] == "MAL default":
+            by_k[4].append(r)
+    if by_k:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for key, label, m in (("top1", "fine-tuned top-1", "o"), ("linprobe", "linear probe", "s"), ("knn", "k-NN", "^")):
+            ks = sorted(by_k)
+            means = [statistics.mean(r[key] for r in by_k[k]) for k in ks]
+            ax.plot(ks, means, marker=m, label=label)
+            for k in ks:                                     # every run, not only the mean
+                ax.scatter([k] * len(by_k[k]), [r[key] for r in by_k[k]], s=8, color="gray", zorder=3)
+        ax.set_xlabel("cluster size k (12x12 grid)")
+        ax.set_ylabel("CIFAR-10 top-1 (%)")
+        ax.set_xticks(sorted(by_k))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save(fig, "results_cluster_size.png")
     curves = [(r["name"], runs_dir / r["name"] / "pretrain/metrics.csv") for r in rows]
-    curves = [(n, p) for n, p in curves if p.exists()]
+    curves = [(n, read_metrics(p, "loss")) for n, p in curves]
+    curves = [(n, pts) for n, pts in curves if pts]
     if curves:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for name, path in curves:
-            pts = [(int(x["step"]), float(x["loss"])) for x in csv.DictReader(open(path)) if x.get("loss")]
-            if pts:
-                ax.plot(*zip(*pts), label=name, lw=0.8)
-        ax.set_xlabel("step")
-        ax.set_ylabel("pretraining loss")
+        for name, pts in curves:
+            ax.plot(*zip(*pts), label=name, lw=0.8)
+        ax.set_xlabel("pretraining epoch")
+        ax.set_ylabel("next-cluster loss (per-patch normalized MSE)")
         ax.set_yscale("log")
         ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        made.append(out_dir / "results_pretrain_loss.png")
-        fig.savefig(made[-1], dpi=110)
-        plt.close(fig)
+        ax.grid(alpha=0.3)
+        save(fig, "results_pretrain_loss.png")
+    vals = []
+    for r in rows:
+        if r["table"] == "baseline":
+            stage = "supervised" if r["setting"] == "supervised" else "finetune"
+            pts = read_metrics(runs_dir / r["name"] / stage / "metrics.csv", "val_top1")
+            if r["setting"] != "supervised":          # fine-tuning starts after the pretraining epochs
+                pre = read_metrics(runs_dir / r["name"] / "pretrain/metrics.csv", "loss")
+                off = max((e for e, _ in pre), default=0.0)
+                pts = [(e + off, v) for e, v in pts]
+            vals.append((r["name"], pts))
+    if vals:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for name, pts in vals:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=name, ls="--" if name.startswith("supervised") else "-")
+        ax.set_xlabel("total epochs (pretraining + fine-tuning)")
+        ax.set_ylabel("CIFAR-10 val top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save(fig, "results_val_curves.png")
     return made
+
+
+BEGIN, END = "<!-- tables:begin (experiments/make_results.py) -->", "<!-- tables:end -->"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", default="runs/sweep/results.jsonl")
-    ap.add_argument("--out", default="docs/results_tables.md")
+    ap.add_argument("--results", default="docs/results/cifar10_sweep/results.jsonl")
+    ap.add_argument("--doc", default="docs/results.md", help="markdown file whose tables section is replaced")
+    ap.add_argument("--figures", default="docs/results")
     args = ap.parse_args()
-    rows = [json.loads(line) for line in open(args.results) if line.strip()]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for line in open(args.results):            # one row per experiment: a re-run replaces the earlier row
+        if line.strip():
+            r = json.loads(line)
+            rows[r["name"]] = r
+    rows = list(rows.values())
     text = tables(rows)
-    text += "\n### Commands\n\n" + "\n".join(f"- `{r['name']}`: " + " && ".join(f"`{c}`" for c in r["commands"])
-                                            for r in rows) + "\n"
-    out.write_text(text)
-    for p in plots(rows, Path(args.results).parent, out.parent):
+    text += "\n#### Commands\n\n" + "\n".join(f"- `{r['name']}`: " + " && ".join(f"`{c}`" for c in r["commands"])
+                                              for r in rows) + "\n"
+    doc = Path(args.doc)
+    old = doc.read_text() if doc.exists() else f"{BEGIN}\n{END}\n"
+    if BEGIN not in old or END not in old:
+        raise SystemExit(f"{doc} has no {BEGIN} ... {END} section to fill")
+    head, rest = old.split(BEGIN, 1)
+    doc.write_text(head + BEGIN + "\n" + text + rest[rest.index(END):])
+    figs = Path(args.figures)
+    figs.mkdir(parents=True, exist_ok=True)
+    for p in plots(rows, Path(args.results).parent, figs):
         print(p)
-    print(out)
+    print(doc)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from mal.cli import main
-from mal.config import DecoderConfig, EncoderConfig, ObjectiveConfig, load_run_config
+from mal.config import DecoderConfig, EncoderConfig, MaskConfig, ObjectiveConfig, load_run_config
 from mal.distributed import DistInfo
 from mal.pretrain import MALPretrain
 from mal.step import LossStep, StepRunner, adapt_loaded_optimizer, graphs_usable, make_optimizer
@@ -123,7 +123,7 @@ def test_graphed_gradients_accumulate_like_eager(accum):
 @pytest.mark.parametrize("unit", ["cluster", "pixel", "none"])
 def test_graphed_pretraining_steps_match_eager_steps(unit):
     torch.manual_seed(0)
-    obj = ObjectiveConfig(decoder=DEC, mask={"unit": unit, "ratio": 0.2 if unit != "none" else 0.0})
+    obj = ObjectiveConfig(decoder=DEC, mask=MaskConfig(unit, 0.2 if unit != "none" else 0.0))
     a = MALPretrain(EncoderConfig(**ENC), obj).cuda().train()
     b = MALPretrain(EncoderConfig(**ENC), obj).cuda().train()
     b.load_state_dict(a.state_dict())
@@ -173,7 +173,7 @@ def test_training_run_with_graphs_and_accumulation_matches_eager(image_folder, t
     runs = {}
     for graph in (True, False):
         out = tmp_path / f"g{int(graph)}"
-        assert main(["pretrain", "--output", str(out), f"cuda_graph={str(graph).lower()}", *common]) == 0
+        assert main(["pretrain", "--output", str(out), *common, f"cuda_graph={str(graph).lower()}"]) == 0
         runs[graph] = (json.loads((out / "summary.json").read_text()),
                        load_file(str(out / "ckpt_last/model.safetensors")))
     (s1, w1), (s0, w0) = runs[True], runs[False]

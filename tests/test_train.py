@@ -153,3 +153,15 @@ def test_torchrun_two_processes_match_one(image_folder, tmp_path):
     subprocess.run(_cli(*_pretrain_args(image_folder, acc, *common, "optim.accum_steps=2")), check=True, env=_env(),
                    capture_output=True)
     _assert_same_weights(_weights(one), _weights(acc), atol=2e-5)
+
+
+def test_probe_set_shares_the_decoded_cache_and_uses_the_eval_transform(image_folder):
+    from mal.train import build_datasets
+    cfg = load_run_config(REPO / "configs/cifar10_pretrain.yaml", [f"data.dataset={image_folder}"])
+    train, val, train_eval = build_datasets(cfg, progress=False)
+    assert train_eval._cache is train._cache and train._cache is not None     # decoded once
+    assert train_eval.samples == train.samples and train_eval.transform is not train.transform
+    a, b = train_eval[0][0], train_eval[0][0]
+    assert torch.equal(a, b) and a.shape == (3, 48, 48)                        # deterministic eval transform
+    assert torch.equal(a, val.transform(train._get_rgb(0)))                    # the val set's eval transform
+    assert not torch.equal(train[0][0], train[0][0])                           # training set: random crops

@@ -7,6 +7,7 @@ on the number of processes, the gradient accumulation or on being killed and res
 """
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -88,7 +89,7 @@ class StepSampler(Sampler):
         return self.usable // self.world - self.start
 
 
-def build_datasets(cfg: RunConfig) -> tuple[Dataset, Dataset | None, Dataset | None]:
+def build_datasets(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, Dataset | None, Dataset | None]:
     """(train set with training augmentation, val set with eval transform, train set with eval transform)."""
     d, m = cfg.data, cfg.model
     if cfg.task == "pretrain":
@@ -98,12 +99,13 @@ def build_datasets(cfg: RunConfig) -> tuple[Dataset, Dataset | None, Dataset | N
         train_tf = mdata.finetune_transform(m.img_size, d.mean, d.std, auto_augment=a.auto_augment or None,
                                             re_prob=a.reprob, scale=(a.crop_min_scale, 1.0))
     eval_tf = mdata.eval_transform(m.img_size, d.mean, d.std, crop_pct=d.eval_crop_pct)
-    kw = dict(strict=d.strict, cache=d.cache)
+    kw = dict(strict=d.strict, cache=d.cache, **({} if d.dataset == "default" else {"progress": progress}))
     train = mdata.build_dataset(d.dataset, d.train_split, train_tf, **kw)
     val = mdata.build_dataset(d.dataset, d.val_split, eval_tf, **kw) if d.val_split else None
     train_eval = None
     if cfg.task == "pretrain" and cfg.probe:
-        train_eval = mdata.build_dataset(d.dataset, d.train_split, eval_tf, **kw)
+        train_eval = copy.copy(train)                   # same files (and decode cache), eval transform
+        train_eval.transform = eval_tf
     return train, val, train_eval
 
 
@@ -293,7 +295,7 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
 
-    train_set, val_set, train_eval_set = build_datasets(cfg)
+    train_set, val_set, train_eval_set = build_datasets(cfg, progress and info.is_main)
     classes = list(getattr(train_set, "classes", []))
     num_classes = cfg.num_classes or len(classes)
     model = build_model(cfg, num_classes).to(device)
