@@ -155,11 +155,15 @@ def test_torchrun_two_processes_match_one(image_folder, tmp_path):
     _assert_same_weights(_weights(one), _weights(acc), atol=2e-5)
 
 
-def test_probe_set_shares_the_decoded_cache_and_uses_the_eval_transform(image_folder):
+def test_probe_set_shares_the_decoded_cache_and_uses_the_eval_transform(image_folder, tmp_path):
     from mal.train import build_datasets
-    cfg = load_run_config(REPO / "configs/cifar10_pretrain.yaml", [f"data.dataset={image_folder}"])
+    cfg = load_run_config(REPO / "configs/cifar10_pretrain.yaml", [f"data.dataset={image_folder}",
+                                                                    f"data.cache_dir={tmp_path / 'c'}"])
     train, val, train_eval = build_datasets(cfg, progress=False)
     assert train_eval._cache is train._cache and train._cache is not None     # decoded once
+    assert not train.cache_loaded_from_disk and len(list((tmp_path / "c").glob("*.npy"))) == 2   # train + test
+    again, _, _ = build_datasets(cfg, progress=False)
+    assert again.cache_loaded_from_disk and torch.equal(again._cache, train._cache)  # a later run reuses it
     assert train_eval.samples == train.samples and train_eval.transform is not train.transform
     a, b = train_eval[0][0], train_eval[0][0]
     assert torch.equal(a, b) and a.shape == (3, 48, 48)                        # deterministic eval transform

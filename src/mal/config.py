@@ -117,6 +117,8 @@ class DataConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     num_workers: int = 8
     cache: bool = False                # decode all images once into a uint8 tensor (small images)
+    cache_dir: str = ""                # where cache=true also stores the decoded array (.npy), reused by later
+                                       # runs while the files are unchanged ("" = memory only)
     strict: bool = False               # fail on the first unreadable image instead of skipping it
     crop_min_scale: float = 0.2        # pretraining RandomResizedCrop scale lower bound
     eval_crop_pct: float = 0.875       # eval: resize to img_size / crop_pct, center crop

@@ -99,7 +99,9 @@ def build_datasets(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, Data
         train_tf = mdata.finetune_transform(m.img_size, d.mean, d.std, auto_augment=a.auto_augment or None,
                                             re_prob=a.reprob, scale=(a.crop_min_scale, 1.0))
     eval_tf = mdata.eval_transform(m.img_size, d.mean, d.std, crop_pct=d.eval_crop_pct)
-    kw = dict(strict=d.strict, cache=d.cache, **({} if d.dataset == "default" else {"progress": progress}))
+    kw = dict(strict=d.strict, cache=d.cache)
+    if d.dataset != "default":
+        kw.update(progress=progress, **({"cache_dir": d.cache_dir} if d.cache_dir else {}))
     train = mdata.build_dataset(d.dataset, d.train_split, train_tf, **kw)
     val = mdata.build_dataset(d.dataset, d.val_split, eval_tf, **kw) if d.val_split else None
     train_eval = None
