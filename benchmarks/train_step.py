@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import top_kernels  # noqa: E402
 
 from mal.config import load_run_config  # noqa: E402
-from mal.distributed import DistInfo  # noqa: E402
 from mal.step import LossStep, StepRunner, make_optimizer  # noqa: E402
 from mal.train import (SeededDataset, StepSampler, build_criterion, build_datasets, build_model,  # noqa: E402
                        enable_fast_path, param_groups)
@@ -77,7 +76,7 @@ def build_step(cfg, graphs: bool):
 
 
 def time_step(step, warmup: int, iters: int) -> tuple[float, float]:
-    """(img/s-free) median seconds per step over `iters` wall-clock-timed steps, and the warm-up seconds."""
+    """Median wall-clock seconds per step (each ends with a device sync) over `iters` steps, and warm-up seconds."""
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
