@@ -13,6 +13,7 @@ the fused block (x bf16 activations, W float32 parameters, autocast semantics):
                       g^T x of shape (nb*bs, N) x (N, nb*bs) (tensor cores; nb x the needed FLOPs)
   chunked_bmm_diag    same, but the GEMM per chunk of C features: bmm of (I/C) x (C, N) x (N, C), diagonal
                       blocks kept (C/bs x the needed FLOPs)
+  per_block_bmm       same, dW as nb batched (bs, N) x (N, bs) products (exact FLOPs, tiny GEMMs)
 
     PYTHONPATH=src python benchmarks/headwise_grad.py --json headwise.json
 
@@ -72,7 +73,9 @@ class GemmHeadwise(torch.autograd.Function):
         gx = (gy.unflatten(-1, (nb, bs, 1)) * w).sum(-2).flatten(-2).to(x.dtype)  # (N, I)
         dt = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.promote_types(x.dtype, gy.dtype)
         g2, x2 = gy.reshape(-1, gy.shape[-1]).to(dt), x.reshape(-1, x.shape[-1]).to(dt)
-        if ctx.chunk:
+        if ctx.chunk < 0:                                                    # batched (bs x N) @ (N x bs) per block
+            gw = torch.einsum("nho,nhi->hoi", g2.unflatten(-1, (nb, bs)), x2.unflatten(-1, (nb, bs)))
+        elif ctx.chunk:
             gw = chunk_diag(g2, x2, nb, bs, ctx.chunk)
         else:
             gw = diag_blocks(g2.t() @ x2, nb, bs)
@@ -83,12 +86,14 @@ def candidates():
     compiled = torch.compile(lambda x, w: headwise(x, w, None, True), dynamic=False)
     gemm = torch.compile(lambda x, w: GemmHeadwise.apply(x, w, 0), dynamic=False)
     chunk = torch.compile(lambda x, w: GemmHeadwise.apply(x, w, 64), dynamic=False)
+    per_block = torch.compile(lambda x, w: GemmHeadwise.apply(x, w, -1), dynamic=False)
     return {
         "inductor_pointwise": compiled,
         "einsum_eager": lambda x, w: headwise(x.to(torch.float32) if x.dtype == torch.float64 else x,
                                               w.to(x.dtype), None, False),
         "dense_gemm_diag": gemm,
         "chunked_bmm_diag": chunk,
+        "per_block_bmm": per_block,
     }
 
 
