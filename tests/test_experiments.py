@@ -1,0 +1,62 @@
+"""The CIFAR-10 sweep runner and the results generator, end to end on a tiny model (CPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model.dim=32", "model.depth=2", "objective.decoder.depth=1", "objective.decoder.dim=32",
+        "objective.decoder.num_heads=4", "data.cache=false", "optim.batch_size=32", "optim.warmup_epochs=0.5",
+        "log_every=1"]
+
+
+def _sweep(data, out, *extra):
+    cmd = [sys.executable, "experiments/cifar10_sweep.py", "--data", str(data), "--out", str(out), "--workers", "0",
+           "--pre-epochs", "1", "--ft-epochs", "1", "--only", "^(supervised|default)_s0$", *extra, "--set", *TINY]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+
+
+def test_sweep_rows_resume_and_tables(image_folder, tmp_path):
+    out = tmp_path / "sweep"
+    res = _sweep(image_folder, out)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["supervised_s0", "default_s0"]
+    sup, mal = rows
+    assert sup["knn"] is None and len(sup["commands"]) == 1 and "optim.epochs=2" in sup["commands"][0]
+    assert 0 <= mal["knn"] <= 100 and 0 <= mal["linprobe"] <= 100 and 0 <= mal["top1"] <= 100
+    assert mal["commands"][1].startswith("mal finetune") and "init=" in mal["commands"][1]
+    assert (out / "default_s0/pretrain/ckpt_last/meta.json").exists()
+    assert (out / "results.csv").read_text().count("\n") == 3
+
+    # a fine-tuning killed before its first checkpoint leaves a folder without one: the re-run starts it over,
+    # finished stages are skipped (the pretraining is not re-run), and the row is written again
+    ft = out / "default_s0/finetune"
+    for f in ft.iterdir():
+        if f.is_dir():
+            subprocess.run(["rm", "-rf", str(f)], check=True)
+        else:
+            f.unlink()
+    (ft / "partial.txt").write_text("killed")
+    pre_mtime = (out / "default_s0/pretrain/summary.json").stat().st_mtime
+    res = _sweep(image_folder, out)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (ft / "summary.json").exists() and not (ft / "partial.txt").exists()
+    assert (out / "default_s0/pretrain/summary.json").stat().st_mtime == pre_mtime
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4
+
+    doc = tmp_path / "results.md"
+    doc.write_text("# head\n<!-- tables:begin (experiments/make_results.py) -->\nold\n<!-- tables:end -->\ntail\n")
+    res = subprocess.run([sys.executable, "experiments/make_results.py", "--results", str(out / "results.jsonl"),
+                          "--doc", str(doc), "--figures", str(tmp_path / "fig")], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    text = doc.read_text()
+    assert text.startswith("# head") and text.rstrip().endswith("tail") and "old" not in text
+    assert text.count("| supervised |") == 1 and text.count("| MAL default |") == 1   # re-run rows not doubled
+    assert f"{sup['top1']:.2f}" in text and "84.3" in text                            # ours next to the paper's
+    assert {p.name for p in (tmp_path / "fig").iterdir()} >= {"results_pretrain_loss.png", "results_val_curves.png",
+                                                              "results_cluster_size.png"}
