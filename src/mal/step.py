@@ -102,7 +102,9 @@ def adapt_loaded_optimizer(optimizer: torch.optim.AdamW, device: torch.device) -
     (fused only on CUDA; the fused kernel wants its step counters on the parameters' device)."""
     fused = device.type == "cuda"
     for g in optimizer.param_groups:
-        g["fused"], g["foreach"] = fused, None if fused else g.get("foreach")
+        g["fused"] = fused
+        if fused:
+            g["foreach"] = None
         for p in g["params"]:
             st = optimizer.state.get(p, {})
             if "step" in st:
