@@ -130,6 +130,18 @@ def graphed(step):
     return graph.replay
 
 
+def timed(step, cg: bool):
+    """Reset the peak-memory counter, capture `step` in a CUDA graph when cg, and time it.
+
+    Returns (median ms per call, warm-up seconds, the timed callable); with cg the warm-up seconds also
+    count the capture and the timed calls (everything since the capture started)."""
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    run = graphed(step) if cg else step
+    ms, warm = cuda_times(run, ARGS.warmup, ARGS.iters)
+    return ms, warm + (time.perf_counter() - t0 if cg else 0), run
+
+
 def top_kernels(step, n: int = 15) -> list[dict]:
     """torch.profiler: the n CUDA kernels with the most total time over one call of step."""
     from torch.profiler import ProfilerActivity, profile
@@ -161,10 +173,7 @@ def measure_encoder(row: str, size: str, res: dict) -> None:
         def infer():
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cg):
                 model(x)
-        t0 = time.perf_counter()
-        step = graphed(infer) if cg else infer
-        ms, warm = cuda_times(step, ARGS.warmup, ARGS.iters)
-        warm += time.perf_counter() - t0 if cg else 0
+        ms, warm, _ = timed(infer, cg)
         res["infer_img_s"] = round(ARGS.infer_batch / ms * 1e3, 1)
         res["infer_warmup_s"] = round(warm, 1)
     if "train" in ARGS.modes:
@@ -179,11 +188,7 @@ def measure_encoder(row: str, size: str, res: dict) -> None:
                 loss = F.cross_entropy(model(xb), y)
             loss.backward()
             opt.step()
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        step = graphed(train) if cg else train
-        ms, warm = cuda_times(step, ARGS.warmup, ARGS.iters)
-        warm += time.perf_counter() - t0 if cg else 0
+        ms, warm, step = timed(train, cg)
         res["train_img_s"] = round(ARGS.train_batch / ms * 1e3, 1)
         res["train_peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
         res["train_warmup_s"] = round(warm, 1)
@@ -218,11 +223,7 @@ def measure_pretrain(row: str, size: str, batch: int, res: dict) -> None:
             loss = model(imgs, clusters, mask)["loss"]
         loss.backward()
         opt.step()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    run = graphed(step) if cg else step
-    ms, warm = cuda_times(run, ARGS.warmup, ARGS.iters)
-    warm += time.perf_counter() - t0 if cg else 0
+    ms, warm, run = timed(step, cg)
     res["img_s"] = round(batch / ms * 1e3, 1)
     res["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
     res["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
