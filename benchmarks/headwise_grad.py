@@ -6,11 +6,12 @@ y[..., h, o] = sum_i x[..., h, i] W[h, o, i] + b[h, o]   (x: (N, nb*bs), W: (nb,
 
 Each candidate computes y, dx and dW for one upstream gradient; timed forward + backward, bf16 inputs as in
 the fused block (x bf16 activations, W float32 parameters, autocast semantics):
-  inductor_pointwise  what `mal.fused.block_pre` does today: broadcast-multiply-sum under torch.compile
+  inductor_pointwise  broadcast-multiply-sum under torch.compile, autograd's own backward
                       (dW becomes an inductor reduction over all N tokens)
   einsum_eager        torch.einsum (batched GEMMs of shape (nb) x (N, bs) x (bs, bs)) in eager mode
-  dense_gemm_diag     custom autograd: forward pointwise (compiled), dW = diagonal blocks of one dense GEMM
-                      g^T x of shape (nb*bs, N) x (N, nb*bs) (tensor cores; nb x the needed FLOPs)
+  dense_gemm_diag     what `mal.fused.headwise(pointwise=True)` does, compiled: forward pointwise,
+                      dW = diagonal blocks of one dense GEMM g^T x of shape (nb*bs, N) x (N, nb*bs)
+                      (tensor cores; nb x the needed FLOPs)
   chunked_bmm_diag    same, but the GEMM per chunk of C features: bmm of (I/C) x (C, N) x (N, C), diagonal
                       blocks kept (C/bs x the needed FLOPs)
   per_block_bmm       same, dW as nb batched (bs, N) x (N, bs) products (exact FLOPs, tiny GEMMs)
@@ -39,11 +40,6 @@ SHAPES = {  # name: (tokens N, inner dim I) for the blocks' q/k/v maps
 BS = 4
 
 
-def diag_blocks(full: torch.Tensor, nb: int, bs: int) -> torch.Tensor:
-    """(nb*bs, nb*bs) -> its nb diagonal (bs, bs) blocks (nb, bs, bs)."""
-    return torch.diagonal(full.view(nb, bs, nb, bs), dim1=0, dim2=2).permute(2, 0, 1)
-
-
 def chunk_diag(g: torch.Tensor, x: torch.Tensor, nb: int, bs: int, chunk: int) -> torch.Tensor:
     """Diagonal (bs, bs) blocks of g^T x computed per chunk of `chunk` features: g, x (N, I) -> (nb, bs, bs)."""
     N, I = x.shape
@@ -56,8 +52,14 @@ def chunk_diag(g: torch.Tensor, x: torch.Tensor, nb: int, bs: int, chunk: int) -
     return blocks.permute(0, 3, 1, 2).reshape(nb, bs, bs)
 
 
+def pointwise_autograd(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The block-diagonal map as broadcast multiply + sum, differentiated by autograd."""
+    nb, bs = w.shape[0], w.shape[-1]
+    return (x.unflatten(-1, (nb, 1, bs)) * w).sum(-1).flatten(-2)          # (N, I)
+
+
 class GemmHeadwise(torch.autograd.Function):
-    """Pointwise forward; backward with dx pointwise and dW from a (chunked) GEMM."""
+    """Pointwise forward; backward with dx pointwise and dW from a chunked GEMM or per-block products."""
 
     @staticmethod
     def forward(ctx, x, w, chunk: int):
@@ -75,16 +77,14 @@ class GemmHeadwise(torch.autograd.Function):
         g2, x2 = gy.reshape(-1, gy.shape[-1]).to(dt), x.reshape(-1, x.shape[-1]).to(dt)
         if ctx.chunk < 0:                                                    # batched (bs x N) @ (N x bs) per block
             gw = torch.einsum("nho,nhi->hoi", g2.unflatten(-1, (nb, bs)), x2.unflatten(-1, (nb, bs)))
-        elif ctx.chunk:
-            gw = chunk_diag(g2, x2, nb, bs, ctx.chunk)
         else:
-            gw = diag_blocks(g2.t() @ x2, nb, bs)
+            gw = chunk_diag(g2, x2, nb, bs, ctx.chunk)
         return gx, gw.to(w.dtype), None
 
 
 def candidates():
-    compiled = torch.compile(lambda x, w: headwise(x, w, None, True), dynamic=False)
-    gemm = torch.compile(lambda x, w: GemmHeadwise.apply(x, w, 0), dynamic=False)
+    compiled = torch.compile(pointwise_autograd, dynamic=False)
+    gemm = torch.compile(lambda x, w: headwise(x, w, None, True), dynamic=False)
     chunk = torch.compile(lambda x, w: GemmHeadwise.apply(x, w, 64), dynamic=False)
     per_block = torch.compile(lambda x, w: GemmHeadwise.apply(x, w, -1), dynamic=False)
     return {

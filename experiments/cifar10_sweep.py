@@ -2,7 +2,8 @@
 
 Each experiment is a pretraining run followed by fine-tuning (or one supervised run); every finished
 experiment appends one row to OUT/results.jsonl and OUT/results.csv with the exact commands that made it.
-Several experiments may share one GPU (--parallel). Finished stages are skipped, killed ones resumed.
+Several experiments may share a GPU (--parallel), spread over the GPUs named by --gpus. Finished stages
+are skipped, killed ones resumed; rows are written as experiments finish.
 
     python experiments/cifar10_sweep.py --data data/cifar10 --out runs/sweep --parallel 3 \
         --pre-epochs 30 --ft-epochs 30 --only 'default|table6'
@@ -12,11 +13,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import queue
 import re
 import shlex
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,12 +62,13 @@ def experiments(seeds: list[int]) -> list[Experiment]:
     return exps
 
 
-def run_stage(cmd: list[str], log: Path) -> None:
+def run_stage(cmd: list[str], log: Path, gpu: str | None) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = os.environ if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
     with open(log, "a") as fh:
-        fh.write("$ " + shlex.join(cmd) + "\n")
+        fh.write("$ " + shlex.join(cmd) + (f"  # on GPU {gpu}" if gpu is not None else "") + "\n")
         fh.flush()
-        subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=True, cwd=REPO)
+        subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=True, cwd=REPO, env=env)
 
 
 def stage_cmd(task: str, cfg: str, out: Path, overrides: list[str], resume: bool) -> list[str]:
@@ -72,8 +76,8 @@ def stage_cmd(task: str, cfg: str, out: Path, overrides: list[str], resume: bool
             *(["--resume"] if resume else []), *overrides]
 
 
-def execute(exp: Experiment, args) -> dict:
-    """Run (or resume, or skip if done) the stages of one experiment; return its results row."""
+def execute(exp: Experiment, args, gpus: queue.Queue) -> dict:
+    """Run (or resume, or skip if done) the stages of one experiment on a free GPU slot; return its results row."""
     base = Path(args.out) / exp.name
     common = [f"data.dataset={args.data}", f"seed={exp.seed}", f"data.num_workers={args.workers}", *args.set]
     if exp.pretrain is None:
@@ -88,8 +92,12 @@ def execute(exp: Experiment, args) -> dict:
     for task, cfg, out, overrides in stages:
         if not (out / "summary.json").exists():
             resume = (out / "ckpt_last/meta.json").exists()     # killed before its first checkpoint: start over
-            run_stage(stage_cmd(task, cfg, out, overrides, resume) + ([] if resume else ["--overwrite"]),
-                      base / "log.txt")
+            gpu = gpus.get()
+            try:
+                run_stage(stage_cmd(task, cfg, out, overrides, resume) + ([] if resume else ["--overwrite"]),
+                          base / "log.txt", gpu)
+            finally:
+                gpus.put(gpu)
         summaries[task] = json.loads((out / "summary.json").read_text())
     pre, last = summaries.get("pretrain", {}), summaries[stages[-1][0]]
     return {"name": exp.name, "table": exp.table, "setting": exp.setting, "seed": exp.seed,
@@ -103,7 +111,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="data/cifar10")
     ap.add_argument("--out", default="runs/sweep")
-    ap.add_argument("--parallel", type=int, default=1, help="experiments running at once on the GPU")
+    ap.add_argument("--parallel", type=int, default=1, help="experiments running at once (over all GPUs)")
+    ap.add_argument("--gpus", default="", help="comma-separated GPU ids to spread the runs over (default: as visible)")
     ap.add_argument("--workers", type=int, default=4, help="data loader workers per run")
     ap.add_argument("--pre-epochs", type=int, default=30)
     ap.add_argument("--ft-epochs", type=int, default=30)
@@ -119,8 +128,21 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    gpus: queue.Queue = queue.Queue()       # one token per slot, round-robin over the GPUs
+    ids = [g for g in args.gpus.split(",") if g] or [None]
+    for i in range(args.parallel):
+        gpus.put(ids[i % len(ids)])
     with ThreadPoolExecutor(args.parallel) as pool:
-        for row in pool.map(lambda e: execute(e, args), exps):
+        futures = {pool.submit(execute, e, args, gpus): e for e in exps}
+        failed = []
+        for fut in as_completed(futures):
+            try:
+                row = fut.result()
+            except subprocess.CalledProcessError as err:      # keep the other experiments going
+                failed.append(futures[fut].name)
+                print(f"FAILED {futures[fut].name}: {err}; see {Path(args.out) / futures[fut].name / 'log.txt'}",
+                      file=sys.stderr, flush=True)
+                continue
             print(json.dumps(row), flush=True)
             with open(out / "results.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -130,6 +152,8 @@ def main() -> None:
         w = csv.DictWriter(fh, keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+    if failed:
+        sys.exit(f"{len(failed)} experiment(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

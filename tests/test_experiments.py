@@ -42,8 +42,10 @@ def test_sweep_rows_resume_and_tables(image_folder, tmp_path):
             f.unlink()
     (ft / "partial.txt").write_text("killed")
     pre_mtime = (out / "default_s0/pretrain/summary.json").stat().st_mtime
-    res = _sweep(image_folder, out)
+    res = _sweep(image_folder, out, "--gpus", "3")
     assert res.returncode == 0, res.stdout + res.stderr
+    placed = [ln for ln in (out / "default_s0/log.txt").read_text().splitlines() if ln.endswith("# on GPU 3")]
+    assert len(placed) == 1 and placed[0].startswith("$ ") and " finetune " in placed[0]   # only the re-run stage
     assert (ft / "summary.json").exists() and not (ft / "partial.txt").exists()
     assert (out / "default_s0/pretrain/summary.json").stat().st_mtime == pre_mtime
     assert len((out / "results.jsonl").read_text().splitlines()) == 4

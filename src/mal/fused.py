@@ -13,7 +13,7 @@ Algebra used (exact in real arithmetic, so the fused block equals the plain one 
     and the (B, S, 3I) concatenation and its two GEMMs become two thin GEMMs on tensors we have anyway;
   * the depthwise causal conv is K shifted multiply-adds (fused by the compiler with SiLU and q/k);
   * the 4x4 block-diagonal q/k/v maps are a broadcast multiply + sum over 4 inputs when compiled
-    (a pointwise kernel), an einsum in eager mode;
+    (a pointwise kernel; their weight gradients are the diagonal blocks of one GEMM), an einsum in eager mode;
   * `block_post` recomputes x_c from x_m instead of keeping it alive for the backward.
 Parameter names and state dicts are untouched: the fast path only reads the block's parameters.
 """
@@ -29,11 +29,41 @@ import torch.utils.checkpoint
 from .kernels import mlstm
 
 
+class _HeadwiseGemmGrad(torch.autograd.Function):
+    """Block-diagonal map with pointwise forward and input gradient, and the weight gradient from one GEMM.
+
+    The weight gradient dW[h] = sum_n g[n, h, :]^T x[n, h, :] is a reduction over all tokens; written
+    pointwise, inductor turns it into slow reductions (14 % of a CIFAR MAL-T step). Here it is the diagonal
+    (bs, bs) blocks of the dense product g^T x (I, N) @ (N, I): I/bs times the needed FLOPs, but on tensor
+    cores and limited by reading x and g once (benchmarks/headwise_grad.py measures the alternatives).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        nb, bs = weight.shape[0], weight.shape[-1]
+        return (x.unflatten(-1, (nb, 1, bs)) * weight).sum(-1).flatten(-2)  # (..., nb*bs)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        nb, bs = weight.shape[0], weight.shape[-1]
+        gx = (gy.unflatten(-1, (nb, bs, 1)) * weight).sum(-2).flatten(-2)   # (..., nb*bs)
+        low = x.dtype in (torch.bfloat16, torch.float16)                    # autocast: GEMM in the activations' dtype
+        dt = x.dtype if low else torch.promote_types(x.dtype, gy.dtype)
+        full = gy.reshape(-1, nb * bs).to(dt).t() @ x.reshape(-1, nb * bs).to(dt)  # (nb*bs, nb*bs)
+        gw = torch.diagonal(full.view(nb, bs, nb, bs), dim1=0, dim2=2).permute(2, 0, 1)  # (nb, bs, bs)
+        return gx.to(x.dtype), gw.to(weight.dtype)
+
+
 def headwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pointwise: bool) -> torch.Tensor:
-    """Block-diagonal map of `LinearHeadwise`: x (..., nb*bs), weight (nb, out=bs, in=bs) -> (..., nb*bs)."""
+    """Block-diagonal map of `LinearHeadwise`: x (..., nb*bs), weight (nb, out=bs, in=bs) -> (..., nb*bs).
+
+    pointwise: broadcast multiply + sum (fused by the compiler), weight gradient from a GEMM; else an einsum.
+    """
     nb, bs = weight.shape[0], weight.shape[-1]
-    if pointwise:                                                           # one fusable pointwise kernel
-        y = (x.unflatten(-1, (nb, 1, bs)) * weight).sum(-1).flatten(-2)     # (..., nb*bs)
+    if pointwise:
+        y = _HeadwiseGemmGrad.apply(x, weight)                              # (..., nb*bs)
     else:
         y = torch.einsum("...hi,hoi->...ho", x.unflatten(-1, (nb, bs)), weight).flatten(-2)  # (..., nb*bs)
     return y if bias is None else y + bias
