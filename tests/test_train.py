@@ -135,6 +135,16 @@ def test_killed_run_resumes_to_identical_weights(image_folder, tmp_path):
     _assert_same_weights(_weights(ref), _weights(run))
     rows = (run / "metrics.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, 11))
+    ref_sum, run_sum = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
+    assert run_sum["final_loss"] == pytest.approx(ref_sum["final_loss"], rel=1e-6)
+    # killed after its final checkpoint (e.g. during the probes): the resumed run trains no step, and its
+    # summary still reports the run's last loss and whole training time
+    (ref / "summary.json").unlink()
+    subprocess.run(_cli(*_pretrain_args(image_folder, ref, *common), "--resume"), check=True, env=_env(),
+                   capture_output=True)
+    again = json.loads((ref / "summary.json").read_text())
+    assert again["steps"] == 10 and again["final_loss"] == pytest.approx(ref_sum["final_loss"], rel=1e-6)
+    assert again["train_time_s"] > 0.5 * ref_sum["train_time_s"]
 
 
 def test_torchrun_two_processes_match_one(image_folder, tmp_path):

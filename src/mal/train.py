@@ -319,7 +319,7 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
         ema = ModelEmaV3(raw, decay=cfg.ema_decay)
     draws = torch.Generator().manual_seed(cfg.seed + 17)
 
-    step = 0
+    step, resumed = 0, {"loss": float("nan"), "train_time_s": 0.0, "skipped": 0}
     if ckpt is not None:
         meta = read_meta(ckpt)
         if meta.get("task") != cfg.task:
@@ -332,6 +332,7 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
         if ema is not None and "ema" in state:
             ema.module.load_state_dict(state["ema"])
         step = state["step"]
+        resumed.update({k: state[k] for k in resumed if k in state})     # so the summary covers the whole run
         set_rng_state(state["rng"][info.rank % len(state["rng"])], draws)
         log.info("resumed %s at step %d", ckpt, step)
     if cfg.fast_path:
@@ -341,7 +342,8 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
 
     criterion, mixup = build_criterion(cfg, num_classes)
     runner = StepRunner(LossStep(model, cfg.task, criterion), device, cfg.amp,
-                        graphs_usable(cfg.cuda_graph, device, info), o.accum_steps)
+                        graphs_usable(cfg.cuda_graph, device, info, host_random=cfg.task != "pretrain"
+                                      and cfg.model.scan_order == "random"), o.accum_steps)
     runner.zero_grad(optimizer)
     metrics = MetricsLog(run_dir, info.is_main)
     metrics.truncate_after(step)
@@ -352,7 +354,8 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
         rngs = gather_objects(rng_state(draws), info)
         if not info.is_main:
             return
-        state = {"optimizer": optimizer.state_dict(), "step": step, "rng": rngs}
+        state = {"optimizer": optimizer.state_dict(), "step": step, "rng": rngs, "loss": loss_val,
+                 "train_time_s": time.perf_counter() - start_time, "skipped": skipped}
         if ema is not None:
             state["ema"] = ema.module.state_dict()
         meta = {"task": cfg.task, "step": step, "epoch": step / steps_per_epoch, "total_steps": total_steps,
@@ -365,7 +368,7 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
 
     bar = tqdm(total=total_steps, initial=step, desc=cfg.task, disable=not (progress and info.is_main),
                dynamic_ncols=True)
-    skipped, last_eval, loss_val = 0, {}, float("nan")
+    skipped, last_eval, loss_val = resumed["skipped"], {}, resumed["loss"]
     bad, unchecked_from = torch.zeros((), device=device), step
 
     def eval_due(s: int) -> bool:
@@ -373,7 +376,7 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
                 (s % (steps_per_epoch * cfg.eval_every) == 0 or s == total_steps))
 
     t_window, n_window = time.perf_counter(), 0
-    start_time = time.perf_counter()
+    start_time = time.perf_counter() - resumed["train_time_s"]
     while step < total_steps:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, in_epoch * o.accum_steps * micro)
