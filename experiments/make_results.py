@@ -102,18 +102,31 @@ def plots(rows: list[dict], runs_dir: Path, out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         save(fig, "results_cluster_size.png")
-    curves = [(r["name"], runs_dir / r["name"] / "pretrain/metrics.csv") for r in rows]
-    curves = [(n, read_metrics(p, "loss")) for n, p in curves]
-    curves = [(n, pts) for n, pts in curves if pts]
-    if curves:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, pts in curves:
-            ax.plot(*zip(*pts), label=name, lw=0.8)
-        ax.set_xlabel("pretraining epoch")
-        ax.set_ylabel("next-cluster loss (per-patch normalized MSE)")
-        ax.set_yscale("log")
-        ax.legend(fontsize=6, ncol=2)
-        ax.grid(alpha=0.3)
+    curves = {r["name"]: read_metrics(runs_dir / r["name"] / "pretrain/metrics.csv", "loss") for r in rows}
+    panels = [(t, [r for r in rows if r["table"] == t and curves[r["name"]]])
+              for t in ("table6", "table7", "table5", "table12", "table13")]
+    panels = [(t, rs) for t, rs in panels if rs]
+    default = [r for r in rows if r["setting"] == "MAL default" and curves[r["name"]]]
+    if panels or default:                            # one panel per ablation, the default run(s) in each
+        n = max(len(panels), 1)
+        cols = min(n, 3)
+        fig, axes = plt.subplots(-(-n // cols), cols, figsize=(3.8 * cols, 3.2 * -(-n // cols)), sharey=True,
+                                 squeeze=False)
+        for ax in axes.flat[n:]:
+            ax.set_visible(False)
+        for ax, (t, rs) in zip(axes.flat, panels or [("baseline", [])]):
+            for r in default:
+                ax.plot(*zip(*curves[r["name"]]), color="black", lw=0.8, ls="--",
+                        label=f"default ({DEFAULT_ALIASES.get(t, 'MAL')}, seed {r['seed']})")
+            for r in rs:
+                ax.plot(*zip(*curves[r["name"]]), lw=0.9, label=r["setting"])
+            ax.set_title(TITLES.get(t, t), fontsize=9)
+            ax.set_xlabel("pretraining epoch")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("next-cluster loss (normalized MSE)")
         save(fig, "results_pretrain_loss.png")
     vals = []
     for r in rows:
