@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from mal.serialization import (FIXED_ORDERS, SCAN_ORDERS, cluster_patch_table, deserialize, inverse, layer_orders,
-                               patchify, pretrain_cluster_orders, sample_mask, scan_order, serialize, unpatchify)
+from mal.serialization import (FIXED_ORDERS, SCAN_ORDERS, cluster_grid, cluster_patch_table, deserialize, gather_tokens,
+                               inverse, layer_orders, order_from_clusters, patchify, pretrain_cluster_orders,
+                               random_layer_plan, sample_mask, scan_order, serialize, unpatchify)
 
 
 def test_patchify_roundtrip():
@@ -65,6 +66,35 @@ def test_random_order_per_sample_and_seeded():
         assert torch.equal(row.sort().values, torch.arange(144))
     c = pretrain_cluster_orders("random", 8, 12, 12, 4, torch.Generator().manual_seed(4))
     assert len({tuple(r.tolist()) for r in c}) > 1
+
+
+@pytest.mark.parametrize("grid,k", [((12, 12), 4), ((14, 14), 4), ((7, 5), 3), ((6, 6), 1)])
+@pytest.mark.parametrize("bidirectional,depth", [(True, 5), (True, 4), (False, 3)])
+def test_random_layer_plan_scans_each_samples_cluster_sequence(grid, k, bidirectional, depth):
+    """The on-device plan makes every layer scan the sample's cluster sequence (row-major inside, reversed on
+    every other layer when bidirectional) and gathers back to raster order at the end."""
+    h, w = grid
+    B, n = 3, cluster_grid(h, w, k)[0] * cluster_grid(h, w, k)[1]
+    clusters = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i)) for i in range(B)])
+    steps, back = random_layer_plan(depth, h, w, k, bidirectional, B, clusters=clusters)
+    base = order_from_clusters(h, w, k, clusters)                            # (B, hw) the reference order
+    x = torch.arange(h * w).expand(B, -1).unsqueeze(-1)                      # (B, hw, 1) raster ids
+    for layer, idx in enumerate(steps):
+        if idx is not None:
+            x = gather_tokens(x, idx)
+        want = base.flip(-1) if bidirectional and layer % 2 == 1 else base
+        assert torch.equal(x[..., 0], want), layer
+    assert torch.equal(gather_tokens(x, back)[..., 0], torch.arange(h * w).expand(B, -1))
+
+
+def test_random_layer_plan_draws_new_uniform_sequences():
+    torch.manual_seed(0)
+    firsts = torch.stack([random_layer_plan(2, 12, 12, 4, True, 64)[0][0][:, 0] for _ in range(20)])  # (20, 64)
+    # the first patch scanned is the top-left patch of a uniformly drawn cluster: 9 clusters, all seen
+    tops = torch.tensor([(c // 3) * 48 + (c % 3) * 4 for c in range(9)])
+    assert torch.isin(firsts, tops).all()
+    counts = torch.stack([(firsts == t).sum() for t in tops]).float()
+    assert counts.min() > 0.5 * counts.mean() and counts.max() < 1.5 * counts.mean()   # 1280 draws, ~142 each
 
 
 def test_alternating_layers_cycle_and_reverse():

@@ -165,6 +165,27 @@ def test_graphed_classification_step_with_mixup_targets_matches_eager():
 
 
 @cuda
+def test_graphed_step_draws_new_random_scan_orders_at_each_replay():
+    """scan_order=random: the plan is drawn on the GPU inside the captured forward, so every replay scans new
+    cluster sequences. A draw frozen into the graph would give one loss for the same batch and weights."""
+    torch.manual_seed(0)
+    m = VisionLSTM(EncoderConfig(**ENC, scan_order="random"), num_classes=10).cuda().train()
+    m.fast_path()
+    dev = torch.device("cuda")
+    x, y = torch.randn(8, 3, 24, 24, device=dev), torch.randint(0, 10, (8,), device=dev)
+    losses = {}
+    for graphs in (False, True):
+        runner = StepRunner(LossStep(m, "supervised", torch.nn.CrossEntropyLoss()), dev, amp=True, graphs=graphs)
+        losses[graphs] = []
+        for _ in range(4):                           # no optimizer step: same weights every call
+            loss = runner(x, y)
+            loss.backward()
+            m.zero_grad(set_to_none=True)
+            losses[graphs].append(loss.item())
+    assert len(set(losses[False])) == 4 and len(set(losses[True])) == 4, losses
+
+
+@cuda
 def test_training_run_with_graphs_and_accumulation_matches_eager(image_folder, tmp_path):
     """`mal pretrain` with cuda_graph on/off and accum_steps 2: same losses and weights within bf16 noise."""
     common = ["--config", str(REPO / "configs/cifar10_pretrain.yaml"), "--no-progress", f"data.dataset={image_folder}",

@@ -16,7 +16,7 @@ from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from .config import MODEL_PRESETS, EncoderConfig
 from .fused import FastPath, block_forward
 from .kernels import mlstm
-from .serialization import gather_tokens, grid_size, layer_orders, layer_plan
+from .serialization import gather_tokens, grid_size, layer_orders, layer_plan, random_layer_plan
 
 
 def small_init_(weight: torch.Tensor, dim: int) -> None:
@@ -225,9 +225,8 @@ class VisionLSTM(nn.Module):
     def _plan(self, h: int, w: int, batch: int, device) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
         """Per-layer gathers for a grid and the gather back to raster order (cached unless the order is random)."""
         cfg = self.cfg
-        if cfg.scan_order == "random":
-            orders = layer_orders("random", cfg.depth, h, w, cfg.cluster_size, cfg.bidirectional, batch)
-            return layer_plan(orders, device)
+        if cfg.scan_order == "random":                                      # new draws on the device every call
+            return random_layer_plan(cfg.depth, h, w, cfg.cluster_size, cfg.bidirectional, batch, device)
         key = (h, w, str(device))
         if key not in self._plans:
             orders = layer_orders(cfg.scan_order, cfg.depth, h, w, cfg.cluster_size, cfg.bidirectional)
