@@ -36,14 +36,14 @@ class LossStep(nn.Module):
         return self.criterion(self.model(imgs).float(), second)
 
 
-def graphs_usable(want: bool, device: torch.device, info: DistInfo, host_random: bool = False) -> bool:
-    """CUDA graphs need a CUDA device, one process (DDP's all-reduce hooks run eagerly), and a forward
-    whose randomness is drawn on the GPU or passed in: `host_random` (the encoder draws a new scan order on
-    the host in every forward, scan_order=random outside pretraining) would be frozen by a replay."""
+def graphs_usable(want: bool, device: torch.device, info: DistInfo, random_scan: bool = False) -> bool:
+    """CUDA graphs need a CUDA device and one process (DDP's all-reduce hooks run eagerly). Steps whose
+    forward draws its own scan orders (`random_scan`: scan_order=random outside pretraining) also run
+    eagerly until a GPU run of `tests/test_step.py` has confirmed that each replay draws new orders."""
     if not want:
         return False
-    if host_random:
-        log.info("cuda_graph: off, the forward draws random scan orders on the host; steps run eagerly")
+    if random_scan:
+        log.info("cuda_graph: off, the forward draws random scan orders; steps run eagerly")
         return False
     if device.type != "cuda":
         log.info("cuda_graph: no CUDA device, steps run eagerly")
