@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
+from pathlib import Path
 
 import torch
 
-from mal.fused import headwise
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import cuda_times  # noqa: E402
+
+from mal.fused import headwise  # noqa: E402
 
 SHAPES = {  # name: (tokens N, inner dim I) for the blocks' q/k/v maps
     "T cifar pretrain (256x128, I=384)": (256 * 128, 384),
@@ -131,17 +134,7 @@ def main() -> None:
             try:
                 got = run(fn, x, w, g)
                 res["rel_err"] = {k: round(rel(a, b), 5) for k, a, b in zip(("y", "dx", "dW"), got, ref)}
-                for _ in range(3):
-                    run(fn, x, w, g)
-                times = []
-                for _ in range(args.iters):
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    run(fn, x, w, g)
-                    b.record()
-                    b.synchronize()
-                    times.append(a.elapsed_time(b))
-                res["ms"] = round(statistics.median(times), 4)
+                res["ms"] = round(cuda_times(lambda: run(fn, x, w, g), 3, args.iters)[0], 4)
             except Exception as e:  # noqa: BLE001 - keep the other candidates
                 res["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             print(json.dumps(res), flush=True)
