@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from mal.serialization import (FIXED_ORDERS, SCAN_ORDERS, cluster_grid, cluster_patch_table, deserialize, gather_tokens,
-                               inverse, layer_orders, order_from_clusters, patchify, pretrain_cluster_orders,
-                               random_layer_plan, sample_mask, scan_order, serialize, unpatchify)
+from mal.serialization import (FIXED_ORDERS, SCAN_ORDERS, _order_list, cluster_grid, cluster_patch_table,
+                               cluster_sequence, deserialize, gather_tokens, inverse, layer_orders, order_from_clusters,
+                               patchify, pretrain_cluster_orders, random_layer_plan, sample_mask, scan_order, serialize,
+                               unpatchify)
 
 
 def test_patchify_roundtrip():
@@ -69,6 +70,20 @@ def test_random_order_per_sample_and_seeded():
 
 
 @pytest.mark.parametrize("grid,k", [((12, 12), 4), ((14, 14), 4), ((7, 5), 3), ((6, 6), 1)])
+def test_order_from_clusters_equals_the_listed_orders(grid, k):
+    """The tensor form (sort by cluster position, then rank inside the cluster) against the list-built orders:
+    the fixed orders (both directions, row and column patterns) and random sequences."""
+    h, w = grid
+    for order, (direction, pattern) in FIXED_ORDERS.items():
+        seq = torch.tensor([cluster_sequence(h, w, k, direction)])
+        assert torch.equal(order_from_clusters(h, w, k, seq, pattern)[0], scan_order(h, w, k, order)), order
+    n = cluster_grid(h, w, k)[0] * cluster_grid(h, w, k)[1]
+    clusters = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i)) for i in range(4)])
+    want = torch.tensor([_order_list(h, w, k, tuple(c.tolist()), "row") for c in clusters])
+    assert torch.equal(order_from_clusters(h, w, k, clusters), want)
+
+
+@pytest.mark.parametrize("grid,k", [((12, 12), 4), ((14, 14), 4), ((7, 5), 3), ((6, 6), 1)])
 @pytest.mark.parametrize("bidirectional,depth", [(True, 5), (True, 4), (False, 3)])
 def test_random_layer_plan_scans_each_samples_cluster_sequence(grid, k, bidirectional, depth):
     """The on-device plan makes every layer scan the sample's cluster sequence (row-major inside, reversed on
@@ -77,7 +92,7 @@ def test_random_layer_plan_scans_each_samples_cluster_sequence(grid, k, bidirect
     B, n = 3, cluster_grid(h, w, k)[0] * cluster_grid(h, w, k)[1]
     clusters = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i)) for i in range(B)])
     steps, back = random_layer_plan(depth, h, w, k, bidirectional, B, clusters=clusters)
-    base = order_from_clusters(h, w, k, clusters)                            # (B, hw) the reference order
+    base = torch.tensor([_order_list(h, w, k, tuple(c.tolist()), "row") for c in clusters])  # (B, hw) reference
     x = torch.arange(h * w).expand(B, -1).unsqueeze(-1)                      # (B, hw, 1) raster ids
     for layer, idx in enumerate(steps):
         if idx is not None:

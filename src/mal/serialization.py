@@ -125,10 +125,27 @@ def scan_order(h: int, w: int, k: int, order: str) -> torch.Tensor:
     return torch.tensor(_order_list(h, w, k, clusters, pattern), dtype=torch.long)
 
 
+@lru_cache(maxsize=None)
+def _patch_cluster_keys(h: int, w: int, k: int, pattern: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per raster patch, on `device`: its cluster id (h*w,) and its rank inside the cluster's visit (h*w,)."""
+    R, C = cluster_grid(h, w, k)
+    cluster, within = torch.empty(h * w, dtype=torch.long), torch.empty(h * w, dtype=torch.long)
+    for c in range(R * C):
+        patches = torch.tensor(_cluster_patches(h, w, k, c // C, c % C, pattern))
+        cluster[patches] = c
+        within[patches] = torch.arange(len(patches))
+    return cluster.to(device), within.to(device)
+
+
 def order_from_clusters(h: int, w: int, k: int, clusters: torch.Tensor, pattern: str = "row") -> torch.Tensor:
-    """Patch permutations from cluster sequences: clusters (B, n) of cluster ids -> (B, h*w)."""
-    return torch.stack([torch.tensor(_order_list(h, w, k, tuple(c.tolist()), pattern), dtype=torch.long)
-                        for c in clusters])
+    """Patch permutations from cluster sequences: clusters (B, n) of cluster ids -> (B, h*w), on their device.
+
+    Patches are sorted by (position of their cluster in the sequence, rank inside the cluster): a few tensor
+    ops, no host round trip, and right for the smaller edge clusters of a grid k does not divide.
+    """
+    cluster, within = _patch_cluster_keys(h, w, k, pattern, str(clusters.device))
+    rank = inverse(clusters)                                                # (B, n) sequence position per cluster
+    return (rank[:, cluster] * (k * k) + within).argsort(-1)               # (B, hw) raster patch per position
 
 
 def inverse(perm: torch.Tensor) -> torch.Tensor:
@@ -248,35 +265,19 @@ def layer_orders(order: str, depth: int, h: int, w: int, k: int, bidirectional: 
     return out
 
 
-@lru_cache(maxsize=None)
-def _patch_cluster_keys(h: int, w: int, k: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per raster patch, on `device`: its cluster id (h*w,) and its rank inside the cluster, row-major (h*w,)."""
-    R, C = cluster_grid(h, w, k)
-    cluster, within = torch.empty(h * w, dtype=torch.long), torch.empty(h * w, dtype=torch.long)
-    for c in range(R * C):
-        patches = torch.tensor(_cluster_patches(h, w, k, c // C, c % C, "row"))
-        cluster[patches] = c
-        within[patches] = torch.arange(len(patches))
-    return cluster.to(device), within.to(device)
-
-
 def random_layer_plan(depth: int, h: int, w: int, k: int, bidirectional: bool, batch: int, device=None,
                       clusters: torch.Tensor | None = None) -> tuple[list[torch.Tensor | None], torch.Tensor]:
     """`layer_plan` of `layer_orders("random", ...)`, computed on `device` without a host round trip.
 
     Each sample scans one random cluster sequence (row-major inside; `clusters` (B, n) if given, else drawn
     on `device`), every layer the same one, reversed on every other layer when bidirectional: after the
-    first gather each layer's step is a flip or nothing. Patches are sorted by (position of their cluster in
-    the sequence, rank inside the cluster), which also covers the smaller edge clusters of a grid k does not
-    divide.
+    first gather each layer's step is a flip or nothing.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     n = math.prod(cluster_grid(h, w, k))
     if clusters is None:
         clusters = torch.rand(batch, n, device=device, dtype=torch.float64).argsort(-1)   # (B, n) uniform
-    cluster, within = _patch_cluster_keys(h, w, k, str(device))
-    rank = inverse(clusters.to(device))                                     # (B, n) sequence position per cluster
-    base = (rank[:, cluster] * (k * k) + within).argsort(-1)                # (B, hw) raster patch per position
+    base = order_from_clusters(h, w, k, clusters.to(device))                # (B, hw) raster patch per position
     flip = torch.arange(h * w - 1, -1, -1, device=device) if bidirectional else None   # (hw,)
     steps = [base] + [flip] * (depth - 1)
     last = base.flip(-1) if bidirectional and depth % 2 == 0 else base      # (B, hw) order of the last layer
