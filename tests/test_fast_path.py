@@ -166,10 +166,9 @@ def test_pre_region_pointwise_form_matches_eager_form():
     blk = ViLBlock(16, num_heads=4, num_blocks=4).double()
     _randomize(blk, 2)
     L, c = blk.layer, blk.layer.conv.conv
-    args = (torch.randn(2, 7, 16, dtype=torch.float64), blk.norm.weight, blk.norm.bias, blk.norm.eps,
-            L.proj_up.weight, L.proj_up.bias, c.weight, c.bias, L.q_proj.weight, L.q_proj.bias, L.k_proj.weight,
-            L.k_proj.bias, L.v_proj.weight, L.v_proj.bias, torch.cat([L.igate.weight, L.fgate.weight]),
-            torch.cat([L.igate.bias, L.fgate.bias]))
+    args = (torch.randn(2, 7, 64, dtype=torch.float64), c.weight, c.bias, L.q_proj.weight, L.q_proj.bias,
+            L.k_proj.weight, L.k_proj.bias, L.v_proj.weight, L.v_proj.bias,
+            torch.cat([L.igate.weight, L.fgate.weight]), torch.cat([L.igate.bias, L.fgate.bias]))
     for a, b in zip(block_pre(*args, pointwise=True), block_pre(*args, pointwise=False)):
         assert _rel(a, b) < F64_TOL
 
@@ -192,6 +191,74 @@ def test_compiled_regions_trace_without_graph_breaks():
         torch.compile = real
         fused._COMPILED.clear()
     assert _rel(out, ref) < F64_TOL
+
+
+class _CellStub(torch.autograd.Function):
+    """Stands in for the Triton cell: saves q, k, v and h, as the kernel's autograd function does."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, i, f):
+        h = q * k + v * torch.sigmoid(i + f).unsqueeze(-1)                   # (B, NH, S, DH)
+        ctx.save_for_backward(q, k, v, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, h = ctx.saved_tensors
+        return g * k, g * q, g, g.sum(-1), g.sum(-1)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compiled_regions_save_only_their_inputs_and_recompute_no_gemm(monkeypatch, autocast):
+    """Under the fast path's partition (MEMORY_BUDGET) a block keeps for its backward the block input, its
+    LayerNorm output, xz and the cell's q, k, v, h: less than the default partition, with the same backward
+    matrix-multiply FLOPs on tokens (only pointwise work and the weight-sized gate precomposition are
+    recomputed), and the same output and gradients."""
+    from torch.utils.flop_counter import FlopCounterMode
+    monkeypatch.setattr(fused, "mlstm", lambda q, k, v, i, f, backend=None: _CellStub.apply(q, k, v, i, f))
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="aot_eager_decomp_partition",
+                                                                fullgraph=True))
+    torch.manual_seed(0)
+    B, S, D = 3, 12, 32
+    blk = ViLBlock(D, num_heads=4, num_blocks=4).train()
+    _randomize(blk, 7)
+    x = torch.randn(B, S, D, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in blk.parameters()}
+
+    def run(budget: dict):
+        monkeypatch.setattr(fused, "MEMORY_BUDGET", budget)
+        fused._COMPILED.clear()
+        torch._dynamo.reset()
+        blk.fast_path(compile=True)
+        saved: dict = {}
+
+        def pack(t):                                 # activations: (B, ...) or (B*S, ...); not weight-sized
+            if t.shape and t.shape[0] in (B, B * S):
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            y = blk(x)
+        with FlopCounterMode(display=False) as flops:
+            torch.autograd.grad(y.float().square().sum(), [x, *blk.parameters()])
+        grads = torch.autograd.grad(blk(x).float().square().sum(), [x, *blk.parameters()])
+        return sum(n for p, n in saved.items() if p not in params), flops.get_total_flops(), y, grads
+    try:
+        lean, lean_flops, y, g = run(dict(fused.MEMORY_BUDGET))
+        full, full_flops, y_ref, g_ref = run({k: 1.0 for k in fused.MEMORY_BUDGET})
+    finally:
+        fused._COMPILED.clear()
+        blk.fast_path(enabled=False)
+    act = 2 if autocast else 4                                               # bytes per activation element
+    limit = B * S * D * (4 + act + 4 * act + 4 * 2 * act) + 4 * B * S * 64   # x, xn, xz, q/k/v/h, LN stats
+    assert lean <= limit < full, (lean, limit, full)
+    NH, I, bs = 4, 2 * D, 4
+    assert 0 <= lean_flops - full_flops <= 3 * 2 * (2 * NH) * I * bs   # only the gate precomposition (weights)
+    tol = 2e-2 if autocast else 1e-5
+    assert _rel(y, y_ref) < tol
+    for a, b in zip(g, g_ref):
+        assert _rel(a, b) < tol
 
 
 def test_fast_path_keeps_state_dict_and_model_output():

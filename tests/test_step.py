@@ -174,7 +174,7 @@ def test_graphed_step_draws_new_random_scan_orders_at_each_replay():
     dev = torch.device("cuda")
     x, y = torch.randn(8, 3, 24, 24, device=dev), torch.randint(0, 10, (8,), device=dev)
     losses = {}
-    for graphs in (False, True):
+    for graphs in (True, False):                     # capture first: no autograd graph of an eager step alive
         runner = StepRunner(LossStep(m, "supervised", torch.nn.CrossEntropyLoss()), dev, amp=True, graphs=graphs)
         losses[graphs] = []
         for _ in range(4):                           # no optimizer step: same weights every call
@@ -182,6 +182,7 @@ def test_graphed_step_draws_new_random_scan_orders_at_each_replay():
             loss.backward()
             m.zero_grad(set_to_none=True)
             losses[graphs].append(loss.item())
+            del loss
     assert len(set(losses[False])) == 4 and len(set(losses[True])) == 4, losses
 
 

@@ -1,11 +1,11 @@
 """Fast path of a ViL block (DESIGN §6): the same function as `ViLBlock`'s plain forward, in fewer kernels.
 
-A block runs as three pieces: `block_pre` (pre-LayerNorm, up-projection, causal conv + SiLU, q/k/v and
-both gates), the mLSTM cell (`mal.kernels.mlstm`, eager: the fused Triton kernel on the GPU), and
-`block_post` (per-head norm, learnable skip, output gate, down-projection, residual). `block_pre` and
-`block_post` are pure functions of tensors, so one `torch.compile` of each serves every block of a model
-(and every model of the same shapes), and the compiled regions never trace the Triton kernel (tracing it
-into one whole-block graph failed in inductor 2.11: cumsum scan codegen and the kernel's compile).
+A block runs as four pieces: `block_up` (pre-LayerNorm, up-projection), `block_pre` (causal conv + SiLU,
+q/k/v and both gates), the mLSTM cell (`mal.kernels.mlstm`, eager: the fused Triton kernel on the GPU), and
+`block_post` (per-head norm, learnable skip, output gate, down-projection, residual). The three regions are
+pure functions of tensors, so one `torch.compile` of each serves every block of a model (and every model of
+the same shapes), and they never trace the Triton kernel (tracing it into one whole-block graph failed in
+inductor 2.11: cumsum scan codegen and the kernel's compile).
 
 Algebra used (exact in real arithmetic, so the fused block equals the plain one up to rounding):
   * the gates are linear in [q, k, v] and q, k, v are affine in (x_c, x_m), so
@@ -14,7 +14,9 @@ Algebra used (exact in real arithmetic, so the fused block equals the plain one 
   * the depthwise causal conv is K shifted multiply-adds (fused by the compiler with SiLU and q/k);
   * the 4x4 block-diagonal q/k/v maps are a broadcast multiply + sum over 4 inputs when compiled
     (a pointwise kernel; their weight gradients are the diagonal blocks of one GEMM), an einsum in eager mode;
-  * `block_post` recomputes x_c from x_m instead of keeping it alive for the backward.
+  * for the backward, `block_pre` and `block_post` save nothing but their inputs (`MEMORY_BUDGET`): x_c,
+    the conv's padded input, SiLU and the per-head norm are recomputed from xz and h, which the block keeps
+    anyway.
 Parameter names and state dicts are untouched: the fast path only reads the block's parameters.
 """
 from __future__ import annotations
@@ -97,12 +99,15 @@ def gate_weights(wg: torch.Tensor, bg: torch.Tensor, wq: torch.Tensor, bq: torch
     return w_c, w_m, b
 
 
-def block_pre(x, ln_w, ln_b, ln_eps: float, up_w, up_b, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg,
-              pointwise: bool = False):
-    """Block input x (B, S, D) -> xz (B, S, 2I), q, k, v (B, S, I) and gate pre-activations (B, S, 2NH)."""
-    I = up_w.shape[0] // 2
+def block_up(x, ln_w, ln_b, ln_eps: float, up_w, up_b):
+    """Block input x (B, S, D) -> up-projection xz (B, S, 2I) of its LayerNorm."""
     xn = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, ln_eps)                # (B, S, D)
-    xz = F.linear(xn, up_w, up_b)                                           # (B, S, 2I)
+    return F.linear(xn, up_w, up_b)                                         # (B, S, 2I)
+
+
+def block_pre(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg, pointwise: bool = False):
+    """xz (B, S, 2I) -> q, k, v (B, S, I) and gate pre-activations (B, S, 2NH)."""
+    I = xz.shape[-1] // 2
     x_m = xz[..., :I]                                                       # (B, S, I)
     x_c = causal_conv_silu(x_m, conv_w, conv_b)                             # (B, S, I)
     q = headwise(x_c, wq, bq, pointwise).to(xz.dtype)                       # (B, S, I)
@@ -110,7 +115,7 @@ def block_pre(x, ln_w, ln_b, ln_eps: float, up_w, up_b, conv_w, conv_b, wq, bq, 
     v = headwise(x_m, wv, bv, pointwise).to(xz.dtype)                       # (B, S, I)
     w_c, w_m, b = gate_weights(wg, bg, wq, bq, wk, bk, wv, bv)
     g = F.linear(x_c, w_c) + F.linear(x_m, w_m, b)                          # (B, S, 2NH)
-    return xz, q, k, v, g
+    return q, k, v, g
 
 
 def block_post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b):
@@ -127,12 +132,27 @@ def block_post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, do
 
 _COMPILED: dict = {}
 
+# Activation memory budget of each compiled region's forward/backward partition
+# (torch._functorch.config.activation_memory_budget: the fraction of the default partition's saved bytes).
+# 0 = save only the region's inputs and recompute the rest in the backward. block_pre and block_post are
+# pointwise work around two thin gate GEMMs and the down-projection (whose output the backward does not
+# need), so their backward recomputes x_c, the padded conv input, SiLU and the per-head norm from xz and h,
+# which are saved anyway (~47 -> ~30 saved bytes per token and model dim and block). block_up keeps the
+# default: at 0 it would recompute the up-projection GEMM.
+MEMORY_BUDGET = {"block_up": 1.0, "block_pre": 0.0, "block_post": 0.0}
+
 
 def _compiled(fn, mode: str | None):
-    """One torch.compile'd copy of `fn` per mode, shared by all blocks (static shapes)."""
+    """One torch.compile'd copy of `fn` per mode, shared by all blocks (static shapes), partitioned under
+    `MEMORY_BUDGET[fn.__name__]` (read when a call compiles; every call sets it, so recompiles agree)."""
     key = (fn.__name__, mode)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, dynamic=False, mode=mode)
+        compiled, budget = torch.compile(fn, dynamic=False, mode=mode), MEMORY_BUDGET[fn.__name__]
+
+        def call(*args, **kwargs):
+            with torch._functorch.config.patch(activation_memory_budget=budget):
+                return compiled(*args, **kwargs)
+        _COMPILED[key] = call
     return _COMPILED[key]
 
 
@@ -167,13 +187,14 @@ def block_forward(blk: nn.Module, x: torch.Tensor, fast: FastPath) -> torch.Tens
 def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool) -> torch.Tensor:
     """The block's residual branch (B, S, D), plus x when fuse_residual."""
     L, conv = blk.layer, blk.layer.conv.conv
+    up = _compiled(block_up, fast.mode) if fast.compile else block_up
     pre = _compiled(block_pre, fast.mode) if fast.compile else block_pre
     post = _compiled(block_post, fast.mode) if fast.compile else block_post
     wg = torch.cat([L.igate.weight, L.fgate.weight], 0)                     # (2NH, 3I)
     bg = torch.cat([L.igate.bias, L.fgate.bias], 0)                         # (2NH,)
-    xz, q, k, v, g = pre(x, blk.norm.weight, blk.norm.bias, blk.norm.eps, L.proj_up.weight, L.proj_up.bias,
-                         conv.weight, conv.bias, L.q_proj.weight, L.q_proj.bias, L.k_proj.weight, L.k_proj.bias,
-                         L.v_proj.weight, L.v_proj.bias, wg, bg, pointwise=fast.compile)
+    xz = up(x, blk.norm.weight, blk.norm.bias, blk.norm.eps, L.proj_up.weight, L.proj_up.bias)  # (B, S, 2I)
+    q, k, v, g = pre(xz, conv.weight, conv.bias, L.q_proj.weight, L.q_proj.bias, L.k_proj.weight,
+                     L.k_proj.bias, L.v_proj.weight, L.v_proj.bias, wg, bg, pointwise=fast.compile)
     B, S, _ = x.shape
     NH, DH = L.num_heads, L.inner // L.num_heads
     heads = lambda t: t.view(B, S, NH, DH).transpose(1, 2)                  # (B, NH, S, DH)
@@ -183,4 +204,4 @@ def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool
              L.proj_down.weight, L.proj_down.bias)                          # (B, S, D)
 
 
-__all__ = ["FastPath", "block_forward", "block_pre", "block_post", "gate_weights", "headwise", "causal_conv_silu"]
+__all__ = ["FastPath", "block_forward", "block_up", "block_pre", "block_post", "gate_weights", "headwise", "causal_conv_silu"]
