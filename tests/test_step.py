@@ -27,7 +27,6 @@ def test_graphs_only_on_one_cuda_process():
     assert not graphs_usable(False, torch.device("cuda"), DistInfo())
     assert not graphs_usable(True, torch.device("cpu"), DistInfo())
     assert not graphs_usable(True, torch.device("cuda"), DistInfo(rank=0, world_size=2))
-    assert not graphs_usable(True, torch.device("cuda"), DistInfo(), random_scan=True)
 
 
 def test_loss_step_is_the_model_loss():

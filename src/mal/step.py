@@ -36,14 +36,10 @@ class LossStep(nn.Module):
         return self.criterion(self.model(imgs).float(), second)
 
 
-def graphs_usable(want: bool, device: torch.device, info: DistInfo, random_scan: bool = False) -> bool:
-    """CUDA graphs need a CUDA device and one process (DDP's all-reduce hooks run eagerly). Steps whose
-    forward draws its own scan orders (`random_scan`: scan_order=random outside pretraining) also run
-    eagerly until a GPU run of `tests/test_step.py` has confirmed that each replay draws new orders."""
+def graphs_usable(want: bool, device: torch.device, info: DistInfo) -> bool:
+    """CUDA graphs need a CUDA device and one process (DDP's all-reduce hooks run eagerly). A forward that
+    draws random scan orders is captured too: it draws them on the GPU, so every replay draws new ones."""
     if not want:
-        return False
-    if random_scan:
-        log.info("cuda_graph: off, the forward draws random scan orders; steps run eagerly")
         return False
     if device.type != "cuda":
         log.info("cuda_graph: no CUDA device, steps run eagerly")

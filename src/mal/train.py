@@ -342,8 +342,7 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
 
     criterion, mixup = build_criterion(cfg, num_classes)
     runner = StepRunner(LossStep(model, cfg.task, criterion), device, cfg.amp,
-                        graphs_usable(cfg.cuda_graph, device, info, random_scan=cfg.task != "pretrain"
-                                      and cfg.model.scan_order == "random"), o.accum_steps)
+                        graphs_usable(cfg.cuda_graph, device, info), o.accum_steps)
     runner.zero_grad(optimizer)
     metrics = MetricsLog(run_dir, info.is_main)
     metrics.truncate_after(step)
