@@ -9,9 +9,10 @@ the fused block (x bf16 activations, W float32 parameters, autocast semantics):
   inductor_pointwise  broadcast-multiply-sum under torch.compile, autograd's own backward
                       (dW becomes an inductor reduction over all N tokens)
   einsum_eager        torch.einsum (batched GEMMs of shape (nb) x (N, bs) x (bs, bs)) in eager mode
-  dense_gemm_diag     what `mal.fused.headwise(pointwise=True)` does, compiled: forward pointwise,
-                      dW = diagonal blocks of one dense GEMM g^T x of shape (nb*bs, N) x (N, nb*bs)
-                      (tensor cores; nb x the needed FLOPs)
+  triton_wgrad        what `mal.fused.headwise(pointwise=True)` does on the GPU, compiled: forward pointwise,
+                      dW from `mal.kernels.headwise_triton` (64-channel tile products over token chunks)
+  dense_gemm_diag     forward pointwise, dW = diagonal blocks of one dense GEMM g^T x of shape
+                      (nb*bs, N) x (N, nb*bs) (tensor cores; nb x the needed FLOPs; mal's CPU/fp32 form)
   chunked_bmm_diag    same, but the GEMM per chunk of C features: bmm of (I/C) x (C, N) x (N, C), diagonal
                       blocks kept (C/bs x the needed FLOPs)
   per_block_bmm       same, dW as nb batched (bs, N) x (N, bs) products (exact FLOPs, tiny GEMMs)
@@ -62,7 +63,8 @@ def pointwise_autograd(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 class GemmHeadwise(torch.autograd.Function):
-    """Pointwise forward; backward with dx pointwise and dW from a chunked GEMM or per-block products."""
+    """Pointwise forward; backward with dx pointwise and dW from a dense (chunk 0) or chunked GEMM, or
+    per-block products (chunk < 0)."""
 
     @staticmethod
     def forward(ctx, x, w, chunk: int):
@@ -80,6 +82,8 @@ class GemmHeadwise(torch.autograd.Function):
         g2, x2 = gy.reshape(-1, gy.shape[-1]).to(dt), x.reshape(-1, x.shape[-1]).to(dt)
         if ctx.chunk < 0:                                                    # batched (bs x N) @ (N x bs) per block
             gw = torch.einsum("nho,nhi->hoi", g2.unflatten(-1, (nb, bs)), x2.unflatten(-1, (nb, bs)))
+        elif ctx.chunk == 0:                                                 # one dense GEMM, diagonal blocks
+            gw = torch.diagonal((g2.t() @ x2).view(nb, bs, nb, bs), dim1=0, dim2=2).permute(2, 0, 1)
         else:
             gw = chunk_diag(g2, x2, nb, bs, ctx.chunk)
         return gx, gw.to(w.dtype), None
@@ -87,14 +91,16 @@ class GemmHeadwise(torch.autograd.Function):
 
 def candidates():
     compiled = torch.compile(pointwise_autograd, dynamic=False)
-    gemm = torch.compile(lambda x, w: headwise(x, w, None, True), dynamic=False)
+    fused = torch.compile(lambda x, w: headwise(x, w, None, True), dynamic=False)
+    dense = torch.compile(lambda x, w: GemmHeadwise.apply(x, w, 0), dynamic=False)
     chunk = torch.compile(lambda x, w: GemmHeadwise.apply(x, w, 64), dynamic=False)
     per_block = torch.compile(lambda x, w: GemmHeadwise.apply(x, w, -1), dynamic=False)
     return {
         "inductor_pointwise": compiled,
         "einsum_eager": lambda x, w: headwise(x.to(torch.float32) if x.dtype == torch.float64 else x,
                                               w.to(x.dtype), None, False),
-        "dense_gemm_diag": gemm,
+        "triton_wgrad": fused,
+        "dense_gemm_diag": dense,
         "chunked_bmm_diag": chunk,
         "per_block_bmm": per_block,
     }

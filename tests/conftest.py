@@ -1,7 +1,10 @@
 """Shared fixtures: a small real-image ImageFolder (CIFAR-10 JPEGs from ../shared/data when present)."""
+import importlib.util
 import os
+import subprocess
 import sys
 import tarfile
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_TAR = REPO.parent / "shared/data/cifar10-jpeg.tar.gz"
 SUBSET_CLASSES = ("airplane", "automobile", "frog")
+INTERPRETER_MIN_TRITON = (3, 8)   # older interpreters cannot loop to bounds computed from program_id
 
 
 def _extract_cifar(root: Path, per_class: dict[str, int]) -> None:
@@ -62,3 +66,23 @@ def _few_threads():
     torch.set_num_threads(min(n, int(os.environ.get("MAL_TEST_THREADS", "2"))))
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def triton_interpreter():
+    """A runner for a Python script under Triton's CPU interpreter (TRITON_INTERPRET=1, src/ on the path) that
+    must print "ok"; skips without triton, or with one whose interpreter is too old for our kernels."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    import triton
+    version = tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit())
+    if version < INTERPRETER_MIN_TRITON:
+        pytest.skip(f"Triton's interpreter needs triton >= {INTERPRETER_MIN_TRITON} for these kernels")
+
+    def run(script: str) -> None:
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    return run

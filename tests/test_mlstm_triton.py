@@ -10,10 +10,6 @@ GPU tests skip without CUDA; the CPU tests check dispatch and run the kernels in
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -21,12 +17,6 @@ import torch
 from mal.kernels import mlstm_parallel, resolve_backend
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRETER_MIN_TRITON = (3, 8)   # older interpreters cannot loop to bounds computed from program_id
-
-
-def _triton_version() -> tuple[int, ...]:
-    import triton
-    return tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit())
 HAS_CUDA = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
 
@@ -123,12 +113,9 @@ def test_cpu_dispatch():
         resolve_backend(q, q, q, i, i, backend="triton")
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_interpreter_matches_float64_on_cpu():
+def test_interpreter_matches_float64_on_cpu(triton_interpreter):
     """The kernels' math (fp32 path, forward and backward) in Triton's CPU interpreter, small shapes."""
-    if _triton_version() < INTERPRETER_MIN_TRITON:
-        pytest.skip(f"Triton's interpreter needs triton >= {INTERPRETER_MIN_TRITON} for these kernels")
-    script = textwrap.dedent("""
+    triton_interpreter("""
         import torch
         from mal.kernels import mlstm_parallel
         from mal.kernels.mlstm_triton import mlstm_triton
@@ -150,8 +137,3 @@ def test_interpreter_matches_float64_on_cpu():
                 assert e_tri <= 2.0 * e_tor + 2e-5, (S, DH, gs, e_tri, e_tor)
         print("ok")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    src = os.path.join(os.path.dirname(__file__), "..", "src")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(src), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

@@ -30,14 +30,20 @@ import torch.utils.checkpoint
 
 from .kernels import mlstm
 
+try:  # the Triton weight-gradient kernel for the block-diagonal maps (CUDA, fp16/bf16)
+    from .kernels import headwise_triton
+except ImportError:
+    headwise_triton = None
+
 
 class _HeadwiseGemmGrad(torch.autograd.Function):
-    """Block-diagonal map with pointwise forward and input gradient, and the weight gradient from one GEMM.
+    """Block-diagonal map with pointwise forward and input gradient, and the weight gradient on tensor cores.
 
     The weight gradient dW[h] = sum_n g[n, h, :]^T x[n, h, :] is a reduction over all tokens; written
-    pointwise, inductor turns it into slow reductions (14 % of a CIFAR MAL-T step). Here it is the diagonal
-    (bs, bs) blocks of the dense product g^T x (I, N) @ (N, I): I/bs times the needed FLOPs, but on tensor
-    cores and limited by reading x and g once (benchmarks/headwise_grad.py measures the alternatives).
+    pointwise, inductor turns it into slow reductions (14 % of a CIFAR MAL-T step). On CUDA in fp16/bf16 it
+    is `kernels.headwise_triton` (64-channel tile products over token chunks, diagonal blocks kept); else the
+    diagonal (bs, bs) blocks of the dense product g^T x (I, N) @ (N, I), I/bs times the needed FLOPs
+    (benchmarks/headwise_grad.py measures the alternatives).
     """
 
     @staticmethod
@@ -53,8 +59,12 @@ class _HeadwiseGemmGrad(torch.autograd.Function):
         gx = (gy.unflatten(-1, (nb, bs, 1)) * weight).sum(-2).flatten(-2)   # (..., nb*bs)
         low = x.dtype in (torch.bfloat16, torch.float16)                    # autocast: GEMM in the activations' dtype
         dt = x.dtype if low else torch.promote_types(x.dtype, gy.dtype)
-        full = gy.reshape(-1, nb * bs).to(dt).t() @ x.reshape(-1, nb * bs).to(dt)  # (nb*bs, nb*bs)
-        gw = torch.diagonal(full.view(nb, bs, nb, bs), dim1=0, dim2=2).permute(2, 0, 1)  # (nb, bs, bs)
+        g2, x2 = gy.reshape(-1, nb * bs).to(dt), x.reshape(-1, nb * bs)       # (N, I) each
+        if headwise_triton is not None and headwise_triton.supports(g2, x2, bs):
+            gw = headwise_triton.headwise_wgrad(g2, x2, bs)                 # (nb, bs, bs) float32
+        else:
+            full = g2.t() @ x2.to(dt)                                       # (nb*bs, nb*bs)
+            gw = torch.diagonal(full.view(nb, bs, nb, bs), dim1=0, dim2=2).permute(2, 0, 1)  # (nb, bs, bs)
         return gx.to(x.dtype), gw.to(weight.dtype)
 
 
