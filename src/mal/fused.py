@@ -13,7 +13,8 @@ Algebra used (exact in real arithmetic, so the fused block equals the plain one 
     and the (B, S, 3I) concatenation and its two GEMMs become two thin GEMMs on tensors we have anyway;
   * the depthwise causal conv is K shifted multiply-adds (fused by the compiler with SiLU and q/k);
   * the 4x4 block-diagonal q/k/v maps are a broadcast multiply + sum over 4 inputs when compiled
-    (a pointwise kernel; their weight gradients are the diagonal blocks of one GEMM), an einsum in eager mode;
+    (a pointwise kernel; their weight gradients from `kernels.headwise_triton` on the GPU, else the diagonal
+    blocks of one GEMM), an einsum in eager mode;
   * for the backward, `block_pre` and `block_post` save nothing but their inputs (`MEMORY_BUDGET`): x_c,
     the conv's padded input, SiLU and the per-head norm are recomputed from xz and h, which the block keeps
     anyway.
@@ -214,4 +215,5 @@ def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool
              L.proj_down.weight, L.proj_down.bias)                          # (B, S, D)
 
 
-__all__ = ["FastPath", "block_forward", "block_up", "block_pre", "block_post", "gate_weights", "headwise", "causal_conv_silu"]
+__all__ = ["FastPath", "block_forward", "block_up", "block_pre", "block_post", "gate_weights", "headwise",
+           "causal_conv_silu", "MEMORY_BUDGET"]

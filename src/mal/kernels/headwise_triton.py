@@ -41,10 +41,11 @@ def _wgrad_kernel(G, X, OUT, N, stride_g, stride_x, CHUNK_N: tl.constexpr, C: tl
 
 
 def supports(g: torch.Tensor, x: torch.Tensor, bs: int) -> bool:
-    """CUDA fp16/bf16 (N, I) inputs with unit channel stride, GROUP | I, bs | GROUP."""
+    """CUDA fp16/bf16 (N, I) inputs with unit channel stride, GROUP | I, bs | GROUP, offsets within int32."""
     return (g.dim() == 2 and g.shape == x.shape and g.dtype == x.dtype and g.dtype in SUPPORTED_DTYPES
             and g.device == x.device and g.device.type == "cuda" and g.stride(1) == 1 and x.stride(1) == 1
-            and g.shape[1] % GROUP == 0 and GROUP % bs == 0 and g.shape[0] > 0)
+            and g.shape[1] % GROUP == 0 and GROUP % bs == 0 and g.shape[0] > 0
+            and (g.shape[0] + CHUNK) * max(g.stride(0), x.stride(0)) < 2 ** 31)
 
 
 @torch.library.custom_op("mal::headwise_wgrad", mutates_args=())
