@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import cuda_times  # noqa: E402
 
-from mal.fused import headwise  # noqa: E402
+from mal.fused import headwise, headwise_wgrad_dense  # noqa: E402
 
 SHAPES = {  # name: (tokens N, inner dim I) for the blocks' q/k/v maps
     "T cifar pretrain (256x128, I=384)": (256 * 128, 384),
@@ -83,7 +83,7 @@ class GemmHeadwise(torch.autograd.Function):
         if ctx.chunk < 0:                                                    # batched (bs x N) @ (N x bs) per block
             gw = torch.einsum("nho,nhi->hoi", g2.unflatten(-1, (nb, bs)), x2.unflatten(-1, (nb, bs)))
         elif ctx.chunk == 0:                                                 # one dense GEMM, diagonal blocks
-            gw = torch.diagonal((g2.t() @ x2).view(nb, bs, nb, bs), dim1=0, dim2=2).permute(2, 0, 1)
+            gw = headwise_wgrad_dense(g2, x2, bs)
         else:
             gw = chunk_diag(g2, x2, nb, bs, ctx.chunk)
         return gx, gw.to(w.dtype), None

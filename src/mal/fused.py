@@ -37,6 +37,14 @@ except ImportError:
     headwise_triton = None
 
 
+def headwise_wgrad_dense(g: torch.Tensor, x: torch.Tensor, bs: int) -> torch.Tensor:
+    """Weight gradient of a block-diagonal map as the diagonal (bs, bs) blocks of one dense GEMM:
+    g, x (N, nb*bs) -> (nb, bs, bs), I/bs times the needed FLOPs (the fallback of `kernels.headwise_triton`)."""
+    nb = x.shape[1] // bs
+    full = g.t() @ x                                                        # (nb*bs, nb*bs)
+    return torch.diagonal(full.view(nb, bs, nb, bs), dim1=0, dim2=2).permute(2, 0, 1)  # (nb, bs, bs)
+
+
 class _HeadwiseGemmGrad(torch.autograd.Function):
     """Block-diagonal map with pointwise forward and input gradient, and the weight gradient on tensor cores.
 
@@ -64,8 +72,7 @@ class _HeadwiseGemmGrad(torch.autograd.Function):
         if headwise_triton is not None and headwise_triton.supports(g2, x2, bs):
             gw = headwise_triton.headwise_wgrad(g2, x2, bs)                 # (nb, bs, bs) float32
         else:
-            full = g2.t() @ x2.to(dt)                                       # (nb*bs, nb*bs)
-            gw = torch.diagonal(full.view(nb, bs, nb, bs), dim1=0, dim2=2).permute(2, 0, 1)  # (nb, bs, bs)
+            gw = headwise_wgrad_dense(g2, x2.to(dt), bs)                    # (nb, bs, bs)
         return gx.to(x.dtype), gw.to(weight.dtype)
 
 
@@ -216,4 +223,4 @@ def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool
 
 
 __all__ = ["FastPath", "block_forward", "block_up", "block_pre", "block_post", "gate_weights", "headwise",
-           "causal_conv_silu", "MEMORY_BUDGET"]
+           "headwise_wgrad_dense", "causal_conv_silu", "MEMORY_BUDGET"]
