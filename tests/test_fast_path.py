@@ -213,7 +213,8 @@ def test_compiled_regions_save_only_their_inputs_and_recompute_no_gemm(monkeypat
     """Under the fast path's partition (MEMORY_BUDGET) a block keeps for its backward the block input, its
     LayerNorm output, xz and the cell's q, k, v, h: less than the default partition, with the same backward
     matrix-multiply FLOPs on tokens (only pointwise work and the weight-sized gate precomposition are
-    recomputed), and the same output and gradients."""
+    recomputed), and the same output and gradients. (recompute_qkv is off here: its saving is tested below, and
+    its recompute of the pre-region would run a compiled graph under the FLOP counter's dispatch mode.)"""
     from torch.utils.flop_counter import FlopCounterMode
     monkeypatch.setattr(fused, "mlstm", lambda q, k, v, i, f, backend=None: _CellStub.apply(q, k, v, i, f))
     real = torch.compile
@@ -230,7 +231,7 @@ def test_compiled_regions_save_only_their_inputs_and_recompute_no_gemm(monkeypat
         monkeypatch.setattr(fused, "MEMORY_BUDGET", budget)
         fused._COMPILED.clear()
         torch._dynamo.reset()
-        blk.fast_path(compile=True)
+        blk.fast_path(compile=True, recompute_qkv=False)
         saved: dict = {}
 
         def pack(t):                                 # activations: (B, ...) or (B*S, ...); not weight-sized
@@ -258,6 +259,91 @@ def test_compiled_regions_save_only_their_inputs_and_recompute_no_gemm(monkeypat
     assert _rel(y, y_ref) < tol
     for a, b in zip(g, g_ref):
         assert _rel(a, b) < tol
+
+
+def _pre_and_cell_spies(monkeypatch):
+    """Record weak references to every q, k, v the cell receives and count the pre-region's calls."""
+    import weakref
+    seen, calls = [], {"pre": 0}
+    real_mlstm, real_pre = fused.mlstm, fused.block_pre
+
+    def cell(q, k, v, i, f, backend=None):
+        seen.extend(weakref.ref(t._base if t._base is not None else t) for t in (q, k, v))
+        return _CellStub.apply(q, k, v, i, f)
+
+    def pre(*args, **kwargs):
+        calls["pre"] += 1
+        return real_pre(*args, **kwargs)
+    pre.__name__ = "block_pre"
+    monkeypatch.setattr(fused, "mlstm", cell)
+    monkeypatch.setattr(fused, "block_pre", pre)
+    return seen, calls
+
+
+@pytest.mark.parametrize("compile,autocast", [(False, False), (True, False), (True, True)])
+def test_recompute_qkv_frees_q_k_v_and_gives_the_same_gradients(monkeypatch, compile, autocast):
+    """recompute_qkv: after the forward no q, k or v of the cell is alive (kept: all are), the backward
+    re-runs the pre-region once per block, and output and every gradient are bitwise those of keeping them."""
+    seen, calls = _pre_and_cell_spies(monkeypatch)
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="aot_eager_decomp_partition",
+                                                                fullgraph=True))
+    torch.manual_seed(0)
+    blk = ViLBlock(32, num_heads=4, num_blocks=4).train()
+    _randomize(blk, 8)
+    x = torch.randn(3, 12, 32)
+    results = {}
+    try:
+        for recompute in (False, True):
+            fused._COMPILED.clear()
+            torch._dynamo.reset()
+            blk.fast_path(compile=compile, recompute_qkv=recompute)
+            seen.clear()
+            calls["pre"] = 0
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                blk.zero_grad(set_to_none=True)
+                x_ = x.clone().requires_grad_(True)
+                y = blk(x_)
+            alive = sum(r() is not None for r in seen)
+            assert alive == (0 if recompute else 3), (recompute, alive)
+            assert calls["pre"] == 1
+            y.float().square().sum().backward()
+            assert calls["pre"] == (2 if recompute else 1)
+            results[recompute] = [y.detach(), x_.grad] + [p.grad for p in blk.parameters()]
+    finally:
+        fused._COMPILED.clear()
+        blk.fast_path(enabled=False)
+    for a, b in zip(results[True], results[False]):
+        assert torch.equal(a, b)
+
+
+def test_recompute_qkv_is_off_without_grad_and_under_checkpoint(monkeypatch):
+    seen, calls = _pre_and_cell_spies(monkeypatch)
+    torch.manual_seed(0)
+    blk = ViLBlock(16, num_heads=4, num_blocks=4).train()
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    blk.fast_path(compile=False, checkpoint=True)                          # checkpoint recomputes the block
+    blk(x).sum().backward()
+    assert calls["pre"] == 2                                                 # forward + checkpoint's recompute
+    blk.fast_path(compile=False)
+    with torch.no_grad():
+        blk(x)
+    assert calls["pre"] == 3
+
+
+def test_recompute_qkv_raises_a_clear_error_when_the_recompute_differs():
+    """A recompute whose outputs have another memory layout than the forward's cannot rebuild the saved views."""
+    x = torch.randn(2, 3, 8)
+    q = x * 2                                                                # (2, 3, 8) contiguous
+    other_layout = lambda t: ((t * 2).transpose(0, 1).contiguous().transpose(0, 1),)  # same values, strides differ
+    hooks = fused.RecomputeQKV(other_layout, (x,), {}, (q,))
+    assert hooks.pack(x) is x                                                # not q's storage: kept as is
+    token = hooks.pack(q[:, 1])
+    assert not isinstance(token, torch.Tensor)
+    with pytest.raises(RuntimeError, match="recompute_qkv=False"):
+        hooks.unpack(token)
+    same = fused.RecomputeQKV(lambda t: (t * 2,), (x,), {}, (q,))
+    assert torch.equal(same.unpack(same.pack(q[:, 1])), q[:, 1])
 
 
 def test_fast_path_keeps_state_dict_and_model_output():
@@ -311,3 +397,31 @@ def test_compiled_fast_path_bf16_matches_plain_path_on_gpu(dim, seq, checkpoint)
     for name in g_ref:
         e_plain, e_fast = _rel(g_plain[name], g_ref[name]), _rel(g[name], g_ref[name])
         assert e_fast <= BF16_REL_SLACK * e_plain + BF16_REL_FLOOR, (name, e_fast, e_plain)
+
+
+@needs_gpu
+def test_recompute_qkv_on_gpu_frees_q_k_v_with_bitwise_equal_gradients():
+    """Compiled regions + Triton cell in bf16: recompute_qkv keeps 3 (B, S, I) bf16 tensors less after the
+    forward, and output and every gradient are bitwise those of keeping q, k, v."""
+    torch.manual_seed(0)
+    blk = ViLBlock(192, num_heads=4, num_blocks=24, backend="auto").cuda().train()
+    _randomize(blk, 9)
+    x = torch.randn(16, 196, 192, device="cuda")
+    results, kept = {}, {}
+    for recompute in (False, True):
+        blk.fast_path(compile=True, recompute_qkv=recompute)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _out_and_grads(blk, x)                                           # compile outside the measurement
+            torch.cuda.synchronize()
+            x_ = x.clone().requires_grad_(True)
+            before = torch.cuda.memory_allocated()
+            y = blk(x_)
+            kept[recompute] = torch.cuda.memory_allocated() - before
+            del y, x_
+            results[recompute] = _out_and_grads(blk, x)
+    qkv_bytes = 3 * x.shape[0] * x.shape[1] * 2 * 192 * 2                    # 3 x (B, S, I=2D) in bf16
+    assert kept[False] - kept[True] >= 0.95 * qkv_bytes, (kept, qkv_bytes)
+    (out_a, g_a), (out_b, g_b) = results[True], results[False]
+    assert torch.equal(out_a, out_b)
+    for name in g_b:
+        assert torch.equal(g_a[name], g_b[name]), name

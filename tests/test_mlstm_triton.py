@@ -135,5 +135,22 @@ def test_interpreter_matches_float64_on_cpu(triton_interpreter):
                 e_tri = ((a.double() - r).norm() / r.norm()).item()
                 e_tor = ((b.double() - r).norm() / r.norm()).item()
                 assert e_tri <= 2.0 * e_tor + 2e-5, (S, DH, gs, e_tri, e_tor)
+        # head views of (B, S, NH*DH) tensors, as the fused block passes them: gradients come back in that layout
+        B, S, NH, DH = 2, 19, 2, 32
+        bases = [torch.randn(B, S, NH * DH) for _ in range(3)]
+        gates = [torch.randn(B, NH, S) for _ in range(2)]
+        dh = torch.randn(B, NH, S, DH)
+        res = []
+        for fn, dt in ((mlstm_triton, torch.float32), (mlstm_parallel, torch.float64)):
+            leaves = [x.to(dt).requires_grad_() for x in bases + gates]
+            heads = [t.view(B, S, NH, DH).transpose(1, 2) for t in leaves[:3]]
+            out = fn(*heads, *leaves[3:])
+            res.append(list(torch.autograd.grad(out, leaves, dh.to(dt))))
+            if fn is mlstm_triton:
+                views = [t.detach().requires_grad_() for t in heads]
+                grads = torch.autograd.grad(fn(*views, *leaves[3:]), views, dh)
+                assert all(g.stride() == t.stride() for g, t in zip(grads, views))
+        for a, r in zip(*res):
+            assert ((a.double() - r).norm() / r.norm()).item() < 1e-4
         print("ok")
     """)

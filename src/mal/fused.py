@@ -17,7 +17,8 @@ Algebra used (exact in real arithmetic, so the fused block equals the plain one 
     blocks of one GEMM), an einsum in eager mode;
   * for the backward, `block_pre` and `block_post` save nothing but their inputs (`MEMORY_BUDGET`): x_c,
     the conv's padded input, SiLU and the per-head norm are recomputed from xz and h, which the block keeps
-    anyway.
+    anyway; and the cell's saved q, k, v are recomputed by re-running `block_pre` when the cell's backward
+    needs them (`RecomputeQKV`), so a block keeps x, its LayerNorm output, xz and h.
 Parameter names and state dicts are untouched: the fast path only reads the block's parameters.
 """
 from __future__ import annotations
@@ -31,10 +32,10 @@ import torch.utils.checkpoint
 
 from .kernels import mlstm
 
-try:  # the Triton weight-gradient kernel for the block-diagonal maps (CUDA, fp16/bf16)
-    from .kernels import headwise_triton
+try:  # Triton kernels of the block (CUDA, fp16/bf16): q/k/v weight gradient, and the whole pre-cell step
+    from .kernels import headwise_triton, qkv_triton
 except ImportError:
-    headwise_triton = None
+    headwise_triton = qkv_triton = None
 
 
 def headwise_wgrad_dense(g: torch.Tensor, x: torch.Tensor, bs: int) -> torch.Tensor:
@@ -43,6 +44,20 @@ def headwise_wgrad_dense(g: torch.Tensor, x: torch.Tensor, bs: int) -> torch.Ten
     nb = x.shape[1] // bs
     full = g.t() @ x                                                        # (nb*bs, nb*bs)
     return torch.diagonal(full.view(nb, bs, nb, bs), dim1=0, dim2=2).permute(2, 0, 1)  # (nb, bs, bs)
+
+
+def headwise_wgrad(g: torch.Tensor, x: torch.Tensor, bs: int) -> torch.Tensor:
+    """Weight gradient of a block-diagonal map, g, x (N, nb*bs) -> (nb, bs, bs): the Triton kernel where it
+    applies (CUDA fp16/bf16), else the dense-GEMM form."""
+    if headwise_triton is not None and headwise_triton.supports(g, x, bs):
+        return headwise_triton.headwise_wgrad(g, x, bs)                     # (nb, bs, bs) float32
+    return headwise_wgrad_dense(g, x, bs)                                   # (nb, bs, bs)
+
+
+def headwise_input_grad(gy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Input gradient of a block-diagonal map: gy (..., nb*bs), weight (nb, out, in) -> (..., nb*bs)."""
+    nb, bs = weight.shape[0], weight.shape[-1]
+    return (gy.unflatten(-1, (nb, bs, 1)) * weight).sum(-2).flatten(-2)      # (..., nb*bs)
 
 
 class _HeadwiseGemmGrad(torch.autograd.Function):
@@ -65,15 +80,11 @@ class _HeadwiseGemmGrad(torch.autograd.Function):
     def backward(ctx, gy: torch.Tensor):
         x, weight = ctx.saved_tensors
         nb, bs = weight.shape[0], weight.shape[-1]
-        gx = (gy.unflatten(-1, (nb, bs, 1)) * weight).sum(-2).flatten(-2)   # (..., nb*bs)
+        gx = headwise_input_grad(gy, weight)                                # (..., nb*bs)
         low = x.dtype in (torch.bfloat16, torch.float16)                    # autocast: GEMM in the activations' dtype
         dt = x.dtype if low else torch.promote_types(x.dtype, gy.dtype)
-        g2, x2 = gy.reshape(-1, nb * bs).to(dt), x.reshape(-1, nb * bs)       # (N, I) each
-        if headwise_triton is not None and headwise_triton.supports(g2, x2, bs):
-            gw = headwise_triton.headwise_wgrad(g2, x2, bs)                 # (nb, bs, bs) float32
-        else:
-            gw = headwise_wgrad_dense(g2, x2.to(dt), bs)                    # (nb, bs, bs)
-        return gx.to(x.dtype), gw.to(weight.dtype)
+        g2, x2 = gy.reshape(-1, nb * bs).to(dt), x.reshape(-1, nb * bs).to(dt)  # (N, I) each
+        return gx.to(x.dtype), headwise_wgrad(g2, x2, bs).to(weight.dtype)
 
 
 def headwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pointwise: bool) -> torch.Tensor:
@@ -136,6 +147,75 @@ def block_pre(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg, pointwise: boo
     return q, k, v, g
 
 
+def block_pre_vjp(xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, dq, dk, dv, dg):
+    """Backward of `block_pre` written out: gradients of xz (B, S, 2I), the conv weight and bias, the q/k/v
+    weights and biases, and the precomposed gate weights w_c, w_m (G, I) and bias (G,). The gate GEMMs run
+    in xz's dtype (as autocast's linear does); x_c and the conv's pre-activation are recomputed from xz."""
+    B, S, two_i = xz.shape
+    I, K, dt = two_i // 2, conv_w.shape[-1], xz.dtype
+    acc = torch.promote_types(dt, torch.float32)                            # float32, or float64 in tests
+    x_m = xz[..., :I]                                                       # (B, S, I)
+    xp = F.pad(x_m, (0, 0, K - 1, 0))                                       # (B, S+K-1, I)
+    w = conv_w[:, 0, :].t()                                                 # (K, I)
+    y = conv_b + sum(xp[:, j:j + S] * w[j] for j in range(K))               # (B, S, I) float32 pre-activation
+    sig = torch.sigmoid(y)
+    x_c = (y * sig).to(dt)                                                  # (B, S, I)
+    dg = dg.to(dt)                                                          # (B, S, G)
+    dx_c = headwise_input_grad(dq, wq) + headwise_input_grad(dk, wk) + (dg @ w_c.to(dt)).to(acc)  # (B, S, I)
+    dx_m = headwise_input_grad(dv, wv) + (dg @ w_m.to(dt)).to(acc)          # (B, S, I)
+    dy = dx_c * (sig * (1 + y * (1 - sig)))                                 # (B, S, I) through SiLU
+    dyp = F.pad(dy, (0, 0, 0, K - 1))                                       # (B, S+K-1, I)
+    dx_m = dx_m + sum(dyp[:, K - 1 - j:K - 1 - j + S] * w[j] for j in range(K))  # (B, S, I) through the conv
+    d_conv_w = torch.stack([(dy * xp[:, j:j + S]).sum((0, 1)) for j in range(K)], -1).unsqueeze(1)  # (I, 1, K)
+    bs = wq.shape[-1]
+    flat = lambda t: t.reshape(-1, I)                                        # (N, I)
+    dg2 = dg.reshape(-1, dg.shape[-1])                                      # (N, G)
+    return (F.pad(dx_m, (0, I)).to(dt), d_conv_w, dy.sum((0, 1)),
+            headwise_wgrad(flat(dq).to(dt), flat(x_c), bs), dq.to(acc).sum((0, 1)),
+            headwise_wgrad(flat(dk).to(dt), flat(x_c), bs), dk.to(acc).sum((0, 1)),
+            headwise_wgrad(flat(dv).to(dt), flat(x_m), bs), dv.to(acc).sum((0, 1)),
+            (dg2.t() @ flat(x_c)).to(acc), (dg2.t() @ flat(x_m)).to(acc), dg2.to(acc).sum(0))
+
+
+class _QKVGates(torch.autograd.Function):
+    """`block_pre` as one Triton kernel forward (`kernels.qkv_triton`; `block_pre` itself without it) and the
+    written-out backward `block_pre_vjp` (compiled when `compiled`). Saves only its inputs."""
+
+    @staticmethod
+    def forward(ctx, compiled, mode, xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg):
+        w_c, w_m, b = gate_weights(wg, bg, wq, bq, wk, bk, wv, bv)
+        NG = w_c.shape[0]
+        if qkv_triton is not None and qkv_triton.supports(xz, conv_w, wq, bq, bk, bv, NG):
+            q, k, v, g = qkv_triton.qkv_gates(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, w_c, w_m, b)
+        else:
+            q, k, v, g = block_pre(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg)
+        ctx.save_for_backward(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg)
+        ctx.compiled, ctx.mode = compiled, mode
+        return q, k, v, g
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv, dg):
+        xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg = ctx.saved_tensors
+        I = xz.shape[-1] // 2
+        zero = lambda d, n: d if d is not None else xz.new_zeros(*xz.shape[:2], n)
+        dq, dk, dv, dg = zero(dq, I), zero(dk, I), zero(dv, I), zero(dg, wg.shape[0])
+        with torch.enable_grad():
+            wts = [t.detach().requires_grad_() for t in (wg, bg, wq, bq, wk, bk, wv, bv)]
+            w_c, w_m, b = gate_weights(*wts)                                # weight-sized precomposition
+        vjp = _compiled(block_pre_vjp, ctx.mode) if ctx.compiled else block_pre_vjp
+        dxz, dcw, dcb, dwq, dbq, dwk, dbk, dwv, dbv, d_wc, d_wm, d_b = vjp(
+            xz, conv_w, conv_b, wq, wk, wv, w_c.detach(), w_m.detach(), dq, dk, dv, dg)
+        gwg, gbg, gwq, gbq, gwk, gbk, gwv, gbv = torch.autograd.grad((w_c, w_m, b), wts, (d_wc, d_wm, d_b))
+        return (None, None, dxz, dcw, dcb, dwq + gwq, dbq + gbq, dwk + gwk, dbk + gbk, dwv + gwv, dbv + gbv,
+                gwg, gbg)
+
+
+def block_pre_fused(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg, compiled: bool = True,
+                    mode: str | None = None):
+    """`block_pre` through `_QKVGates`: the Triton kernel forward on CUDA in fp16/bf16 (`qkv_triton.supports`)."""
+    return _QKVGates.apply(compiled, mode, xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg)
+
+
 def block_post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b):
     """Cell output h (B, NH, S, DH) + xz (B, S, 2I) -> down-projected branch (B, S, D), plus residual if given."""
     B, NH, S, DH = h.shape
@@ -165,13 +245,61 @@ def _compiled(fn, mode: str | None):
     `MEMORY_BUDGET[fn.__name__]` (read when a call compiles; every call sets it, so recompiles agree)."""
     key = (fn.__name__, mode)
     if key not in _COMPILED:
-        compiled, budget = torch.compile(fn, dynamic=False, mode=mode), MEMORY_BUDGET[fn.__name__]
+        compiled, budget = torch.compile(fn, dynamic=False, mode=mode), MEMORY_BUDGET.get(fn.__name__)
 
         def call(*args, **kwargs):
+            if budget is None:                                              # no autograd: nothing to partition
+                return compiled(*args, **kwargs)
             with torch._functorch.config.patch(activation_memory_budget=budget):
                 return compiled(*args, **kwargs)
         _COMPILED[key] = call
     return _COMPILED[key]
+
+
+class RecomputeQKV:
+    """Saved-tensor hooks around the mLSTM cell: q, k, v are stored as recipes, not tensors.
+
+    The cell's autograd saves q, k, v (3 x (B, S, I) per block, 12 bytes per token and model dim in bf16).
+    `pack` replaces every saved tensor that lives in the storage of q, k or v by its view's layout; the first
+    `unpack` (in the cell's backward) re-runs the pre-region on the inputs it was called with, in the same
+    grad and autocast mode, so the same compiled graph returns the same values, and rebuilds the views.
+    The inputs (xz and weights) are kept by the block anyway. Cost: one pre-region forward per block backward.
+    """
+
+    def __init__(self, fn, args: tuple, kwargs: dict, outs: tuple[torch.Tensor, ...]):
+        self.fn, self.kwargs = fn, kwargs
+        self.args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        self.grad = tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        self.storage = {o.untyped_storage().data_ptr(): j for j, o in enumerate(outs)}
+        self.layout = [(o.shape, o.stride(), o.storage_offset()) for o in outs]
+        dev = outs[0].device.type
+        self.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev),
+                         torch.is_autocast_cache_enabled())
+        self.outs: tuple[torch.Tensor, ...] | None = None
+
+    def pack(self, t: torch.Tensor):
+        j = self.storage.get(t.untyped_storage().data_ptr())
+        return t if j is None else (j, t.shape, t.stride(), t.storage_offset())
+
+    def unpack(self, saved):
+        if isinstance(saved, torch.Tensor):
+            return saved
+        j, shape, stride, offset = saved
+        if self.outs is None:
+            self.outs = self._recompute()
+        return self.outs[j].as_strided(shape, stride, offset)
+
+    def _recompute(self) -> tuple[torch.Tensor, ...]:
+        dev, enabled, dtype, cache = self.autocast
+        args = tuple(a.detach().requires_grad_(g) if isinstance(a, torch.Tensor) else a
+                     for a, g in zip(self.args, self.grad))
+        with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled, cache_enabled=cache):
+            outs = tuple(o.detach() for o in self.fn(*args, **self.kwargs)[:len(self.layout)])
+        got = [(o.shape, o.stride(), o.storage_offset()) for o in outs]
+        if got != self.layout:
+            raise RuntimeError(f"recomputing q, k, v gave layouts {got}, the forward {self.layout}; "
+                               "run the block with fast_path(recompute_qkv=False)")
+        return outs
 
 
 @dataclass(frozen=True)
@@ -184,10 +312,14 @@ class FastPath:
         forward (pre-region, mLSTM cell forward, post-region) before its backward. Saves all of the block's
         other saved activations (q, k, v, h, xz, gates, LayerNorm outputs, ...) for one extra block forward
         per training step; no effect without grad.
+    recompute_qkv: in training the mLSTM cell's q, k, v are not kept for the backward but recomputed from xz
+        there (`RecomputeQKV`): 12 of 30 saved bytes per token and model dim for one more pre-region forward.
+        Not used with checkpoint (which recomputes everything).
     """
     compile: bool = True
     mode: str | None = None
     checkpoint: bool = False
+    recompute_qkv: bool = True
 
 
 def block_forward(blk: nn.Module, x: torch.Tensor, fast: FastPath) -> torch.Tensor:
@@ -206,21 +338,33 @@ def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool
     """The block's residual branch (B, S, D), plus x when fuse_residual."""
     L, conv = blk.layer, blk.layer.conv.conv
     up = _compiled(block_up, fast.mode) if fast.compile else block_up
-    pre = _compiled(block_pre, fast.mode) if fast.compile else block_pre
     post = _compiled(block_post, fast.mode) if fast.compile else block_post
     wg = torch.cat([L.igate.weight, L.fgate.weight], 0)                     # (2NH, 3I)
     bg = torch.cat([L.igate.bias, L.fgate.bias], 0)                         # (2NH,)
     xz = up(x, blk.norm.weight, blk.norm.bias, blk.norm.eps, L.proj_up.weight, L.proj_up.bias)  # (B, S, 2I)
-    q, k, v, g = pre(xz, conv.weight, conv.bias, L.q_proj.weight, L.q_proj.bias, L.k_proj.weight,
-                     L.k_proj.bias, L.v_proj.weight, L.v_proj.bias, wg, bg, pointwise=fast.compile)
+    pre_args = (xz, conv.weight, conv.bias, L.q_proj.weight, L.q_proj.bias, L.k_proj.weight, L.k_proj.bias,
+                L.v_proj.weight, L.v_proj.bias, wg, bg)
     B, S, _ = x.shape
     NH, DH = L.num_heads, L.inner // L.num_heads
+    if qkv_triton is not None and qkv_triton.supports(xz, conv.weight, L.q_proj.weight, L.q_proj.bias,
+                                                      L.k_proj.bias, L.v_proj.bias, 2 * NH):
+        pre, pre_kwargs = block_pre_fused, dict(compiled=fast.compile, mode=fast.mode)
+    else:
+        pre = _compiled(block_pre, fast.mode) if fast.compile else block_pre
+        pre_kwargs = dict(pointwise=fast.compile)
+    q, k, v, g = pre(*pre_args, **pre_kwargs)                               # (B, S, I) x 3, (B, S, 2NH)
     heads = lambda t: t.view(B, S, NH, DH).transpose(1, 2)                  # (B, NH, S, DH)
     i, f = g[..., :NH].transpose(1, 2), g[..., NH:].transpose(1, 2)         # (B, NH, S) each
-    h = mlstm(heads(q), heads(k), heads(v), i, f, backend=L.backend)        # (B, NH, S, DH)
+    if fast.recompute_qkv and not fast.checkpoint and torch.is_grad_enabled():
+        hooks = RecomputeQKV(pre, pre_args, pre_kwargs, (q, k, v))
+        with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+            h = mlstm(heads(q), heads(k), heads(v), i, f, backend=L.backend)  # (B, NH, S, DH)
+    else:
+        h = mlstm(heads(q), heads(k), heads(v), i, f, backend=L.backend)    # (B, NH, S, DH)
     return post(h, xz, x if fuse_residual else None, conv.weight, conv.bias, L.outnorm, L.outnorm_bias, L.skip,
              L.proj_down.weight, L.proj_down.bias)                          # (B, S, D)
 
 
-__all__ = ["FastPath", "block_forward", "block_up", "block_pre", "block_post", "gate_weights", "headwise",
-           "headwise_wgrad_dense", "causal_conv_silu", "MEMORY_BUDGET"]
+__all__ = ["FastPath", "RecomputeQKV", "block_forward", "block_up", "block_pre", "block_pre_fused", "block_pre_vjp",
+           "block_post", "gate_weights", "headwise", "headwise_wgrad", "headwise_wgrad_dense", "headwise_input_grad",
+           "causal_conv_silu", "MEMORY_BUDGET"]

@@ -199,7 +199,8 @@ def _mlstm_bwd_dq_kernel(
         else:
             dq += tl.dot(dp.to(k.dtype), k)
     dq = dq * scale
-    tl.store(DQ + vec_base * DH + offs_m[:, None] * DH + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_mask)
+    dq_base = DQ + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh                # dq has q's strides
+    tl.store(dq_base + offs_m[:, None] * sqs + offs_d[None, :] * sqd, dq.to(DQ.dtype.element_ty), mask=md_mask)
     tl.store(RowG + vec_base + offs_m, row_g, mask=row_ok)
 
 
@@ -263,9 +264,10 @@ def _mlstm_bwd_dkdv_kernel(
             dv += tl.dot(ct.to(do.dtype), do)
             dk += tl.dot(dpt.to(q.dtype), q)
     dk = dk * scale
-    out_off = vec_base * DH + offs_n[:, None] * DH + offs_d[None, :]          # dk, dv are contiguous
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=nd_mask)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=nd_mask)
+    dk_base = DK + b.to(tl.int64) * skb + h.to(tl.int64) * skh                # dk, dv have k's and v's strides
+    dv_base = DV + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    tl.store(dk_base + offs_n[:, None] * sks + offs_d[None, :] * skd, dk.to(DK.dtype.element_ty), mask=nd_mask)
+    tl.store(dv_base + offs_n[:, None] * svs + offs_d[None, :] * svd, dv.to(DV.dtype.element_ty), mask=nd_mask)
     tl.store(ColG + vec_base + offs_n, col_g, mask=col_ok)
 
 
@@ -353,10 +355,9 @@ class _MlstmTriton(torch.autograd.Function):
         block_d = _block_d(DH)
         scale = 1.0 / math.sqrt(DH)
         ieee = q.dtype == torch.float32
-        dq = torch.empty((B, NH, S, DH), dtype=q.dtype, device=q.device)    # (B, NH, S, DH)
-        dk = torch.empty_like(dq)                                           # (B, NH, S, DH)
-        dv = torch.empty_like(dq)                                           # (B, NH, S, DH)
-        dn = torch.empty((B, NH, S), dtype=torch.float32, device=q.device)   # (B, NH, S) dL/dN
+        # gradients in the inputs' layouts: for head views of (B, S, I) tensors, autograd then needs no copy
+        dq, dk, dv = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in (q, k, v))
+        dn = torch.empty((B, NH, S), dtype=torch.float32, device=q.device)  # (B, NH, S) dL/dN
         row_g = torch.empty_like(dn)                                        # (B, NH, S)
         col_g = torch.empty_like(dn)                                        # (B, NH, S)
 
