@@ -7,8 +7,8 @@ Rows (all bf16 autocast, 224 px, 1000 classes, one process, one GPU, measured si
   fast_ckpt    as fast, with `fast_path(checkpoint=True)` (each block keeps only its input for the backward and
                recomputes its forward there); training only (inference is the fast row's: nothing is saved)
   fast_ckpt_nocg  as fast_ckpt, without the CUDA graph
-  fast_keepqkv as fast, with `fast_path(recompute_qkv=False)` (the cell's q, k, v kept for the backward instead of
-               recomputed there); training only
+  fast_recompute  as fast, with `fast_path(recompute_qkv=True)` (the cell's q, k, v recomputed in the backward
+               instead of kept); training only
   plain        MAL encoder, mlstm_backend="torch", eager (the plain PyTorch path)
   ref          reference ViL of the same dims from the PyPI `xlstm` package's `mLSTMLayer` (ViL v1 block), eager
   ref_compile  the same reference, every residual block torch.compile'd (regional compilation)
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 SIZES = {"T": ("mal_tiny", 192, "deit_tiny_patch16_224"), "S": ("mal_small", 384, "deit_small_patch16_224"),
          "B": ("mal_base", 768, "deit_base_patch16_224")}
-ROWS = ("fast", "fast_nocg", "fast_ckpt", "fast_ckpt_nocg", "fast_keepqkv", "plain", "ref", "ref_compile", "deit")
+ROWS = ("fast", "fast_nocg", "fast_ckpt", "fast_ckpt_nocg", "fast_recompute", "plain", "ref", "ref_compile", "deit")
 IMG, NUM_CLASSES, DEPTH = 224, 1000, 24
 GIB = 2**30
 
@@ -86,7 +86,7 @@ def build(row: str, size: str) -> nn.Module:
         model = getattr(vision_lstm, preset)(NUM_CLASSES, img_size=IMG, mlstm_backend="torch" if row == "plain" else "auto")
         if row != "plain":
             model.fast_path(compile=True, mode=ARGS.compile_mode, checkpoint="ckpt" in row,
-                            recompute_qkv="keepqkv" not in row)
+                            recompute_qkv="recompute" in row)
     elif row in ("ref", "ref_compile"):
         model = RefViL(dim)
         if row == "ref_compile":
@@ -171,7 +171,7 @@ def measure_encoder(row: str, size: str, res: dict) -> None:
         res["mlstm_backend"] = resolve_backend(q, q, q, q[..., 0], q[..., 0]).name
     x = torch.randn(ARGS.infer_batch, 3, IMG, IMG, device="cuda")
     cg = not row.endswith("nocg") and row.startswith("fast")            # capture whole calls in CUDA graphs
-    if "infer" in ARGS.modes and "ckpt" not in row and "keepqkv" not in row:  # those change training only
+    if "infer" in ARGS.modes and "ckpt" not in row and "recompute" not in row:  # those change training only
         model.eval()
 
         def infer():
@@ -207,9 +207,9 @@ def measure_pretrain(row: str, size: str, batch: int, res: dict) -> None:
     enc = EncoderConfig(**{**MODEL_PRESETS[preset], "img_size": 192,
                            "mlstm_backend": "torch" if row == "plain" else "auto"})
     model = MALPretrain(enc, ObjectiveConfig()).cuda()
-    cg = row in ("fast", "fast_keepqkv")
-    if row in ("fast", "fast_nocg", "fast_keepqkv"):
-        model.encoder.fast_path(compile=True, mode=ARGS.compile_mode, recompute_qkv=row != "fast_keepqkv")
+    cg = row in ("fast", "fast_recompute")
+    if row in ("fast", "fast_nocg", "fast_recompute"):
+        model.encoder.fast_path(compile=True, mode=ARGS.compile_mode, recompute_qkv=row == "fast_recompute")
         if ARGS.compile_decoder:
             for blk in getattr(model.decoder, "blocks", []):
                 blk.compile(dynamic=False)
@@ -338,7 +338,7 @@ def main(argv=None) -> dict:
     p.add_argument("--modes", default="infer,train", help="encoder measurements: infer, train")
     p.add_argument("--no-ref-compile", default="", help="sizes to skip ref_compile for (its compile is slow), e.g. B")
     p.add_argument("--pretrain", default="B", help="sizes for the pretraining step ('' = none)")
-    p.add_argument("--pretrain-rows", default="fast,fast_nocg,plain", help="also: fast_keepqkv")
+    p.add_argument("--pretrain-rows", default="fast,fast_nocg,plain", help="also: fast_recompute")
     p.add_argument("--pretrain-batches", default="64,256")
     p.add_argument("--infer-batch", type=int, default=256)
     p.add_argument("--train-batch", type=int, default=128)

@@ -43,13 +43,13 @@ def test_interpreter_matches_block_pre_in_float64(triton_interpreter):
             wg, bg = r(8, 3 * I, s=0.1), r(8)
             w_c, w_m, b = gate_weights(wg, bg, *p[2:])
             f32 = [t.float() for t in p + [w_c, w_m, b]]
-            out = qkv_gates(xz.to(dt), *f32)
-            x_in = xz.to(dt).double()                                        # the kernel's input, exactly
-            ref = block_pre(x_in, *p, wg, bg)
-            for name, o, want in zip("qkvg", out, ref):
-                assert o.dtype == dt and o.shape == want.shape, (name, o.dtype, o.shape)
-                e = ((o.double() - want).norm() / want.norm()).item()
-                assert e < tol, (B, S, I, dt, name, e)
+            ref = block_pre(xz.to(dt).double(), *p, wg, bg)                # on the kernel's input, exactly
+            for config in [(64, 32, 4), (16, 64, 8)]:
+                out = qkv_gates(xz.to(dt), *f32, config=config)
+                for name, o, want in zip("qkvg", out, ref):
+                    assert o.dtype == dt and o.shape == want.shape, (name, o.dtype, o.shape)
+                    e = ((o.double() - want).norm() / want.norm()).item()
+                    assert e < tol, (B, S, I, dt, config, name, e)
         print("ok")
     """)
 
@@ -120,7 +120,7 @@ def test_fused_block_uses_the_kernel(monkeypatch):
     calls = []
     real = qkv_triton.qkv_gates
     monkeypatch.setattr(qkv_triton, "qkv_gates", lambda *a: calls.append(1) or real(*a))
-    blk = ViLBlock(64, num_heads=4, num_blocks=4).cuda().fast_path(compile=False)
+    blk = ViLBlock(64, num_heads=4, num_blocks=4).cuda().fast_path(compile=False, recompute_qkv=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         blk(torch.randn(2, 16, 64, device="cuda")).sum().backward()
     assert len(calls) == 2                                                   # forward and the q, k, v recompute

@@ -79,6 +79,9 @@ def test_config_errors_are_clear():
         load_run_config(REPO / "configs/cifar10_pretrain.yaml", ["model.cluster_size=5"])
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
         load_run_config(REPO / "configs/cifar10_finetune.yaml", ["model.img_size=50"])
+    with pytest.raises(ValueError, match="recompute_qkv=true needs fast_path=true"):
+        load_run_config(None, ["fast_path=false", "recompute_qkv=true"])
+    assert load_run_config(None, ["recompute_qkv=true"]).recompute_qkv
     cfg = load_run_config(None, ["optim.batch_size=12"])
     with pytest.raises(ValueError, match="not divisible by the 5 processes"):
         cfg.check_world(5)

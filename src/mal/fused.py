@@ -15,10 +15,12 @@ Algebra used (exact in real arithmetic, so the fused block equals the plain one 
   * the 4x4 block-diagonal q/k/v maps are a broadcast multiply + sum over 4 inputs when compiled
     (a pointwise kernel; their weight gradients from `kernels.headwise_triton` on the GPU, else the diagonal
     blocks of one GEMM), an einsum in eager mode;
+  * on CUDA in fp16/bf16 `block_pre` is one Triton kernel (`kernels.qkv_triton`) with a written-out backward
+    (`block_pre_vjp`, compiled);
   * for the backward, `block_pre` and `block_post` save nothing but their inputs (`MEMORY_BUDGET`): x_c,
     the conv's padded input, SiLU and the per-head norm are recomputed from xz and h, which the block keeps
-    anyway; and the cell's saved q, k, v are recomputed by re-running `block_pre` when the cell's backward
-    needs them (`RecomputeQKV`), so a block keeps x, its LayerNorm output, xz and h.
+    anyway; with `FastPath.recompute_qkv` the cell's q, k, v are recomputed too, by re-running `block_pre` when
+    the cell's backward needs them (`RecomputeQKV`), so a block keeps x, its LayerNorm output, xz and h.
 Parameter names and state dicts are untouched: the fast path only reads the block's parameters.
 """
 from __future__ import annotations
@@ -313,13 +315,14 @@ class FastPath:
         other saved activations (q, k, v, h, xz, gates, LayerNorm outputs, ...) for one extra block forward
         per training step; no effect without grad.
     recompute_qkv: in training the mLSTM cell's q, k, v are not kept for the backward but recomputed from xz
-        there (`RecomputeQKV`): 12 of 30 saved bytes per token and model dim for one more pre-region forward.
-        Not used with checkpoint (which recomputes everything).
+        there (`RecomputeQKV`): 12 of 30 saved bytes per token and model dim (about a third of the training
+        peak) for one more pre-region forward per block (6-9 % of a step, docs/benchmarks.md). Not used with
+        checkpoint (which recomputes everything).
     """
     compile: bool = True
     mode: str | None = None
     checkpoint: bool = False
-    recompute_qkv: bool = True
+    recompute_qkv: bool = False
 
 
 def block_forward(blk: nn.Module, x: torch.Tensor, fast: FastPath) -> torch.Tensor:

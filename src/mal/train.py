@@ -336,7 +336,7 @@ def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, o
         set_rng_state(state["rng"][info.rank % len(state["rng"])], draws)
         log.info("resumed %s at step %d", ckpt, step)
     if cfg.fast_path:
-        enable_fast_path(raw, device, cfg.recompute)
+        enable_fast_path(raw, device, cfg.recompute, cfg.recompute_qkv)
     if info.enabled:
         model = DDP(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
 
@@ -494,15 +494,16 @@ def to_device(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | No
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def enable_fast_path(model: nn.Module, device: torch.device, recompute: bool = False) -> None:
+def enable_fast_path(model: nn.Module, device: torch.device, recompute: bool = False,
+                     recompute_qkv: bool = False) -> None:
     """Switch every ViL block (encoder, and an xLSTM decoder) to the fused fast path on CUDA
-    (recompute: activation checkpointing of each block)."""
+    (recompute: activation checkpointing of each block; recompute_qkv: of the mLSTM cell's q, k, v)."""
     if device.type != "cuda":
         log.info("fast_path: no CUDA device, running the plain PyTorch path")
         return
     for m in model.modules():
         if isinstance(m, ViLBlock):
-            m.fast_path(checkpoint=recompute)
+            m.fast_path(checkpoint=recompute, recompute_qkv=recompute_qkv)
 
 
 def finish_pretraining(cfg: RunConfig, model: MALPretrain, train_eval: Dataset | None, val: Dataset | None,

@@ -133,7 +133,7 @@ class ViLBlock(nn.Module):
         self.fast: FastPath | None = None
 
     def fast_path(self, enabled: bool = True, compile: bool = True, mode: str | None = None,
-                  checkpoint: bool = False, recompute_qkv: bool = True) -> "ViLBlock":
+                  checkpoint: bool = False, recompute_qkv: bool = False) -> "ViLBlock":
         """Run the fused block (compile=True: its regions around the mLSTM cell under torch.compile(mode);
         checkpoint=True: in training keep only the block input and recompute the block in the backward;
         recompute_qkv=True: recompute the cell's q, k, v in the backward instead of keeping them)."""
@@ -190,7 +190,7 @@ class VisionLSTM(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def fast_path(self, enabled: bool = True, compile: bool = True, mode: str | None = None,
-                  checkpoint: bool = False, recompute_qkv: bool = True) -> "VisionLSTM":
+                  checkpoint: bool = False, recompute_qkv: bool = False) -> "VisionLSTM":
         """Switch every block to the fused fast path (see `mal.fused`); parameters and state dict are unchanged.
 
         compile=True compiles the two regions around the mLSTM cell once for all blocks. Shapes are static:
@@ -198,8 +198,9 @@ class VisionLSTM(nn.Module):
         The mLSTM kernel is the model's `mlstm_backend` ("auto": the Triton kernel on the GPU).
         checkpoint=True trades compute for training memory: each block keeps only its input (B, N, D) for the
         backward and recomputes its forward there (one extra forward per step; see docs/benchmarks.md).
-        recompute_qkv=True (default) keeps the mLSTM cell's q, k, v out of training memory and recomputes them
-        from the up-projection in the backward (one more pre-region forward per block; `mal.fused.RecomputeQKV`).
+        recompute_qkv=True keeps the mLSTM cell's q, k, v out of training memory (about a third of the peak) and
+        recomputes them from the up-projection in the backward (one more pre-region forward per block;
+        `mal.fused.RecomputeQKV`).
         """
         for blk in self.blocks:
             blk.fast_path(enabled, compile, mode, checkpoint, recompute_qkv)

@@ -9,7 +9,8 @@ float32 pre-activation and a float32 copy of k: ~4x the HBM traffic). One progra
 image and walks its I channels in chunks of BLOCK_C: it reads x_m (and the K-1 tokens before the tile, from
 cache), writes q, k, v once and accumulates the gates (BLOCK_T, G) on tensor cores. Arithmetic is float32;
 x_c is rounded to the activations' dtype as `block_pre` does, and the gate GEMM runs in that dtype with
-float32 accumulation, as autocast's linear does.
+float32 accumulation, as autocast's linear does. The block-diagonal maps are float32 multiply-adds (a
+tensor-core form with the weight split into two bf16 halves was slower in the sweep).
 """
 from __future__ import annotations
 
@@ -18,16 +19,21 @@ import torch
 import triton  # an ImportError here is what mal.fused expects when triton is missing
 import triton.language as tl
 
-BLOCK_T = 32                # tokens per program
 MAX_GATES = 16              # 2 * heads, padded to the tensor-core minimum
+# (tokens per program BLOCK_T, channels per step BLOCK_C, warps) for 2-byte activations: the fastest at every
+# ViL-T/S/B shape or within 23 % of it in `benchmarks/qkv_kernel.py --sweep` on an H100; BLOCK_C shrinks to divide I
+CONFIG = (64, 32, 4)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _blockdiag(x, w, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr):
-    """x (BT, BC) float32, w (BC/BS, BS, BS) (out, in) -> y[t, h*BS + o] = sum_i w[h, o, i] x[t, h*BS + i]."""
-    x4 = tl.reshape(x, (BT, BC // BS, 1, BS))                                # (BT, nb, 1, BS)
-    return tl.reshape(tl.sum(x4 * w[None, :, :, :], axis=3), (BT, BC))      # (BT, BC)
+def _blockdiag(x, W, c0, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr):
+    """y[t, h*BS + o] = sum_i W[h, o, i] x[t, h*BS + i] for the BC channels from c0, in float32 multiply-adds:
+    x (BT, BC), W (nb, BS, BS) float32 (out, in) -> (BT, BC) float32."""
+    hb = (c0 // BS + tl.arange(0, BC // BS))[:, None, None] * (BS * BS)      # (nb, 1, 1) block offsets
+    oi = tl.arange(0, BS)[None, :, None] * BS + tl.arange(0, BS)[None, None, :]  # (1, BS, BS) (out, in)
+    x4 = tl.reshape(x.to(tl.float32), (BT, BC // BS, 1, BS))                 # (BT, nb, 1, BS)
+    return tl.reshape(tl.sum(x4 * tl.load(W + hb + oi)[None, :, :, :], axis=3), (BT, BC))  # (BT, BC)
 
 
 @triton.jit(do_not_specialize=["S"])
@@ -42,8 +48,6 @@ def _qkv_kernel(XZ, CW, CB, WQ, BQ, WK, BK, WV, BV, WC, WM, GB, Q, K, V, G,
     o_base = b.to(tl.int64) * S * I                                          # q, k, v are (B, S, I) contiguous
     gi = tl.arange(0, GP)                                                    # (GP,) gate rows, NG of them real
     g_ok = gi < NG
-    hb = tl.arange(0, BC // BS)[:, None, None] * (BS * BS)                    # (nb, 1, 1) block offsets
-    oi = tl.arange(0, BS)[None, :, None] * BS + tl.arange(0, BS)[None, None, :]  # (1, BS, BS)
     acc = tl.zeros((BT, GP), dtype=tl.float32)                               # (BT, GP) gates
     for c0 in range(0, I, BC):
         c = c0 + tl.arange(0, BC)                                            # (BC,) channels
@@ -56,11 +60,9 @@ def _qkv_kernel(XZ, CW, CB, WQ, BQ, WK, BK, WV, BV, WC, WM, GB, Q, K, V, G,
                 x_m = xs
             y += xs.to(tl.float32) * tl.load(CW + c * KS + (KS - 1 - s))[None, :]
         x_c = (y * tl.sigmoid(y)).to(x_m.dtype)                              # (BT, BC) SiLU, in x's dtype
-        w_off = (c0 // BS) * (BS * BS) + hb + oi                             # (nb, BS, BS)
-        xcf, xmf = x_c.to(tl.float32), x_m.to(tl.float32)
-        q = _blockdiag(xcf, tl.load(WQ + w_off), BT, BC, BS) + tl.load(BQ + c)[None, :]
-        k = _blockdiag(xcf, tl.load(WK + w_off), BT, BC, BS) + tl.load(BK + c)[None, :]
-        v = _blockdiag(xmf, tl.load(WV + w_off), BT, BC, BS) + tl.load(BV + c)[None, :]
+        q = _blockdiag(x_c, WQ, c0, BT, BC, BS) + tl.load(BQ + c)[None, :]   # (BT, BC)
+        k = _blockdiag(x_c, WK, c0, BT, BC, BS) + tl.load(BK + c)[None, :]
+        v = _blockdiag(x_m, WV, c0, BT, BC, BS) + tl.load(BV + c)[None, :]
         out = o_base + t[:, None] * I + c[None, :]                           # (BT, BC)
         tl.store(Q + out, q.to(Q.dtype.element_ty), mask=t_ok[:, None])
         tl.store(K + out, k.to(K.dtype.element_ty), mask=t_ok[:, None])
@@ -77,8 +79,8 @@ def _qkv_kernel(XZ, CW, CB, WQ, BQ, WK, BK, WV, BV, WC, WM, GB, Q, K, V, G,
              mask=t_ok[:, None] & g_ok[None, :])
 
 
-def _block_c(inner: int) -> int:
-    return next(bc for bc in (64, 32, 16) if inner % bc == 0)
+def _block_c(inner: int, want: int) -> int:
+    return next(bc for bc in (want, 64, 32, 16) if bc <= want and inner % bc == 0)
 
 
 def supports(xz: torch.Tensor, conv_w: torch.Tensor, wq: torch.Tensor, bq, bk, bv, n_gates: int) -> bool:
@@ -91,21 +93,23 @@ def supports(xz: torch.Tensor, conv_w: torch.Tensor, wq: torch.Tensor, bq, bk, b
             and xz.numel() < 2 ** 31)
 
 
-def qkv_gates(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, w_c, w_m, b_g):
+def qkv_gates(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, w_c, w_m, b_g, config: tuple | None = None):
     """xz (B, S, 2I) -> q, k, v (B, S, I) and gates (B, S, G) in xz's dtype (see the module docstring).
 
-    conv_w (I, 1, K), conv_b (I,), wq/wk/wv (nb, bs, bs), bq/bk/bv (I,), w_c/w_m (G, I), b_g (G,)."""
+    conv_w (I, 1, K), conv_b (I,), wq/wk/wv (nb, bs, bs), bq/bk/bv (I,), w_c/w_m (G, I), b_g (G,);
+    config: (BLOCK_T, BLOCK_C, warps), default `CONFIG`."""
+    bt, bc, warps = config or CONFIG
     B, S, two_i = xz.shape
     inner, G = two_i // 2, w_c.shape[0]
     q, k, v = (torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype) for _ in range(3))
     g = torch.empty(B, S, G, device=xz.device, dtype=xz.dtype)
     f32 = lambda t: t.detach().float().contiguous()
-    _qkv_kernel[(triton.cdiv(S, BLOCK_T), B)](
+    _qkv_kernel[(triton.cdiv(S, bt), B)](
         xz, f32(conv_w), f32(conv_b), f32(wq), f32(bq), f32(wk), f32(bk), f32(wv), f32(bv), f32(w_c), f32(w_m),
         f32(b_g), q, k, v, g, S, inner, xz.stride(0), xz.stride(1), G,
-        KS=conv_w.shape[-1], BS=wq.shape[-1], BT=BLOCK_T, BC=_block_c(inner), GP=MAX_GATES,
-        IEEE=xz.dtype == torch.float32, num_warps=4)
+        KS=conv_w.shape[-1], BS=wq.shape[-1], BT=bt, BC=_block_c(inner, bc), GP=MAX_GATES,
+        IEEE=xz.dtype == torch.float32, num_warps=warps)
     return q, k, v, g
 
 
-__all__ = ["qkv_gates", "supports"]
+__all__ = ["qkv_gates", "supports", "CONFIG"]

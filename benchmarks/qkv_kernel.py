@@ -1,0 +1,117 @@
+"""The ViL block's pre-cell step (conv + SiLU, q/k/v, gates) on one GPU: the Triton kernel
+(`mal.kernels.qkv_triton`) against `mal.fused.block_pre` under torch.compile (the fast path's previous form).
+
+Rows per shape (B, S, I), bf16 activations, ms per call (median of CUDA-event-timed calls):
+  compiled_fwd / triton_fwd        forward only (no grad), and the kernel's effective HBM bandwidth
+  compiled_fwd_bwd / fused_fwd_bwd forward + backward: compiled block_pre with the fast path's memory budget
+                                   vs `block_pre_fused` (Triton forward + compiled written-out backward)
+--sweep times every kernel configuration (BLOCK_T, BLOCK_C, warps) and reports the fastest per shape.
+
+    PYTHONPATH=src python benchmarks/qkv_kernel.py --sweep --json qkv.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+
+import torch
+
+SHAPES = {"T": (128, 196, 384), "S": (128, 196, 768), "B": (128, 196, 1536), "B-pretrain": (256, 144, 1536)}
+
+
+def cuda_ms(fn, warmup: int = 3, iters: int = 20) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def inputs(B, S, I, gates=8):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *shape, s=1.0: torch.randn(*shape, generator=g, device="cuda") * s
+    args = [r(B, S, 2 * I).bfloat16(), r(I, 1, 4, s=0.5), r(I, s=0.1)]
+    for _ in range(3):
+        args += [r(I // 4, 4, 4, s=0.5), r(I, s=0.1)]
+    return args + [r(gates, 3 * I, s=0.1), r(gates)]
+
+
+def main() -> dict:
+    from mal import fused
+    from mal.fused import block_pre, block_pre_fused, gate_weights
+    from mal.kernels import qkv_triton
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "default_config": qkv_triton.CONFIG,
+           "shapes": {}}
+    for name in args.shapes.split(","):
+        B, S, I = SHAPES[name]
+        a = inputs(B, S, I)
+        xz, rest = a[0], a[1:]
+        w_c, w_m, b = gate_weights(a[9], a[10], *a[3:9])
+        kargs = [t.float() for t in a[1:9]] + [w_c, w_m, b]
+        res: dict = {"B": B, "S": S, "I": I}
+        moved = xz.numel() // 2 * 2 + 3 * B * S * I * 2 + B * S * 8 * 2       # read x_m, write q, k, v, g (bytes)
+        pre = fused._compiled(block_pre, None)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            res["compiled_fwd_ms"] = cuda_ms(lambda: pre(xz, *rest, pointwise=True))
+        res["triton_fwd_ms"] = cuda_ms(lambda: qkv_triton.qkv_gates(xz, *kargs))
+        res["triton_fwd_GBps"] = round(moved / res["triton_fwd_ms"] / 1e6, 1)
+        if args.sweep:
+            sweep = {}
+            for cfg in itertools.product((16, 32, 64), (32, 64, 128), (4, 8)):
+                if I % cfg[1]:
+                    continue
+                try:
+                    sweep[str(cfg)] = round(cuda_ms(lambda: qkv_triton.qkv_gates(xz, *kargs, config=cfg)), 4)
+                except Exception as e:  # noqa: BLE001 - a config that does not compile is reported, not fatal
+                    sweep[str(cfg)] = f"{type(e).__name__}"
+            timed = {k: v for k, v in sweep.items() if isinstance(v, float)}
+            res["sweep"] = sweep
+            res["best"] = min(timed, key=timed.get)
+            res["best_ms"] = timed[res["best"]]
+        leaves = [t.detach().requires_grad_() for t in a]
+        cot = None
+
+        def fwd_bwd(fn):
+            def run():
+                nonlocal cot
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    outs = fn(*leaves)
+                if cot is None:
+                    cot = [torch.randn_like(o) for o in outs]
+                torch.autograd.backward(outs, cot)
+            return run
+        res["compiled_fwd_bwd_ms"] = cuda_ms(fwd_bwd(lambda *t: pre(*t, pointwise=True)))
+        res["fused_fwd_bwd_ms"] = cuda_ms(fwd_bwd(lambda *t: block_pre_fused(*t, compiled=True)))
+        res["fwd_speedup"] = round(res["compiled_fwd_ms"] / res["triton_fwd_ms"], 2)
+        res["fwd_bwd_speedup"] = round(res["compiled_fwd_bwd_ms"] / res["fused_fwd_bwd_ms"], 2)
+        out["shapes"][name] = res
+        print(json.dumps({name: {k: v for k, v in res.items() if k != "sweep"}}), flush=True)
+    print(json.dumps(out, indent=1))
+    print("| shape | compiled fwd ms | triton fwd ms | GB/s | fwd x | compiled fwd+bwd ms | fused fwd+bwd ms | x | best config (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in out["shapes"].items():
+        print(f"| {name} {r['B']}x{r['S']}x{r['I']} | {r['compiled_fwd_ms']:.3f} | {r['triton_fwd_ms']:.3f} | "
+              f"{r['triton_fwd_GBps']} | {r['fwd_speedup']} | {r['compiled_fwd_bwd_ms']:.3f} | "
+              f"{r['fused_fwd_bwd_ms']:.3f} | {r['fwd_bwd_speedup']} | {r.get('best', '-')} ({r.get('best_ms', '-')}) |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
