@@ -14,26 +14,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 
 import torch
+from throughput import cuda_times  # benchmarks/ is this script's directory
 
 SHAPES = {"T": (128, 196, 384), "S": (128, 196, 768), "B": (128, 196, 1536), "B-pretrain": (256, 144, 1536)}
 
 
-def cuda_ms(fn, warmup: int = 3, iters: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def cuda_ms(fn) -> float:
+    """Median ms per call of fn (CUDA events, after 3 warm-up calls)."""
+    return cuda_times(fn, warmup=3, iters=20)[0]
 
 
 def inputs(B, S, I, gates=8):

@@ -244,7 +244,8 @@ MEMORY_BUDGET = {"block_up": 1.0, "block_pre": 0.0, "block_post": 0.0}
 
 def _compiled(fn, mode: str | None):
     """One torch.compile'd copy of `fn` per mode, shared by all blocks (static shapes), partitioned under
-    `MEMORY_BUDGET[fn.__name__]` (read when a call compiles; every call sets it, so recompiles agree)."""
+    `MEMORY_BUDGET[fn.__name__]` (read when a call compiles; every call sets it, so recompiles agree; functions
+    not in it, such as the no-grad `block_pre_vjp`, compile under the default)."""
     key = (fn.__name__, mode)
     if key not in _COMPILED:
         compiled, budget = torch.compile(fn, dynamic=False, mode=mode), MEMORY_BUDGET.get(fn.__name__)
@@ -264,7 +265,8 @@ class RecomputeQKV:
     The cell's autograd saves q, k, v (3 x (B, S, I) per block, 12 bytes per token and model dim in bf16).
     `pack` replaces every saved tensor that lives in the storage of q, k or v by its view's layout; the first
     `unpack` (in the cell's backward) re-runs the pre-region on the inputs it was called with, in the same
-    grad and autocast mode, so the same compiled graph returns the same values, and rebuilds the views.
+    grad and autocast mode (so the same compiled graph or kernel runs and returns bitwise the same values),
+    and rebuilds the views.
     The inputs (xz and weights) are kept by the block anyway. Cost: one pre-region forward per block backward.
     """
 
@@ -316,7 +318,7 @@ class FastPath:
         per training step; no effect without grad.
     recompute_qkv: in training the mLSTM cell's q, k, v are not kept for the backward but recomputed from xz
         there (`RecomputeQKV`): 12 of 30 saved bytes per token and model dim (about a third of the training
-        peak) for one more pre-region forward per block (6-9 % of a step, docs/benchmarks.md). Not used with
+        peak) for one more pre-region forward per block (about 6 % of a step, docs/benchmarks.md). Not used with
         checkpoint (which recomputes everything).
     """
     compile: bool = True
