@@ -101,13 +101,18 @@ def build(row: str, size: str) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------- timing
-def cuda_times(step, warmup: int, iters: int) -> tuple[float, float]:
-    """(median ms per call over `iters` CUDA-event-timed calls, warm-up seconds incl. compilation)."""
+def warm_up(step, n: int) -> float:
+    """Call `step` n times (compiles, fills caches); seconds until the device is done."""
     t0 = time.perf_counter()
-    for _ in range(warmup):
+    for _ in range(n):
         step()
     torch.cuda.synchronize()
-    warm_s = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def cuda_times(step, warmup: int, iters: int) -> tuple[float, float]:
+    """(median ms per call over `iters` CUDA-event-timed calls, warm-up seconds incl. compilation)."""
+    warm_s = warm_up(step, warmup)
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

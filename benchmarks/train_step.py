@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import top_kernels  # noqa: E402
+from throughput import top_kernels, warm_up  # noqa: E402
 
 from mal.config import load_run_config  # noqa: E402
 from mal.step import LossStep, StepRunner, make_optimizer  # noqa: E402
@@ -77,11 +77,7 @@ def build_step(cfg, graphs: bool):
 
 def time_step(step, warmup: int, iters: int) -> tuple[float, float]:
     """Median wall-clock seconds per step (each ends with a device sync) over `iters` steps, and warm-up seconds."""
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    warm = time.perf_counter() - t0
+    warm = warm_up(step, warmup)
     times = []
     for _ in range(iters):
         t = time.perf_counter()

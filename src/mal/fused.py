@@ -102,13 +102,18 @@ def headwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p
     return y if bias is None else y + bias
 
 
-def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """SiLU(depthwise causal conv): x (B, S, C), weight (C, 1, K), bias (C,) -> (B, S, C) in x's dtype."""
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    """Depthwise causal conv as K shifted multiply-adds: x (B, S, C), weight (C, 1, K), bias (C,) ->
+    pre-activation y (B, S, C) in the weights' precision, the padded input (B, S+K-1, C) and the taps (K, C)."""
     S, K = x.shape[1], weight.shape[-1]
     xp = F.pad(x, (0, 0, K - 1, 0))                                         # (B, S+K-1, C)
     w = weight[:, 0, :].t()                                                 # (K, C)
-    y = bias + sum(xp[:, j:j + S] * w[j] for j in range(K))                 # (B, S, C)
-    return F.silu(y).to(x.dtype)
+    return bias + sum(xp[:, j:j + S] * w[j] for j in range(K)), xp, w       # (B, S, C), ...
+
+
+def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """SiLU(depthwise causal conv): x (B, S, C), weight (C, 1, K), bias (C,) -> (B, S, C) in x's dtype."""
+    return F.silu(causal_conv(x, weight, bias)[0]).to(x.dtype)
 
 
 def gate_weights(wg: torch.Tensor, bg: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | None,
@@ -157,9 +162,7 @@ def block_pre_vjp(xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, dq, dk, dv, dg):
     I, K, dt = two_i // 2, conv_w.shape[-1], xz.dtype
     acc = torch.promote_types(dt, torch.float32)                            # float32, or float64 in tests
     x_m = xz[..., :I]                                                       # (B, S, I)
-    xp = F.pad(x_m, (0, 0, K - 1, 0))                                       # (B, S+K-1, I)
-    w = conv_w[:, 0, :].t()                                                 # (K, I)
-    y = conv_b + sum(xp[:, j:j + S] * w[j] for j in range(K))               # (B, S, I) float32 pre-activation
+    y, xp, w = causal_conv(x_m, conv_w, conv_b)                             # (B, S, I) float32, (B, S+K-1, I), (K, I)
     sig = torch.sigmoid(y)
     x_c = (y * sig).to(dt)                                                  # (B, S, I)
     dg = dg.to(dt)                                                          # (B, S, G)
@@ -372,4 +375,4 @@ def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool
 
 __all__ = ["FastPath", "RecomputeQKV", "block_forward", "block_up", "block_pre", "block_pre_fused", "block_pre_vjp",
            "block_post", "gate_weights", "headwise", "headwise_wgrad", "headwise_wgrad_dense", "headwise_input_grad",
-           "causal_conv_silu", "MEMORY_BUDGET"]
+           "causal_conv", "causal_conv_silu", "MEMORY_BUDGET"]
