@@ -34,10 +34,10 @@ import torch.utils.checkpoint
 
 from .kernels import mlstm
 
-try:  # Triton kernels of the block (CUDA, fp16/bf16): q/k/v weight gradient, and the whole pre-cell step
-    from .kernels import headwise_triton, qkv_triton
+try:  # Triton kernels of the block (CUDA, fp16/bf16): q/k/v weight gradient, the pre-cell step, the regions' backward
+    from .kernels import block_grad_triton, headwise_triton, qkv_triton
 except ImportError:
-    headwise_triton = qkv_triton = None
+    block_grad_triton = headwise_triton = qkv_triton = None
 
 
 def headwise_wgrad_dense(g: torch.Tensor, x: torch.Tensor, bs: int) -> torch.Tensor:
@@ -183,8 +183,13 @@ def block_pre_vjp(xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, dq, dk, dv, dg):
 
 
 class _QKVGates(torch.autograd.Function):
-    """`block_pre` as one Triton kernel forward (`kernels.qkv_triton`; `block_pre` itself without it) and the
-    written-out backward `block_pre_vjp` (compiled when `compiled`). Saves only its inputs."""
+    """`block_pre` as one Triton kernel forward (`kernels.qkv_triton`; `block_pre` itself without it). Saves only
+    its inputs.
+
+    Its fifth output is xz again (a view), for `_PostFused` to read: that function returns as "gradient" of it
+    the packed [dx_c, dz] of the post tail (`kernels.block_grad_triton.post_grad`), and then the backward is
+    `block_grad_triton.pre_grad`, which finishes dxz in that buffer. Without it (the view unused) the backward
+    is the written-out `block_pre_vjp` (compiled when `compiled`)."""
 
     @staticmethod
     def forward(ctx, compiled, mode, xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg):
@@ -196,10 +201,11 @@ class _QKVGates(torch.autograd.Function):
             q, k, v, g = block_pre(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg)
         ctx.save_for_backward(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg)
         ctx.compiled, ctx.mode = compiled, mode
-        return q, k, v, g
+        ctx.set_materialize_grads(False)
+        return q, k, v, g, xz.view_as(xz)
 
     @staticmethod
-    def backward(ctx, dq, dk, dv, dg):
+    def backward(ctx, dq, dk, dv, dg, d_packed):
         xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg = ctx.saved_tensors
         I = xz.shape[-1] // 2
         zero = lambda d, n: d if d is not None else xz.new_zeros(*xz.shape[:2], n)
@@ -207,18 +213,41 @@ class _QKVGates(torch.autograd.Function):
         with torch.enable_grad():
             wts = [t.detach().requires_grad_() for t in (wg, bg, wq, bq, wk, bk, wv, bv)]
             w_c, w_m, b = gate_weights(*wts)                                # weight-sized precomposition
-        vjp = _compiled(block_pre_vjp, ctx.mode) if ctx.compiled else block_pre_vjp
-        dxz, dcw, dcb, dwq, dbq, dwk, dbk, dwv, dbv, d_wc, d_wm, d_b = vjp(
-            xz, conv_w, conv_b, wq, wk, wv, w_c.detach(), w_m.detach(), dq, dk, dv, dg)
+        if d_packed is None:
+            vjp = _compiled(block_pre_vjp, ctx.mode) if ctx.compiled else block_pre_vjp
+            dxz, dcw, dcb, dwq, dbq, dwk, dbk, dwv, dbv, d_wc, d_wm, d_b = vjp(
+                xz, conv_w, conv_b, wq, wk, wv, w_c.detach(), w_m.detach(), dq, dk, dv, dg)
+        else:
+            dxz, dcw, dcb, dwq, dbq, dwk, dbk, dwv, dbv, d_wc, d_wm, d_b = block_pre_grad_triton(
+                xz, conv_w, conv_b, wq, wk, wv, w_c.detach(), w_m.detach(), dq, dk, dv, dg, d_packed)
         gwg, gbg, gwq, gbq, gwk, gbk, gwv, gbv = torch.autograd.grad((w_c, w_m, b), wts, (d_wc, d_wm, d_b))
         return (None, None, dxz, dcw, dcb, dwq + gwq, dbq + gbq, dwk + gwk, dbk + gbk, dwv + gwv, dbv + gbv,
                 gwg, gbg)
 
 
+def block_pre_grad_triton(xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, dq, dk, dv, dg, packed):
+    """`block_pre_vjp`'s outputs from `kernels.block_grad_triton.pre_grad`, with the post tail's packed
+    [dx_c, dz] (B, S, 2I) joined in: dxz is `packed` with its left half overwritten."""
+    I, bs, dt = xz.shape[-1] // 2, wq.shape[-1], xz.dtype
+    dxz, x_c, dcw, dcb, dbq, dbk, dbv = block_grad_triton.pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b,
+                                                                   wq, wk, wv, w_c, w_m)
+    flat = lambda t: t.reshape(-1, I)                                        # (N, I)
+    x_m = flat(xz[..., :I])                                                 # (N, I) a strided view
+    dg2 = dg.reshape(-1, dg.shape[-1]).to(dt)                               # (N, G)
+    return (dxz, dcw, dcb, headwise_wgrad(flat(dq), flat(x_c), bs), dbq, headwise_wgrad(flat(dk), flat(x_c), bs),
+            dbk, headwise_wgrad(flat(dv), x_m, bs), dbv, (dg2.t() @ flat(x_c)).float(), (dg2.t() @ x_m).float(),
+            dg2.float().sum(0))
+
+
 def block_pre_fused(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg, compiled: bool = True,
-                    mode: str | None = None):
-    """`block_pre` through `_QKVGates`: the Triton kernel forward on CUDA in fp16/bf16 (`qkv_triton.supports`)."""
-    return _QKVGates.apply(compiled, mode, xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg)
+                    mode: str | None = None, xz_view: bool = False):
+    """`block_pre` through `_QKVGates`: the Triton kernel forward on CUDA in fp16/bf16 (`qkv_triton.supports`).
+    xz_view: also return the view of xz that `_PostFused` takes (q, k, v, g, xz)."""
+    out = _QKVGates.apply(compiled, mode, xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg)
+    return out if xz_view else out[:4]
+
+
+POST_LN_EPS = 1e-5                                                          # the per-head norm's eps (F.layer_norm's default)
 
 
 def block_post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b):
@@ -227,10 +256,39 @@ def block_post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, do
     I = NH * DH
     x_m, z = xz[..., :I], xz[..., I:]                                       # (B, S, I) each
     x_c = causal_conv_silu(x_m, conv_w, conv_b)                             # (B, S, I) recomputed
-    hn = F.layer_norm(h, (DH,)).transpose(1, 2).reshape(B, S, I)            # (B, S, I) per-head norm
+    hn = F.layer_norm(h, (DH,), eps=POST_LN_EPS).transpose(1, 2).reshape(B, S, I)            # (B, S, I) per-head norm
     y = (hn * norm_w + norm_b + skip * x_c) * F.silu(z)                     # (B, S, I)
     y = F.linear(y, down_w, down_b)                                         # (B, S, D)
     return y if residual is None else residual + y
+
+
+class _PostFused(torch.autograd.Function):
+    """`block_post` (compiled when `compiled`) with its backward in `kernels.block_grad_triton.post_grad`.
+
+    xz must be the view returned by `_QKVGates` (`block_pre_fused(..., xz_view=True)`): the "gradient" this
+    function returns for it is the packed [dx_c, dz] (B, S, 2I), which `_QKVGates`' backward turns into dxz
+    (the conv's gradient then runs once, for both regions). Saves only its inputs."""
+
+    @staticmethod
+    def forward(ctx, compiled, mode, h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b):
+        post = _compiled(block_post, mode) if compiled else block_post
+        ctx.save_for_backward(h, xz, conv_w, conv_b, norm_w, norm_b, skip, down_w)
+        ctx.residual, ctx.down_b = residual is not None, down_b is not None
+        return post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b)
+
+    @staticmethod
+    def backward(ctx, dout):
+        h, xz, conv_w, conv_b, norm_w, norm_b, skip, down_w = ctx.saved_tensors
+        B, S, D = dout.shape
+        d2 = dout.reshape(-1, D)                                            # (N, D)
+        dlow = d2.to(xz.dtype)                                              # the down-projection's GEMMs in the
+        du = (dlow @ down_w.to(xz.dtype)).view(B, S, -1)                    # activations' dtype, as autocast's linear
+        dh, packed, u, d_nw, d_nb, d_skip = block_grad_triton.post_grad(
+            du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, POST_LN_EPS)   # (B, NH, S, DH), (B, S, 2I), (B, S, I)
+        d_down_w = (dlow.t() @ u.view(-1, u.shape[-1])).to(down_w.dtype)   # (D, I)
+        d_down_b = d2.sum(0, dtype=torch.float32) if ctx.down_b else None  # (D,)
+        return (None, None, dh, packed, dout if ctx.residual else None, None, None, d_nw, d_nb, d_skip,
+                d_down_w, d_down_b)
 
 
 _COMPILED: dict = {}
@@ -354,13 +412,17 @@ def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool
                 L.v_proj.weight, L.v_proj.bias, wg, bg)
     B, S, _ = x.shape
     NH, DH = L.num_heads, L.inner // L.num_heads
-    if qkv_triton is not None and qkv_triton.supports(xz, conv.weight, L.q_proj.weight, L.q_proj.bias,
-                                                      L.k_proj.bias, L.v_proj.bias, 2 * NH):
-        pre, pre_kwargs = block_pre_fused, dict(compiled=fast.compile, mode=fast.mode)
+    fused_pre = qkv_triton is not None and qkv_triton.supports(xz, conv.weight, L.q_proj.weight, L.q_proj.bias,
+                                                               L.k_proj.bias, L.v_proj.bias, 2 * NH)
+    # training on CUDA: both regions' backward in `kernels.block_grad_triton` (the pre region hands xz to the post)
+    grad_kernels = (fused_pre and torch.is_grad_enabled() and block_grad_triton is not None
+                    and block_grad_triton.supports(xz, NH, conv.weight, L.q_proj.weight, 2 * NH))
+    if fused_pre:
+        pre, pre_kwargs = block_pre_fused, dict(compiled=fast.compile, mode=fast.mode, xz_view=grad_kernels)
     else:
         pre = _compiled(block_pre, fast.mode) if fast.compile else block_pre
         pre_kwargs = dict(pointwise=fast.compile)
-    q, k, v, g = pre(*pre_args, **pre_kwargs)                               # (B, S, I) x 3, (B, S, 2NH)
+    q, k, v, g, *xz_view = pre(*pre_args, **pre_kwargs)                     # (B, S, I) x 3, (B, S, 2NH)
     heads = lambda t: t.view(B, S, NH, DH).transpose(1, 2)                  # (B, NH, S, DH)
     i, f = g[..., :NH].transpose(1, 2), g[..., NH:].transpose(1, 2)         # (B, NH, S) each
     if fast.recompute_qkv and not fast.checkpoint and torch.is_grad_enabled():
@@ -369,10 +431,13 @@ def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool
             h = mlstm(heads(q), heads(k), heads(v), i, f, backend=L.backend)  # (B, NH, S, DH)
     else:
         h = mlstm(heads(q), heads(k), heads(v), i, f, backend=L.backend)    # (B, NH, S, DH)
-    return post(h, xz, x if fuse_residual else None, conv.weight, conv.bias, L.outnorm, L.outnorm_bias, L.skip,
-             L.proj_down.weight, L.proj_down.bias)                          # (B, S, D)
+    post_args = (conv.weight, conv.bias, L.outnorm, L.outnorm_bias, L.skip, L.proj_down.weight, L.proj_down.bias)
+    residual = x if fuse_residual else None
+    if grad_kernels:
+        return _PostFused.apply(fast.compile, fast.mode, h, xz_view[0], residual, *post_args)  # (B, S, D)
+    return post(h, xz, residual, *post_args)                                 # (B, S, D)
 
 
 __all__ = ["FastPath", "RecomputeQKV", "block_forward", "block_up", "block_pre", "block_pre_fused", "block_pre_vjp",
-           "block_post", "gate_weights", "headwise", "headwise_wgrad", "headwise_wgrad_dense", "headwise_input_grad",
+           "block_post", "block_pre_grad_triton", "gate_weights", "headwise", "headwise_wgrad", "headwise_wgrad_dense", "headwise_input_grad",
            "causal_conv", "causal_conv_silu", "MEMORY_BUDGET"]

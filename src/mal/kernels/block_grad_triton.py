@@ -1,0 +1,268 @@
+"""Backward of the ViL block's pointwise regions in Triton: the post-cell tail and the pre-cell step.
+
+The block's forward (`mal.fused.block_pre`, the mLSTM cell, `mal.fused.block_post`), per token t and channel c:
+
+    y = cb + sum_s x_m[t-s] w[K-1-s],  x_c = SiLU(y)                         causal depthwise conv, s = 0..K-1
+    q, k, v = blockdiag(Wq) x_c + bq, blockdiag(Wk) x_c + bk, blockdiag(Wv) x_m + bv;  g = x_c w_c^T + x_m w_m^T + b
+    h = mLSTM(q, k, v, g);  hn = LayerNorm over each head's DH channels of h
+    a = hn nw + nb + skip x_c,  u = a SiLU(z),  out = u W_down^T + b_down (+ residual)
+
+Backward, from du = d(out) W_down (a GEMM):
+
+* `post_grad`, one kernel, a program per (token tile, image, head):
+      da = du SiLU(z),  dz = du a SiLU'(z),  dh = LayerNorm backward of da nw,  dx_c(post) = da skip,
+      and the column sums (over tokens) d nw = sum da hn, d nb = sum da, d skip = sum da x_c.
+  It writes dh, the packed (B, S, 2I) buffer [dx_c(post), dz] (which becomes dxz) and u (for W_down's gradient).
+* `pre_grad`, two kernels, a program per (image, channel chunk) walking the sequence:
+    1. dx_c = blockdiag(Wq)^T dq + blockdiag(Wk)^T dk + dg w_c + dx_c(post),  dy = dx_c SiLU'(y);
+       writes dy (float32) and x_c (for the q/k weight gradients); column sums d bq, d bk, d cb and the conv taps
+       sum_t dy[t] x_m[t-s].
+    2. dx_m = blockdiag(Wv)^T dv + dg w_m + sum_s dy[t+s] w[K-1-s]; the transposed conv needs dy of the next
+       K-1 tokens, which other programs of kernel 1 write, hence two kernels. dx_m goes into the packed
+       buffer's left half, which is then dxz; column sum d bv.
+
+So the conv's backward runs once for both regions (the post region's x_c gradient joins the pre region's before
+SiLU'), and dxz is written once, with no add of two regions' (B, S, 2I) gradients. The LayerNorm statistics
+are recomputed from h (one extra read of the head's tile). Arithmetic is float32; column sums are per-program
+float32 partials that torch adds (deterministic, no atomics).
+"""
+from __future__ import annotations
+
+import torch
+
+import triton  # an ImportError here is what mal.fused expects when triton is missing
+import triton.language as tl
+
+from .qkv_triton import MAX_GATES, _blockdiag
+
+MAX_CONV = 8                # taps of the causal conv
+# (tokens per program tile, warps): post_grad's tile is (BLOCK_T, channel chunk of a head); pre_grad's programs
+# walk the whole sequence in tiles of BLOCK_T with channel chunks of PRE_BLOCK_C
+POST_CONFIG = (32, 4)
+PRE_CONFIG = (32, 32, 4)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@triton.jit(do_not_specialize=["S"])
+def _post_grad_kernel(DU, H, XZ, CW, CB, NW, NB, SK, DH, PK, U, PART,
+                      S, I, HD, stride_hb, stride_hh, stride_hs, stride_xb, stride_xs, ln_eps,
+                      KS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    pid_t, b, hd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BT + tl.arange(0, BT)                                        # (BT,) tokens
+    t_ok = t < S
+    m2 = t_ok[:, None]
+    row = b.to(tl.int64) * S + t                                             # (BT,) rows of the (B*S, .) buffers
+    h_base = H + b.to(tl.int64) * stride_hb + hd.to(tl.int64) * stride_hh
+    x_base = XZ + b.to(tl.int64) * stride_xb
+    # pass 1: per-token sums over the head's channels for the LayerNorm statistics and its backward
+    s_h = tl.zeros((BT,), dtype=tl.float32)
+    s_hh = tl.zeros((BT,), dtype=tl.float32)
+    s_g = tl.zeros((BT,), dtype=tl.float32)
+    s_gh = tl.zeros((BT,), dtype=tl.float32)
+    for d0 in range(0, HD, BC):
+        c = hd * HD + d0 + tl.arange(0, BC)                                  # (BC,) channels
+        h = tl.load(h_base + t[:, None] * stride_hs + (d0 + tl.arange(0, BC))[None, :], mask=m2,
+                    other=0.0).to(tl.float32)                                # (BT, BC)
+        du = tl.load(DU + row[:, None] * I + c[None, :], mask=m2, other=0.0).to(tl.float32)
+        z = tl.load(x_base + t[:, None] * stride_xs + (I + c)[None, :], mask=m2, other=0.0).to(tl.float32)
+        g = du * z * tl.sigmoid(z) * tl.load(NW + c)[None, :]                # (BT, BC) d hn
+        s_h += tl.sum(h, 1)
+        s_hh += tl.sum(h * h, 1)
+        s_g += tl.sum(g, 1)
+        s_gh += tl.sum(g * h, 1)
+    mean = s_h / HD
+    rstd = 1.0 / tl.sqrt(tl.maximum(s_hh / HD - mean * mean, 0.0) + ln_eps)
+    g_mean = s_g / HD                                                        # mean of d hn
+    gh_mean = rstd * (s_gh - mean * s_g) / HD                                # mean of d hn * hn
+    prow = b * tl.num_programs(0) + pid_t
+    # pass 2: gradients, u, and the column partial sums
+    for d0 in range(0, HD, BC):
+        c = hd * HD + d0 + tl.arange(0, BC)
+        h = tl.load(h_base + t[:, None] * stride_hs + (d0 + tl.arange(0, BC))[None, :], mask=m2,
+                    other=0.0).to(tl.float32)
+        du = tl.load(DU + row[:, None] * I + c[None, :], mask=m2, other=0.0).to(tl.float32)
+        z = tl.load(x_base + t[:, None] * stride_xs + (I + c)[None, :], mask=m2, other=0.0).to(tl.float32)
+        y = tl.load(CB + c)[None, :]                                         # (1, BC) conv bias
+        for s in tl.static_range(KS):
+            ts = t - s
+            xs = tl.load(x_base + ts[:, None] * stride_xs + c[None, :], mask=(t_ok & (ts >= 0))[:, None], other=0.0)
+            y += xs.to(tl.float32) * tl.load(CW + c * KS + (KS - 1 - s))[None, :]
+        x_c = (y * tl.sigmoid(y)).to(XZ.dtype.element_ty).to(tl.float32)   # (BT, BC) as the forward rounds it
+        nw = tl.load(NW + c)[None, :]
+        skip = tl.load(SK + c)[None, :]
+        hn = (h - mean[:, None]) * rstd[:, None]
+        sz = tl.sigmoid(z)
+        a = hn * nw + tl.load(NB + c)[None, :] + skip * x_c
+        da = du * z * sz                                                     # (BT, BC) d a
+        dz = du * a * sz * (1.0 + z * (1.0 - sz))
+        dh = rstd[:, None] * (da * nw - g_mean[:, None] - hn * gh_mean[:, None])
+        out = row[:, None] * I + c[None, :]
+        pk = row[:, None] * (2 * I) + c[None, :]
+        tl.store(DH + out, dh.to(DH.dtype.element_ty), mask=m2)
+        tl.store(U + out, (a * z * sz).to(U.dtype.element_ty), mask=m2)
+        tl.store(PK + pk, (da * skip).to(PK.dtype.element_ty), mask=m2)
+        tl.store(PK + pk + I, dz.to(PK.dtype.element_ty), mask=m2)
+        part = PART + prow.to(tl.int64) * I + c
+        n_part = tl.num_programs(0) * tl.num_programs(1) * I
+        tl.store(part, tl.sum(da * hn, 0))
+        tl.store(part + n_part, tl.sum(da, 0))
+        tl.store(part + 2 * n_part, tl.sum(da * x_c, 0))
+
+
+@triton.jit(do_not_specialize=["S"])
+def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQT, WKT, WC, DY, XC, PART,
+                     S, I, NG, stride_xb, stride_xs,
+                     KS: tl.constexpr, KP: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                     GP: tl.constexpr, IEEE: tl.constexpr):
+    b, pid_c = tl.program_id(0), tl.program_id(1)
+    c0 = pid_c * BC
+    c = c0 + tl.arange(0, BC)                                                # (BC,) channels
+    gi = tl.arange(0, GP)                                                    # (GP,) gate rows, NG of them real
+    g_ok = gi < NG
+    wc = tl.load(WC + gi[:, None] * I + c[None, :], mask=g_ok[:, None], other=0.0)  # (GP, BC) in dg's dtype
+    taps = tl.arange(0, KP)[:, None]                                         # (KP, 1)
+    x_base = XZ + b.to(tl.int64) * stride_xb
+    s_q = tl.zeros((BC,), dtype=tl.float32)
+    s_k = tl.zeros((BC,), dtype=tl.float32)
+    s_y = tl.zeros((BC,), dtype=tl.float32)
+    s_w = tl.zeros((KP, BC), dtype=tl.float32)                               # row s: sum_t dy[t] x_m[t-s]
+    for t0 in range(0, S, BT):
+        t = t0 + tl.arange(0, BT)                                            # (BT,) tokens
+        t_ok = t < S
+        row = b.to(tl.int64) * S + t
+        out = row[:, None] * I + c[None, :]                                  # (BT, BC) offsets in (B*S, I)
+        dq = tl.load(DQ + out, mask=t_ok[:, None], other=0.0)
+        dk = tl.load(DK + out, mask=t_ok[:, None], other=0.0)
+        dg = tl.load(DG + row[:, None] * NG + gi[None, :], mask=t_ok[:, None] & g_ok[None, :], other=0.0)
+        if IEEE:
+            dxc = tl.dot(dg, wc, input_precision="ieee")                     # (BT, BC)
+        else:
+            dxc = tl.dot(dg, wc)
+        dxc += _blockdiag(dq, WQT, c0, BT, BC, BS) + _blockdiag(dk, WKT, c0, BT, BC, BS)
+        dxc += tl.load(PK + row[:, None] * (2 * I) + c[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)
+        y = tl.load(CB + c)[None, :]                                         # (1, BC) conv bias
+        for s in tl.static_range(KS):
+            ts = t - s
+            xs = tl.load(x_base + ts[:, None] * stride_xs + c[None, :], mask=(t_ok & (ts >= 0))[:, None], other=0.0)
+            y += xs.to(tl.float32) * tl.load(CW + c * KS + (KS - 1 - s))[None, :]
+        sig = tl.sigmoid(y)
+        tl.store(XC + out, (y * sig).to(XC.dtype.element_ty), mask=t_ok[:, None])
+        dy = dxc * sig * (1.0 + y * (1.0 - sig))                             # (BT, BC) through SiLU; 0 past S
+        tl.store(DY + out, dy, mask=t_ok[:, None])
+        s_q += tl.sum(dq.to(tl.float32), 0)
+        s_k += tl.sum(dk.to(tl.float32), 0)
+        s_y += tl.sum(dy, 0)
+        for s in tl.static_range(KS):
+            ts = t - s
+            xs = tl.load(x_base + ts[:, None] * stride_xs + c[None, :], mask=(t_ok & (ts >= 0))[:, None], other=0.0)
+            s_w += tl.where(taps == s, tl.sum(dy * xs.to(tl.float32), 0)[None, :], 0.0)
+    part = PART + b.to(tl.int64) * (3 + KP) * I
+    tl.store(part + c, s_q)
+    tl.store(part + I + c, s_k)
+    tl.store(part + 2 * I + c, s_y)
+    tl.store(part + (3 + taps) * I + c[None, :], s_w)
+
+
+@triton.jit(do_not_specialize=["S"])
+def _pre_dxm_kernel(DV, DG, DY, CW, WVT, WM, DXZ, PART, S, I, NG, stride_db, stride_ds,
+                    KS: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, GP: tl.constexpr,
+                    IEEE: tl.constexpr):
+    b, pid_c = tl.program_id(0), tl.program_id(1)
+    c0 = pid_c * BC
+    c = c0 + tl.arange(0, BC)
+    gi = tl.arange(0, GP)
+    g_ok = gi < NG
+    wm = tl.load(WM + gi[:, None] * I + c[None, :], mask=g_ok[:, None], other=0.0)  # (GP, BC) in dg's dtype
+    s_v = tl.zeros((BC,), dtype=tl.float32)
+    for t0 in range(0, S, BT):
+        t = t0 + tl.arange(0, BT)
+        t_ok = t < S
+        row = b.to(tl.int64) * S + t
+        dv = tl.load(DV + row[:, None] * I + c[None, :], mask=t_ok[:, None], other=0.0)
+        dg = tl.load(DG + row[:, None] * NG + gi[None, :], mask=t_ok[:, None] & g_ok[None, :], other=0.0)
+        if IEEE:
+            dxm = tl.dot(dg, wm, input_precision="ieee")                     # (BT, BC)
+        else:
+            dxm = tl.dot(dg, wm)
+        dxm += _blockdiag(dv, WVT, c0, BT, BC, BS)
+        for s in tl.static_range(KS):                                        # transposed conv: dy of later tokens
+            ts = t + s
+            dys = tl.load(DY + (row + s)[:, None] * I + c[None, :], mask=(ts < S)[:, None], other=0.0)
+            dxm += dys * tl.load(CW + c * KS + (KS - 1 - s))[None, :]
+        tl.store(DXZ + b.to(tl.int64) * stride_db + t[:, None] * stride_ds + c[None, :],
+                 dxm.to(DXZ.dtype.element_ty), mask=t_ok[:, None])
+        s_v += tl.sum(dv.to(tl.float32), 0)
+    tl.store(PART + b.to(tl.int64) * I + c, s_v)
+
+
+def _chunk(n: int, want: int) -> int:
+    return next(bc for bc in (want, 64, 32, 16) if bc <= want and n % bc == 0)
+
+
+def supports(xz: torch.Tensor, num_heads: int, conv_w: torch.Tensor, wq: torch.Tensor, n_gates: int) -> bool:
+    """CUDA fp16/bf16 xz (B, S, 2I) with unit channel stride, head dim DH = I / num_heads with 16 | DH, block
+    size dividing 16, at most `MAX_CONV` conv taps and `MAX_GATES` gates, offsets within int32."""
+    if not (isinstance(xz, torch.Tensor) and xz.is_cuda and xz.dtype in SUPPORTED_DTYPES and xz.dim() == 3):
+        return False
+    inner = xz.shape[-1] // 2
+    return (xz.stride(-1) == 1 and inner % num_heads == 0 and (inner // num_heads) % 16 == 0
+            and 16 % wq.shape[-1] == 0 and conv_w.shape[-1] <= MAX_CONV and n_gates <= MAX_GATES
+            and xz.numel() < 2 ** 31)
+
+
+def post_grad(du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, ln_eps: float, config: tuple | None = None):
+    """Gradients of the block's post-cell tail from du = d(out) W_down (B, S, I) (module docstring).
+
+    h (B, NH, S, DH), xz (B, S, 2I), conv_w (I, 1, K), conv_b/norm_w/norm_b/skip (I,) ->
+    dh (B, NH, S, DH) (a head view of a (B, S, I) tensor), the packed (B, S, 2I) [dx_c, dz] in xz's dtype,
+    u (B, S, I) (the down-projection's input) and d norm_w, d norm_b, d skip (I,) in float32."""
+    bt, warps = config or POST_CONFIG
+    B, NH, S, DH = h.shape
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    inner = NH * DH
+    n_t = triton.cdiv(S, bt)
+    dh = torch.empty(B, S, inner, device=h.device, dtype=h.dtype)
+    packed = torch.empty(B, S, 2 * inner, device=xz.device, dtype=xz.dtype)
+    u = torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype)
+    part = torch.empty(3, B * n_t, inner, device=xz.device, dtype=torch.float32)
+    f32 = lambda t: t.detach().float().contiguous()
+    _post_grad_kernel[(n_t, B, NH)](
+        du.contiguous(), h, xz, f32(conv_w), f32(conv_b), f32(norm_w), f32(norm_b), f32(skip), dh, packed, u, part,
+        S, inner, DH, h.stride(0), h.stride(1), h.stride(2), xz.stride(0), xz.stride(1), ln_eps,
+        KS=conv_w.shape[-1], BT=bt, BC=_chunk(DH, 64), num_warps=warps)
+    d_nw, d_nb, d_skip = part.sum(1)                                         # (I,) each
+    return dh.view(B, S, NH, DH).transpose(1, 2), packed, u, d_nw, d_nb, d_skip
+
+
+def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, config: tuple | None = None):
+    """Gradients of the block's pre-cell step (module docstring), joined with the post tail's `packed` [dx_c, dz].
+
+    dq, dk, dv (B, S, I), dg (B, S, G), packed and xz (B, S, 2I), conv_w (I, 1, K), wq/wk/wv (nb, bs, bs),
+    w_c/w_m (G, I) -> dxz (B, S, 2I) (`packed`, its left half overwritten with dx_m), x_c (B, S, I) in xz's dtype,
+    and in float32 d conv_w (I, 1, K), d conv_b, d bq, d bk, d bv (I,)."""
+    bt, bc, warps = config or PRE_CONFIG
+    B, S, two_i = xz.shape
+    inner, K, G = two_i // 2, conv_w.shape[-1], dg.shape[-1]
+    bc, kp = _chunk(inner, bc), triton.next_power_of_2(K)
+    dq, dk, dv, dg = (t.contiguous() for t in (dq, dk, dv, dg))
+    dy = torch.empty(B, S, inner, device=xz.device, dtype=torch.float32)
+    x_c = torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype)
+    part = torch.empty(B, 3 + kp, inner, device=xz.device, dtype=torch.float32)
+    part_v = torch.empty(B, inner, device=xz.device, dtype=torch.float32)
+    f32 = lambda t: t.detach().float().contiguous()
+    wt = lambda w: w.detach().transpose(1, 2).float().contiguous()           # (nb, in, out): the transposed map
+    low = lambda w: w.detach().to(dg.dtype).contiguous()                     # gate GEMMs in the activations' dtype
+    cw = f32(conv_w)
+    meta = dict(BS=wq.shape[-1], BT=bt, BC=bc, GP=MAX_GATES, IEEE=xz.dtype == torch.float32, num_warps=warps)
+    _pre_grad_kernel[(B, inner // bc)](
+        dq, dk, dg, packed, xz, cw, f32(conv_b), wt(wq), wt(wk), low(w_c), dy, x_c, part,
+        S, inner, G, xz.stride(0), xz.stride(1), KS=K, KP=kp, **meta)
+    _pre_dxm_kernel[(B, inner // bc)](
+        dv, dg, dy, cw, wt(wv), low(w_m), packed, part_v, S, inner, G, packed.stride(0), packed.stride(1),
+        KS=K, **meta)
+    sums = part.sum(0)                                                       # (3 + kp, I)
+    d_conv_w = sums[3:3 + K].flip(0).t().contiguous().unsqueeze(1)           # (I, 1, K): row s is tap K-1-s
+    return packed, x_c, d_conv_w, sums[2], sums[0], sums[1], part_v.sum(0)
+
+
+__all__ = ["post_grad", "pre_grad", "supports", "POST_CONFIG", "PRE_CONFIG"]

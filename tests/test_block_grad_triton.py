@@ -1,0 +1,124 @@
+"""The backward of the block's pointwise regions in Triton (`mal.kernels.block_grad_triton`), through the pair
+`fused.block_pre_fused(..., xz_view=True)` -> mLSTM cell -> `fused._PostFused`.
+
+CPU: in Triton's interpreter (float32), every gradient of pre-step -> cell -> post-tail (xz, the residual and all
+17 parameters) equals float64 autograd of `block_pre` -> `mlstm_parallel` -> `block_post`, for sequences shorter
+than the conv and than a tile, head dims of one and several channel chunks, and one head or two; `supports`
+refuses CPU tensors, so the CPU fast path keeps its compiled/eager backward.
+GPU: in bf16 at ViL-T/B shapes the gradients are as close to float64 as the plain autocast path's, and the fused
+block runs the kernels in training only.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from mal.fused import _PostFused, block_post, block_pre, block_pre_fused
+from mal.kernels.mlstm_torch import mlstm_parallel
+
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.find_spec("triton")),
+                               reason="needs CUDA and triton")
+NAMES = "xz conv_w conv_b wq bq wk bk wv bv wg bg norm_w norm_b skip down_w down_b residual".split()
+
+
+def region_inputs(B, S, NH, DH, D, seed=0, device="cpu"):
+    """float64 inputs of the pre-step and post-tail: (pre args, post params, residual, output cotangent)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, s=1.0: (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(device)
+    inner = NH * DH
+    pre = [r(B, S, 2 * inner), r(inner, 1, 4, s=0.5), r(inner, s=0.1)]
+    for _ in range(3):
+        pre += [r(inner // 4, 4, 4, s=0.5), r(inner, s=0.1)]
+    pre += [r(2 * NH, 3 * inner, s=0.1), r(2 * NH)]
+    post = [1 + r(inner, s=0.2), r(inner, s=0.1), 1 + r(inner, s=0.2), r(D, inner, s=0.1), r(D, s=0.1)]
+    return pre, post, r(B, S, D), r(B, S, D)
+
+
+def region_grads(pre, post, residual, cot, num_heads, fused: bool, autocast: bool = False):
+    """Output and gradients of all inputs (in `NAMES` order) of pre-step -> mLSTM (torch) -> post-tail, either
+    through the fused pair (kernels' backward) or the plain functions' autograd."""
+    leaves = [t.clone().requires_grad_() for t in pre + post + [residual]]
+    p, po, res = leaves[:len(pre)], leaves[len(pre):-1], leaves[-1]
+    B, S, two_i = p[0].shape
+    DH = two_i // 2 // num_heads
+    heads = lambda t: t.view(B, S, num_heads, DH).transpose(1, 2)            # (B, NH, S, DH)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        if fused:
+            q, k, v, g, xz = block_pre_fused(*p, compiled=False, xz_view=True)
+        else:
+            (q, k, v, g), xz = block_pre(*p), p[0]
+        h = mlstm_parallel(heads(q), heads(k), heads(v), g[..., :num_heads].transpose(1, 2),
+                           g[..., num_heads:].transpose(1, 2))             # (B, NH, S, DH)
+        args = (h, xz, res, p[1], p[2], *po)
+        out = _PostFused.apply(False, None, *args) if fused else block_post(*args)
+    return out, torch.autograd.grad(out, leaves, cot.to(out.dtype))
+
+
+def test_kernels_in_interpreter_match_float64_autograd(triton_interpreter):
+    triton_interpreter(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import torch
+        from mal.kernels import qkv_triton
+        from test_block_grad_triton import NAMES, region_grads, region_inputs
+        qkv_triton.supports = lambda *a: True                               # the kernels on CPU tensors
+        for B, S, NH, DH, D in [(2, 37, 2, 32, 24), (1, 3, 1, 16, 8), (2, 70, 2, 48, 16)]:
+            pre, post, res, cot = region_inputs(B, S, NH, DH, D)
+            out_r, g_r = region_grads(pre, post, res, cot, NH, fused=False)
+            f32 = lambda ts: [t.float() for t in ts]
+            out_f, g_f = region_grads(f32(pre), f32(post), res.float(), cot.float(), NH, fused=True)
+            assert ((out_f.double() - out_r).norm() / out_r.norm()).item() < 1e-5
+            for name, a, b in zip(NAMES, g_f, g_r):
+                assert a.dtype == torch.float32 and a.shape == b.shape, (name, a.dtype, a.shape)
+                e = ((a.double() - b).norm() / b.norm()).item()
+                assert e < 5e-5, (B, S, NH, DH, name, e)
+        print("ok")
+    """)
+
+
+def test_supports_refuses_cpu_and_odd_head_dims():
+    from mal.kernels import block_grad_triton
+    conv_w, wq = torch.zeros(64, 1, 4), torch.zeros(16, 4, 4)
+    assert not block_grad_triton.supports(torch.zeros(2, 5, 128, dtype=torch.bfloat16), 2, conv_w, wq, 4)
+    if torch.cuda.is_available():
+        xz = torch.zeros(2, 5, 128, dtype=torch.bfloat16, device="cuda")
+        assert block_grad_triton.supports(xz, 2, conv_w, wq, 4)
+        assert not block_grad_triton.supports(xz, 8, conv_w, wq, 16)         # DH = 8
+        assert not block_grad_triton.supports(xz.float(), 2, conv_w, wq, 4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("B,S,NH,DH,D", [(8, 197, 4, 96, 192), (2, 197, 4, 384, 768), (3, 5, 2, 16, 32)])
+def test_bf16_gradients_as_close_to_float64_as_plain_autocast(B, S, NH, DH, D):
+    pre, post, res, cot = region_inputs(B, S, NH, DH, D, device="cuda")
+    xz = pre[0].to(torch.bfloat16)
+    low = [xz] + [t.float() for t in pre[1:]]
+    f32 = [t.float() for t in post]
+    _, g_f = region_grads(low, f32, res.float(), cot.float(), NH, fused=True, autocast=True)
+    _, g_p = region_grads(low, f32, res.float(), cot.float(), NH, fused=False, autocast=True)
+    _, g_r = region_grads([xz.double()] + pre[1:], post, res, cot, NH, fused=False)  # on the rounded xz
+    for name, a, p, want in zip(NAMES, g_f, g_p, g_r):
+        e = ((a.double() - want).norm() / want.norm()).item()
+        e_plain = ((p.double() - want).norm() / want.norm()).item()
+        assert a.dtype == p.dtype and e <= 1.5 * e_plain + 2e-3, (name, e, e_plain)
+
+
+@needs_gpu
+def test_fused_block_runs_the_kernels_in_training_only(monkeypatch):
+    from mal.kernels import block_grad_triton
+    from mal.vision_lstm import ViLBlock
+    calls = []
+    for name in ("post_grad", "pre_grad"):
+        real = getattr(block_grad_triton, name)
+        monkeypatch.setattr(block_grad_triton, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    blk = ViLBlock(64, num_heads=4, num_blocks=4).cuda().fast_path(compile=False)
+    x = torch.randn(2, 16, 64, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad():
+            blk(x)
+        blk(x).sum().backward()
+    assert calls == ["post_grad", "pre_grad"]
+    assert x.grad is not None and all(p.grad is not None for p in blk.parameters())
