@@ -15,8 +15,8 @@ Backward, from du = d(out) W_down (a GEMM):
   It writes dh, the packed (B, S, 2I) buffer [dx_c(post), dz] (which becomes dxz) and u (for W_down's gradient).
 * `pre_grad`, two kernels, a program per (image, channel chunk) walking the sequence:
     1. dx_c = blockdiag(Wq)^T dq + blockdiag(Wk)^T dk + dg w_c + dx_c(post),  dy = dx_c SiLU'(y);
-       writes dy (float32) and x_c (for the q/k weight gradients); column sums d bq, d bk, d cb and the conv taps
-       sum_t dy[t] x_m[t-s].
+       writes dy and x_c (for the q/k weight gradients) in the activations' dtype (the plain path's conv
+       backward rounds dy so too); column sums d bq, d bk, d cb and the conv taps sum_t dy[t] x_m[t-s].
     2. dx_m = blockdiag(Wv)^T dv + dg w_m + sum_s dy[t+s] w[K-1-s]; the transposed conv needs dy of the next
        K-1 tokens, which other programs of kernel 1 write, hence two kernels. dx_m goes into the packed
        buffer's left half, which is then dxz; column sum d bv.
@@ -36,10 +36,12 @@ import triton.language as tl
 from .qkv_triton import MAX_GATES, _blockdiag
 
 MAX_CONV = 8                # taps of the causal conv
-# (tokens per program tile, warps): post_grad's tile is (BLOCK_T, channel chunk of a head); pre_grad's programs
-# walk the whole sequence in tiles of BLOCK_T with channel chunks of PRE_BLOCK_C
-POST_CONFIG = (32, 4)
+# (BLOCK_T tokens, BLOCK_C channels, warps) of each kernel. post_grad: a program per BLOCK_T tokens of one head,
+# walking its DH channels in chunks of BLOCK_C (shrunk to divide DH). pre_grad's two kernels: a program per
+# BLOCK_C channels of one image, walking the sequence in tiles of BLOCK_T tokens.
+POST_CONFIG = (32, 64, 4)
 PRE_CONFIG = (32, 32, 4)
+DXM_CONFIG = (32, 32, 4)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -120,12 +122,13 @@ def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQT, WKT, WC, DY, XC, PART,
     gi = tl.arange(0, GP)                                                    # (GP,) gate rows, NG of them real
     g_ok = gi < NG
     wc = tl.load(WC + gi[:, None] * I + c[None, :], mask=g_ok[:, None], other=0.0)  # (GP, BC) in dg's dtype
-    taps = tl.arange(0, KP)[:, None]                                         # (KP, 1)
     x_base = XZ + b.to(tl.int64) * stride_xb
-    s_q = tl.zeros((BC,), dtype=tl.float32)
-    s_k = tl.zeros((BC,), dtype=tl.float32)
-    s_y = tl.zeros((BC,), dtype=tl.float32)
-    s_w = tl.zeros((KP, BC), dtype=tl.float32)                               # row s: sum_t dy[t] x_m[t-s]
+    # column sums over the sequence, accumulated elementwise and reduced once at the end
+    s_q = tl.zeros((BT, BC), dtype=tl.float32)
+    s_k = tl.zeros((BT, BC), dtype=tl.float32)
+    s_y = tl.zeros((BT, BC), dtype=tl.float32)
+    s_w = tl.zeros((KP, BT, BC), dtype=tl.float32)                           # tap s: sum_t dy[t] x_m[t-s]
+    taps = tl.arange(0, KP)[:, None, None]                                   # (KP, 1, 1)
     for t0 in range(0, S, BT):
         t = t0 + tl.arange(0, BT)                                            # (BT,) tokens
         t_ok = t < S
@@ -148,19 +151,19 @@ def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQT, WKT, WC, DY, XC, PART,
         sig = tl.sigmoid(y)
         tl.store(XC + out, (y * sig).to(XC.dtype.element_ty), mask=t_ok[:, None])
         dy = dxc * sig * (1.0 + y * (1.0 - sig))                             # (BT, BC) through SiLU; 0 past S
-        tl.store(DY + out, dy, mask=t_ok[:, None])
-        s_q += tl.sum(dq.to(tl.float32), 0)
-        s_k += tl.sum(dk.to(tl.float32), 0)
-        s_y += tl.sum(dy, 0)
+        tl.store(DY + out, dy.to(DY.dtype.element_ty), mask=t_ok[:, None])
+        s_q += dq.to(tl.float32)
+        s_k += dk.to(tl.float32)
+        s_y += dy
         for s in tl.static_range(KS):
             ts = t - s
             xs = tl.load(x_base + ts[:, None] * stride_xs + c[None, :], mask=(t_ok & (ts >= 0))[:, None], other=0.0)
-            s_w += tl.where(taps == s, tl.sum(dy * xs.to(tl.float32), 0)[None, :], 0.0)
+            s_w += tl.where(taps == s, (dy * xs.to(tl.float32))[None, :, :], 0.0)
     part = PART + b.to(tl.int64) * (3 + KP) * I
-    tl.store(part + c, s_q)
-    tl.store(part + I + c, s_k)
-    tl.store(part + 2 * I + c, s_y)
-    tl.store(part + (3 + taps) * I + c[None, :], s_w)
+    tl.store(part + c, tl.sum(s_q, 0))
+    tl.store(part + I + c, tl.sum(s_k, 0))
+    tl.store(part + 2 * I + c, tl.sum(s_y, 0))
+    tl.store(part + (3 + tl.arange(0, KP)[:, None]) * I + c[None, :], tl.sum(s_w, 1))
 
 
 @triton.jit(do_not_specialize=["S"])
@@ -173,7 +176,7 @@ def _pre_dxm_kernel(DV, DG, DY, CW, WVT, WM, DXZ, PART, S, I, NG, stride_db, str
     gi = tl.arange(0, GP)
     g_ok = gi < NG
     wm = tl.load(WM + gi[:, None] * I + c[None, :], mask=g_ok[:, None], other=0.0)  # (GP, BC) in dg's dtype
-    s_v = tl.zeros((BC,), dtype=tl.float32)
+    s_v = tl.zeros((BT, BC), dtype=tl.float32)
     for t0 in range(0, S, BT):
         t = t0 + tl.arange(0, BT)
         t_ok = t < S
@@ -188,11 +191,11 @@ def _pre_dxm_kernel(DV, DG, DY, CW, WVT, WM, DXZ, PART, S, I, NG, stride_db, str
         for s in tl.static_range(KS):                                        # transposed conv: dy of later tokens
             ts = t + s
             dys = tl.load(DY + (row + s)[:, None] * I + c[None, :], mask=(ts < S)[:, None], other=0.0)
-            dxm += dys * tl.load(CW + c * KS + (KS - 1 - s))[None, :]
+            dxm += dys.to(tl.float32) * tl.load(CW + c * KS + (KS - 1 - s))[None, :]
         tl.store(DXZ + b.to(tl.int64) * stride_db + t[:, None] * stride_ds + c[None, :],
                  dxm.to(DXZ.dtype.element_ty), mask=t_ok[:, None])
-        s_v += tl.sum(dv.to(tl.float32), 0)
-    tl.store(PART + b.to(tl.int64) * I + c, s_v)
+        s_v += dv.to(tl.float32)
+    tl.store(PART + b.to(tl.int64) * I + c, tl.sum(s_v, 0))
 
 
 def _chunk(n: int, want: int) -> int:
@@ -216,7 +219,7 @@ def post_grad(du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, ln_eps: float, co
     h (B, NH, S, DH), xz (B, S, 2I), conv_w (I, 1, K), conv_b/norm_w/norm_b/skip (I,) ->
     dh (B, NH, S, DH) (a head view of a (B, S, I) tensor), the packed (B, S, 2I) [dx_c, dz] in xz's dtype,
     u (B, S, I) (the down-projection's input) and d norm_w, d norm_b, d skip (I,) in float32."""
-    bt, warps = config or POST_CONFIG
+    bt, bc, warps = config or POST_CONFIG
     B, NH, S, DH = h.shape
     h = h if h.stride(-1) == 1 else h.contiguous()
     inner = NH * DH
@@ -229,23 +232,24 @@ def post_grad(du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, ln_eps: float, co
     _post_grad_kernel[(n_t, B, NH)](
         du.contiguous(), h, xz, f32(conv_w), f32(conv_b), f32(norm_w), f32(norm_b), f32(skip), dh, packed, u, part,
         S, inner, DH, h.stride(0), h.stride(1), h.stride(2), xz.stride(0), xz.stride(1), ln_eps,
-        KS=conv_w.shape[-1], BT=bt, BC=_chunk(DH, 64), num_warps=warps)
+        KS=conv_w.shape[-1], BT=bt, BC=_chunk(DH, bc), num_warps=warps)
     d_nw, d_nb, d_skip = part.sum(1)                                         # (I,) each
     return dh.view(B, S, NH, DH).transpose(1, 2), packed, u, d_nw, d_nb, d_skip
 
 
-def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, config: tuple | None = None):
+def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, config: tuple | None = None,
+             dxm_config: tuple | None = None):
     """Gradients of the block's pre-cell step (module docstring), joined with the post tail's `packed` [dx_c, dz].
 
     dq, dk, dv (B, S, I), dg (B, S, G), packed and xz (B, S, 2I), conv_w (I, 1, K), wq/wk/wv (nb, bs, bs),
     w_c/w_m (G, I) -> dxz (B, S, 2I) (`packed`, its left half overwritten with dx_m), x_c (B, S, I) in xz's dtype,
-    and in float32 d conv_w (I, 1, K), d conv_b, d bq, d bk, d bv (I,)."""
-    bt, bc, warps = config or PRE_CONFIG
+    and in float32 d conv_w (I, 1, K), d conv_b, d bq, d bk, d bv (I,). config/dxm_config: (BLOCK_T, BLOCK_C,
+    warps) of the two kernels, default `PRE_CONFIG`/`DXM_CONFIG`."""
     B, S, two_i = xz.shape
     inner, K, G = two_i // 2, conv_w.shape[-1], dg.shape[-1]
-    bc, kp = _chunk(inner, bc), triton.next_power_of_2(K)
+    kp = triton.next_power_of_2(K)
     dq, dk, dv, dg = (t.contiguous() for t in (dq, dk, dv, dg))
-    dy = torch.empty(B, S, inner, device=xz.device, dtype=torch.float32)
+    dy = torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype)
     x_c = torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype)
     part = torch.empty(B, 3 + kp, inner, device=xz.device, dtype=torch.float32)
     part_v = torch.empty(B, inner, device=xz.device, dtype=torch.float32)
@@ -253,16 +257,18 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
     wt = lambda w: w.detach().transpose(1, 2).float().contiguous()           # (nb, in, out): the transposed map
     low = lambda w: w.detach().to(dg.dtype).contiguous()                     # gate GEMMs in the activations' dtype
     cw = f32(conv_w)
-    meta = dict(BS=wq.shape[-1], BT=bt, BC=bc, GP=MAX_GATES, IEEE=xz.dtype == torch.float32, num_warps=warps)
-    _pre_grad_kernel[(B, inner // bc)](
+    meta = lambda cfg: dict(BS=wq.shape[-1], BT=cfg[0], BC=_chunk(inner, cfg[1]), GP=MAX_GATES,
+                            IEEE=xz.dtype == torch.float32, num_warps=cfg[2])
+    m1, m2 = meta(config or PRE_CONFIG), meta(dxm_config or DXM_CONFIG)
+    _pre_grad_kernel[(B, inner // m1["BC"])](
         dq, dk, dg, packed, xz, cw, f32(conv_b), wt(wq), wt(wk), low(w_c), dy, x_c, part,
-        S, inner, G, xz.stride(0), xz.stride(1), KS=K, KP=kp, **meta)
-    _pre_dxm_kernel[(B, inner // bc)](
+        S, inner, G, xz.stride(0), xz.stride(1), KS=K, KP=kp, **m1)
+    _pre_dxm_kernel[(B, inner // m2["BC"])](
         dv, dg, dy, cw, wt(wv), low(w_m), packed, part_v, S, inner, G, packed.stride(0), packed.stride(1),
-        KS=K, **meta)
+        KS=K, **m2)
     sums = part.sum(0)                                                       # (3 + kp, I)
     d_conv_w = sums[3:3 + K].flip(0).t().contiguous().unsqueeze(1)           # (I, 1, K): row s is tap K-1-s
     return packed, x_c, d_conv_w, sums[2], sums[0], sums[1], part_v.sum(0)
 
 
-__all__ = ["post_grad", "pre_grad", "supports", "POST_CONFIG", "PRE_CONFIG"]
+__all__ = ["post_grad", "pre_grad", "supports", "POST_CONFIG", "PRE_CONFIG", "DXM_CONFIG"]

@@ -1,0 +1,134 @@
+"""The backward of the ViL block's pointwise regions on one GPU: the Triton kernels (`mal.kernels.block_grad_triton`)
+against the compiled regions' backward they replace (inductor's backward of `block_post` + the compiled
+`block_pre_vjp`).
+
+Per shape (B, S, NH, DH), bf16 activations, ms per call (median of CUDA-event-timed calls):
+  post_grad_ms, pre_grad_ms      the kernels alone (pre_grad: its two kernels)
+  compiled_regions_ms            forward + backward of pre-step -> post-tail (no cell: h is an input), captured
+  kernel_regions_ms              in a CUDA graph, the same forward, the old and the new backward
+--sweep times every kernel configuration (BLOCK_T, BLOCK_C, warps) of each kernel and reports the fastest.
+
+    PYTHONPATH=src python benchmarks/block_grad.py --sweep --json block_grad.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+from throughput import cuda_times  # benchmarks/ is this script's directory
+
+SHAPES = {"T": (128, 197, 4, 96), "S": (128, 197, 4, 192), "B": (128, 197, 4, 384), "B-pretrain": (256, 145, 4, 384)}
+
+
+def cuda_ms(fn) -> float:
+    """Median ms per call of fn (CUDA events, after 3 warm-up calls)."""
+    return cuda_times(fn, warmup=3, iters=20)[0]
+
+
+def graphed_ms(fn) -> float:
+    """Median ms per replay of one call of fn captured in a CUDA graph (after warm-up on a side stream)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return cuda_ms(graph.replay)
+
+
+def inputs(B, S, NH, DH):
+    """bf16 xz, h and a cotangent; float32 parameters of the pre-step (11) and the post tail (7)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *shape, s=1.0: torch.randn(*shape, generator=g, device="cuda") * s
+    I, D = NH * DH, NH * DH // 2
+    pre = [r(B, S, 2 * I).bfloat16(), r(I, 1, 4, s=0.5), r(I, s=0.1)]
+    for _ in range(3):
+        pre += [r(I // 4, 4, 4, s=0.5), r(I, s=0.1)]
+    pre += [r(2 * NH, 3 * I, s=0.1), r(2 * NH)]
+    post = [r(I, 1, 4, s=0.5), r(I, s=0.1), 1 + r(I, s=0.2), r(I, s=0.1), 1 + r(I, s=0.2), r(D, I, s=0.05), r(D)]
+    return pre, post, r(B, NH, S, DH).bfloat16(), r(B, S, D)
+
+
+def sweep(fn, configs) -> dict:
+    """ms per config of fn(config); configs that fail to compile are reported by their error's name."""
+    res = {}
+    for cfg in configs:
+        try:
+            res[str(cfg)] = round(cuda_ms(lambda: fn(cfg)), 4)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is reported, not fatal
+            res[str(cfg)] = type(e).__name__
+    timed = {k: v for k, v in res.items() if isinstance(v, float)}
+    return {"all": res, "best": min(timed, key=timed.get), "best_ms": min(timed.values())}
+
+
+def main() -> dict:
+    from mal import fused
+    from mal.fused import _PostFused, block_post, block_pre_fused, gate_weights
+    from mal.kernels import block_grad_triton as bg
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "defaults": {"post": bg.POST_CONFIG, "pre": bg.PRE_CONFIG, "dxm": bg.DXM_CONFIG}, "shapes": {}}
+    for name in args.shapes.split(","):
+        B, S, NH, DH = SHAPES[name]
+        I = NH * DH
+        pre, post, h, cot = inputs(B, S, NH, DH)
+        xz = pre[0]
+        w_c, w_m, _ = gate_weights(*pre[9:], *pre[3:9])
+        du = torch.randn(B, S, I, device="cuda").bfloat16()
+        d_qkv = [torch.randn(B, S, I, device="cuda").bfloat16() for _ in range(3)]
+        dg = torch.randn(B, S, 2 * NH, device="cuda").bfloat16()
+        post_args = (h, xz, *post[:5])
+        res: dict = {"B": B, "S": S, "NH": NH, "DH": DH}
+        run_post = lambda cfg=None: bg.post_grad(du, *post_args, fused.POST_LN_EPS, config=cfg)
+        packed = run_post()[1]
+        run_pre = lambda cfg=None, dxm=None: bg.pre_grad(*d_qkv, dg, packed, xz, *pre[1:3], pre[3], pre[5], pre[7],
+                                                         w_c, w_m, config=cfg, dxm_config=dxm)
+        res["post_grad_ms"] = cuda_ms(run_post)
+        res["pre_grad_ms"] = cuda_ms(run_pre)
+        if args.sweep:
+            grid = lambda bcs: [c for c in itertools.product((16, 32, 64), bcs, (4, 8)) if I % c[1] == 0]
+            res["sweep_post"] = sweep(run_post, [c for c in grid((32, 64, 128)) if DH % c[1] == 0])
+            res["sweep_pre"] = sweep(lambda c: run_pre(cfg=c), grid((32, 64)))
+            res["sweep_dxm"] = sweep(lambda c: run_pre(dxm=c), grid((32, 64, 128)))
+        leaves = [t.detach().requires_grad_() for t in pre + post[2:] + [h]]
+        pl, ql, hl = leaves[:11], leaves[11:16], leaves[16]
+
+        def regions(kernels: bool):
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    q, k, v, g, xzv = block_pre_fused(*pl, compiled=True, xz_view=True)
+                    tail = (pl[1], pl[2], *ql)
+                    y = (_PostFused.apply(True, None, hl, xzv, None, *tail) if kernels
+                         else fused._compiled(block_post, None)(hl, pl[0], None, *tail))
+                torch.autograd.backward([y, q, k, v, g], [cot.to(y.dtype), *d_qkv, dg])
+            return step
+        res["compiled_regions_ms"] = graphed_ms(regions(False))
+        res["kernel_regions_ms"] = graphed_ms(regions(True))
+        res["regions_speedup"] = round(res["compiled_regions_ms"] / res["kernel_regions_ms"], 2)
+        out["shapes"][name] = res
+        print(json.dumps({name: {k: (v if not k.startswith("sweep") else {"best": v["best"], "ms": v["best_ms"]})
+                                 for k, v in res.items()}}), flush=True)
+    print(json.dumps(out, indent=1))
+    print("| shape | post_grad ms | pre_grad ms | compiled regions fwd+bwd ms | kernels fwd+bwd ms | x | best post / pre / dxm |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in out["shapes"].items():
+        best = " / ".join(f"{r[k]['best']} {r[k]['best_ms']}" for k in ("sweep_post", "sweep_pre", "sweep_dxm") if k in r)
+        print(f"| {name} {r['B']}x{r['S']}x{r['NH']}x{r['DH']} | {r['post_grad_ms']:.3f} | {r['pre_grad_ms']:.3f} | "
+              f"{r['compiled_regions_ms']:.3f} | {r['kernel_regions_ms']:.3f} | {r['regions_speedup']} | {best or '-'} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
