@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mal.serialization import (FIXED_ORDERS, SCAN_ORDERS, _order_list, cluster_grid, cluster_patch_table,
-                               cluster_sequence, deserialize, gather_tokens, inverse, layer_orders, order_from_clusters, permute_tokens,
+                               cluster_sequence, deserialize, gather_tokens, inverse, layer_orders, order_from_clusters,
                                patchify, pretrain_cluster_orders, random_layer_plan, sample_mask, scan_order, serialize,
                                unpatchify)
 
@@ -147,22 +147,3 @@ def test_pixel_mask_and_errors():
     with pytest.raises(ValueError, match=r"outside \[0, 1\)"):
         sample_mask("patch", 1.0, 2, 12, 12, 4, 4)
     assert set(SCAN_ORDERS) == {"row_fwd", "col_fwd", "row_bwd", "col_bwd", "random", "alternating"}
-
-
-@pytest.mark.parametrize("per_sample", [False, True])
-def test_permute_tokens_equals_gather_and_its_backward_is_the_inverse_gather(per_sample):
-    g = torch.Generator().manual_seed(0)
-    B, N, D = 3, 11, 5
-    perm = (torch.stack([torch.randperm(N, generator=g) for _ in range(B)]) if per_sample
-            else torch.randperm(N, generator=g))
-    x = torch.randn(B, N, D, generator=g, dtype=torch.float64)
-    cot = torch.randn(B, N, D, generator=g, dtype=torch.float64)
-    grads = []
-    for fn in (gather_tokens, permute_tokens):
-        leaf = x.clone().requires_grad_()
-        y = fn(leaf, perm)
-        y.backward(cot)
-        grads.append((y.detach(), leaf.grad))
-    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
-    with pytest.raises(ValueError, match="gather_tokens"):
-        permute_tokens(x, perm[..., :-1])

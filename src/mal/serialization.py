@@ -162,32 +162,6 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-class _PermuteTokens(torch.autograd.Function):
-    """`gather_tokens` by a permutation, whose backward is the inverse permutation's gather."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(perm)
-        return gather_tokens(x, perm)                                        # (B, N, D)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        perm, = ctx.saved_tensors
-        return gather_tokens(g, inverse(perm)), None                         # (B, N, D)
-
-
-def permute_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """x (B, N, D) reordered by a permutation perm of its N tokens, (N,) shared or (B, N) per sample.
-
-    Same values as `gather_tokens`; the backward is a gather by the inverse permutation instead of autograd's
-    accumulating scatter (a sort plus atomic adds for x[:, idx]): the reorder between the blocks of an encoder.
-    The caller guarantees that perm is a permutation (as `layer_plan`'s steps are); only its length is checked."""
-    if perm.shape[-1] != x.shape[1]:
-        raise ValueError(f"permute_tokens: a permutation of {perm.shape[-1]} tokens for a sequence of "
-                         f"{x.shape[1]}; use gather_tokens to select tokens")
-    return _PermuteTokens.apply(x, perm)
-
-
 def serialize(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Raster tokens (B, N, D) -> sequence order."""
     return gather_tokens(x, perm)

@@ -16,7 +16,7 @@ from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from .config import MODEL_PRESETS, EncoderConfig
 from .fused import FastPath, block_forward
 from .kernels import mlstm
-from .serialization import gather_tokens, grid_size, layer_orders, layer_plan, permute_tokens, random_layer_plan
+from .serialization import gather_tokens, grid_size, layer_orders, layer_plan, random_layer_plan
 
 
 def small_init_(weight: torch.Tensor, dim: int) -> None:
@@ -148,14 +148,13 @@ class ViLBlock(nn.Module):
 
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, steps: list[torch.Tensor | None]) -> torch.Tensor:
-    """Run `blocks` on tokens x (B, N, D); before block l, reorder by the permutation steps[l] (from
-    `layer_plan`; None = keep).
+    """Run `blocks` on tokens x (B, N, D); before block l, gather by steps[l] (from `layer_plan`; None = keep).
 
     Returns the tokens in the last block's sequence order.
     """
     for blk, idx in zip(blocks, steps):
         if idx is not None:
-            x = permute_tokens(x, idx)                                       # (B, N, D) layer's sequence
+            x = gather_tokens(x, idx)                                        # (B, N, D) layer's sequence
         x = blk(x)
     return x
 

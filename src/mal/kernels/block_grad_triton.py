@@ -33,15 +33,16 @@ import torch
 import triton  # an ImportError here is what mal.fused expects when triton is missing
 import triton.language as tl
 
-from .qkv_triton import MAX_GATES
+from .qkv_triton import MAX_GATES, _blockdiag
 
 MAX_CONV = 8                # taps of the causal conv
 # (BLOCK_T tokens, BLOCK_C channels, warps) of each kernel. post_grad: a program per BLOCK_T tokens of one head,
 # walking its DH channels in chunks of BLOCK_C (shrunk to divide DH). pre_grad's two kernels: a program per
-# BLOCK_C channels of one image, walking the sequence in tiles of BLOCK_T tokens.
+# BLOCK_C channels of one image, walking the sequence in tiles of BLOCK_T tokens. The fastest at ViL-B's shape
+# in `benchmarks/block_grad.py --sweep` on an H100 (benchmarks/results/block_grad_h100.json).
 POST_CONFIG = (16, 32, 4)
-PRE_CONFIG = (32, 32, 4)
-DXM_CONFIG = (32, 32, 4)
+PRE_CONFIG = (32, 64, 4)
+DXM_CONFIG = (32, 64, 4)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -111,30 +112,17 @@ def _post_grad_kernel(DU, H, XZ, CW, CB, NW, NB, SK, DH, PK, U, PART,
         tl.store(part + 2 * n_part, tl.sum(da * x_c, 0))
 
 
-@triton.jit
-def _input_grad(base, rows, c, t_ok, W, wq_base, I, BS: tl.constexpr, NG: tl.constexpr, G_ROWS, WG):
-    """Input gradient of the 4x4 block-diagonal map W (nb, out, in) at the channels c of tokens rows:
-    sum_j W[h, j, i] g[t, h BS + j] (c = h BS + i) from BS loads of g (cached), plus the gate GEMM term
-    sum_g dg[t, g] wg[g, c] (NG rank-one updates; skipped when NG == 0). No tile reshapes or tensor cores."""
-    h0 = (c // BS) * BS                                                       # (BC,) first channel of c's block
-    acc = tl.zeros((rows.shape[0], c.shape[0]), dtype=tl.float32)
-    for j in tl.static_range(BS):
-        gj = tl.load(base + rows[:, None] * I + (h0 + j)[None, :], mask=t_ok[:, None], other=0.0)
-        acc += gj.to(tl.float32) * tl.load(W + wq_base + j * BS)[None, :]    # W[h, j, i]
-    for g in tl.static_range(NG):
-        dg = tl.load(G_ROWS + rows * NG + g, mask=t_ok, other=0.0).to(tl.float32)  # (BT,)
-        acc += dg[:, None] * tl.load(WG + g * I + c).to(tl.float32)[None, :]
-    return acc
-
-
 @triton.jit(do_not_specialize=["S"])
-def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQ, WK, WC, DY, XC, PART,
-                     S, I, stride_xb, stride_xs,
-                     KS: tl.constexpr, KP: tl.constexpr, BS: tl.constexpr, NG: tl.constexpr, BT: tl.constexpr,
-                     BC: tl.constexpr):
+def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQT, WKT, WC, DY, XC, PART,
+                     S, I, NG, stride_xb, stride_xs,
+                     KS: tl.constexpr, KP: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                     GP: tl.constexpr, IEEE: tl.constexpr):
     b, pid_c = tl.program_id(0), tl.program_id(1)
-    c = pid_c * BC + tl.arange(0, BC)                                        # (BC,) channels
-    w_idx = (c // BS) * (BS * BS) + c % BS                                   # (BC,) W[h, 0, i] of each channel
+    c0 = pid_c * BC
+    c = c0 + tl.arange(0, BC)                                                # (BC,) channels
+    gi = tl.arange(0, GP)                                                    # (GP,) gate rows, NG of them real
+    g_ok = gi < NG
+    wc = tl.load(WC + gi[:, None] * I + c[None, :], mask=g_ok[:, None], other=0.0)  # (GP, BC) in dg's dtype
     x_base = XZ + b.to(tl.int64) * stride_xb
     # column sums over the sequence, accumulated elementwise and reduced once at the end
     s_q = tl.zeros((BT, BC), dtype=tl.float32)
@@ -147,8 +135,14 @@ def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQ, WK, WC, DY, XC, PART,
         t_ok = t < S
         row = b.to(tl.int64) * S + t
         out = row[:, None] * I + c[None, :]                                  # (BT, BC) offsets in (B*S, I)
-        dxc = (_input_grad(DQ, row, c, t_ok, WQ, w_idx, I, BS, NG, DG, WC)  # q's map and the gates' x_c part
-               + _input_grad(DK, row, c, t_ok, WK, w_idx, I, BS, 0, DG, WC))
+        dq = tl.load(DQ + out, mask=t_ok[:, None], other=0.0)
+        dk = tl.load(DK + out, mask=t_ok[:, None], other=0.0)
+        dg = tl.load(DG + row[:, None] * NG + gi[None, :], mask=t_ok[:, None] & g_ok[None, :], other=0.0)
+        if IEEE:
+            dxc = tl.dot(dg, wc, input_precision="ieee")                     # (BT, BC)
+        else:
+            dxc = tl.dot(dg, wc)
+        dxc += _blockdiag(dq, WQT, c0, BT, BC, BS) + _blockdiag(dk, WKT, c0, BT, BC, BS)
         dxc += tl.load(PK + row[:, None] * (2 * I) + c[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)
         y = tl.load(CB + c)[None, :]                                         # (1, BC) conv bias
         for s in tl.static_range(KS):
@@ -159,8 +153,8 @@ def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQ, WK, WC, DY, XC, PART,
         tl.store(XC + out, (y * sig).to(XC.dtype.element_ty), mask=t_ok[:, None])
         dy = dxc * sig * (1.0 + y * (1.0 - sig))                             # (BT, BC) through SiLU; 0 past S
         tl.store(DY + out, dy.to(DY.dtype.element_ty), mask=t_ok[:, None])
-        s_q += tl.load(DQ + out, mask=t_ok[:, None], other=0.0).to(tl.float32)
-        s_k += tl.load(DK + out, mask=t_ok[:, None], other=0.0).to(tl.float32)
+        s_q += dq.to(tl.float32)
+        s_k += dk.to(tl.float32)
         s_y += dy
         for s in tl.static_range(KS):
             ts = t - s
@@ -174,24 +168,34 @@ def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQ, WK, WC, DY, XC, PART,
 
 
 @triton.jit(do_not_specialize=["S"])
-def _pre_dxm_kernel(DV, DG, DY, CW, WV, WM, DXZ, PART, S, I, stride_db, stride_ds,
-                    KS: tl.constexpr, BS: tl.constexpr, NG: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+def _pre_dxm_kernel(DV, DG, DY, CW, WVT, WM, DXZ, PART, S, I, NG, stride_db, stride_ds,
+                    KS: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, GP: tl.constexpr,
+                    IEEE: tl.constexpr):
     b, pid_c = tl.program_id(0), tl.program_id(1)
-    c = pid_c * BC + tl.arange(0, BC)
-    w_idx = (c // BS) * (BS * BS) + c % BS
+    c0 = pid_c * BC
+    c = c0 + tl.arange(0, BC)
+    gi = tl.arange(0, GP)
+    g_ok = gi < NG
+    wm = tl.load(WM + gi[:, None] * I + c[None, :], mask=g_ok[:, None], other=0.0)  # (GP, BC) in dg's dtype
     s_v = tl.zeros((BT, BC), dtype=tl.float32)
     for t0 in range(0, S, BT):
         t = t0 + tl.arange(0, BT)
         t_ok = t < S
         row = b.to(tl.int64) * S + t
-        dxm = _input_grad(DV, row, c, t_ok, WV, w_idx, I, BS, NG, DG, WM)    # v's map and the gates' x_m part
+        dv = tl.load(DV + row[:, None] * I + c[None, :], mask=t_ok[:, None], other=0.0)
+        dg = tl.load(DG + row[:, None] * NG + gi[None, :], mask=t_ok[:, None] & g_ok[None, :], other=0.0)
+        if IEEE:
+            dxm = tl.dot(dg, wm, input_precision="ieee")                     # (BT, BC)
+        else:
+            dxm = tl.dot(dg, wm)
+        dxm += _blockdiag(dv, WVT, c0, BT, BC, BS)
         for s in tl.static_range(KS):                                        # transposed conv: dy of later tokens
             ts = t + s
             dys = tl.load(DY + (row + s)[:, None] * I + c[None, :], mask=(ts < S)[:, None], other=0.0)
             dxm += dys.to(tl.float32) * tl.load(CW + c * KS + (KS - 1 - s))[None, :]
         tl.store(DXZ + b.to(tl.int64) * stride_db + t[:, None] * stride_ds + c[None, :],
                  dxm.to(DXZ.dtype.element_ty), mask=t_ok[:, None])
-        s_v += tl.load(DV + row[:, None] * I + c[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)
+        s_v += dv.to(tl.float32)
     tl.store(PART + b.to(tl.int64) * I + c, tl.sum(s_v, 0))
 
 
@@ -251,15 +255,17 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
     part = torch.empty(B, 3 + kp, inner, device=xz.device, dtype=torch.float32)
     part_v = torch.empty(B, inner, device=xz.device, dtype=torch.float32)
     f32 = lambda t: t.detach().float().contiguous()
+    wt = lambda w: w.detach().transpose(1, 2).float().contiguous()           # (nb, in, out): the transposed map
     low = lambda w: w.detach().to(dg.dtype).contiguous()                     # gate GEMMs in the activations' dtype
     cw = f32(conv_w)
-    meta = lambda cfg: dict(BS=wq.shape[-1], NG=G, BT=cfg[0], BC=_chunk(inner, cfg[1]), num_warps=cfg[2])
+    meta = lambda cfg: dict(BS=wq.shape[-1], BT=cfg[0], BC=_chunk(inner, cfg[1]), GP=MAX_GATES,
+                            IEEE=xz.dtype == torch.float32, num_warps=cfg[2])
     m1, m2 = meta(config or PRE_CONFIG), meta(dxm_config or DXM_CONFIG)
     _pre_grad_kernel[(B, inner // m1["BC"])](
-        dq, dk, dg, packed, xz, cw, f32(conv_b), f32(wq), f32(wk), low(w_c), dy, x_c, part,
-        S, inner, xz.stride(0), xz.stride(1), KS=K, KP=kp, **m1)
+        dq, dk, dg, packed, xz, cw, f32(conv_b), wt(wq), wt(wk), low(w_c), dy, x_c, part,
+        S, inner, G, xz.stride(0), xz.stride(1), KS=K, KP=kp, **m1)
     _pre_dxm_kernel[(B, inner // m2["BC"])](
-        dv, dg, dy, cw, f32(wv), low(w_m), packed, part_v, S, inner, packed.stride(0), packed.stride(1),
+        dv, dg, dy, cw, wt(wv), low(w_m), packed, part_v, S, inner, G, packed.stride(0), packed.stride(1),
         KS=K, **m2)
     sums = part.sum(0)                                                       # (3 + kp, I)
     d_conv_w = sums[3:3 + K].flip(0).t().contiguous().unsqueeze(1)           # (I, 1, K): row s is tap K-1-s
