@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .kernels import mlstm
+from .serialization import gather_tokens
 
 try:  # Triton kernels of the block (CUDA, fp16/bf16): q/k/v weight gradient, the pre-cell step, the regions' backward
     from .kernels import block_grad_triton, headwise_triton, qkv_triton
@@ -135,8 +136,11 @@ def gate_weights(wg: torch.Tensor, bg: torch.Tensor, wq: torch.Tensor, bq: torch
     return w_c, w_m, b
 
 
-def block_up(x, ln_w, ln_b, ln_eps: float, up_w, up_b):
-    """Block input x (B, S, D) -> up-projection xz (B, S, 2I) of its LayerNorm."""
+def block_up(x, ln_w, ln_b, ln_eps: float, up_w, up_b, order=None):
+    """Block input x (B, S, D) -> up-projection xz (B, S, 2I) of its LayerNorm; with `order` ((S,) or (B, S)) the
+    tokens x[:, order] (the gather fused into the LayerNorm's loads when compiled)."""
+    if order is not None:
+        x = gather_tokens(x, order)                                         # (B, S, D)
     xn = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, ln_eps)                # (B, S, D)
     return F.linear(xn, up_w, up_b)                                         # (B, S, 2I)
 
@@ -250,8 +254,9 @@ def block_pre_fused(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg, compiled
 POST_LN_EPS = 1e-5                                                          # the per-head norm's eps (F.layer_norm's default)
 
 
-def block_post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b):
-    """Cell output h (B, NH, S, DH) + xz (B, S, 2I) -> down-projected branch (B, S, D), plus residual if given."""
+def block_post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b, order=None):
+    """Cell output h (B, NH, S, DH) + xz (B, S, 2I) -> down-projected branch (B, S, D), plus residual if given
+    (residual[:, order] with `order`, as `block_up`)."""
     B, NH, S, DH = h.shape
     I = NH * DH
     x_m, z = xz[..., :I], xz[..., I:]                                       # (B, S, I) each
@@ -259,6 +264,8 @@ def block_post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, do
     hn = F.layer_norm(h, (DH,), eps=POST_LN_EPS).transpose(1, 2).reshape(B, S, I)            # (B, S, I) per-head norm
     y = (hn * norm_w + norm_b + skip * x_c) * F.silu(z)                     # (B, S, I)
     y = F.linear(y, down_w, down_b)                                         # (B, S, D)
+    if residual is not None and order is not None:
+        residual = gather_tokens(residual, order)                           # (B, S, D)
     return y if residual is None else residual + y
 
 
@@ -388,29 +395,34 @@ class FastPath:
     recompute_qkv: bool = False
 
 
-def block_forward(blk: nn.Module, x: torch.Tensor, fast: FastPath) -> torch.Tensor:
-    """Fast forward of a `ViLBlock` (x (B, S, D) -> (B, S, D)); same function as `blk`'s plain forward."""
+def block_forward(blk: nn.Module, x: torch.Tensor, fast: FastPath, order: torch.Tensor | None = None) -> torch.Tensor:
+    """Fast forward of a `ViLBlock` on x[:, order] (x (B, S, D), order (S,) or (B, S), None = x as it is)
+    -> (B, S, D); same function as `blk`'s plain forward. Without grad the reorder is fused into the block's
+    first and last compiled kernels (no (B, S, D) copy of the residual stream); in training it is a gather first."""
     fuse_residual = isinstance(blk.drop_path, nn.Identity) or not blk.training
+    if order is not None and (torch.is_grad_enabled() or not fuse_residual):
+        x, order = gather_tokens(x, order), None                            # (B, S, D)
     if fast.checkpoint and torch.is_grad_enabled():
         # drop-path (the block's only randomness) stays outside, so the recompute needs no RNG state
         y = torch.utils.checkpoint.checkpoint(_branch, blk, x, fast, fuse_residual, use_reentrant=False,
                                               preserve_rng_state=False)  # (B, S, D)
     else:
-        y = _branch(blk, x, fast, fuse_residual)                            # (B, S, D)
+        y = _branch(blk, x, fast, fuse_residual, order)                     # (B, S, D)
     return y if fuse_residual else x + blk.drop_path(y)
 
 
-def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool) -> torch.Tensor:
-    """The block's residual branch (B, S, D), plus x when fuse_residual."""
+def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool,
+            order: torch.Tensor | None = None) -> torch.Tensor:
+    """The block's residual branch (B, S, D) on x[:, order], plus x[:, order] when fuse_residual."""
     L, conv = blk.layer, blk.layer.conv.conv
     up = _compiled(block_up, fast.mode) if fast.compile else block_up
     post = _compiled(block_post, fast.mode) if fast.compile else block_post
     wg = torch.cat([L.igate.weight, L.fgate.weight], 0)                     # (2NH, 3I)
     bg = torch.cat([L.igate.bias, L.fgate.bias], 0)                         # (2NH,)
-    xz = up(x, blk.norm.weight, blk.norm.bias, blk.norm.eps, L.proj_up.weight, L.proj_up.bias)  # (B, S, 2I)
+    xz = up(x, blk.norm.weight, blk.norm.bias, blk.norm.eps, L.proj_up.weight, L.proj_up.bias, order=order)  # (B, S, 2I)
     pre_args = (xz, conv.weight, conv.bias, L.q_proj.weight, L.q_proj.bias, L.k_proj.weight, L.k_proj.bias,
                 L.v_proj.weight, L.v_proj.bias, wg, bg)
-    B, S, _ = x.shape
+    B, S = xz.shape[:2]
     NH, DH = L.num_heads, L.inner // L.num_heads
     fused_pre = qkv_triton is not None and qkv_triton.supports(xz, conv.weight, L.q_proj.weight, L.q_proj.bias,
                                                                L.k_proj.bias, L.v_proj.bias, 2 * NH)
@@ -435,7 +447,7 @@ def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool
     residual = x if fuse_residual else None
     if grad_kernels:
         return _PostFused.apply(fast.compile, fast.mode, h, xz_view[0], residual, *post_args)  # (B, S, D)
-    return post(h, xz, residual, *post_args)                                 # (B, S, D)
+    return post(h, xz, residual, *post_args, order=order)                   # (B, S, D)
 
 
 __all__ = ["FastPath", "RecomputeQKV", "block_forward", "block_up", "block_pre", "block_pre_fused", "block_pre_vjp",

@@ -141,9 +141,12 @@ class ViLBlock(nn.Module):
                              recompute_qkv=recompute_qkv) if enabled else None
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, S, D) -> (B, S, D), on the tokens x[:, order] when `order` ((S,) or (B, S)) is given."""
         if self.fast is not None:
-            return block_forward(self, x, self.fast)                         # (B, S, D)
+            return block_forward(self, x, self.fast, order)                  # (B, S, D)
+        if order is not None:
+            x = gather_tokens(x, order)                                      # (B, S, D) the block's sequence
         return x + self.drop_path(self.layer(self.norm(x)))                  # (B, S, D)
 
 
@@ -153,9 +156,7 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, steps: list[torch.Tensor 
     Returns the tokens in the last block's sequence order.
     """
     for blk, idx in zip(blocks, steps):
-        if idx is not None:
-            x = gather_tokens(x, idx)                                        # (B, N, D) layer's sequence
-        x = blk(x)
+        x = blk(x, idx)                                                      # (B, N, D) in layer's sequence
     return x
 
 
