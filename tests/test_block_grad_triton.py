@@ -1,8 +1,8 @@
 """The backward of the block's pointwise regions in Triton (`mal.kernels.block_grad_triton`), through the pair
 `fused.block_pre_fused(..., xz_view=True)` -> mLSTM cell -> `fused._PostFused`.
 
-CPU: in Triton's interpreter (float32), every gradient of pre-step -> cell -> post-tail (xz, the residual and all
-17 parameters) equals float64 autograd of `block_pre` -> `mlstm_parallel` -> `block_post`, for sequences shorter
+CPU: in Triton's interpreter (float32), every gradient of pre-step -> cell -> post-tail (xz, the residual and the
+15 parameters) equals float64 autograd of `block_pre` -> `mlstm_parallel` -> `block_post`, for sequences shorter
 than the conv and than a tile, head dims of one and several channel chunks, and one head or two; `supports`
 refuses CPU tensors, so the CPU fast path keeps its compiled/eager backward.
 GPU: in bf16 at ViL-T/B shapes (around a pointwise stand-in for the cell) the gradients are as close to float64

@@ -15,8 +15,12 @@ Algebra used (exact in real arithmetic, so the fused block equals the plain one 
   * the 4x4 block-diagonal q/k/v maps are a broadcast multiply + sum over 4 inputs when compiled
     (a pointwise kernel; their weight gradients from `kernels.headwise_triton` on the GPU, else the diagonal
     blocks of one GEMM), an einsum in eager mode;
-  * on CUDA in fp16/bf16 `block_pre` is one Triton kernel (`kernels.qkv_triton`) with a written-out backward
-    (`block_pre_vjp`, compiled);
+  * on CUDA in fp16/bf16 `block_pre` is one Triton kernel (`kernels.qkv_triton`); in training there both regions'
+    backward is `kernels.block_grad_triton` (`_QKVGates` hands xz to `_PostFused`, whose backward passes the
+    post tail's x_c gradient and dz back through it: the conv's backward runs once and dxz is written once),
+    otherwise (e.g. a head dim that is not a multiple of 16) `_QKVGates`' backward is the written-out
+    `block_pre_vjp` (compiled) and `block_post`'s is inductor's;
+  * without grad the reorder between blocks (`order`) is a gather inside the compiled up- and post-regions;
   * for the backward, `block_pre` and `block_post` save nothing but their inputs (`MEMORY_BUDGET`): x_c,
     the conv's padded input, SiLU and the per-head norm are recomputed from xz and h, which the block keeps
     anyway; with `FastPath.recompute_qkv` the cell's q, k, v are recomputed too, by re-running `block_pre` when
@@ -386,7 +390,7 @@ class FastPath:
         per training step; no effect without grad.
     recompute_qkv: in training the mLSTM cell's q, k, v are not kept for the backward but recomputed from xz
         there (`RecomputeQKV`): 12 of 30 saved bytes per token and model dim (about a third of the training
-        peak) for one more pre-region forward per block (about 6 % of a step, docs/benchmarks.md). Not used with
+        peak) for one more pre-region forward per block (about 7 % of a step, docs/benchmarks.md). Not used with
         checkpoint (which recomputes everything).
     """
     compile: bool = True
