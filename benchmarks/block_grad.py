@@ -17,14 +17,9 @@ import itertools
 import json
 
 import torch
-from throughput import cuda_times  # benchmarks/ is this script's directory
+from qkv_kernel import cuda_ms, inputs as pre_inputs  # benchmarks/ is this script's directory
 
 SHAPES = {"T": (128, 197, 4, 96), "S": (128, 197, 4, 192), "B": (128, 197, 4, 384), "B-pretrain": (256, 145, 4, 384)}
-
-
-def cuda_ms(fn) -> float:
-    """Median ms per call of fn (CUDA events, after 3 warm-up calls)."""
-    return cuda_times(fn, warmup=3, iters=20)[0]
 
 
 def graphed_ms(fn) -> float:
@@ -42,16 +37,13 @@ def graphed_ms(fn) -> float:
 
 
 def inputs(B, S, NH, DH):
-    """bf16 xz, h and a cotangent; float32 parameters of the pre-step (11) and the post tail (7)."""
-    g = torch.Generator(device="cuda").manual_seed(0)
+    """bf16 xz and the pre-step's float32 parameters (11, as `qkv_kernel.inputs`), the post tail's 7, bf16 h
+    and a float32 cotangent of the block output."""
+    g = torch.Generator(device="cuda").manual_seed(1)
     r = lambda *shape, s=1.0: torch.randn(*shape, generator=g, device="cuda") * s
     I, D = NH * DH, NH * DH // 2
-    pre = [r(B, S, 2 * I).bfloat16(), r(I, 1, 4, s=0.5), r(I, s=0.1)]
-    for _ in range(3):
-        pre += [r(I // 4, 4, 4, s=0.5), r(I, s=0.1)]
-    pre += [r(2 * NH, 3 * I, s=0.1), r(2 * NH)]
     post = [r(I, 1, 4, s=0.5), r(I, s=0.1), 1 + r(I, s=0.2), r(I, s=0.1), 1 + r(I, s=0.2), r(D, I, s=0.05), r(D)]
-    return pre, post, r(B, NH, S, DH).bfloat16(), r(B, S, D)
+    return pre_inputs(B, S, I, gates=2 * NH), post, r(B, NH, S, DH).bfloat16(), r(B, S, D)
 
 
 def sweep(fn, configs) -> dict:
@@ -118,12 +110,15 @@ def main() -> dict:
         print(json.dumps({name: {k: (v if not k.startswith("sweep") else {"best": v["best"], "ms": v["best_ms"]})
                                  for k, v in res.items()}}), flush=True)
     print(json.dumps(out, indent=1))
-    print("| shape | post_grad ms | pre_grad ms | compiled regions fwd+bwd ms | kernels fwd+bwd ms | x | best post / pre / dxm |")
+    print("| shape | post_grad ms | pre_grad ms | compiled regions fwd+bwd ms | kernels fwd+bwd ms | x "
+          "| best post / pre / dxm |")
     print("|---|---|---|---|---|---|---|")
     for name, r in out["shapes"].items():
-        best = " / ".join(f"{r[k]['best']} {r[k]['best_ms']}" for k in ("sweep_post", "sweep_pre", "sweep_dxm") if k in r)
+        best = " / ".join(f"{r[k]['best']} {r[k]['best_ms']}" for k in ("sweep_post", "sweep_pre", "sweep_dxm")
+                          if k in r)
         print(f"| {name} {r['B']}x{r['S']}x{r['NH']}x{r['DH']} | {r['post_grad_ms']:.3f} | {r['pre_grad_ms']:.3f} | "
-              f"{r['compiled_regions_ms']:.3f} | {r['kernel_regions_ms']:.3f} | {r['regions_speedup']} | {best or '-'} |")
+              f"{r['compiled_regions_ms']:.3f} | {r['kernel_regions_ms']:.3f} | {r['regions_speedup']} | "
+              f"{best or '-'} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -8,6 +8,7 @@ BF16_REL_SLACK x the plain path's own bf16 error + BF16_REL_FLOOR.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import pytest
@@ -49,6 +50,21 @@ def _rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+@contextlib.contextmanager
+def _eager_fullgraph_compile():
+    """The fast path's torch.compile as dynamo with the eager backend and fullgraph (a graph break fails), from
+    empty caches."""
+    torch._dynamo.reset()
+    fused._COMPILED.clear()
+    real = torch.compile
+    torch.compile = lambda fn, **kw: real(fn, backend="eager", fullgraph=True)
+    try:
+        yield
+    finally:
+        torch.compile = real
+        fused._COMPILED.clear()
+
+
 @pytest.mark.parametrize("dim,heads,seq", [(16, 4, 9), (24, 2, 17)])
 def test_fused_block_equals_plain_block_float64(dim, heads, seq):
     torch.manual_seed(0)
@@ -75,20 +91,13 @@ def test_reorder_fused_into_the_block_equals_gather_then_block(compile, per_samp
     x = torch.randn(3, 9, 16, dtype=torch.float64)
     order = torch.stack([torch.randperm(9) for _ in range(3)]) if per_sample else torch.randperm(9)
     ref = blk(gather_tokens(x, order))                                       # plain path
-    fused._COMPILED.clear()
-    torch._dynamo.reset()
-    real = torch.compile
-    try:
-        torch.compile = lambda fn, **kw: real(fn, backend="eager", fullgraph=True)
+    with _eager_fullgraph_compile():
         blk.fast_path(compile=compile)
         with torch.no_grad():
             out = blk(x, order)
         leaf = x.clone().requires_grad_()
         out_g = blk(leaf, order)
         out_g.sum().backward()
-    finally:
-        torch.compile = real
-        fused._COMPILED.clear()
     assert _rel(out, ref) < F64_TOL and _rel(out_g.detach(), ref) < F64_TOL
     leaf_ref = x.clone().requires_grad_()
     blk.fast_path(enabled=False)(gather_tokens(leaf_ref, order), None).sum().backward()
@@ -212,16 +221,9 @@ def test_compiled_regions_trace_without_graph_breaks():
     _randomize(blk, 5)
     x = torch.randn(2, 9, 16, dtype=torch.float64)
     ref = blk(x)
-    torch._dynamo.reset()
-    fused._COMPILED.clear()
-    real = torch.compile
-    try:
-        torch.compile = lambda fn, **kw: real(fn, backend="eager", fullgraph=True)
+    with _eager_fullgraph_compile():
         blk.fast_path(compile=True)
         out = blk(x)
-    finally:
-        torch.compile = real
-        fused._COMPILED.clear()
     assert _rel(out, ref) < F64_TOL
 
 

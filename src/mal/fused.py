@@ -265,7 +265,7 @@ def block_post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, do
     I = NH * DH
     x_m, z = xz[..., :I], xz[..., I:]                                       # (B, S, I) each
     x_c = causal_conv_silu(x_m, conv_w, conv_b)                             # (B, S, I) recomputed
-    hn = F.layer_norm(h, (DH,), eps=POST_LN_EPS).transpose(1, 2).reshape(B, S, I)            # (B, S, I) per-head norm
+    hn = F.layer_norm(h, (DH,), eps=POST_LN_EPS).transpose(1, 2).reshape(B, S, I)  # (B, S, I) per-head norm
     y = (hn * norm_w + norm_b + skip * x_c) * F.silu(z)                     # (B, S, I)
     y = F.linear(y, down_w, down_b)                                         # (B, S, D)
     if residual is not None and order is not None:
@@ -399,10 +399,12 @@ class FastPath:
     recompute_qkv: bool = False
 
 
-def block_forward(blk: nn.Module, x: torch.Tensor, fast: FastPath, order: torch.Tensor | None = None) -> torch.Tensor:
+def block_forward(blk: nn.Module, x: torch.Tensor, fast: FastPath,
+                  order: torch.Tensor | None = None) -> torch.Tensor:
     """Fast forward of a `ViLBlock` on x[:, order] (x (B, S, D), order (S,) or (B, S), None = x as it is)
     -> (B, S, D); same function as `blk`'s plain forward. Without grad the reorder is fused into the block's
-    first and last compiled kernels (no (B, S, D) copy of the residual stream); in training it is a gather first."""
+    first and last compiled kernels (no (B, S, D) copy of the residual stream); in training it is a gather
+    first."""
     fuse_residual = isinstance(blk.drop_path, nn.Identity) or not blk.training
     if order is not None and (torch.is_grad_enabled() or not fuse_residual):
         x, order = gather_tokens(x, order), None                            # (B, S, D)
@@ -423,7 +425,8 @@ def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool
     post = _compiled(block_post, fast.mode) if fast.compile else block_post
     wg = torch.cat([L.igate.weight, L.fgate.weight], 0)                     # (2NH, 3I)
     bg = torch.cat([L.igate.bias, L.fgate.bias], 0)                         # (2NH,)
-    xz = up(x, blk.norm.weight, blk.norm.bias, blk.norm.eps, L.proj_up.weight, L.proj_up.bias, order=order)  # (B, S, 2I)
+    xz = up(x, blk.norm.weight, blk.norm.bias, blk.norm.eps, L.proj_up.weight, L.proj_up.bias,
+            order=order)                                                    # (B, S, 2I)
     pre_args = (xz, conv.weight, conv.bias, L.q_proj.weight, L.q_proj.bias, L.k_proj.weight, L.k_proj.bias,
                 L.v_proj.weight, L.v_proj.bias, wg, bg)
     B, S = xz.shape[:2]
@@ -455,5 +458,5 @@ def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool
 
 
 __all__ = ["FastPath", "RecomputeQKV", "block_forward", "block_up", "block_pre", "block_pre_fused", "block_pre_vjp",
-           "block_post", "block_pre_grad_triton", "gate_weights", "headwise", "headwise_wgrad", "headwise_wgrad_dense", "headwise_input_grad",
-           "causal_conv", "causal_conv_silu", "MEMORY_BUDGET"]
+           "block_pre_grad_triton", "block_post", "gate_weights", "headwise", "headwise_wgrad", "headwise_wgrad_dense",
+           "headwise_input_grad", "causal_conv", "causal_conv_silu", "MEMORY_BUDGET", "POST_LN_EPS"]

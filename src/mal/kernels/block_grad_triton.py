@@ -249,7 +249,7 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
     B, S, two_i = xz.shape
     inner, K, G = two_i // 2, conv_w.shape[-1], dg.shape[-1]
     kp = triton.next_power_of_2(K)
-    dq, dk, dv, dg = (t.contiguous() for t in (dq, dk, dv, dg))
+    dq, dk, dv, dg, packed = (t.contiguous() for t in (dq, dk, dv, dg, packed))
     dy = torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype)
     x_c = torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype)
     part = torch.empty(B, 3 + kp, inner, device=xz.device, dtype=torch.float32)
