@@ -89,7 +89,7 @@ def main() -> dict:
         if args.sweep:
             grid = lambda bcs: [c for c in itertools.product((16, 32, 64), bcs, (4, 8)) if I % c[1] == 0]
             res["sweep_post"] = sweep(run_post, [c for c in grid((32, 64, 128)) if DH % c[1] == 0])
-            res["sweep_pre"] = sweep(lambda c: run_pre(cfg=c), grid((32, 64)))
+            res["sweep_pre"] = sweep(lambda c: run_pre(cfg=c), grid((32, 64, 128)))
             res["sweep_dxm"] = sweep(lambda c: run_pre(dxm=c), grid((32, 64, 128)))
         leaves = [t.detach().requires_grad_() for t in pre + post[2:] + [h]]
         pl, ql, hl = leaves[:11], leaves[11:16], leaves[16]
