@@ -115,46 +115,56 @@ def _post_grad_kernel(DU, H, XZ, CW, CB, NW, NB, SK, DH, PK, U, PART,
 @triton.jit(do_not_specialize=["S"])
 def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQT, WKT, WC, DY, XC, PART,
                      S, I, NG, stride_xb, stride_xs,
-                     KS: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, GP: tl.constexpr,
-                     IEEE: tl.constexpr):
-    pid_t, b, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                     KS: tl.constexpr, KP: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                     GP: tl.constexpr, IEEE: tl.constexpr):
+    b, pid_c = tl.program_id(0), tl.program_id(1)
     c0 = pid_c * BC
     c = c0 + tl.arange(0, BC)                                                # (BC,) channels
-    t = pid_t * BT + tl.arange(0, BT)                                        # (BT,) tokens
-    t_ok = t < S
-    row = b.to(tl.int64) * S + t
-    out = row[:, None] * I + c[None, :]                                      # (BT, BC) offsets in (B*S, I)
     gi = tl.arange(0, GP)                                                    # (GP,) gate rows, NG of them real
     g_ok = gi < NG
     wc = tl.load(WC + gi[:, None] * I + c[None, :], mask=g_ok[:, None], other=0.0)  # (GP, BC) in dg's dtype
     x_base = XZ + b.to(tl.int64) * stride_xb
-    dq = tl.load(DQ + out, mask=t_ok[:, None], other=0.0)
-    dk = tl.load(DK + out, mask=t_ok[:, None], other=0.0)
-    dg = tl.load(DG + row[:, None] * NG + gi[None, :], mask=t_ok[:, None] & g_ok[None, :], other=0.0)
-    if IEEE:
-        dxc = tl.dot(dg, wc, input_precision="ieee")                         # (BT, BC)
-    else:
-        dxc = tl.dot(dg, wc)
-    dxc += _blockdiag(dq, WQT, c0, BT, BC, BS) + _blockdiag(dk, WKT, c0, BT, BC, BS)
-    dxc += tl.load(PK + row[:, None] * (2 * I) + c[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)
-    y = tl.load(CB + c)[None, :]                                             # (1, BC) conv bias
-    for s in tl.static_range(KS):
-        ts = t - s
-        xs = tl.load(x_base + ts[:, None] * stride_xs + c[None, :], mask=(t_ok & (ts >= 0))[:, None], other=0.0)
-        y += xs.to(tl.float32) * tl.load(CW + c * KS + (KS - 1 - s))[None, :]
-    sig = tl.sigmoid(y)
-    tl.store(XC + out, (y * sig).to(XC.dtype.element_ty), mask=t_ok[:, None])
-    dy = dxc * sig * (1.0 + y * (1.0 - sig))                                 # (BT, BC) through SiLU; 0 past S
-    tl.store(DY + out, dy.to(DY.dtype.element_ty), mask=t_ok[:, None])
-    # this tile's column sums: d bq, d bk, d conv_b, then tap s: sum_t dy[t] x_m[t-s]
-    part = PART + (b.to(tl.int64) * tl.num_programs(0) + pid_t) * (3 + KS) * I + c
-    tl.store(part, tl.sum(dq.to(tl.float32), 0))
-    tl.store(part + I, tl.sum(dk.to(tl.float32), 0))
-    tl.store(part + 2 * I, tl.sum(dy, 0))
-    for s in tl.static_range(KS):
-        ts = t - s
-        xs = tl.load(x_base + ts[:, None] * stride_xs + c[None, :], mask=(t_ok & (ts >= 0))[:, None], other=0.0)
-        tl.store(part + (3 + s) * I, tl.sum(dy * xs.to(tl.float32), 0))
+    # column sums over the sequence, accumulated elementwise and reduced once at the end
+    s_q = tl.zeros((BT, BC), dtype=tl.float32)
+    s_k = tl.zeros((BT, BC), dtype=tl.float32)
+    s_y = tl.zeros((BT, BC), dtype=tl.float32)
+    s_w = tl.zeros((KP, BT, BC), dtype=tl.float32)                           # tap s: sum_t dy[t] x_m[t-s]
+    taps = tl.arange(0, KP)[:, None, None]                                   # (KP, 1, 1)
+    for t0 in range(0, S, BT):
+        t = t0 + tl.arange(0, BT)                                            # (BT,) tokens
+        t_ok = t < S
+        row = b.to(tl.int64) * S + t
+        out = row[:, None] * I + c[None, :]                                  # (BT, BC) offsets in (B*S, I)
+        dq = tl.load(DQ + out, mask=t_ok[:, None], other=0.0)
+        dk = tl.load(DK + out, mask=t_ok[:, None], other=0.0)
+        dg = tl.load(DG + row[:, None] * NG + gi[None, :], mask=t_ok[:, None] & g_ok[None, :], other=0.0)
+        if IEEE:
+            dxc = tl.dot(dg, wc, input_precision="ieee")                     # (BT, BC)
+        else:
+            dxc = tl.dot(dg, wc)
+        dxc += _blockdiag(dq, WQT, c0, BT, BC, BS) + _blockdiag(dk, WKT, c0, BT, BC, BS)
+        dxc += tl.load(PK + row[:, None] * (2 * I) + c[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)
+        y = tl.load(CB + c)[None, :]                                         # (1, BC) conv bias
+        for s in tl.static_range(KS):
+            ts = t - s
+            xs = tl.load(x_base + ts[:, None] * stride_xs + c[None, :], mask=(t_ok & (ts >= 0))[:, None], other=0.0)
+            y += xs.to(tl.float32) * tl.load(CW + c * KS + (KS - 1 - s))[None, :]
+        sig = tl.sigmoid(y)
+        tl.store(XC + out, (y * sig).to(XC.dtype.element_ty), mask=t_ok[:, None])
+        dy = dxc * sig * (1.0 + y * (1.0 - sig))                             # (BT, BC) through SiLU; 0 past S
+        tl.store(DY + out, dy.to(DY.dtype.element_ty), mask=t_ok[:, None])
+        s_q += dq.to(tl.float32)
+        s_k += dk.to(tl.float32)
+        s_y += dy
+        for s in tl.static_range(KS):
+            ts = t - s
+            xs = tl.load(x_base + ts[:, None] * stride_xs + c[None, :], mask=(t_ok & (ts >= 0))[:, None], other=0.0)
+            s_w += tl.where(taps == s, (dy * xs.to(tl.float32))[None, :, :], 0.0)
+    part = PART + b.to(tl.int64) * (3 + KP) * I
+    tl.store(part + c, tl.sum(s_q, 0))
+    tl.store(part + I + c, tl.sum(s_k, 0))
+    tl.store(part + 2 * I + c, tl.sum(s_y, 0))
+    tl.store(part + (3 + tl.arange(0, KP)[:, None]) * I + c[None, :], tl.sum(s_w, 1))
 
 
 @triton.jit(do_not_specialize=["S"])
@@ -238,11 +248,11 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
     warps) of the two kernels, default `PRE_CONFIG`/`DXM_CONFIG`."""
     B, S, two_i = xz.shape
     inner, K, G = two_i // 2, conv_w.shape[-1], dg.shape[-1]
+    kp = triton.next_power_of_2(K)
     dq, dk, dv, dg, packed = (t.contiguous() for t in (dq, dk, dv, dg, packed))
     dy = torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype)
     x_c = torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype)
-    n_t = triton.cdiv(S, (config or PRE_CONFIG)[0])
-    part = torch.empty(B * n_t, 3 + K, inner, device=xz.device, dtype=torch.float32)
+    part = torch.empty(B, 3 + kp, inner, device=xz.device, dtype=torch.float32)
     part_v = torch.empty(B, inner, device=xz.device, dtype=torch.float32)
     f32 = lambda t: t.detach().float().contiguous()
     wt = lambda w: w.detach().transpose(1, 2).float().contiguous()           # (nb, in, out): the transposed map
@@ -251,13 +261,13 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
     meta = lambda cfg: dict(BS=wq.shape[-1], BT=cfg[0], BC=_chunk(inner, cfg[1]), GP=MAX_GATES,
                             IEEE=xz.dtype == torch.float32, num_warps=cfg[2])
     m1, m2 = meta(config or PRE_CONFIG), meta(dxm_config or DXM_CONFIG)
-    _pre_grad_kernel[(n_t, B, inner // m1["BC"])](
+    _pre_grad_kernel[(B, inner // m1["BC"])](
         dq, dk, dg, packed, xz, cw, f32(conv_b), wt(wq), wt(wk), low(w_c), dy, x_c, part,
-        S, inner, G, xz.stride(0), xz.stride(1), KS=K, **m1)
+        S, inner, G, xz.stride(0), xz.stride(1), KS=K, KP=kp, **m1)
     _pre_dxm_kernel[(B, inner // m2["BC"])](
         dv, dg, dy, cw, wt(wv), low(w_m), packed, part_v, S, inner, G, packed.stride(0), packed.stride(1),
         KS=K, **m2)
-    sums = part.sum(0)                                                       # (3 + K, I)
+    sums = part.sum(0)                                                       # (3 + kp, I)
     d_conv_w = sums[3:3 + K].flip(0).t().contiguous().unsqueeze(1)           # (I, 1, K): row s is tap K-1-s
     return packed, x_c, d_conv_w, sums[2], sums[0], sums[1], part_v.sum(0)
 
