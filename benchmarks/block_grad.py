@@ -46,6 +46,24 @@ def inputs(B, S, NH, DH):
     return pre_inputs(B, S, I, gates=2 * NH), post, r(B, NH, S, DH).bfloat16(), r(B, S, D)
 
 
+def kernel_calls(B, S, NH, DH):
+    """`inputs`, random bf16 incoming gradients (dq, dk, dv, dg) and the kernels as functions of their config:
+    run_post(cfg) -> `post_grad`'s outputs, run_pre(cfg, dxm) -> `pre_grad`'s (on run_post's packed buffer)."""
+    from mal import fused
+    from mal.fused import gate_weights
+    from mal.kernels import block_grad_triton as bg
+    pre, post, h, cot = inputs(B, S, NH, DH)
+    xz, I = pre[0], NH * DH
+    w_c, w_m, _ = gate_weights(*pre[9:], *pre[3:9])
+    du, *d_qkv = (torch.randn(B, S, I, device="cuda").bfloat16() for _ in range(4))
+    dg = torch.randn(B, S, 2 * NH, device="cuda").bfloat16()
+    run_post = lambda cfg=None: bg.post_grad(du, h, xz, *post[:5], fused.POST_LN_EPS, config=cfg)
+    packed = run_post()[1]
+    run_pre = lambda cfg=None, dxm=None: bg.pre_grad(*d_qkv, dg, packed, xz, *pre[1:3], pre[3], pre[5], pre[7],
+                                                     w_c, w_m, config=cfg, dxm_config=dxm)
+    return (pre, post, h, cot, d_qkv, dg), run_post, run_pre
+
+
 def sweep(fn, configs) -> dict:
     """ms per config of fn(config); configs that fail to compile are reported by their error's name."""
     res = {}
@@ -60,7 +78,7 @@ def sweep(fn, configs) -> dict:
 
 def main() -> dict:
     from mal import fused
-    from mal.fused import _PostFused, block_post, block_pre_fused, gate_weights
+    from mal.fused import _PostFused, block_post, block_pre_fused
     from mal.kernels import block_grad_triton as bg
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(SHAPES))
@@ -72,18 +90,8 @@ def main() -> dict:
     for name in args.shapes.split(","):
         B, S, NH, DH = SHAPES[name]
         I = NH * DH
-        pre, post, h, cot = inputs(B, S, NH, DH)
-        xz = pre[0]
-        w_c, w_m, _ = gate_weights(*pre[9:], *pre[3:9])
-        du = torch.randn(B, S, I, device="cuda").bfloat16()
-        d_qkv = [torch.randn(B, S, I, device="cuda").bfloat16() for _ in range(3)]
-        dg = torch.randn(B, S, 2 * NH, device="cuda").bfloat16()
-        post_args = (h, xz, *post[:5])
+        (pre, post, h, cot, d_qkv, dg), run_post, run_pre = kernel_calls(B, S, NH, DH)
         res: dict = {"B": B, "S": S, "NH": NH, "DH": DH}
-        run_post = lambda cfg=None: bg.post_grad(du, *post_args, fused.POST_LN_EPS, config=cfg)
-        packed = run_post()[1]
-        run_pre = lambda cfg=None, dxm=None: bg.pre_grad(*d_qkv, dg, packed, xz, *pre[1:3], pre[3], pre[5], pre[7],
-                                                         w_c, w_m, config=cfg, dxm_config=dxm)
         res["post_grad_ms"] = cuda_ms(run_post)
         res["pre_grad_ms"] = cuda_ms(run_pre)
         if args.sweep:
