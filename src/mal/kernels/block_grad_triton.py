@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .qkv_triton import MAX_GATES, _blockdiag
 
-MAX_CONV = 4                # taps of the causal conv (one column-sum accumulator each in pre_grad; ViL uses 4)
+MAX_CONV = 8                # taps of the causal conv
 # (BLOCK_T tokens, BLOCK_C channels, warps) of each kernel. post_grad: a program per BLOCK_T tokens of one head,
 # walking its DH channels in chunks of BLOCK_C (shrunk to divide DH). pre_grad's two kernels: a program per
 # BLOCK_C channels of one image, walking the sequence in tiles of BLOCK_T tokens. The fastest at ViL-B's shape
@@ -115,8 +115,8 @@ def _post_grad_kernel(DU, H, XZ, CW, CB, NW, NB, SK, DH, PK, U, PART,
 @triton.jit(do_not_specialize=["S"])
 def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQT, WKT, WC, DY, XC, PART,
                      S, I, NG, stride_xb, stride_xs,
-                     KS: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, GP: tl.constexpr,
-                     IEEE: tl.constexpr):
+                     KS: tl.constexpr, KP: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                     GP: tl.constexpr, IEEE: tl.constexpr):
     b, pid_c = tl.program_id(0), tl.program_id(1)
     c0 = pid_c * BC
     c = c0 + tl.arange(0, BC)                                                # (BC,) channels
@@ -128,10 +128,8 @@ def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQT, WKT, WC, DY, XC, PART,
     s_q = tl.zeros((BT, BC), dtype=tl.float32)
     s_k = tl.zeros((BT, BC), dtype=tl.float32)
     s_y = tl.zeros((BT, BC), dtype=tl.float32)
-    s_w0 = tl.zeros((BT, BC), dtype=tl.float32)                              # tap s: sum_t dy[t] x_m[t-s]
-    s_w1 = tl.zeros((BT, BC), dtype=tl.float32)
-    s_w2 = tl.zeros((BT, BC), dtype=tl.float32)
-    s_w3 = tl.zeros((BT, BC), dtype=tl.float32)
+    s_w = tl.zeros((KP, BT, BC), dtype=tl.float32)                           # tap s: sum_t dy[t] x_m[t-s]
+    taps = tl.arange(0, KP)[:, None, None]                                   # (KP, 1, 1)
     for t0 in range(0, S, BT):
         t = t0 + tl.arange(0, BT)                                            # (BT,) tokens
         t_ok = t < S
@@ -161,25 +159,12 @@ def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQT, WKT, WC, DY, XC, PART,
         for s in tl.static_range(KS):
             ts = t - s
             xs = tl.load(x_base + ts[:, None] * stride_xs + c[None, :], mask=(t_ok & (ts >= 0))[:, None], other=0.0)
-            if s == 0:
-                s_w0 += dy * xs.to(tl.float32)
-            elif s == 1:
-                s_w1 += dy * xs.to(tl.float32)
-            elif s == 2:
-                s_w2 += dy * xs.to(tl.float32)
-            else:
-                s_w3 += dy * xs.to(tl.float32)
-    part = PART + b.to(tl.int64) * (3 + KS) * I + c
-    tl.store(part, tl.sum(s_q, 0))
-    tl.store(part + I, tl.sum(s_k, 0))
-    tl.store(part + 2 * I, tl.sum(s_y, 0))
-    tl.store(part + 3 * I, tl.sum(s_w0, 0))
-    if KS > 1:
-        tl.store(part + 4 * I, tl.sum(s_w1, 0))
-    if KS > 2:
-        tl.store(part + 5 * I, tl.sum(s_w2, 0))
-    if KS > 3:
-        tl.store(part + 6 * I, tl.sum(s_w3, 0))
+            s_w += tl.where(taps == s, (dy * xs.to(tl.float32))[None, :, :], 0.0)
+    part = PART + b.to(tl.int64) * (3 + KP) * I
+    tl.store(part + c, tl.sum(s_q, 0))
+    tl.store(part + I + c, tl.sum(s_k, 0))
+    tl.store(part + 2 * I + c, tl.sum(s_y, 0))
+    tl.store(part + (3 + tl.arange(0, KP)[:, None]) * I + c[None, :], tl.sum(s_w, 1))
 
 
 @triton.jit(do_not_specialize=["S"])
@@ -263,10 +248,11 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
     warps) of the two kernels, default `PRE_CONFIG`/`DXM_CONFIG`."""
     B, S, two_i = xz.shape
     inner, K, G = two_i // 2, conv_w.shape[-1], dg.shape[-1]
+    kp = triton.next_power_of_2(K)
     dq, dk, dv, dg, packed = (t.contiguous() for t in (dq, dk, dv, dg, packed))
     dy = torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype)
     x_c = torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype)
-    part = torch.empty(B, 3 + K, inner, device=xz.device, dtype=torch.float32)
+    part = torch.empty(B, 3 + kp, inner, device=xz.device, dtype=torch.float32)
     part_v = torch.empty(B, inner, device=xz.device, dtype=torch.float32)
     f32 = lambda t: t.detach().float().contiguous()
     wt = lambda w: w.detach().transpose(1, 2).float().contiguous()           # (nb, in, out): the transposed map
@@ -277,11 +263,11 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
     m1, m2 = meta(config or PRE_CONFIG), meta(dxm_config or DXM_CONFIG)
     _pre_grad_kernel[(B, inner // m1["BC"])](
         dq, dk, dg, packed, xz, cw, f32(conv_b), wt(wq), wt(wk), low(w_c), dy, x_c, part,
-        S, inner, G, xz.stride(0), xz.stride(1), KS=K, **m1)
+        S, inner, G, xz.stride(0), xz.stride(1), KS=K, KP=kp, **m1)
     _pre_dxm_kernel[(B, inner // m2["BC"])](
         dv, dg, dy, cw, wt(wv), low(w_m), packed, part_v, S, inner, G, packed.stride(0), packed.stride(1),
         KS=K, **m2)
-    sums = part.sum(0)                                                       # (3 + K, I)
+    sums = part.sum(0)                                                       # (3 + kp, I)
     d_conv_w = sums[3:3 + K].flip(0).t().contiguous().unsqueeze(1)           # (I, 1, K): row s is tap K-1-s
     return packed, x_c, d_conv_w, sums[2], sums[0], sums[1], part_v.sum(0)
 
