@@ -27,37 +27,13 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _block_row(x0, x1, x2, x3, w):
-    """sum_i x_i w[i] for one output row w (nb,) pointers of a 4x4 block map: x_i (BT, nb) -> (BT, nb)."""
-    return (x0 * tl.load(w)[None, :] + x1 * tl.load(w + 1)[None, :] + x2 * tl.load(w + 2)[None, :]
-            + x3 * tl.load(w + 3)[None, :])
-
-
-@triton.jit
 def _blockdiag(x, W, c0, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr):
     """y[t, h*BS + o] = sum_i W[h, o, i] x[t, h*BS + i] for the BC channels from c0, in float32 multiply-adds:
-    x (BT, BC), W (nb, BS, BS) float32 (out, in) -> (BT, BC) float32.
-
-    BS = 4 splits x into its four (BT, BC/4) channel phases and joins the four outputs back (16 rank-one
-    multiply-adds with (BC/4,) weight vectors); other block sizes take a (BT, BC/BS, BS, BS) broadcast product,
-    which holds BS times the tile in registers."""
-    if BS == 4:
-        h = c0 // 4 + tl.arange(0, BC // 4)                                  # (nb,) blocks
-        a, b = tl.split(tl.reshape(x.to(tl.float32), (BT, BC // 4, 2, 2)))  # (BT, nb, 2) each: channels 4h+2p+q
-        x0, x2 = tl.split(a)                                                 # (BT, nb) each
-        x1, x3 = tl.split(b)
-        w = W + h * 16                                                       # W[h, 0, 0]
-        y0 = _block_row(x0, x1, x2, x3, w)                                   # (BT, nb) output channel 4h + 0
-        y1 = _block_row(x0, x1, x2, x3, w + 4)
-        y2 = _block_row(x0, x1, x2, x3, w + 8)
-        y3 = _block_row(x0, x1, x2, x3, w + 12)
-        y = tl.join(tl.join(y0, y2), tl.join(y1, y3))                        # (BT, nb, 2, 2): [t, h, p, q] = y_{2p+q}
-        return tl.reshape(y, (BT, BC))
-    else:
-        hb = (c0 // BS + tl.arange(0, BC // BS))[:, None, None] * (BS * BS)  # (nb, 1, 1) block offsets
-        oi = tl.arange(0, BS)[None, :, None] * BS + tl.arange(0, BS)[None, None, :]  # (1, BS, BS) (out, in)
-        x4 = tl.reshape(x.to(tl.float32), (BT, BC // BS, 1, BS))             # (BT, nb, 1, BS)
-        return tl.reshape(tl.sum(x4 * tl.load(W + hb + oi)[None, :, :, :], axis=3), (BT, BC))  # (BT, BC)
+    x (BT, BC), W (nb, BS, BS) float32 (out, in) -> (BT, BC) float32."""
+    hb = (c0 // BS + tl.arange(0, BC // BS))[:, None, None] * (BS * BS)      # (nb, 1, 1) block offsets
+    oi = tl.arange(0, BS)[None, :, None] * BS + tl.arange(0, BS)[None, None, :]  # (1, BS, BS) (out, in)
+    x4 = tl.reshape(x.to(tl.float32), (BT, BC // BS, 1, BS))                 # (BT, nb, 1, BS)
+    return tl.reshape(tl.sum(x4 * tl.load(W + hb + oi)[None, :, :, :], axis=3), (BT, BC))  # (BT, BC)
 
 
 @triton.jit(do_not_specialize=["S"])
