@@ -3,8 +3,8 @@
 
 CPU: in Triton's interpreter (float32), every gradient of pre-step -> cell -> post-tail (xz, the residual and the
 15 parameters) equals float64 autograd of `block_pre` -> `mlstm_parallel` -> `block_post`, for sequences shorter
-than the conv and than a tile, head dims of one and several channel chunks, and one head or two; `supports`
-refuses CPU tensors, so the CPU fast path keeps its compiled/eager backward.
+than the conv and than a tile, head dims of one and several channel chunks, one head or two, and 4 or 3 conv
+taps; `supports` refuses CPU tensors, so the CPU fast path keeps its compiled/eager backward.
 GPU: in bf16 at ViL-T/B shapes (around a pointwise stand-in for the cell) the gradients are as close to float64
 as the plain autocast path's, and the fused block runs the kernels in training only.
 """
@@ -24,12 +24,13 @@ needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util
 NAMES = "xz conv_w conv_b wq bq wk bk wv bv wg bg norm_w norm_b skip down_w down_b residual".split()
 
 
-def region_inputs(B, S, NH, DH, D, seed=0, device="cpu"):
-    """float64 inputs of the pre-step and post-tail: (pre args, post params, residual, output cotangent)."""
+def region_inputs(B, S, NH, DH, D, seed=0, device="cpu", taps=4):
+    """float64 inputs of the pre-step and post-tail (a causal conv of `taps` taps): (pre args, post params,
+    residual, output cotangent)."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape, s=1.0: (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(device)
     inner = NH * DH
-    pre = [r(B, S, 2 * inner), r(inner, 1, 4, s=0.5), r(inner, s=0.1)]
+    pre = [r(B, S, 2 * inner), r(inner, 1, taps, s=0.5), r(inner, s=0.1)]
     for _ in range(3):
         pre += [r(inner // 4, 4, 4, s=0.5), r(inner, s=0.1)]
     pre += [r(2 * NH, 3 * inner, s=0.1), r(2 * NH)]
@@ -71,8 +72,9 @@ def test_kernels_in_interpreter_match_float64_autograd(triton_interpreter):
         from mal.kernels import qkv_triton
         from test_block_grad_triton import NAMES, region_grads, region_inputs
         qkv_triton.supports = lambda *a: True                               # the kernels on CPU tensors
-        for B, S, NH, DH, D in [(2, 37, 2, 32, 24), (1, 3, 1, 16, 8), (2, 70, 2, 48, 16)]:
-            pre, post, res, cot = region_inputs(B, S, NH, DH, D)
+        for B, S, NH, DH, D, taps in [(2, 37, 2, 32, 24, 4), (1, 3, 1, 16, 8, 4), (2, 70, 2, 48, 16, 4),
+                                      (1, 40, 2, 16, 8, 3)]:
+            pre, post, res, cot = region_inputs(B, S, NH, DH, D, taps=taps)
             out_r, g_r = region_grads(pre, post, res, cot, NH, fused=False)
             f32 = lambda ts: [t.float() for t in ts]
             out_f, g_f = region_grads(f32(pre), f32(post), res.float(), cot.float(), NH, fused=True)
