@@ -17,7 +17,7 @@ import itertools
 import json
 
 import torch
-from qkv_kernel import cuda_ms, inputs as pre_inputs  # benchmarks/ is this script's directory
+from qkv_kernel import cuda_ms, inputs as pre_inputs, report, sweep  # benchmarks/ is this script's directory
 
 SHAPES = {"T": (128, 197, 4, 96), "S": (128, 197, 4, 192), "B": (128, 197, 4, 384), "B-pretrain": (256, 145, 4, 384)}
 
@@ -64,18 +64,6 @@ def kernel_calls(B, S, NH, DH):
     return (pre, post, h, cot, d_qkv, dg), run_post, run_pre
 
 
-def sweep(fn, configs) -> dict:
-    """ms per config of fn(config); configs that fail to compile are reported by their error's name."""
-    res = {}
-    for cfg in configs:
-        try:
-            res[str(cfg)] = round(cuda_ms(lambda: fn(cfg)), 4)
-        except Exception as e:  # noqa: BLE001 - a config that does not compile is reported, not fatal
-            res[str(cfg)] = type(e).__name__
-    timed = {k: v for k, v in res.items() if isinstance(v, float)}
-    return {"all": res, "best": min(timed, key=timed.get), "best_ms": min(timed.values())}
-
-
 def main() -> dict:
     from mal import fused
     from mal.fused import _PostFused, block_post, block_pre_fused
@@ -117,19 +105,13 @@ def main() -> dict:
         out["shapes"][name] = res
         print(json.dumps({name: {k: (v if not k.startswith("sweep") else {"best": v["best"], "ms": v["best_ms"]})
                                  for k, v in res.items()}}), flush=True)
-    print(json.dumps(out, indent=1))
-    print("| shape | post_grad ms | pre_grad ms | compiled regions fwd+bwd ms | kernels fwd+bwd ms | x "
-          "| best post / pre / dxm |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in out["shapes"].items():
-        best = " / ".join(f"{r[k]['best']} {r[k]['best_ms']}" for k in ("sweep_post", "sweep_pre", "sweep_dxm")
-                          if k in r)
-        print(f"| {name} {r['B']}x{r['S']}x{r['NH']}x{r['DH']} | {r['post_grad_ms']:.3f} | {r['pre_grad_ms']:.3f} | "
-              f"{r['compiled_regions_ms']:.3f} | {r['kernel_regions_ms']:.3f} | {r['regions_speedup']} | "
-              f"{best or '-'} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    best = lambda r: " / ".join(f"{r[k]['best']} {r[k]['best_ms']}" for k in ("sweep_post", "sweep_pre", "sweep_dxm")
+                                if k in r) or "-"
+    report(out, ["shape", "post_grad ms", "pre_grad ms", "compiled regions fwd+bwd ms", "kernels fwd+bwd ms", "x",
+                 "best post / pre / dxm"],
+           lambda name, r: [f"{name} {r['B']}x{r['S']}x{r['NH']}x{r['DH']}", f"{r['post_grad_ms']:.3f}",
+                            f"{r['pre_grad_ms']:.3f}", f"{r['compiled_regions_ms']:.3f}",
+                            f"{r['kernel_regions_ms']:.3f}", r["regions_speedup"], best(r)], args.json)
     return out
 
 

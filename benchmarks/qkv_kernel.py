@@ -26,6 +26,31 @@ def cuda_ms(fn) -> float:
     return cuda_times(fn, warmup=3, iters=20)[0]
 
 
+def sweep(fn, configs) -> dict:
+    """ms per config of fn(config); configs that fail to compile are reported by their error's name."""
+    res = {}
+    for cfg in configs:
+        try:
+            res[str(cfg)] = round(cuda_ms(lambda: fn(cfg)), 4)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is reported, not fatal
+            res[str(cfg)] = type(e).__name__
+    timed = {k: v for k, v in res.items() if isinstance(v, float)}
+    return {"all": res, "best": min(timed, key=timed.get), "best_ms": min(timed.values())}
+
+
+def report(out: dict, header: list[str], row, path: str) -> None:
+    """Print `out` as JSON and its shapes as a markdown table (header cells, row(name, result) -> cells), and
+    write the JSON to path if given."""
+    print(json.dumps(out, indent=1))
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, r in out["shapes"].items():
+        print("| " + " | ".join(str(c) for c in row(name, r)) + " |")
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
 def inputs(B, S, I, gates=8):
     g = torch.Generator(device="cuda").manual_seed(0)
     r = lambda *shape, s=1.0: torch.randn(*shape, generator=g, device="cuda") * s
@@ -60,18 +85,9 @@ def main() -> dict:
         res["triton_fwd_ms"] = cuda_ms(lambda: qkv_triton.qkv_gates(xz, *kargs))
         res["triton_fwd_GBps"] = round(moved / res["triton_fwd_ms"] / 1e6, 1)
         if args.sweep:
-            sweep = {}
-            for cfg in itertools.product((16, 32, 64), (32, 64, 128), (4, 8)):
-                if I % cfg[1]:
-                    continue
-                try:
-                    sweep[str(cfg)] = round(cuda_ms(lambda: qkv_triton.qkv_gates(xz, *kargs, config=cfg)), 4)
-                except Exception as e:  # noqa: BLE001 - a config that does not compile is reported, not fatal
-                    sweep[str(cfg)] = f"{type(e).__name__}"
-            timed = {k: v for k, v in sweep.items() if isinstance(v, float)}
-            res["sweep"] = sweep
-            res["best"] = min(timed, key=timed.get)
-            res["best_ms"] = timed[res["best"]]
+            configs = [c for c in itertools.product((16, 32, 64), (32, 64, 128), (4, 8)) if I % c[1] == 0]
+            sw = sweep(lambda cfg: qkv_triton.qkv_gates(xz, *kargs, config=cfg), configs)
+            res["sweep"], res["best"], res["best_ms"] = sw["all"], sw["best"], sw["best_ms"]
         leaves = [t.detach().requires_grad_() for t in a]
         cot = None
 
@@ -90,16 +106,12 @@ def main() -> dict:
         res["fwd_bwd_speedup"] = round(res["compiled_fwd_bwd_ms"] / res["fused_fwd_bwd_ms"], 2)
         out["shapes"][name] = res
         print(json.dumps({name: {k: v for k, v in res.items() if k != "sweep"}}), flush=True)
-    print(json.dumps(out, indent=1))
-    print("| shape | compiled fwd ms | triton fwd ms | GB/s | fwd x | compiled fwd+bwd ms | fused fwd+bwd ms | x | best config (ms) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, r in out["shapes"].items():
-        print(f"| {name} {r['B']}x{r['S']}x{r['I']} | {r['compiled_fwd_ms']:.3f} | {r['triton_fwd_ms']:.3f} | "
-              f"{r['triton_fwd_GBps']} | {r['fwd_speedup']} | {r['compiled_fwd_bwd_ms']:.3f} | "
-              f"{r['fused_fwd_bwd_ms']:.3f} | {r['fwd_bwd_speedup']} | {r.get('best', '-')} ({r.get('best_ms', '-')}) |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    report(out, ["shape", "compiled fwd ms", "triton fwd ms", "GB/s", "fwd x", "compiled fwd+bwd ms",
+                 "fused fwd+bwd ms", "x", "best config (ms)"],
+           lambda name, r: [f"{name} {r['B']}x{r['S']}x{r['I']}", f"{r['compiled_fwd_ms']:.3f}",
+                            f"{r['triton_fwd_ms']:.3f}", r["triton_fwd_GBps"], r["fwd_speedup"],
+                            f"{r['compiled_fwd_bwd_ms']:.3f}", f"{r['fused_fwd_bwd_ms']:.3f}", r["fwd_bwd_speedup"],
+                            f"{r.get('best', '-')} ({r.get('best_ms', '-')})"], args.json)
     return out
 
 
