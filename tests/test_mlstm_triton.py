@@ -118,9 +118,12 @@ def test_interpreter_matches_float64_on_cpu(triton_interpreter):
     triton_interpreter("""
         import torch
         from mal.kernels import mlstm_parallel
-        from mal.kernels.mlstm_triton import mlstm_triton
+        from mal.kernels.mlstm_triton import _d_chunks, mlstm_triton
+        # head dims of 3 * 2^n run as two exact column tiles; others as one tile, padded and masked if need be
+        assert [_d_chunks(d) for d in (96, 192, 384, 40, 64, 100)] == [
+            (64, 32), (128, 64), (256, 128), (32, 16), (64, 0), (128, 0)]
         torch.manual_seed(0)
-        for S, DH, gs in [(1, 16, 1.0), (23, 40, 1.0), (70, 96, 10.0)]:
+        for S, DH, gs in [(1, 16, 1.0), (23, 40, 1.0), (9, 100, 1.0), (70, 96, 10.0)]:
             xs = [torch.randn(2, 2, S, DH) for _ in range(3)] + [gs * torch.randn(2, 2, S) for _ in range(2)]
             dh = torch.randn(2, 2, S, DH)
             res = []

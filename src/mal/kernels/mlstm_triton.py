@@ -45,6 +45,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # instead of from the stored low-precision output. Costs ~2 of ~9 tile products; keeps di/df/dq/dk as accurate
 # as torch's when one key dominates a row (large gates), where dlogD cancels.
 EXACT_DELTA = True
+# Cover a head dim of 3 * 2^n with two power-of-two column tiles instead of one padded tile (see `_d_chunks`).
+SPLIT_HEAD_DIM = True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -59,26 +61,60 @@ def _decay(causal, a_row, a_col, i_col, m_row):
 
 
 @triton.jit
-def _dq_tile(q, do, k_base, v_base, A, Ig, vec_base, offs_m, row_ok, a_row, m_row, start_n, S, DH,
-             sks, skd, svs, svd, scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    """For one key tile of a query block: k (BN, BD), P = q k^T * scale, dh v^T and the decay (BM, BN)."""
+def _load_cols(base, offs_r, r_ok, sr, sd, DH, D0: tl.constexpr, BD: tl.constexpr):
+    """Rows offs_r, head-dim columns [D0, D0 + BD) of one head (columns past DH read as 0)."""
+    offs_d = D0 + tl.arange(0, BD)                                            # (BD,)
+    return tl.load(base + offs_r[:, None] * sr + offs_d[None, :] * sd,
+                   mask=r_ok[:, None] & (offs_d < DH)[None, :], other=0.0)    # (R, BD)
+
+
+@triton.jit
+def _store_cols(base, x, offs_r, r_ok, sr, sd, DH, D0: tl.constexpr, BD: tl.constexpr):
+    """Store x (R, BD) into rows offs_r, columns [D0, D0 + BD) of one head, in the pointer's dtype."""
+    offs_d = D0 + tl.arange(0, BD)                                            # (BD,)
+    tl.store(base + offs_r[:, None] * sr + offs_d[None, :] * sd, x.to(base.dtype.element_ty),
+             mask=r_ok[:, None] & (offs_d < DH)[None, :])
+
+
+@triton.jit
+def _dot_nt(a, b, acc, IEEE: tl.constexpr):
+    """acc + a (M, D) @ b (N, D)^T -> (M, N) in float32 (acc may be None)."""
+    if IEEE:
+        return tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+    return tl.dot(a, tl.trans(b), acc)
+
+
+@triton.jit
+def _dot_acc(c, x, acc, IEEE: tl.constexpr):
+    """acc + c (M, N) float32 @ x (N, D) -> (M, D) float32; c is rounded to x's dtype on the tensor-core path."""
+    if IEEE:
+        return tl.dot(c, x.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(c.to(x.dtype), x, acc)
+
+
+@triton.jit
+def _dq_tile(q, q2, do, do2, k_base, v_base, A, Ig, vec_base, offs_m, row_ok, a_row, m_row, start_n, S, DH,
+             sks, skd, svs, svd, scale,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, IEEE: tl.constexpr):
+    """For one key tile of a query block: k (BN, BD) [+ k2 (BN, BD2)], P = q k^T * scale, dh v^T, decay (BM, BN)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)                                  # (BN,)
-    offs_d = tl.arange(0, BLOCK_D)                                            # (BD,)
     col_ok = offs_n < S
-    kv_mask = col_ok[:, None] & (offs_d < DH)[None, :]
-    k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0)  # (BN, BD)
-    v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)  # (BN, BD)
+    k = _load_cols(k_base, offs_n, col_ok, sks, skd, DH, 0, BLOCK_D)         # (BN, BD)
+    v = _load_cols(v_base, offs_n, col_ok, svs, svd, DH, 0, BLOCK_D)         # (BN, BD)
+    p = _dot_nt(q, k, None, IEEE)                                             # (BM, BN)
+    dov = _dot_nt(do, v, None, IEEE)                                          # (BM, BN)
+    k2 = k
+    if BLOCK_D2 > 0:
+        k2 = _load_cols(k_base, offs_n, col_ok, sks, skd, DH, BLOCK_D, BLOCK_D2)  # (BN, BD2)
+        v2 = _load_cols(v_base, offs_n, col_ok, svs, svd, DH, BLOCK_D, BLOCK_D2)  # (BN, BD2)
+        p = _dot_nt(q2, k2, p, IEEE)
+        dov = _dot_nt(do2, v2, dov, IEEE)
+    p = p * scale
     a_col = tl.load(A + vec_base + offs_n, mask=col_ok, other=0.0)            # (BN,)
     i_col = tl.load(Ig + vec_base + offs_n, mask=col_ok, other=0.0)           # (BN,)
-    if IEEE:
-        p = tl.dot(q, tl.trans(k), input_precision="ieee") * scale           # (BM, BN)
-        dov = tl.dot(do, tl.trans(v), input_precision="ieee")                # (BM, BN)
-    else:
-        p = tl.dot(q, tl.trans(k)) * scale
-        dov = tl.dot(do, tl.trans(v))
     causal = (offs_n[None, :] <= offs_m[:, None]) & col_ok[None, :] & row_ok[:, None]  # (BM, BN)
     decay = _decay(causal, a_row[:, None], a_col[None, :], i_col[None, :], m_row[:, None])  # (BM, BN)
-    return k, p, dov, decay
+    return k, k2, p, dov, decay
 
 
 @triton.jit(do_not_specialize=["S"])
@@ -86,7 +122,8 @@ def _mlstm_fwd_kernel(
     Q, K, V, A, Ig, Mlog, O, Ssum,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
     NH, S, DH, scale, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """One program = one query block of one (batch, head): h = (C @ V) / (max(|rowsum C|, exp(-m)) + eps)."""
     pid_m = tl.program_id(0)
@@ -100,41 +137,41 @@ def _mlstm_fwd_kernel(
     vec_base = pid_bh.to(tl.int64) * S                                      # (B, NH, S) vectors are contiguous
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                          # (BM,)
-    offs_d = tl.arange(0, BLOCK_D)                                            # (BD,)
     row_ok = offs_m < S
-    d_ok = offs_d < DH
-    q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)             # (BM, BD)
+    q = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, 0, BLOCK_D)         # (BM, BD)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                      # (BM, BD) sum_j C v_j
+    if BLOCK_D2 > 0:
+        q2 = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, BLOCK_D, BLOCK_D2)  # (BM, BD2)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)               # (BM, BD2)
     a_row = tl.load(A + vec_base + offs_m, mask=row_ok, other=0.0)            # (BM,) log-forget cumsum a_t
     m_row = tl.load(Mlog + vec_base + offs_m, mask=row_ok, other=0.0)         # (BM,) stabilizer m_t
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                      # (BM, BD) sum_j C v_j
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)                           # (BM,) sum_j C
     for start_n in range(0, (pid_m + 1) * BLOCK_M, BLOCK_N):                 # keys past S are masked
         offs_n = start_n + tl.arange(0, BLOCK_N)                              # (BN,)
         col_ok = offs_n < S
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0)  # (BN, BD)
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)  # (BN, BD)
+        k = _load_cols(k_base, offs_n, col_ok, sks, skd, DH, 0, BLOCK_D)     # (BN, BD)
+        v = _load_cols(v_base, offs_n, col_ok, svs, svd, DH, 0, BLOCK_D)     # (BN, BD)
+        p = _dot_nt(q, k, None, IEEE)                                         # (BM, BN)
+        if BLOCK_D2 > 0:
+            k2 = _load_cols(k_base, offs_n, col_ok, sks, skd, DH, BLOCK_D, BLOCK_D2)  # (BN, BD2)
+            p = _dot_nt(q2, k2, p, IEEE)
+        p = p * scale
         a_col = tl.load(A + vec_base + offs_n, mask=col_ok, other=0.0)        # (BN,)
         i_col = tl.load(Ig + vec_base + offs_n, mask=col_ok, other=0.0)       # (BN,)
-        if IEEE:
-            p = tl.dot(q, tl.trans(k), input_precision="ieee") * scale       # (BM, BN)
-        else:
-            p = tl.dot(q, tl.trans(k)) * scale                                # (BM, BN)
         causal = (offs_n[None, :] <= offs_m[:, None]) & col_ok[None, :] & row_ok[:, None]  # (BM, BN)
         decay = _decay(causal, a_row[:, None], a_col[None, :], i_col[None, :], m_row[:, None])  # (BM, BN)
         c = p * decay                                                         # (BM, BN)
         row_sum += tl.sum(c, axis=1)
-        if IEEE:
-            acc += tl.dot(c, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(c.to(v.dtype), v)
+        acc = _dot_acc(c, v, acc, IEEE)
+        if BLOCK_D2 > 0:
+            v2 = _load_cols(v_base, offs_n, col_ok, svs, svd, DH, BLOCK_D, BLOCK_D2)  # (BN, BD2)
+            acc2 = _dot_acc(c, v2, acc2, IEEE)
 
     norm = tl.maximum(tl.abs(row_sum), tl.exp(-m_row)) + eps                  # (BM,)
-    out = acc / norm[:, None]                                                 # (BM, BD)
-    tl.store(o_base + offs_m[:, None] * sos + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    _store_cols(o_base, acc / norm[:, None], offs_m, row_ok, sos, sod, DH, 0, BLOCK_D)
+    if BLOCK_D2 > 0:
+        _store_cols(o_base, acc2 / norm[:, None], offs_m, row_ok, sos, sod, DH, BLOCK_D, BLOCK_D2)
     tl.store(Ssum + vec_base + offs_m, row_sum, mask=row_ok)
 
 
@@ -144,8 +181,8 @@ def _mlstm_bwd_dq_kernel(
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
     sdob, sdoh, sdos, sdod,
     NH, S, DH, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-    EXACT_DELTA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    IEEE: tl.constexpr, EXACT_DELTA: tl.constexpr,
 ):
     """One program = one query block: dq, the row sums of dlogD, and dN_t = -(dh_t . h_t) / N_t."""
     pid_m = tl.program_id(0)
@@ -160,12 +197,13 @@ def _mlstm_bwd_dq_kernel(
     vec_base = pid_bh.to(tl.int64) * S
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                          # (BM,)
-    offs_d = tl.arange(0, BLOCK_D)                                            # (BD,)
     row_ok = offs_m < S
-    d_ok = offs_d < DH
-    md_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=md_mask, other=0.0)     # (BM, BD)
-    do = tl.load(do_base + offs_m[:, None] * sdos + offs_d[None, :] * sdod, mask=md_mask, other=0.0)  # (BM, BD)
+    q = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, 0, BLOCK_D)         # (BM, BD)
+    do = _load_cols(do_base, offs_m, row_ok, sdos, sdod, DH, 0, BLOCK_D)     # (BM, BD)
+    q2, do2 = q, do
+    if BLOCK_D2 > 0:
+        q2 = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, BLOCK_D, BLOCK_D2)      # (BM, BD2)
+        do2 = _load_cols(do_base, offs_m, row_ok, sdos, sdod, DH, BLOCK_D, BLOCK_D2)  # (BM, BD2)
     a_row = tl.load(A + vec_base + offs_m, mask=row_ok, other=0.0)            # (BM,)
     m_row = tl.load(Mlog + vec_base + offs_m, mask=row_ok, other=0.0)         # (BM,)
     r = tl.load(Rinv + vec_base + offs_m, mask=row_ok, other=0.0)             # (BM,) 1 / N_t
@@ -176,31 +214,38 @@ def _mlstm_bwd_dq_kernel(
         # cancellation in dlogD (exact when one key dominates a row) is exact here too.
         u = tl.zeros([BLOCK_M], dtype=tl.float32)                             # (BM,)
         for start_n in range(0, hi, BLOCK_N):
-            k, p, dov, decay = _dq_tile(q, do, k_base, v_base, A, Ig, vec_base, offs_m, row_ok, a_row, m_row,
-                                        start_n, S, DH, sks, skd, svs, svd, scale, BLOCK_N, BLOCK_D, IEEE)
+            k, k2, p, dov, decay = _dq_tile(q, q2, do, do2, k_base, v_base, A, Ig, vec_base, offs_m, row_ok,
+                                            a_row, m_row, start_n, S, DH, sks, skd, svs, svd, scale,
+                                            BLOCK_N, BLOCK_D, BLOCK_D2, IEEE)
             u += tl.sum(dov * p * decay, axis=1)
         delta = u * r                                                         # (BM,)
     else:
-        o = tl.load(o_base + offs_m[:, None] * sos + offs_d[None, :] * sod, mask=md_mask, other=0.0)  # (BM, BD)
+        o = _load_cols(o_base, offs_m, row_ok, sos, sod, DH, 0, BLOCK_D)     # (BM, BD)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)         # (BM,) dh_t . h_t
+        if BLOCK_D2 > 0:
+            o2 = _load_cols(o_base, offs_m, row_ok, sos, sod, DH, BLOCK_D, BLOCK_D2)  # (BM, BD2)
+            delta += tl.sum(do2.to(tl.float32) * o2.to(tl.float32), axis=1)
     dn = -delta * r                                                           # (BM,)
     g = dn * sgn                                                              # (BM,)
     tl.store(DN + vec_base + offs_m, dn, mask=row_ok)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                       # (BM, BD)
+    if BLOCK_D2 > 0:
+        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)                 # (BM, BD2)
     row_g = tl.zeros([BLOCK_M], dtype=tl.float32)                             # (BM,) row sums of dP * P
     for start_n in range(0, hi, BLOCK_N):
-        k, p, dov, decay = _dq_tile(q, do, k_base, v_base, A, Ig, vec_base, offs_m, row_ok, a_row, m_row,
-                                    start_n, S, DH, sks, skd, svs, svd, scale, BLOCK_N, BLOCK_D, IEEE)
+        k, k2, p, dov, decay = _dq_tile(q, q2, do, do2, k_base, v_base, A, Ig, vec_base, offs_m, row_ok,
+                                        a_row, m_row, start_n, S, DH, sks, skd, svs, svd, scale,
+                                        BLOCK_N, BLOCK_D, BLOCK_D2, IEEE)
         dp = (r[:, None] * dov + g[:, None]) * decay                          # (BM, BN) dL/dP
         row_g += tl.sum(dp * p, axis=1)
-        if IEEE:
-            dq += tl.dot(dp, k, input_precision="ieee")
-        else:
-            dq += tl.dot(dp.to(k.dtype), k)
-    dq = dq * scale
+        dq = _dot_acc(dp, k, dq, IEEE)
+        if BLOCK_D2 > 0:
+            dq2 = _dot_acc(dp, k2, dq2, IEEE)
     dq_base = DQ + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh                # dq has q's strides
-    tl.store(dq_base + offs_m[:, None] * sqs + offs_d[None, :] * sqd, dq.to(DQ.dtype.element_ty), mask=md_mask)
+    _store_cols(dq_base, dq * scale, offs_m, row_ok, sqs, sqd, DH, 0, BLOCK_D)
+    if BLOCK_D2 > 0:
+        _store_cols(dq_base, dq2 * scale, offs_m, row_ok, sqs, sqd, DH, BLOCK_D, BLOCK_D2)
     tl.store(RowG + vec_base + offs_m, row_g, mask=row_ok)
 
 
@@ -209,7 +254,8 @@ def _mlstm_bwd_dkdv_kernel(
     Q, K, V, DO, A, Ig, Mlog, Rinv, Gn, DK, DV, ColG,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdob, sdoh, sdos, sdod,
     NH, S, DH, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """One program = one key block: dk, dv and the column sums of dlogD, looping over later query blocks."""
     pid_n = tl.program_id(0)
@@ -224,50 +270,54 @@ def _mlstm_bwd_dkdv_kernel(
 
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)                                  # (BN,)
-    offs_d = tl.arange(0, BLOCK_D)                                            # (BD,)
     col_ok = offs_n < S
-    d_ok = offs_d < DH
-    nd_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=nd_mask, other=0.0)  # (BN, BD)
-    v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=nd_mask, other=0.0)  # (BN, BD)
+    k = _load_cols(k_base, offs_n, col_ok, sks, skd, DH, 0, BLOCK_D)         # (BN, BD)
+    v = _load_cols(v_base, offs_n, col_ok, svs, svd, DH, 0, BLOCK_D)         # (BN, BD)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)                       # (BN, BD)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)                       # (BN, BD)
+    if BLOCK_D2 > 0:
+        k2 = _load_cols(k_base, offs_n, col_ok, sks, skd, DH, BLOCK_D, BLOCK_D2)  # (BN, BD2)
+        v2 = _load_cols(v_base, offs_n, col_ok, svs, svd, DH, BLOCK_D, BLOCK_D2)  # (BN, BD2)
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)                # (BN, BD2)
+        dv2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)                # (BN, BD2)
     a_col = tl.load(A + vec_base + offs_n, mask=col_ok, other=0.0)            # (BN,)
     i_col = tl.load(Ig + vec_base + offs_n, mask=col_ok, other=0.0)           # (BN,)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)                       # (BN, BD)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)                       # (BN, BD)
     col_g = tl.zeros([BLOCK_N], dtype=tl.float32)                             # (BN,) column sums of dP * P
     for start_m in range(start_n, S, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)                              # (BM,)
         row_ok = offs_m < S
-        md_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=md_mask, other=0.0)     # (BM, BD)
-        do = tl.load(do_base + offs_m[:, None] * sdos + offs_d[None, :] * sdod, mask=md_mask, other=0.0)  # (BM, BD)
+        q = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, 0, BLOCK_D)     # (BM, BD)
+        do = _load_cols(do_base, offs_m, row_ok, sdos, sdod, DH, 0, BLOCK_D) # (BM, BD)
+        pt = _dot_nt(k, q, None, IEEE)                                        # (BN, BM) P^T / scale
+        dovt = _dot_nt(v, do, None, IEEE)                                     # (BN, BM) (dh v^T)^T
+        if BLOCK_D2 > 0:
+            q2 = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, BLOCK_D, BLOCK_D2)      # (BM, BD2)
+            do2 = _load_cols(do_base, offs_m, row_ok, sdos, sdod, DH, BLOCK_D, BLOCK_D2)  # (BM, BD2)
+            pt = _dot_nt(k2, q2, pt, IEEE)
+            dovt = _dot_nt(v2, do2, dovt, IEEE)
+        pt = pt * scale
         a_row = tl.load(A + vec_base + offs_m, mask=row_ok, other=0.0)        # (BM,)
         m_row = tl.load(Mlog + vec_base + offs_m, mask=row_ok, other=0.0)     # (BM,)
         r = tl.load(Rinv + vec_base + offs_m, mask=row_ok, other=0.0)         # (BM,)
         g = tl.load(Gn + vec_base + offs_m, mask=row_ok, other=0.0)           # (BM,)
-        if IEEE:
-            pt = tl.dot(k, tl.trans(q), input_precision="ieee") * scale      # (BN, BM) P^T
-            dovt = tl.dot(v, tl.trans(do), input_precision="ieee")           # (BN, BM) (dh v^T)^T
-        else:
-            pt = tl.dot(k, tl.trans(q)) * scale
-            dovt = tl.dot(v, tl.trans(do))
         causal = (offs_n[:, None] <= offs_m[None, :]) & row_ok[None, :]       # (BN, BM)
         decay = _decay(causal, a_row[None, :], a_col[:, None], i_col[:, None], m_row[None, :])  # (BN, BM)
         ct = pt * decay * r[None, :]                                          # (BN, BM) (C / N)^T
         dpt = (r[None, :] * dovt + g[None, :]) * decay                        # (BN, BM) dL/dP^T
         col_g += tl.sum(dpt * pt, axis=1)
-        if IEEE:
-            dv += tl.dot(ct, do.to(tl.float32), input_precision="ieee")
-            dk += tl.dot(dpt, q.to(tl.float32), input_precision="ieee")
-        else:
-            dv += tl.dot(ct.to(do.dtype), do)
-            dk += tl.dot(dpt.to(q.dtype), q)
-    dk = dk * scale
+        dv = _dot_acc(ct, do, dv, IEEE)
+        dk = _dot_acc(dpt, q, dk, IEEE)
+        if BLOCK_D2 > 0:
+            dv2 = _dot_acc(ct, do2, dv2, IEEE)
+            dk2 = _dot_acc(dpt, q2, dk2, IEEE)
     dk_base = DK + b.to(tl.int64) * skb + h.to(tl.int64) * skh                # dk, dv have k's and v's strides
     dv_base = DV + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    tl.store(dk_base + offs_n[:, None] * sks + offs_d[None, :] * skd, dk.to(DK.dtype.element_ty), mask=nd_mask)
-    tl.store(dv_base + offs_n[:, None] * svs + offs_d[None, :] * svd, dv.to(DV.dtype.element_ty), mask=nd_mask)
+    _store_cols(dk_base, dk * scale, offs_n, col_ok, sks, skd, DH, 0, BLOCK_D)
+    _store_cols(dv_base, dv, offs_n, col_ok, svs, svd, DH, 0, BLOCK_D)
+    if BLOCK_D2 > 0:
+        _store_cols(dk_base, dk2 * scale, offs_n, col_ok, sks, skd, DH, BLOCK_D, BLOCK_D2)
+        _store_cols(dv_base, dv2, offs_n, col_ok, svs, svd, DH, BLOCK_D, BLOCK_D2)
     tl.store(ColG + vec_base + offs_n, col_g, mask=col_ok)
 
 
@@ -276,17 +326,30 @@ def _mlstm_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 def _block_d(dh: int) -> int:
-    """Head dim padded to a power of two (masked inside the kernel)."""
+    """Head dim padded to a power of two: the key of the launch-config tables."""
     return max(MIN_HEAD_DIM, triton.next_power_of_2(dh))
 
 
+def _d_chunks(dh: int) -> tuple[int, int]:
+    """Head-dim column tiles (BLOCK_D, BLOCK_D2): two powers of two covering dh, BLOCK_D2 = 0 for one tile.
+
+    ViL's head dims are 3 * 2^n (96, 192, 384): 64 + 32, 128 + 64, 256 + 128 cover them exactly, where one
+    power-of-two tile would spend a quarter of every tile product on zero padding."""
+    whole = _block_d(dh)
+    lead = max(MIN_HEAD_DIM, 1 << (dh.bit_length() - 1))                    # largest power of two <= dh
+    rest = dh - lead
+    tail = max(MIN_HEAD_DIM, triton.next_power_of_2(rest)) if rest > 0 else 0
+    return (lead, tail) if SPLIT_HEAD_DIM and 0 < tail and lead + tail < whole else (whole, 0)
+
+
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, for 2-byte inputs; float32 halves the tiles.
-# BLOCK_M tiles queries, BLOCK_N keys. Picked by `benchmarks/mlstm_kernel.py --sweep` (H200, B=128, NH=4, S=197,
-# bf16, GPU kernel time); 16..64 reuse the 128 entry.
-_FWD_CFG = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 16, 4, 2),
+# BLOCK_M tiles queries, BLOCK_N keys. Picked by `benchmarks/mlstm_kernel.py --sweep` (B=128, NH=4, S=197, bf16,
+# GPU kernel time; H200 first, 128 and 256 re-swept on the H100 with DH 96 and 192 as two column tiles; at 512
+# (DH 384) the H100 sweep's best were within 1 % of these); 16..64 reuse the 128 entry.
+_FWD_CFG = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 4, 2),
             256: (64, 32, 4, 2), 512: (32, 32, 4, 2)}
 _BWD_DQ_CFG = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 4, 2),
-               256: (32, 64, 4, 2), 512: (16, 32, 4, 2)}
+               256: (64, 32, 4, 2), 512: (16, 32, 4, 2)}
 _BWD_DKDV_CFG = {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 4, 2),
                  256: (64, 32, 4, 2), 512: (32, 16, 4, 2)}
 _MIN_TILE = 16
@@ -325,15 +388,15 @@ class _MlstmTriton(torch.autograd.Function):
         a, ig, arg, m = _gate_stats(i, f)
         out = torch.empty((B, NH, S, DH), dtype=q.dtype, device=q.device)   # (B, NH, S, DH)
         row_sum = torch.empty((B, NH, S), dtype=torch.float32, device=q.device)  # (B, NH, S)
-        block_d = _block_d(DH)
-        bm, bn, warps, stages = _cfg(_FWD_CFG, block_d, q.dtype)
+        block_d, block_d2 = _d_chunks(DH)
+        bm, bn, warps, stages = _cfg(_FWD_CFG, _block_d(DH), q.dtype)
         scale = 1.0 / math.sqrt(DH)
         grid = (triton.cdiv(S, bm), B * NH)
         _mlstm_fwd_kernel[grid](
             q, k, v, a, ig, m, out, row_sum,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             NH, S, DH, scale, eps,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, IEEE=q.dtype == torch.float32,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_D2=block_d2, IEEE=q.dtype == torch.float32,
             num_warps=warps, num_stages=stages)
         ctx.save_for_backward(q, k, v, f, out, a, ig, arg, m, row_sum)
         ctx.i_dtype = i.dtype
@@ -352,7 +415,7 @@ class _MlstmTriton(torch.autograd.Function):
         sgn = torch.where(abs_branch, torch.sign(row_sum), torch.zeros_like(row_sum)).contiguous()
         if dout.dtype != q.dtype:
             dout = dout.to(q.dtype)
-        block_d = _block_d(DH)
+        block_d, block_d2 = _d_chunks(DH)
         scale = 1.0 / math.sqrt(DH)
         ieee = q.dtype == torch.float32
         # gradients in the inputs' layouts: for head views of (B, S, I) tensors, autograd then needs no copy
@@ -361,20 +424,20 @@ class _MlstmTriton(torch.autograd.Function):
         row_g = torch.empty_like(dn)                                        # (B, NH, S)
         col_g = torch.empty_like(dn)                                        # (B, NH, S)
 
-        bm, bn, warps, stages = _cfg(_BWD_DQ_CFG, block_d, q.dtype)
+        bm, bn, warps, stages = _cfg(_BWD_DQ_CFG, _block_d(DH), q.dtype)
         _mlstm_bwd_dq_kernel[(triton.cdiv(S, bm), B * NH)](
             q, k, v, out, dout, a, ig, m, r, sgn, dq, dn, row_g,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dout),
             NH, S, DH, scale,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, IEEE=ieee, EXACT_DELTA=EXACT_DELTA,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_D2=block_d2, IEEE=ieee, EXACT_DELTA=EXACT_DELTA,
             num_warps=warps, num_stages=stages)
         g = (dn * sgn).contiguous()                                         # (B, NH, S)
-        bm, bn, warps, stages = _cfg(_BWD_DKDV_CFG, block_d, q.dtype)
+        bm, bn, warps, stages = _cfg(_BWD_DKDV_CFG, _block_d(DH), q.dtype)
         _mlstm_bwd_dkdv_kernel[(triton.cdiv(S, bn), B * NH)](
             q, k, v, dout, a, ig, m, r, g, dk, dv, col_g,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
             NH, S, DH, scale,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, IEEE=ieee, num_warps=warps, num_stages=stages)
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_D2=block_d2, IEEE=ieee, num_warps=warps, num_stages=stages)
 
         dm = eps * dn                                                       # (B, NH, S) through the stabilizer
         to_argmax = torch.zeros_like(dm).scatter_add_(-1, arg, dm)          # (B, NH, S)
