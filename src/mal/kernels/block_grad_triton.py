@@ -112,27 +112,11 @@ def _post_grad_kernel(DU, H, XZ, CW, CB, NW, NB, SK, DH, PK, U, PART,
         tl.store(part + 2 * n_part, tl.sum(da * x_c, 0))
 
 
-@triton.jit
-def _dense_load(WD, pid_c, BC: tl.constexpr):
-    """The chunk's dense transposed block-diagonal weight (`_dense_t`): high and low half, (BC, BC) each."""
-    r = tl.arange(0, BC)
-    w = WD + pid_c.to(tl.int64) * (2 * BC * BC) + r[:, None] * BC + r[None, :]  # (BC, BC) pointers
-    return tl.load(w), tl.load(w + BC * BC)
-
-
-@triton.jit
-def _blockdiag_t(x, hi, lo, IEEE: tl.constexpr):
-    """Transposed block-diagonal map on tensor cores: x (BT, BC) @ (hi + lo) (BC, BC) in float32."""
-    if IEEE:
-        return tl.dot(x, hi, input_precision="ieee")                         # float32 weights: lo is zero
-    return tl.dot(x, lo, tl.dot(x, hi))
-
-
 @triton.jit(do_not_specialize=["S"])
-def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQD, WKD, WQT, WKT, WC, DY, XC, PART,
+def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQT, WKT, WC, DY, XC, PART,
                      S, I, NG, stride_xb, stride_xs,
                      KS: tl.constexpr, KP: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                     GP: tl.constexpr, IEEE: tl.constexpr, MMA: tl.constexpr, TAPSUM: tl.constexpr):
+                     GP: tl.constexpr, IEEE: tl.constexpr):
     b, pid_c = tl.program_id(0), tl.program_id(1)
     c0 = pid_c * BC
     c = c0 + tl.arange(0, BC)                                                # (BC,) channels
@@ -140,18 +124,12 @@ def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQD, WKD, WQT, WKT, WC, DY, XC,
     g_ok = gi < NG
     wc = tl.load(WC + gi[:, None] * I + c[None, :], mask=g_ok[:, None], other=0.0)  # (GP, BC) in dg's dtype
     x_base = XZ + b.to(tl.int64) * stride_xb
+    # column sums over the sequence, accumulated elementwise and reduced once at the end
     s_q = tl.zeros((BT, BC), dtype=tl.float32)
     s_k = tl.zeros((BT, BC), dtype=tl.float32)
     s_y = tl.zeros((BT, BC), dtype=tl.float32)
-    if TAPSUM:
-        s_w = tl.zeros((KP, BC), dtype=tl.float32)
-        taps = tl.arange(0, KP)[:, None]
-    else:
-        s_w = tl.zeros((KP, BT, BC), dtype=tl.float32)
-        taps = tl.arange(0, KP)[:, None, None]
-    if MMA:
-        q_hi, q_lo = _dense_load(WQD, pid_c, BC)
-        k_hi, k_lo = _dense_load(WKD, pid_c, BC)
+    s_w = tl.zeros((KP, BT, BC), dtype=tl.float32)                           # tap s: sum_t dy[t] x_m[t-s]
+    taps = tl.arange(0, KP)[:, None, None]                                   # (KP, 1, 1)
     for t0 in range(0, S, BT):
         t = t0 + tl.arange(0, BT)                                            # (BT,) tokens
         t_ok = t < S
@@ -164,10 +142,7 @@ def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQD, WKD, WQT, WKT, WC, DY, XC,
             dxc = tl.dot(dg, wc, input_precision="ieee")                     # (BT, BC)
         else:
             dxc = tl.dot(dg, wc)
-        if MMA:
-            dxc += _blockdiag_t(dq, q_hi, q_lo, IEEE) + _blockdiag_t(dk, k_hi, k_lo, IEEE)
-        else:
-            dxc += _blockdiag(dq, WQT, c0, BT, BC, BS) + _blockdiag(dk, WKT, c0, BT, BC, BS)
+        dxc += _blockdiag(dq, WQT, c0, BT, BC, BS) + _blockdiag(dk, WKT, c0, BT, BC, BS)
         dxc += tl.load(PK + row[:, None] * (2 * I) + c[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)
         y = tl.load(CB + c)[None, :]                                         # (1, BC) conv bias
         for s in tl.static_range(KS):
@@ -184,24 +159,18 @@ def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQD, WKD, WQT, WKT, WC, DY, XC,
         for s in tl.static_range(KS):
             ts = t - s
             xs = tl.load(x_base + ts[:, None] * stride_xs + c[None, :], mask=(t_ok & (ts >= 0))[:, None], other=0.0)
-            if TAPSUM:
-                s_w += tl.where(taps == s, tl.sum(dy * xs.to(tl.float32), 0)[None, :], 0.0)
-            else:
-                s_w += tl.where(taps == s, (dy * xs.to(tl.float32))[None, :, :], 0.0)
+            s_w += tl.where(taps == s, (dy * xs.to(tl.float32))[None, :, :], 0.0)
     part = PART + b.to(tl.int64) * (3 + KP) * I
     tl.store(part + c, tl.sum(s_q, 0))
     tl.store(part + I + c, tl.sum(s_k, 0))
     tl.store(part + 2 * I + c, tl.sum(s_y, 0))
-    if TAPSUM:
-        tl.store(part + (3 + tl.arange(0, KP)[:, None]) * I + c[None, :], s_w)
-    else:
-        tl.store(part + (3 + tl.arange(0, KP)[:, None]) * I + c[None, :], tl.sum(s_w, 1))
+    tl.store(part + (3 + tl.arange(0, KP)[:, None]) * I + c[None, :], tl.sum(s_w, 1))
 
 
 @triton.jit(do_not_specialize=["S"])
-def _pre_dxm_kernel(DV, DG, DY, CW, WVD, WVT, WM, DXZ, PART, S, I, NG, stride_db, stride_ds,
+def _pre_dxm_kernel(DV, DG, DY, CW, WVT, WM, DXZ, PART, S, I, NG, stride_db, stride_ds,
                     KS: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, GP: tl.constexpr,
-                    IEEE: tl.constexpr, MMA: tl.constexpr, TAPSUM: tl.constexpr):
+                    IEEE: tl.constexpr):
     b, pid_c = tl.program_id(0), tl.program_id(1)
     c0 = pid_c * BC
     c = c0 + tl.arange(0, BC)
@@ -209,8 +178,6 @@ def _pre_dxm_kernel(DV, DG, DY, CW, WVD, WVT, WM, DXZ, PART, S, I, NG, stride_db
     g_ok = gi < NG
     wm = tl.load(WM + gi[:, None] * I + c[None, :], mask=g_ok[:, None], other=0.0)  # (GP, BC) in dg's dtype
     s_v = tl.zeros((BT, BC), dtype=tl.float32)
-    if MMA:
-        v_hi, v_lo = _dense_load(WVD, pid_c, BC)
     for t0 in range(0, S, BT):
         t = t0 + tl.arange(0, BT)
         t_ok = t < S
@@ -221,10 +188,7 @@ def _pre_dxm_kernel(DV, DG, DY, CW, WVD, WVT, WM, DXZ, PART, S, I, NG, stride_db
             dxm = tl.dot(dg, wm, input_precision="ieee")                     # (BT, BC)
         else:
             dxm = tl.dot(dg, wm)
-        if MMA:
-            dxm += _blockdiag_t(dv, v_hi, v_lo, IEEE)
-        else:
-            dxm += _blockdiag(dv, WVT, c0, BT, BC, BS)
+        dxm += _blockdiag(dv, WVT, c0, BT, BC, BS)
         for s in tl.static_range(KS):                                        # transposed conv: dy of later tokens
             ts = t + s
             dys = tl.load(DY + (row + s)[:, None] * I + c[None, :], mask=(ts < S)[:, None], other=0.0)
@@ -233,17 +197,6 @@ def _pre_dxm_kernel(DV, DG, DY, CW, WVD, WVT, WM, DXZ, PART, S, I, NG, stride_db
                  dxm.to(DXZ.dtype.element_ty), mask=t_ok[:, None])
         s_v += dv.to(tl.float32)
     tl.store(PART + b.to(tl.int64) * I + c, tl.sum(s_v, 0))
-
-
-def _dense_t(w: torch.Tensor, bc: int, dtype: torch.dtype) -> torch.Tensor:
-    """(nb, out, in) block-diagonal weights as dense transposed (BC, BC) maps per chunk, high + low half."""
-    nb, bs, _ = w.shape
-    per = bc // bs
-    w = w.detach().float()
-    hi = w.to(dtype)
-    halves = torch.stack([hi, (w - hi.float()).to(dtype)], 1).view(nb // per, per, 2, bs, bs)
-    eye = torch.eye(per, device=w.device, dtype=dtype)
-    return torch.einsum("phjoi,hg->pjhogi", halves, eye).reshape(nb // per, 2, bc, bc).contiguous()
 
 
 def _chunk(n: int, want: int) -> int:
@@ -306,15 +259,13 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
     low = lambda w: w.detach().to(dg.dtype).contiguous()                     # gate GEMMs in the activations' dtype
     cw = f32(conv_w)
     meta = lambda cfg: dict(BS=wq.shape[-1], BT=cfg[0], BC=_chunk(inner, cfg[1]), GP=MAX_GATES,
-                            IEEE=xz.dtype == torch.float32, num_warps=cfg[2],
-                            MMA=cfg[3] if len(cfg) > 3 else 0, TAPSUM=cfg[4] if len(cfg) > 4 else 1)
+                            IEEE=xz.dtype == torch.float32, num_warps=cfg[2])
     m1, m2 = meta(config or PRE_CONFIG), meta(dxm_config or DXM_CONFIG)
-    dense = lambda w, m: _dense_t(w, m["BC"], dq.dtype)
     _pre_grad_kernel[(B, inner // m1["BC"])](
-        dq, dk, dg, packed, xz, cw, f32(conv_b), dense(wq, m1), dense(wk, m1), wt(wq), wt(wk), low(w_c), dy, x_c, part,
+        dq, dk, dg, packed, xz, cw, f32(conv_b), wt(wq), wt(wk), low(w_c), dy, x_c, part,
         S, inner, G, xz.stride(0), xz.stride(1), KS=K, KP=kp, **m1)
     _pre_dxm_kernel[(B, inner // m2["BC"])](
-        dv, dg, dy, cw, dense(wv, m2), wt(wv), low(w_m), packed, part_v, S, inner, G, packed.stride(0), packed.stride(1),
+        dv, dg, dy, cw, wt(wv), low(w_m), packed, part_v, S, inner, G, packed.stride(0), packed.stride(1),
         KS=K, **m2)
     sums = part.sum(0)                                                       # (3 + kp, I)
     d_conv_w = sums[3:3 + K].flip(0).t().contiguous().unsqueeze(1)           # (I, 1, K): row s is tap K-1-s
