@@ -61,6 +61,12 @@ def _decay(causal, a_row, a_col, i_col, m_row):
 
 
 @triton.jit
+def _head(X, pid_bh, NH, sb, sh):
+    """Pointer to head pid_bh % NH of image pid_bh // NH of a (B, NH, ...) tensor with strides sb, sh."""
+    return X + (pid_bh // NH).to(tl.int64) * sb + (pid_bh % NH).to(tl.int64) * sh
+
+
+@triton.jit
 def _load_cols(base, offs_r, r_ok, sr, sd, DH, D0: tl.constexpr, BD: tl.constexpr):
     """Rows offs_r, head-dim columns [D0, D0 + BD) of one head (columns past DH read as 0)."""
     offs_d = D0 + tl.arange(0, BD)                                            # (BD,)
@@ -93,22 +99,32 @@ def _dot_acc(c, x, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _tile_products(a, a2, b, b2, c_base, d_base, offs, ok, scs, scd, sds, sdd, DH,
+                   BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, IEEE: tl.constexpr):
+    """Load rows `offs` of c and d in both column tiles and return them with a c^T and b d^T over the head dim:
+    a, b (R, BD) [a2, b2 (R, BD2)] resident -> c, c2, d, d2, a c^T (R, T), b d^T (R, T) for T = len(offs)."""
+    c = _load_cols(c_base, offs, ok, scs, scd, DH, 0, BLOCK_D)               # (T, BD)
+    d = _load_cols(d_base, offs, ok, sds, sdd, DH, 0, BLOCK_D)               # (T, BD)
+    ac = _dot_nt(a, c, None, IEEE)                                            # (R, T)
+    bd = _dot_nt(b, d, None, IEEE)                                            # (R, T)
+    c2, d2 = c, d
+    if BLOCK_D2 > 0:
+        c2 = _load_cols(c_base, offs, ok, scs, scd, DH, BLOCK_D, BLOCK_D2)  # (T, BD2)
+        d2 = _load_cols(d_base, offs, ok, sds, sdd, DH, BLOCK_D, BLOCK_D2)  # (T, BD2)
+        ac = _dot_nt(a2, c2, ac, IEEE)
+        bd = _dot_nt(b2, d2, bd, IEEE)
+    return c, c2, d, d2, ac, bd
+
+
+@triton.jit
 def _dq_tile(q, q2, do, do2, k_base, v_base, A, Ig, vec_base, offs_m, row_ok, a_row, m_row, start_n, S, DH,
              sks, skd, svs, svd, scale,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, IEEE: tl.constexpr):
     """For one key tile of a query block: k (BN, BD) [+ k2 (BN, BD2)], P = q k^T * scale, dh v^T, decay (BM, BN)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)                                  # (BN,)
     col_ok = offs_n < S
-    k = _load_cols(k_base, offs_n, col_ok, sks, skd, DH, 0, BLOCK_D)         # (BN, BD)
-    v = _load_cols(v_base, offs_n, col_ok, svs, svd, DH, 0, BLOCK_D)         # (BN, BD)
-    p = _dot_nt(q, k, None, IEEE)                                             # (BM, BN)
-    dov = _dot_nt(do, v, None, IEEE)                                          # (BM, BN)
-    k2 = k
-    if BLOCK_D2 > 0:
-        k2 = _load_cols(k_base, offs_n, col_ok, sks, skd, DH, BLOCK_D, BLOCK_D2)  # (BN, BD2)
-        v2 = _load_cols(v_base, offs_n, col_ok, svs, svd, DH, BLOCK_D, BLOCK_D2)  # (BN, BD2)
-        p = _dot_nt(q2, k2, p, IEEE)
-        dov = _dot_nt(do2, v2, dov, IEEE)
+    k, k2, v, v2, p, dov = _tile_products(q, q2, do, do2, k_base, v_base, offs_n, col_ok, sks, skd, svs, svd, DH,
+                                          BLOCK_D, BLOCK_D2, IEEE)           # p, dov (BM, BN)
     p = p * scale
     a_col = tl.load(A + vec_base + offs_n, mask=col_ok, other=0.0)            # (BN,)
     i_col = tl.load(Ig + vec_base + offs_n, mask=col_ok, other=0.0)           # (BN,)
@@ -128,12 +144,10 @@ def _mlstm_fwd_kernel(
     """One program = one query block of one (batch, head): h = (C @ V) / (max(|rowsum C|, exp(-m)) + eps)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // NH
-    h = pid_bh % NH
-    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
+    q_base = _head(Q, pid_bh, NH, sqb, sqh)
+    k_base = _head(K, pid_bh, NH, skb, skh)
+    v_base = _head(V, pid_bh, NH, svb, svh)
+    o_base = _head(O, pid_bh, NH, sob, soh)
     vec_base = pid_bh.to(tl.int64) * S                                      # (B, NH, S) vectors are contiguous
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                          # (BM,)
@@ -187,13 +201,11 @@ def _mlstm_bwd_dq_kernel(
     """One program = one query block: dq, the row sums of dlogD, and dN_t = -(dh_t . h_t) / N_t."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // NH
-    h = pid_bh % NH
-    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
-    do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
+    q_base = _head(Q, pid_bh, NH, sqb, sqh)
+    k_base = _head(K, pid_bh, NH, skb, skh)
+    v_base = _head(V, pid_bh, NH, svb, svh)
+    o_base = _head(O, pid_bh, NH, sob, soh)
+    do_base = _head(DO, pid_bh, NH, sdob, sdoh)
     vec_base = pid_bh.to(tl.int64) * S
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                          # (BM,)
@@ -242,7 +254,7 @@ def _mlstm_bwd_dq_kernel(
         dq = _dot_acc(dp, k, dq, IEEE)
         if BLOCK_D2 > 0:
             dq2 = _dot_acc(dp, k2, dq2, IEEE)
-    dq_base = DQ + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh                # dq has q's strides
+    dq_base = _head(DQ, pid_bh, NH, sqb, sqh)                                 # dq has q's strides
     _store_cols(dq_base, dq * scale, offs_m, row_ok, sqs, sqd, DH, 0, BLOCK_D)
     if BLOCK_D2 > 0:
         _store_cols(dq_base, dq2 * scale, offs_m, row_ok, sqs, sqd, DH, BLOCK_D, BLOCK_D2)
@@ -260,12 +272,10 @@ def _mlstm_bwd_dkdv_kernel(
     """One program = one key block: dk, dv and the column sums of dlogD, looping over later query blocks."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // NH
-    h = pid_bh % NH
-    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
+    q_base = _head(Q, pid_bh, NH, sqb, sqh)
+    k_base = _head(K, pid_bh, NH, skb, skh)
+    v_base = _head(V, pid_bh, NH, svb, svh)
+    do_base = _head(DO, pid_bh, NH, sdob, sdoh)
     vec_base = pid_bh.to(tl.int64) * S
 
     start_n = pid_n * BLOCK_N
@@ -275,6 +285,7 @@ def _mlstm_bwd_dkdv_kernel(
     v = _load_cols(v_base, offs_n, col_ok, svs, svd, DH, 0, BLOCK_D)         # (BN, BD)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)                       # (BN, BD)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)                       # (BN, BD)
+    k2, v2 = k, v
     if BLOCK_D2 > 0:
         k2 = _load_cols(k_base, offs_n, col_ok, sks, skd, DH, BLOCK_D, BLOCK_D2)  # (BN, BD2)
         v2 = _load_cols(v_base, offs_n, col_ok, svs, svd, DH, BLOCK_D, BLOCK_D2)  # (BN, BD2)
@@ -287,16 +298,9 @@ def _mlstm_bwd_dkdv_kernel(
     for start_m in range(start_n, S, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)                              # (BM,)
         row_ok = offs_m < S
-        q = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, 0, BLOCK_D)     # (BM, BD)
-        do = _load_cols(do_base, offs_m, row_ok, sdos, sdod, DH, 0, BLOCK_D) # (BM, BD)
-        pt = _dot_nt(k, q, None, IEEE)                                        # (BN, BM) P^T / scale
-        dovt = _dot_nt(v, do, None, IEEE)                                     # (BN, BM) (dh v^T)^T
-        if BLOCK_D2 > 0:
-            q2 = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, BLOCK_D, BLOCK_D2)      # (BM, BD2)
-            do2 = _load_cols(do_base, offs_m, row_ok, sdos, sdod, DH, BLOCK_D, BLOCK_D2)  # (BM, BD2)
-            pt = _dot_nt(k2, q2, pt, IEEE)
-            dovt = _dot_nt(v2, do2, dovt, IEEE)
-        pt = pt * scale
+        q, q2, do, do2, pt, dovt = _tile_products(k, k2, v, v2, q_base, do_base, offs_m, row_ok, sqs, sqd,
+                                                  sdos, sdod, DH, BLOCK_D, BLOCK_D2, IEEE)  # P^T/scale, (dh v^T)^T
+        pt = pt * scale                                                       # (BN, BM)
         a_row = tl.load(A + vec_base + offs_m, mask=row_ok, other=0.0)        # (BM,)
         m_row = tl.load(Mlog + vec_base + offs_m, mask=row_ok, other=0.0)     # (BM,)
         r = tl.load(Rinv + vec_base + offs_m, mask=row_ok, other=0.0)         # (BM,)
@@ -311,8 +315,8 @@ def _mlstm_bwd_dkdv_kernel(
         if BLOCK_D2 > 0:
             dv2 = _dot_acc(ct, do2, dv2, IEEE)
             dk2 = _dot_acc(dpt, q2, dk2, IEEE)
-    dk_base = DK + b.to(tl.int64) * skb + h.to(tl.int64) * skh                # dk, dv have k's and v's strides
-    dv_base = DV + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    dk_base = _head(DK, pid_bh, NH, skb, skh)                                 # dk, dv: k's, v's strides
+    dv_base = _head(DV, pid_bh, NH, svb, svh)
     _store_cols(dk_base, dk * scale, offs_n, col_ok, sks, skd, DH, 0, BLOCK_D)
     _store_cols(dv_base, dv, offs_n, col_ok, svs, svd, DH, 0, BLOCK_D)
     if BLOCK_D2 > 0:
