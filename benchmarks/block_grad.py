@@ -84,7 +84,7 @@ def main() -> dict:
         res["pre_grad_ms"] = cuda_ms(run_pre)
         if args.sweep:
             grid = lambda bcs: [c for c in itertools.product((16, 32, 64), bcs, (4, 8)) if I % c[1] == 0]
-            res["sweep_post"] = sweep(run_post, list(itertools.product((4, 8, 16, 32), (2, 4, 8))))
+            res["sweep_post"] = sweep(run_post, [c for c in grid((32, 64, 128)) if DH % c[1] == 0])
             res["sweep_pre"] = sweep(lambda c: run_pre(cfg=c), grid((32, 64, 128)))
             res["sweep_dxm"] = sweep(lambda c: run_pre(dxm=c), grid((32, 64, 128)))
         leaves = [t.detach().requires_grad_() for t in pre + post[2:] + [h]]

@@ -33,75 +33,23 @@ import torch
 import triton  # an ImportError here is what mal.fused expects when triton is missing
 import triton.language as tl
 
-from .mlstm_triton import column_tiles
 from .qkv_triton import MAX_GATES, _blockdiag
 
 MAX_CONV = 8                # taps of the causal conv
-# post_grad: (BLOCK_T tokens, warps), a program per BLOCK_T tokens of one head holding all its DH channels (one or
-# two column tiles, `mlstm_triton.column_tiles`). pre_grad's two kernels: (BLOCK_T, BLOCK_C channels, warps), a
-# program per BLOCK_C channels of one image, walking the sequence in tiles of BLOCK_T tokens. The fastest at
-# ViL-B's shape in `benchmarks/block_grad.py --sweep` on an H100 (benchmarks/results/block_grad_h100.json).
-POST_CONFIG = (16, 4)
+# (BLOCK_T tokens, BLOCK_C channels, warps) of each kernel. post_grad: a program per BLOCK_T tokens of one head,
+# walking its DH channels in chunks of BLOCK_C (shrunk to divide DH). pre_grad's two kernels: a program per
+# BLOCK_C channels of one image, walking the sequence in tiles of BLOCK_T tokens. The fastest at ViL-B's shape
+# in `benchmarks/block_grad.py --sweep` on an H100 (benchmarks/results/block_grad_h100.json).
+POST_CONFIG = (16, 32, 4)
 PRE_CONFIG = (32, 64, 4)
 DXM_CONFIG = (32, 64, 4)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
 
-@triton.jit
-def _post_load(DU, H, XZ, NW, h_base, x_base, row, t, m2, d0, hd, I, HD, stride_hs, stride_xs, BD: tl.constexpr):
-    """Columns [d0, d0 + BD) of one head for BT tokens: h, du, z in their dtypes and d hn = du SiLU(z) nw (float32);
-    columns past HD read as 0. Returns the tiles, the (BD,) channel ids and their mask."""
-    d = d0 + tl.arange(0, BD)                                                # (BD,) head-dim columns
-    d_ok = d < HD
-    c = hd * HD + d                                                          # (BD,) channels
-    mask = m2 & d_ok[None, :]                                                # (BT, BD)
-    h = tl.load(h_base + t[:, None] * stride_hs + d[None, :], mask=mask, other=0.0)  # (BT, BD)
-    du = tl.load(DU + row[:, None] * I + c[None, :], mask=mask, other=0.0)   # (BT, BD)
-    z = tl.load(x_base + t[:, None] * stride_xs + (I + c)[None, :], mask=mask, other=0.0)  # (BT, BD)
-    zf = z.to(tl.float32)
-    g = du.to(tl.float32) * zf * tl.sigmoid(zf) * tl.load(NW + c, mask=d_ok, other=0.0)[None, :]  # (BT, BD)
-    return h, du, z, g, c, d_ok, mask
-
-
-@triton.jit
-def _post_store(h, du, z, c, d_ok, mask, mean, rstd, g_mean, gh_mean, x_base, t, t_ok, row, prow, n_part,
-                CW, CB, NW, NB, SK, DH, PK, U, PART, I, stride_xs, KS: tl.constexpr):
-    """The gradients of one column tile (`_post_grad_kernel`): dh, u, the packed [dx_c, dz] and column partials."""
-    h = h.to(tl.float32)
-    du = du.to(tl.float32)
-    z = z.to(tl.float32)
-    y = tl.load(CB + c, mask=d_ok, other=0.0)[None, :]                       # (1, BD) conv bias
-    for s in tl.static_range(KS):
-        ts = t - s
-        xs = tl.load(x_base + ts[:, None] * stride_xs + c[None, :], mask=mask & (ts >= 0)[:, None], other=0.0)
-        y += xs.to(tl.float32) * tl.load(CW + c * KS + (KS - 1 - s), mask=d_ok, other=0.0)[None, :]
-    x_c = (y * tl.sigmoid(y)).to(x_base.dtype.element_ty).to(tl.float32)   # (BT, BD) as the forward rounds it
-    nw = tl.load(NW + c, mask=d_ok, other=0.0)[None, :]
-    skip = tl.load(SK + c, mask=d_ok, other=0.0)[None, :]
-    hn = (h - mean[:, None]) * rstd[:, None]                                 # (BT, BD)
-    sz = tl.sigmoid(z)
-    a = hn * nw + tl.load(NB + c, mask=d_ok, other=0.0)[None, :] + skip * x_c
-    da = du * z * sz                                                         # (BT, BD) d a
-    dz = du * a * sz * (1.0 + z * (1.0 - sz))
-    dh = rstd[:, None] * (da * nw - g_mean[:, None] - hn * gh_mean[:, None])
-    out = row[:, None] * I + c[None, :]
-    pk = row[:, None] * (2 * I) + c[None, :]
-    tl.store(DH + out, dh.to(DH.dtype.element_ty), mask=mask)
-    tl.store(U + out, (a * z * sz).to(U.dtype.element_ty), mask=mask)
-    tl.store(PK + pk, (da * skip).to(PK.dtype.element_ty), mask=mask)
-    tl.store(PK + pk + I, dz.to(PK.dtype.element_ty), mask=mask)
-    part = PART + prow.to(tl.int64) * I + c
-    tl.store(part, tl.sum(da * hn, 0), mask=d_ok)
-    tl.store(part + n_part, tl.sum(da, 0), mask=d_ok)
-    tl.store(part + 2 * n_part, tl.sum(da * x_c, 0), mask=d_ok)
-
-
 @triton.jit(do_not_specialize=["S"])
 def _post_grad_kernel(DU, H, XZ, CW, CB, NW, NB, SK, DH, PK, U, PART,
                       S, I, HD, stride_hb, stride_hh, stride_hs, stride_xb, stride_xs, ln_eps,
-                      KS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BD2: tl.constexpr):
-    """One pass over a head's channels, held as one or two column tiles (BD [+ BD2] >= HD): the LayerNorm
-    statistics and its backward's two row sums first, then every output from the same registers."""
+                      KS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     pid_t, b, hd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BT + tl.arange(0, BT)                                        # (BT,) tokens
     t_ok = t < S
@@ -109,32 +57,59 @@ def _post_grad_kernel(DU, H, XZ, CW, CB, NW, NB, SK, DH, PK, U, PART,
     row = b.to(tl.int64) * S + t                                             # (BT,) rows of the (B*S, .) buffers
     h_base = H + b.to(tl.int64) * stride_hb + hd.to(tl.int64) * stride_hh
     x_base = XZ + b.to(tl.int64) * stride_xb
-    h, du, z, g, c, d_ok, mask = _post_load(DU, H, XZ, NW, h_base, x_base, row, t, m2, 0, hd, I, HD,
-                                            stride_hs, stride_xs, BD)        # (BT, BD) tiles
-    hf = h.to(tl.float32)
-    s_h = tl.sum(hf, 1)                                                      # (BT,) per-token sums over the head
-    s_hh = tl.sum(hf * hf, 1)
-    s_g = tl.sum(g, 1)
-    s_gh = tl.sum(g * hf, 1)
-    if BD2 > 0:
-        h2, du2, z2, g2, c2, d_ok2, mask2 = _post_load(DU, H, XZ, NW, h_base, x_base, row, t, m2, BD, hd, I, HD,
-                                                       stride_hs, stride_xs, BD2)  # (BT, BD2) tiles
-        hf2 = h2.to(tl.float32)
-        s_h += tl.sum(hf2, 1)
-        s_hh += tl.sum(hf2 * hf2, 1)
-        s_g += tl.sum(g2, 1)
-        s_gh += tl.sum(g2 * hf2, 1)
+    # pass 1: per-token sums over the head's channels for the LayerNorm statistics and its backward
+    s_h = tl.zeros((BT,), dtype=tl.float32)
+    s_hh = tl.zeros((BT,), dtype=tl.float32)
+    s_g = tl.zeros((BT,), dtype=tl.float32)
+    s_gh = tl.zeros((BT,), dtype=tl.float32)
+    for d0 in range(0, HD, BC):
+        c = hd * HD + d0 + tl.arange(0, BC)                                  # (BC,) channels
+        h = tl.load(h_base + t[:, None] * stride_hs + (d0 + tl.arange(0, BC))[None, :], mask=m2,
+                    other=0.0).to(tl.float32)                                # (BT, BC)
+        du = tl.load(DU + row[:, None] * I + c[None, :], mask=m2, other=0.0).to(tl.float32)
+        z = tl.load(x_base + t[:, None] * stride_xs + (I + c)[None, :], mask=m2, other=0.0).to(tl.float32)
+        g = du * z * tl.sigmoid(z) * tl.load(NW + c)[None, :]                # (BT, BC) d hn
+        s_h += tl.sum(h, 1)
+        s_hh += tl.sum(h * h, 1)
+        s_g += tl.sum(g, 1)
+        s_gh += tl.sum(g * h, 1)
     mean = s_h / HD
     rstd = 1.0 / tl.sqrt(tl.maximum(s_hh / HD - mean * mean, 0.0) + ln_eps)
     g_mean = s_g / HD                                                        # mean of d hn
     gh_mean = rstd * (s_gh - mean * s_g) / HD                                # mean of d hn * hn
     prow = b * tl.num_programs(0) + pid_t
-    n_part = tl.num_programs(0) * tl.num_programs(1) * I
-    _post_store(h, du, z, c, d_ok, mask, mean, rstd, g_mean, gh_mean, x_base, t, t_ok, row, prow, n_part,
-                CW, CB, NW, NB, SK, DH, PK, U, PART, I, stride_xs, KS)
-    if BD2 > 0:
-        _post_store(h2, du2, z2, c2, d_ok2, mask2, mean, rstd, g_mean, gh_mean, x_base, t, t_ok, row, prow, n_part,
-                    CW, CB, NW, NB, SK, DH, PK, U, PART, I, stride_xs, KS)
+    # pass 2: gradients, u, and the column partial sums
+    for d0 in range(0, HD, BC):
+        c = hd * HD + d0 + tl.arange(0, BC)
+        h = tl.load(h_base + t[:, None] * stride_hs + (d0 + tl.arange(0, BC))[None, :], mask=m2,
+                    other=0.0).to(tl.float32)
+        du = tl.load(DU + row[:, None] * I + c[None, :], mask=m2, other=0.0).to(tl.float32)
+        z = tl.load(x_base + t[:, None] * stride_xs + (I + c)[None, :], mask=m2, other=0.0).to(tl.float32)
+        y = tl.load(CB + c)[None, :]                                         # (1, BC) conv bias
+        for s in tl.static_range(KS):
+            ts = t - s
+            xs = tl.load(x_base + ts[:, None] * stride_xs + c[None, :], mask=(t_ok & (ts >= 0))[:, None], other=0.0)
+            y += xs.to(tl.float32) * tl.load(CW + c * KS + (KS - 1 - s))[None, :]
+        x_c = (y * tl.sigmoid(y)).to(XZ.dtype.element_ty).to(tl.float32)   # (BT, BC) as the forward rounds it
+        nw = tl.load(NW + c)[None, :]
+        skip = tl.load(SK + c)[None, :]
+        hn = (h - mean[:, None]) * rstd[:, None]
+        sz = tl.sigmoid(z)
+        a = hn * nw + tl.load(NB + c)[None, :] + skip * x_c
+        da = du * z * sz                                                     # (BT, BC) d a
+        dz = du * a * sz * (1.0 + z * (1.0 - sz))
+        dh = rstd[:, None] * (da * nw - g_mean[:, None] - hn * gh_mean[:, None])
+        out = row[:, None] * I + c[None, :]
+        pk = row[:, None] * (2 * I) + c[None, :]
+        tl.store(DH + out, dh.to(DH.dtype.element_ty), mask=m2)
+        tl.store(U + out, (a * z * sz).to(U.dtype.element_ty), mask=m2)
+        tl.store(PK + pk, (da * skip).to(PK.dtype.element_ty), mask=m2)
+        tl.store(PK + pk + I, dz.to(PK.dtype.element_ty), mask=m2)
+        part = PART + prow.to(tl.int64) * I + c
+        n_part = tl.num_programs(0) * tl.num_programs(1) * I
+        tl.store(part, tl.sum(da * hn, 0))
+        tl.store(part + n_part, tl.sum(da, 0))
+        tl.store(part + 2 * n_part, tl.sum(da * x_c, 0))
 
 
 @triton.jit(do_not_specialize=["S"])
@@ -245,11 +220,10 @@ def post_grad(du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, ln_eps: float, co
     h (B, NH, S, DH), xz (B, S, 2I), conv_w (I, 1, K), conv_b/norm_w/norm_b/skip (I,) ->
     dh (B, NH, S, DH) (a head view of a (B, S, I) tensor), the packed (B, S, 2I) [dx_c, dz] in xz's dtype,
     u (B, S, I) (the down-projection's input) and d norm_w, d norm_b, d skip (I,) in float32."""
-    bt, warps = config or POST_CONFIG
+    bt, bc, warps = config or POST_CONFIG
     B, NH, S, DH = h.shape
     h = h if h.stride(-1) == 1 else h.contiguous()
     inner = NH * DH
-    bd, bd2 = column_tiles(DH)
     n_t = triton.cdiv(S, bt)
     dh = torch.empty(B, S, inner, device=h.device, dtype=h.dtype)
     packed = torch.empty(B, S, 2 * inner, device=xz.device, dtype=xz.dtype)
@@ -259,7 +233,7 @@ def post_grad(du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, ln_eps: float, co
     _post_grad_kernel[(n_t, B, NH)](
         du.contiguous(), h, xz, f32(conv_w), f32(conv_b), f32(norm_w), f32(norm_b), f32(skip), dh, packed, u, part,
         S, inner, DH, h.stride(0), h.stride(1), h.stride(2), xz.stride(0), xz.stride(1), ln_eps,
-        KS=conv_w.shape[-1], BT=bt, BD=bd, BD2=bd2, num_warps=warps)
+        KS=conv_w.shape[-1], BT=bt, BC=_chunk(DH, bc), num_warps=warps)
     d_nw, d_nb, d_skip = part.sum(1)                                         # (I,) each
     return dh.view(B, S, NH, DH).transpose(1, 2), packed, u, d_nw, d_nb, d_skip
 

@@ -334,7 +334,7 @@ def _block_d(dh: int) -> int:
     return max(MIN_HEAD_DIM, triton.next_power_of_2(dh))
 
 
-def column_tiles(dh: int) -> tuple[int, int]:
+def _d_chunks(dh: int) -> tuple[int, int]:
     """Head-dim column tiles (BLOCK_D, BLOCK_D2): two powers of two covering dh, BLOCK_D2 = 0 for one tile.
 
     ViL's head dims are 3 * 2^n (96, 192, 384): 64 + 32, 128 + 64, 256 + 128 cover them exactly, where one
@@ -343,12 +343,7 @@ def column_tiles(dh: int) -> tuple[int, int]:
     lead = max(MIN_HEAD_DIM, 1 << (dh.bit_length() - 1))                    # largest power of two <= dh
     rest = dh - lead
     tail = max(MIN_HEAD_DIM, triton.next_power_of_2(rest)) if rest > 0 else 0
-    return (lead, tail) if 0 < tail and lead + tail < whole else (whole, 0)
-
-
-def _d_chunks(dh: int) -> tuple[int, int]:
-    """The cell's column tiles: `column_tiles`, or one padded tile with SPLIT_HEAD_DIM off."""
-    return column_tiles(dh) if SPLIT_HEAD_DIM else (_block_d(dh), 0)
+    return (lead, tail) if SPLIT_HEAD_DIM and 0 < tail and lead + tail < whole else (whole, 0)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, for 2-byte inputs; float32 halves the tiles.
@@ -479,4 +474,4 @@ def supports(q, k, v, i, f) -> bool:
 
 register_backend("triton", mlstm_triton, supports)
 
-__all__ = ["column_tiles", "mlstm_triton", "supports"]
+__all__ = ["mlstm_triton", "supports"]
