@@ -73,7 +73,7 @@ def test_kernels_in_interpreter_match_float64_autograd(triton_interpreter):
         from test_block_grad_triton import NAMES, region_grads, region_inputs
         qkv_triton.supports = lambda *a: True                               # the kernels on CPU tensors
         for B, S, NH, DH, D, taps in [(2, 37, 2, 32, 24, 4), (1, 3, 1, 16, 8, 4), (2, 70, 2, 48, 16, 4),
-                                      (1, 40, 2, 16, 8, 3)]:
+                                      (1, 40, 2, 16, 8, 3), (1, 21, 2, 96, 16, 4), (1, 9, 1, 80, 8, 4)]:
             pre, post, res, cot = region_inputs(B, S, NH, DH, D, taps=taps)
             out_r, g_r = region_grads(pre, post, res, cot, NH, fused=False)
             f32 = lambda ts: [t.float() for t in ts]
