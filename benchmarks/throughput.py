@@ -331,7 +331,9 @@ def markdown(enc: dict, pre: dict, gl: list[dict]) -> str:
                     lines.append(f"| {size} | {row} | {b} | {val} | "
                                  f"{v.get('peak_gib', '-')} | {v.get('peak_gb', '-')} |")
     lines += ["", "| size | goal | measured | met |", "|---|---|---|---|"]
-    lines += [f"| {g['size']} | {g['goal']} | {g['measured']} | {'yes' if g['met'] else 'NO'} |" for g in gl]
+    verdict = lambda g: "not measured" if g["measured"] is None else ("yes" if g["met"] else "NO")
+    lines += [f"| {g['size']} | {g['goal']} | {'-' if g['measured'] is None else g['measured']} | {verdict(g)} |"
+              for g in gl]
     return "\n".join(lines)
 
 
