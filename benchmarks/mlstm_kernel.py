@@ -6,11 +6,11 @@ the CPU), and as GPU kernel time alone (profiler sum of all kernels per call, ma
 Prints JSON, then a markdown table.
 
     PYTHONPATH=src python benchmarks/mlstm_kernel.py [--dh 96 192 384] [--batch 128] [--sweep] [--profile]
-        [--delta-ablation] [--split-ablation]
+        [--delta-ablation] [--split-ablation] [--maxnreg-ablation]
 
 `--sweep` also times (GPU kernel time) candidate tile configurations of each Triton kernel and prints the
 fastest per head dim; `--profile` prints the per-kernel GPU times of the Triton forward+backward; the
-ablations time the kernels with one of their module switches off (EXACT_DELTA, SPLIT_HEAD_DIM).
+ablations time the kernels with one of their module settings off (EXACT_DELTA, SPLIT_HEAD_DIM, _DQ_MAXNREG).
 """
 from __future__ import annotations
 
@@ -171,16 +171,17 @@ def profile(inputs, dh, iters=5):
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=50))
 
 
-def ablation(inputs, dh, flag: str) -> dict:
-    """GPU-kernel fwd and fwd+bwd ms of the Triton cell with the module switch `flag` turned off."""
+def ablation(inputs, dh, name: str, off=False) -> dict:
+    """GPU-kernel fwd and fwd+bwd ms of the Triton cell with the module setting `name` set to `off`."""
     from mal.kernels import mlstm_triton as mt
     detached = [t.detach() for t in inputs]
-    setattr(mt, flag, False)
+    keep = getattr(mt, name)
+    setattr(mt, name, off)
     try:
         return {"gpu_fwd_ms": gpu_ms(lambda: mt.mlstm_triton(*detached)),
                 "gpu_fwd_bwd_ms": gpu_ms(lambda: torch.autograd.grad(mt.mlstm_triton(*inputs), inputs, dh))}
     finally:
-        setattr(mt, flag, True)
+        setattr(mt, name, keep)
 
 
 def main():
@@ -195,6 +196,8 @@ def main():
                     help="also time the backward with delta from the stored output (EXACT_DELTA=False)")
     ap.add_argument("--split-ablation", action="store_true",
                     help="also time the kernels with one padded head-dim tile (SPLIT_HEAD_DIM=False)")
+    ap.add_argument("--maxnreg-ablation", action="store_true",
+                    help="also time the kernels without the dq kernel's register cap (_DQ_MAXNREG={})")
     ap.add_argument("--json", default=None, help="also write the JSON results here")
     args = ap.parse_args()
 
@@ -236,6 +239,10 @@ def main():
             row["triton_one_tile"] = ablation(inputs, dh, "SPLIT_HEAD_DIM")
             for key in ("gpu_fwd_ms", "gpu_fwd_bwd_ms"):
                 row[f"one_tile_over_split_{key}"] = row["triton_one_tile"][key] / row["triton"][key]
+        if args.maxnreg_ablation:
+            row["triton_no_dq_maxnreg"] = ablation(inputs, dh, "_DQ_MAXNREG", {})
+            row["no_cap_over_cap_gpu_fwd_bwd_ms"] = (row["triton_no_dq_maxnreg"]["gpu_fwd_bwd_ms"]
+                                                     / row["triton"]["gpu_fwd_bwd_ms"])
         rows.append(row)
         print(json.dumps(row), flush=True)
         del inputs, dh

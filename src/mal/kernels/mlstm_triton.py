@@ -356,6 +356,10 @@ _BWD_DQ_CFG = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: 
                256: (64, 32, 4, 2), 512: (16, 32, 4, 2)}
 _BWD_DKDV_CFG = {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 4, 2),
                  256: (64, 32, 4, 2), 512: (32, 16, 4, 2)}
+# Register cap (ptx .maxnreg) of the dq kernel per padded head dim. At 512 (DH 384) it uses 186 registers, so 2
+# programs fit an SM; capped at 168, 3 do. H100, B=128 S=197: cell fwd+bwd 1.117 vs 1.177 ms, ViL-B training
+# +1 % (`benchmarks/results/maxnreg_h100.log`); caps on the other kernels were no faster.
+_DQ_MAXNREG = {512: 168}
 _MIN_TILE = 16
 
 
@@ -429,12 +433,14 @@ class _MlstmTriton(torch.autograd.Function):
         col_g = torch.empty_like(dn)                                        # (B, NH, S)
 
         bm, bn, warps, stages = _cfg(_BWD_DQ_CFG, _block_d(DH), q.dtype)
+        cap = _DQ_MAXNREG.get(_block_d(DH)) if q.dtype != torch.float32 else None
+        dq_reg = {} if cap is None else {"maxnreg": cap}
         _mlstm_bwd_dq_kernel[(triton.cdiv(S, bm), B * NH)](
             q, k, v, out, dout, a, ig, m, r, sgn, dq, dn, row_g,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dout),
             NH, S, DH, scale,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_D2=block_d2, IEEE=ieee, EXACT_DELTA=EXACT_DELTA,
-            num_warps=warps, num_stages=stages)
+            num_warps=warps, num_stages=stages, **dq_reg)
         g = (dn * sgn).contiguous()                                         # (B, NH, S)
         bm, bn, warps, stages = _cfg(_BWD_DKDV_CFG, _block_d(DH), q.dtype)
         _mlstm_bwd_dkdv_kernel[(triton.cdiv(S, bn), B * NH)](
