@@ -356,10 +356,11 @@ _BWD_DQ_CFG = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: 
                256: (64, 32, 4, 2), 512: (16, 32, 4, 2)}
 _BWD_DKDV_CFG = {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 4, 2),
                  256: (64, 32, 4, 2), 512: (32, 16, 4, 2)}
-# Register cap (ptx .maxnreg) of the dq kernel per padded head dim. At 512 (DH 384) it uses 186 registers, so 2
-# programs fit an SM; capped at 168, 3 do. H100, B=128 S=197: cell fwd+bwd 1.117 vs 1.177 ms, ViL-B training
-# +1 % (`benchmarks/results/maxnreg_h100.log`); caps on the other kernels were no faster.
-_DQ_MAXNREG = {512: 168}
+# Register cap (ptx .maxnreg) of the dq kernel per padded head dim, 2-byte inputs. At 512 (DH 384) it uses 186
+# registers, so 2 programs fit an SM; capped at 168, 3 do. H100, B=128 S=197, cell fwd+bwd GPU time: DH 384
+# 1.115-1.122 vs 1.171-1.181 ms (ViL-B training +1 %), DH 96 (cap 128) 0.385 vs 0.405 ms; at DH 192 every cap
+# was slower, and so were caps on the other kernels (`benchmarks/results/maxnreg_h100.log`).
+_DQ_MAXNREG = {128: 128, 512: 168}
 _MIN_TILE = 16
 
 
