@@ -45,7 +45,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # instead of from the stored low-precision output. Costs ~2 of ~9 tile products; keeps di/df/dq/dk as accurate
 # as torch's when one key dominates a row (large gates), where dlogD cancels.
 EXACT_DELTA = True
-# Cover a head dim of 3 * 2^n with two power-of-two column tiles instead of one padded tile (see `_d_chunks`).
+# Cover a head dim of 3 * 2^n with two power-of-two column tiles instead of one padded tile (`_d_chunks`).
 SPLIT_HEAD_DIM = True
 
 
