@@ -12,12 +12,11 @@ Per shape (B, S, NH, DH), bf16 activations, ms per call (median of CUDA-event-ti
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 
 import torch
-from qkv_kernel import cuda_ms, inputs as pre_inputs, report, sweep  # benchmarks/ is this script's directory
+from qkv_kernel import cuda_ms, inputs as pre_inputs, parse_args, report, sweep  # benchmarks/ is this script's dir
 
 SHAPES = {"T": (128, 197, 4, 96), "S": (128, 197, 4, 192), "B": (128, 197, 4, 384), "B-pretrain": (256, 145, 4, 384)}
 
@@ -68,11 +67,7 @@ def main() -> dict:
     from mal import fused
     from mal.fused import _PostFused, block_post, block_pre_fused
     from mal.kernels import block_grad_triton as bg
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--sweep", action="store_true")
-    p.add_argument("--json", default="")
-    args = p.parse_args()
+    args = parse_args(__doc__, SHAPES)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "defaults": {"post": bg.POST_CONFIG, "pre": bg.PRE_CONFIG, "dxm": bg.DXM_CONFIG}, "shapes": {}}
     for name in args.shapes.split(","):

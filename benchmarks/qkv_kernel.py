@@ -51,6 +51,15 @@ def report(out: dict, header: list[str], row, path: str) -> None:
             json.dump(out, f, indent=1)
 
 
+def parse_args(doc: str, shapes: dict) -> argparse.Namespace:
+    """The kernel benchmarks' command line: --shapes (names of `shapes`), --sweep, --json."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=",".join(shapes))
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--json", default="")
+    return p.parse_args()
+
+
 def inputs(B, S, I, gates=8):
     g = torch.Generator(device="cuda").manual_seed(0)
     r = lambda *shape, s=1.0: torch.randn(*shape, generator=g, device="cuda") * s
@@ -64,11 +73,7 @@ def main() -> dict:
     from mal import fused
     from mal.fused import block_pre, block_pre_fused, gate_weights
     from mal.kernels import qkv_triton
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--sweep", action="store_true")
-    p.add_argument("--json", default="")
-    args = p.parse_args()
+    args = parse_args(__doc__, SHAPES)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "default_config": qkv_triton.CONFIG,
            "shapes": {}}
     for name in args.shapes.split(","):
