@@ -33,7 +33,7 @@ import torch
 import triton  # an ImportError here is what mal.fused expects when triton is missing
 import triton.language as tl
 
-from .qkv_triton import MAX_GATES, _blockdiag
+from .qkv_triton import MAX_GATES, _block_c, _blockdiag
 
 MAX_CONV = 8                # taps of the causal conv
 # (BLOCK_T tokens, BLOCK_C channels, warps) of each kernel. post_grad: a program per BLOCK_T tokens of one head,
@@ -199,10 +199,6 @@ def _pre_dxm_kernel(DV, DG, DY, CW, WVT, WM, DXZ, PART, S, I, NG, stride_db, str
     tl.store(PART + b.to(tl.int64) * I + c, tl.sum(s_v, 0))
 
 
-def _chunk(n: int, want: int) -> int:
-    return next(bc for bc in (want, 64, 32, 16) if bc <= want and n % bc == 0)
-
-
 def supports(xz: torch.Tensor, num_heads: int, conv_w: torch.Tensor, wq: torch.Tensor, n_gates: int) -> bool:
     """CUDA fp16/bf16 xz (B, S, 2I) with unit channel stride, head dim DH = I / num_heads with 16 | DH, block
     size dividing 16, at most `MAX_CONV` conv taps and `MAX_GATES` gates, offsets within int32."""
@@ -233,7 +229,7 @@ def post_grad(du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, ln_eps: float, co
     _post_grad_kernel[(n_t, B, NH)](
         du.contiguous(), h, xz, f32(conv_w), f32(conv_b), f32(norm_w), f32(norm_b), f32(skip), dh, packed, u, part,
         S, inner, DH, h.stride(0), h.stride(1), h.stride(2), xz.stride(0), xz.stride(1), ln_eps,
-        KS=conv_w.shape[-1], BT=bt, BC=_chunk(DH, bc), num_warps=warps)
+        KS=conv_w.shape[-1], BT=bt, BC=_block_c(DH, bc), num_warps=warps)
     d_nw, d_nb, d_skip = part.sum(1)                                         # (I,) each
     return dh.view(B, S, NH, DH).transpose(1, 2), packed, u, d_nw, d_nb, d_skip
 
@@ -258,7 +254,7 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
     wt = lambda w: w.detach().transpose(1, 2).float().contiguous()           # (nb, in, out): the transposed map
     low = lambda w: w.detach().to(dg.dtype).contiguous()                     # gate GEMMs in the activations' dtype
     cw = f32(conv_w)
-    meta = lambda cfg: dict(BS=wq.shape[-1], BT=cfg[0], BC=_chunk(inner, cfg[1]), GP=MAX_GATES,
+    meta = lambda cfg: dict(BS=wq.shape[-1], BT=cfg[0], BC=_block_c(inner, cfg[1]), GP=MAX_GATES,
                             IEEE=xz.dtype == torch.float32, num_warps=cfg[2])
     m1, m2 = meta(config or PRE_CONFIG), meta(dxm_config or DXM_CONFIG)
     _pre_grad_kernel[(B, inner // m1["BC"])](

@@ -79,8 +79,9 @@ def _qkv_kernel(XZ, CW, CB, WQ, BQ, WK, BK, WV, BV, WC, WM, GB, Q, K, V, G,
              mask=t_ok[:, None] & g_ok[None, :])
 
 
-def _block_c(inner: int, want: int) -> int:
-    return next(bc for bc in (want, 64, 32, 16) if bc <= want and inner % bc == 0)
+def _block_c(n: int, want: int) -> int:
+    """Channel chunk: `want`, else the largest of 64, 32, 16 below it that divides n."""
+    return next(bc for bc in (want, 64, 32, 16) if bc <= want and n % bc == 0)
 
 
 def supports(xz: torch.Tensor, conv_w: torch.Tensor, wq: torch.Tensor, bq, bk, bv, n_gates: int) -> bool:
