@@ -29,6 +29,7 @@ Parameter names and state dicts are untouched: the fast path only reads the bloc
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -162,6 +163,15 @@ def block_pre(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg, pointwise: boo
     return q, k, v, g
 
 
+def _pre_weight_grads(dq, dk, dv, dg, x_c, x_m, bs: int):
+    """The pre-step's weight gradients from its incoming gradients and inputs, all (N, .) in the activations'
+    dtype: dq, dk, dv, x_c, x_m (N, I), dg (N, G) -> d wq, d wk, d wv (nb, bs, bs), and in float32 (float64 in
+    tests) d w_c, d w_m (G, I) and d b (G,) of the precomposed gates."""
+    acc = torch.promote_types(x_c.dtype, torch.float32)
+    return (headwise_wgrad(dq, x_c, bs), headwise_wgrad(dk, x_c, bs), headwise_wgrad(dv, x_m, bs),
+            (dg.t() @ x_c).to(acc), (dg.t() @ x_m).to(acc), dg.to(acc).sum(0))
+
+
 def block_pre_vjp(xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, dq, dk, dv, dg):
     """Backward of `block_pre` written out: gradients of xz (B, S, 2I), the conv weight and bias, the q/k/v
     weights and biases, and the precomposed gate weights w_c, w_m (G, I) and bias (G,). The gate GEMMs run
@@ -180,14 +190,11 @@ def block_pre_vjp(xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, dq, dk, dv, dg):
     dyp = F.pad(dy, (0, 0, 0, K - 1))                                       # (B, S+K-1, I)
     dx_m = dx_m + sum(dyp[:, K - 1 - j:K - 1 - j + S] * w[j] for j in range(K))  # (B, S, I) through the conv
     d_conv_w = torch.stack([(dy * xp[:, j:j + S]).sum((0, 1)) for j in range(K)], -1).unsqueeze(1)  # (I, 1, K)
-    bs = wq.shape[-1]
-    flat = lambda t: t.reshape(-1, I)                                        # (N, I)
-    dg2 = dg.reshape(-1, dg.shape[-1])                                      # (N, G)
-    return (F.pad(dx_m, (0, I)).to(dt), d_conv_w, dy.sum((0, 1)),
-            headwise_wgrad(flat(dq).to(dt), flat(x_c), bs), dq.to(acc).sum((0, 1)),
-            headwise_wgrad(flat(dk).to(dt), flat(x_c), bs), dk.to(acc).sum((0, 1)),
-            headwise_wgrad(flat(dv).to(dt), flat(x_m), bs), dv.to(acc).sum((0, 1)),
-            (dg2.t() @ flat(x_c)).to(acc), (dg2.t() @ flat(x_m)).to(acc), dg2.to(acc).sum(0))
+    flat = lambda t: t.reshape(-1, I).to(dt)                                # (N, I)
+    dwq, dwk, dwv, d_wc, d_wm, d_b = _pre_weight_grads(flat(dq), flat(dk), flat(dv), dg.reshape(-1, dg.shape[-1]),
+                                                       flat(x_c), flat(x_m), wq.shape[-1])
+    return (F.pad(dx_m, (0, I)).to(dt), d_conv_w, dy.sum((0, 1)), dwq, dq.to(acc).sum((0, 1)),
+            dwk, dk.to(acc).sum((0, 1)), dwv, dv.to(acc).sum((0, 1)), d_wc, d_wm, d_b)
 
 
 class _QKVGates(torch.autograd.Function):
@@ -236,15 +243,14 @@ class _QKVGates(torch.autograd.Function):
 def block_pre_grad_triton(xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, dq, dk, dv, dg, packed):
     """`block_pre_vjp`'s outputs from `kernels.block_grad_triton.pre_grad`, with the post tail's packed
     [dx_c, dz] (B, S, 2I) joined in: dxz is `packed` with its left half overwritten."""
-    I, bs, dt = xz.shape[-1] // 2, wq.shape[-1], xz.dtype
+    I = xz.shape[-1] // 2
     dxz, x_c, dcw, dcb, dbq, dbk, dbv = block_grad_triton.pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b,
                                                                    wq, wk, wv, w_c, w_m)
     flat = lambda t: t.reshape(-1, I)                                        # (N, I)
-    x_m = flat(xz[..., :I])                                                 # (N, I) a strided view
-    dg2 = dg.reshape(-1, dg.shape[-1]).to(dt)                               # (N, G)
-    return (dxz, dcw, dcb, headwise_wgrad(flat(dq), flat(x_c), bs), dbq, headwise_wgrad(flat(dk), flat(x_c), bs),
-            dbk, headwise_wgrad(flat(dv), x_m, bs), dbv, (dg2.t() @ flat(x_c)).float(), (dg2.t() @ x_m).float(),
-            dg2.float().sum(0))
+    dwq, dwk, dwv, d_wc, d_wm, d_b = _pre_weight_grads(flat(dq), flat(dk), flat(dv),
+                                                       dg.reshape(-1, dg.shape[-1]).to(xz.dtype), flat(x_c),
+                                                       flat(xz[..., :I]), wq.shape[-1])
+    return dxz, dcw, dcb, dwq, dbq, dwk, dbk, dwv, dbv, d_wc, d_wm, d_b
 
 
 def block_pre_fused(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg, compiled: bool = True,
@@ -444,11 +450,11 @@ def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool
     q, k, v, g, *xz_view = pre(*pre_args, **pre_kwargs)                     # (B, S, I) x 3, (B, S, 2NH)
     heads = lambda t: t.view(B, S, NH, DH).transpose(1, 2)                  # (B, NH, S, DH)
     i, f = g[..., :NH].transpose(1, 2), g[..., NH:].transpose(1, 2)         # (B, NH, S) each
+    saved = contextlib.nullcontext()
     if fast.recompute_qkv and not fast.checkpoint and torch.is_grad_enabled():
         hooks = RecomputeQKV(pre, pre_args, pre_kwargs, (q, k, v))
-        with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
-            h = mlstm(heads(q), heads(k), heads(v), i, f, backend=L.backend)  # (B, NH, S, DH)
-    else:
+        saved = torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack)
+    with saved:
         h = mlstm(heads(q), heads(k), heads(v), i, f, backend=L.backend)    # (B, NH, S, DH)
     post_args = (conv.weight, conv.bias, L.outnorm, L.outnorm_bias, L.skip, L.proj_down.weight, L.proj_down.bias)
     residual = x if fuse_residual else None
