@@ -79,14 +79,23 @@ class RefBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- models
+def fast_path(model: nn.Module, row: str) -> None:
+    """The fast path as a fast* row names it: ckpt = checkpoint=True, recompute = recompute_qkv=True."""
+    model.fast_path(compile=True, mode=ARGS.compile_mode, checkpoint="ckpt" in row, recompute_qkv="recompute" in row)
+
+
+def uses_graphs(row: str) -> bool:
+    """fast* rows replay whole steps from CUDA graphs, except the *_nocg ones."""
+    return row.startswith("fast") and not row.endswith("nocg")
+
+
 def build(row: str, size: str) -> nn.Module:
     from mal import vision_lstm
     preset, dim, deit = SIZES[size]
     if row.startswith("fast") or row == "plain":
         model = getattr(vision_lstm, preset)(NUM_CLASSES, img_size=IMG, mlstm_backend="torch" if row == "plain" else "auto")
         if row != "plain":
-            model.fast_path(compile=True, mode=ARGS.compile_mode, checkpoint="ckpt" in row,
-                            recompute_qkv="recompute" in row)
+            fast_path(model, row)
     elif row in ("ref", "ref_compile"):
         model = RefViL(dim)
         if row == "ref_compile":
@@ -175,7 +184,7 @@ def measure_encoder(row: str, size: str, res: dict) -> None:
         q = torch.empty(1, 4, 196, dh, device="cuda", dtype=torch.bfloat16)
         res["mlstm_backend"] = resolve_backend(q, q, q, q[..., 0], q[..., 0]).name
     x = torch.randn(ARGS.infer_batch, 3, IMG, IMG, device="cuda")
-    cg = not row.endswith("nocg") and row.startswith("fast")            # capture whole calls in CUDA graphs
+    cg = uses_graphs(row)                                                # capture whole calls in CUDA graphs
     if "infer" in ARGS.modes and "ckpt" not in row and "recompute" not in row:  # those change training only
         model.eval()
 
@@ -212,9 +221,9 @@ def measure_pretrain(row: str, size: str, batch: int, res: dict) -> None:
     enc = EncoderConfig(**{**MODEL_PRESETS[preset], "img_size": 192,
                            "mlstm_backend": "torch" if row == "plain" else "auto"})
     model = MALPretrain(enc, ObjectiveConfig()).cuda()
-    cg = row in ("fast", "fast_recompute")
-    if row in ("fast", "fast_nocg", "fast_recompute"):
-        model.encoder.fast_path(compile=True, mode=ARGS.compile_mode, recompute_qkv=row == "fast_recompute")
+    cg = uses_graphs(row)
+    if row.startswith("fast"):
+        fast_path(model.encoder, row)
         if ARGS.compile_decoder:
             for blk in getattr(model.decoder, "blocks", []):
                 blk.compile(dynamic=False)
