@@ -90,7 +90,7 @@ def main() -> dict:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     q, k, v, g, xzv = block_pre_fused(*pl, compiled=True, xz_view=True)
                     tail = (pl[1], pl[2], *ql)
-                    y = (_PostFused.apply(True, None, hl, xzv, None, *tail) if kernels
+                    y = (_PostFused.apply(True, None, hl, xzv, None, *tail, None, None) if kernels
                          else fused._compiled(block_post, None)(hl, pl[0], None, *tail))
                 torch.autograd.backward([y, q, k, v, g], [cot.to(y.dtype), *d_qkv, dg])
             return step

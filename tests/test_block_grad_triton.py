@@ -4,19 +4,21 @@
 CPU: in Triton's interpreter (float32), every gradient of pre-step -> cell -> post-tail (xz, the residual and the
 15 parameters) equals float64 autograd of `block_pre` -> `mlstm_parallel` -> `block_post`, for sequences shorter
 than the conv and than a tile, head dims of one and several channel chunks, one head or two, and 4 or 3 conv
-taps; `supports` refuses CPU tensors, so the CPU fast path keeps its compiled/eager backward.
+taps; the v that the post-tail's kernel forms for the cell's backward (`fused.VFromPost`) is bitwise the
+pre-step kernel's; `supports` refuses CPU tensors, so the CPU fast path keeps its compiled/eager backward.
 GPU: in bf16 at ViL-T/B shapes (around a pointwise stand-in for the cell) the gradients are as close to float64
 as the plain autocast path's, and the fused block runs the kernels in training only.
 """
 from __future__ import annotations
 
 import importlib.util
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 
-from mal.fused import _PostFused, block_post, block_pre, block_pre_fused
+from mal.fused import VFromPost, _PostFused, block_post, block_pre, block_pre_fused
 from mal.kernels.mlstm_torch import mlstm_parallel
 
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.find_spec("triton")),
@@ -44,9 +46,11 @@ def pointwise_cell(q, k, v, i, f):
     return q * torch.sigmoid(i)[..., None] + k * torch.tanh(v) * torch.sigmoid(f)[..., None]
 
 
-def region_grads(pre, post, residual, cot, num_heads, fused: bool, autocast: bool = False, cell=mlstm_parallel):
+def region_grads(pre, post, residual, cot, num_heads, fused: bool, autocast: bool = False, cell=mlstm_parallel,
+                 v_from_post: bool = False):
     """Output and gradients of all inputs (in `NAMES` order) of pre-step -> cell -> post-tail, either through
-    the fused pair (kernels' backward) or the plain functions' autograd."""
+    the fused pair (kernels' backward) or the plain functions' autograd. v_from_post: the cell's saved v is
+    not kept but formed by the post-tail's backward kernel (`fused.VFromPost`); checks it is the forward's v."""
     leaves = [t.clone().requires_grad_() for t in pre + post + [residual]]
     p, po, res = leaves[:len(pre)], leaves[len(pre):-1], leaves[-1]
     B, S, two_i = p[0].shape
@@ -57,11 +61,18 @@ def region_grads(pre, post, residual, cot, num_heads, fused: bool, autocast: boo
             q, k, v, g, xz = block_pre_fused(*p, compiled=False, xz_view=True)
         else:
             (q, k, v, g), xz = block_pre(*p), p[0]
-        h = cell(heads(q), heads(k), heads(v), g[..., :num_heads].transpose(1, 2),
-                 g[..., num_heads:].transpose(1, 2))                       # (B, NH, S, DH)
+        v_out = VFromPost(v, xz, p[7], p[8]) if v_from_post else None
+        v_want = v.detach().clone() if v_from_post else None
+        with torch.autograd.graph.saved_tensors_hooks(v_out.pack, v_out.unpack) if v_from_post else nullcontext():
+            h = cell(heads(q), heads(k), heads(v), g[..., :num_heads].transpose(1, 2),
+                     g[..., num_heads:].transpose(1, 2))                   # (B, NH, S, DH)
+        del v
         args = (h, xz, res, p[1], p[2], *po)
-        out = _PostFused.apply(False, None, *args) if fused else block_post(*args)
-    return out, torch.autograd.grad(out, leaves, cot.to(out.dtype))
+        out = _PostFused.apply(False, None, *args, None, v_out) if fused else block_post(*args)
+    grads = torch.autograd.grad(out, leaves, cot.to(out.dtype))
+    if v_from_post:
+        assert v_out.outs is not None and torch.equal(v_out.outs[0], v_want)  # provided by post_grad, bitwise
+    return out, grads
 
 
 def test_kernels_in_interpreter_match_float64_autograd(triton_interpreter):
@@ -77,7 +88,8 @@ def test_kernels_in_interpreter_match_float64_autograd(triton_interpreter):
             pre, post, res, cot = region_inputs(B, S, NH, DH, D, taps=taps)
             out_r, g_r = region_grads(pre, post, res, cot, NH, fused=False)
             f32 = lambda ts: [t.float() for t in ts]
-            out_f, g_f = region_grads(f32(pre), f32(post), res.float(), cot.float(), NH, fused=True)
+            out_f, g_f = region_grads(f32(pre), f32(post), res.float(), cot.float(), NH, fused=True,
+                                      v_from_post=DH != 16)
             assert ((out_f.double() - out_r).norm() / out_r.norm()).item() < 1e-5
             for name, a, b in zip(NAMES, g_f, g_r):
                 assert a.dtype == torch.float32 and a.shape == b.shape, (name, a.dtype, a.shape)

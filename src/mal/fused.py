@@ -20,11 +20,15 @@ Algebra used (exact in real arithmetic, so the fused block equals the plain one 
     post tail's x_c gradient and dz back through it: the conv's backward runs once and dxz is written once),
     otherwise (e.g. a head dim that is not a multiple of 16) `_QKVGates`' backward is the written-out
     `block_pre_vjp` (compiled) and `block_post`'s is inductor's;
-  * without grad the reorder between blocks (`order`) is a gather inside the compiled up- and post-regions;
+  * the reorder between blocks (`order`) is no gather of its own: without grad it is inside the compiled up-
+    and post-regions; in training on CUDA `_NormUp` (`kernels.norm_triton`) reads x's rows through it and
+    scatters the gradient back, joined with the residual's, and the compiled post-region gathers the residual;
   * for the backward, `block_pre` and `block_post` save nothing but their inputs (`MEMORY_BUDGET`): x_c,
     the conv's padded input, SiLU and the per-head norm are recomputed from xz and h, which the block keeps
-    anyway; with `FastPath.recompute_qkv` the cell's q, k, v are recomputed too, by re-running `block_pre` when
-    the cell's backward needs them (`RecomputeQKV`), so a block keeps x, its LayerNorm output, xz and h.
+    anyway; `_NormUp` keeps x and its row statistics, not the LayerNorm's output; with the kernels' backward
+    the cell's v is formed again by `post_grad` (`VFromPost`), so a block keeps x, xz, q, k and h (24 bytes per
+    token and model dim in bf16 autocast, from 30); with `FastPath.recompute_qkv` q and k are recomputed too,
+    by re-running the pre-step when the cell's backward needs them (`RecomputeQKV`).
 Parameter names and state dicts are untouched: the fast path only reads the block's parameters.
 """
 from __future__ import annotations
@@ -41,9 +45,9 @@ from .kernels import mlstm
 from .serialization import gather_tokens
 
 try:  # Triton kernels of the block (CUDA, fp16/bf16): q/k/v weight gradient, the pre-cell step, the regions' backward
-    from .kernels import block_grad_triton, headwise_triton, qkv_triton
+    from .kernels import block_grad_triton, headwise_triton, norm_triton, qkv_triton
 except ImportError:
-    block_grad_triton = headwise_triton = qkv_triton = None
+    block_grad_triton = headwise_triton = norm_triton = qkv_triton = None
 
 
 def headwise_wgrad_dense(g: torch.Tensor, x: torch.Tensor, bs: int) -> torch.Tensor:
@@ -148,6 +152,44 @@ def block_up(x, ln_w, ln_b, ln_eps: float, up_w, up_b, order=None):
         x = gather_tokens(x, order)                                         # (B, S, D)
     xn = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, ln_eps)                # (B, S, D)
     return F.linear(xn, up_w, up_b)                                         # (B, S, 2I)
+
+
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the block's GEMMs run in: autocast's on x's device when it is on, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class _NormUp(torch.autograd.Function):
+    """`block_up` in training on CUDA: the LayerNorm in `kernels.norm_triton` (x[:, order] read through the
+    order), then the up-projection. Saves x and the row statistics, not the LayerNorm's output.
+
+    Returns xz (B, S, 2I) and a view of x, the residual for `_PostFused` (with the same order): the gradient
+    that function returns for it is d out in the block's token order, which the backward here adds to the
+    LayerNorm's input gradient while scattering it back through the order (no gather, scatter or add of
+    (B, S, D) tensors around the block)."""
+
+    @staticmethod
+    def forward(ctx, x, order, ln_w, ln_b, ln_eps: float, up_w, up_b):
+        low = activation_dtype(x)
+        xn, mean, rstd = norm_triton.layer_norm(x, order, ln_w, ln_b, ln_eps, low)   # (B, S, D), (B*S,) x 2
+        xz = F.linear(xn, up_w.to(low), None if up_b is None else up_b.to(low))     # (B, S, 2I)
+        ctx.save_for_backward(x, order, ln_w, ln_b, up_w, mean, rstd)
+        ctx.low, ctx.up_b = low, up_b is not None
+        ctx.set_materialize_grads(False)
+        return xz, x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dxz, dres):
+        x, order, ln_w, ln_b, up_w, mean, rstd = ctx.saved_tensors
+        D = x.shape[-1]
+        dxz = torch.zeros(*x.shape[:2], up_w.shape[0], device=x.device, dtype=ctx.low) if dxz is None else dxz
+        g = dxz.reshape(-1, dxz.shape[-1]).to(ctx.low)                         # (N, 2I)
+        dxn = (g @ up_w.to(ctx.low)).view_as(x)                                 # (B, S, D) in the activations' dtype
+        dx, xn, d_lnw, d_lnb = norm_triton.layer_norm_grad(x, order, ln_w, ln_b, dxn, dres, mean, rstd, ctx.low)
+        d_upw = (g.t() @ xn.view(-1, D)).to(up_w.dtype)                         # (2I, D)
+        d_upb = g.sum(0, dtype=torch.float32) if ctx.up_b else None            # (2I,)
+        return dx, None, d_lnw, d_lnb, None, d_upw, d_upb
 
 
 def block_pre(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg, pointwise: bool = False):
@@ -284,14 +326,18 @@ class _PostFused(torch.autograd.Function):
 
     xz must be the view returned by `_QKVGates` (`block_pre_fused(..., xz_view=True)`): the "gradient" this
     function returns for it is the packed [dx_c, dz] (B, S, 2I), which `_QKVGates`' backward turns into dxz
-    (the conv's gradient then runs once, for both regions). Saves only its inputs."""
+    (the conv's gradient then runs once, for both regions). With `order`, residual must be the view returned by
+    `_NormUp` (which adds d out, returned here in the block's token order, while scattering back through the
+    order). With `v_out` (a `VFromPost`) the backward also forms the cell's v and hands it over. Saves only its
+    inputs."""
 
     @staticmethod
-    def forward(ctx, compiled, mode, h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b):
+    def forward(ctx, compiled, mode, h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b,
+                order, v_out):
         post = _compiled(block_post, mode) if compiled else block_post
         ctx.save_for_backward(h, xz, conv_w, conv_b, norm_w, norm_b, skip, down_w)
-        ctx.residual, ctx.down_b = residual is not None, down_b is not None
-        return post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b)
+        ctx.residual, ctx.down_b, ctx.v_out = residual is not None, down_b is not None, v_out
+        return post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b, order=order)
 
     @staticmethod
     def backward(ctx, dout):
@@ -300,12 +346,15 @@ class _PostFused(torch.autograd.Function):
         d2 = dout.reshape(-1, D)                                            # (N, D)
         dlow = d2.to(xz.dtype)                                              # the down-projection's GEMMs in the
         du = (dlow @ down_w.to(xz.dtype)).view(B, S, -1)                    # activations' dtype, as autocast's linear
-        dh, packed, u, d_nw, d_nb, d_skip = block_grad_triton.post_grad(
-            du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, POST_LN_EPS)   # (B, NH, S, DH), (B, S, 2I), (B, S, I)
+        v_weights = ctx.v_out.weights if ctx.v_out is not None else None
+        dh, packed, u, d_nw, d_nb, d_skip, v = block_grad_triton.post_grad(
+            du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, POST_LN_EPS, v_weights)  # (B, NH, S, DH), (B, S, 2I), ...
+        if v is not None:
+            ctx.v_out.provide(v)                                            # (B, S, I) for the cell's backward, next
         d_down_w = (dlow.t() @ u.view(-1, u.shape[-1])).to(down_w.dtype)   # (D, I)
         d_down_b = d2.sum(0, dtype=torch.float32) if ctx.down_b else None  # (D,)
         return (None, None, dh, packed, dout if ctx.residual else None, None, None, d_nw, d_nb, d_skip,
-                d_down_w, d_down_b)
+                d_down_w, d_down_b, None, None)
 
 
 _COMPILED: dict = {}
@@ -337,26 +386,14 @@ def _compiled(fn, mode: str | None):
     return _COMPILED[key]
 
 
-class RecomputeQKV:
-    """Saved-tensor hooks around the mLSTM cell: q, k, v are stored as recipes, not tensors.
+class SavedRecipes:
+    """Saved-tensor hooks around the mLSTM cell: saved tensors that live in the storage of `outs` are stored as
+    their view's layout (`pack`) and rebuilt on the first `unpack` in the backward from `self.outs`, which a
+    subclass fills: by `_recompute`, or before the cell's backward by another function's backward."""
 
-    The cell's autograd saves q, k, v (3 x (B, S, I) per block, 12 bytes per token and model dim in bf16).
-    `pack` replaces every saved tensor that lives in the storage of q, k or v by its view's layout; the first
-    `unpack` (in the cell's backward) re-runs the pre-region on the inputs it was called with, in the same
-    grad and autocast mode (so the same compiled graph or kernel runs and returns bitwise the same values),
-    and rebuilds the views.
-    The inputs (xz and weights) are kept by the block anyway. Cost: one pre-region forward per block backward.
-    """
-
-    def __init__(self, fn, args: tuple, kwargs: dict, outs: tuple[torch.Tensor, ...]):
-        self.fn, self.kwargs = fn, kwargs
-        self.args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        self.grad = tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    def __init__(self, outs: tuple[torch.Tensor, ...]):
         self.storage = {o.untyped_storage().data_ptr(): j for j, o in enumerate(outs)}
         self.layout = [(o.shape, o.stride(), o.storage_offset()) for o in outs]
-        dev = outs[0].device.type
-        self.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev),
-                         torch.is_autocast_cache_enabled())
         self.outs: tuple[torch.Tensor, ...] | None = None
 
     def pack(self, t: torch.Tensor):
@@ -372,6 +409,28 @@ class RecomputeQKV:
         return self.outs[j].as_strided(shape, stride, offset)
 
     def _recompute(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+
+class RecomputeQKV(SavedRecipes):
+    """q, k, v of the cell stored as recipes: the first `unpack` (in the cell's backward) re-runs the pre-region
+    on the inputs it was called with, in the same grad and autocast mode (so the same compiled graph or kernel
+    runs and returns bitwise the same values).
+
+    The cell's autograd saves q, k, v (3 x (B, S, I) per block, 12 bytes per token and model dim in bf16). The
+    inputs (xz and weights) are kept by the block anyway. Cost: one pre-region forward per block backward.
+    """
+
+    def __init__(self, fn, args: tuple, kwargs: dict, outs: tuple[torch.Tensor, ...]):
+        super().__init__(outs)
+        self.fn, self.kwargs = fn, kwargs
+        self.args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        self.grad = tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        dev = outs[0].device.type
+        self.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev),
+                         torch.is_autocast_cache_enabled())
+
+    def _recompute(self) -> tuple[torch.Tensor, ...]:
         dev, enabled, dtype, cache = self.autocast
         args = tuple(a.detach().requires_grad_(g) if isinstance(a, torch.Tensor) else a
                      for a, g in zip(self.args, self.grad))
@@ -382,6 +441,30 @@ class RecomputeQKV:
             raise RuntimeError(f"recomputing q, k, v gave layouts {got}, the forward {self.layout}; "
                                "run the block with fast_path(recompute_qkv=False)")
         return outs
+
+
+class VFromPost(SavedRecipes):
+    """The cell's v (B, S, I) stored as a recipe: `_PostFused`'s backward, which runs just before the cell's,
+    forms v in `block_grad_triton.post_grad` from the x_m it reads anyway and hands it over (`provide`): 4 of
+    the block's saved bytes per token and model dim in bf16, for one (B, S, I) write. v = blockdiag(wv) x_m + bv
+    is the pre-step kernel's arithmetic; `_recompute` (torch, float32) serves if no post backward provided it.
+    """
+
+    def __init__(self, v: torch.Tensor, xz: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor):
+        super().__init__((v,))
+        self.xz, self.weights = xz.detach(), (wv.detach(), bv.detach())
+
+    def provide(self, v: torch.Tensor) -> None:
+        if (v.shape, v.stride(), v.storage_offset()) != self.layout[0]:
+            raise RuntimeError(f"v of layout {(v.shape, v.stride())} cannot rebuild the forward's {self.layout[0]}")
+        self.outs = (v,)
+
+    def _recompute(self) -> tuple[torch.Tensor, ...]:
+        wv, bv = self.weights
+        I = self.xz.shape[-1] // 2
+        with torch.no_grad():
+            v = headwise(self.xz[..., :I].float(), wv.float(), bv.float(), pointwise=True).to(self.xz.dtype)
+        return (v.contiguous(),)
 
 
 @dataclass(frozen=True)
@@ -395,9 +478,9 @@ class FastPath:
         other saved activations (q, k, v, h, xz, gates, LayerNorm outputs, ...) for one extra block forward
         per training step; no effect without grad.
     recompute_qkv: in training the mLSTM cell's q, k, v are not kept for the backward but recomputed from xz
-        there (`RecomputeQKV`): 12 of 30 saved bytes per token and model dim (about a third of the training
-        peak) for one more pre-region forward per block (about 7 % of a step, docs/benchmarks.md). Not used with
-        checkpoint (which recomputes everything).
+        there (`RecomputeQKV`): 8 of 24 saved bytes per token and model dim (v alone is re-formed anyway, by the
+        post-region's backward kernel) for one more pre-region forward per block (about 7 % of a step,
+        docs/benchmarks.md). Not used with checkpoint (which recomputes everything).
     """
     compile: bool = True
     mode: str | None = None
@@ -405,18 +488,24 @@ class FastPath:
     recompute_qkv: bool = False
 
 
+def _norm_kernel(x: torch.Tensor, order: torch.Tensor | None) -> bool:
+    """Whether `_NormUp` (the LayerNorm kernels) takes this block input and order in training."""
+    return norm_triton is not None and norm_triton.supports(x, order, activation_dtype(x))
+
+
 def block_forward(blk: nn.Module, x: torch.Tensor, fast: FastPath,
                   order: torch.Tensor | None = None) -> torch.Tensor:
-    """Fast forward of a `ViLBlock` on x[:, order] (x (B, S, D), order (S,) or (B, S), None = x as it is)
-    -> (B, S, D); same function as `blk`'s plain forward. Without grad the reorder is fused into the block's
-    first and last compiled kernels (no (B, S, D) copy of the residual stream); in training it is a gather
-    first."""
+    """Fast forward of a `ViLBlock` on x[:, order] (x (B, S, D), order (S,) or (B, S) a permutation of the
+    tokens, None = x as it is) -> (B, S, D); same function as `blk`'s plain forward. The reorder is fused into
+    the block's first and last kernels (no (B, S, D) copy of the residual stream): without grad in the compiled
+    regions, in training (on CUDA) in the LayerNorm kernels and the post-region; otherwise it is a gather first."""
     fuse_residual = isinstance(blk.drop_path, nn.Identity) or not blk.training
-    if order is not None and (torch.is_grad_enabled() or not fuse_residual):
+    keep_order = fuse_residual and (not torch.is_grad_enabled() or _norm_kernel(x, order))
+    if order is not None and not keep_order:
         x, order = gather_tokens(x, order), None                            # (B, S, D)
     if fast.checkpoint and torch.is_grad_enabled():
         # drop-path (the block's only randomness) stays outside, so the recompute needs no RNG state
-        y = torch.utils.checkpoint.checkpoint(_branch, blk, x, fast, fuse_residual, use_reentrant=False,
+        y = torch.utils.checkpoint.checkpoint(_branch, blk, x, fast, fuse_residual, order, use_reentrant=False,
                                               preserve_rng_state=False)  # (B, S, D)
     else:
         y = _branch(blk, x, fast, fuse_residual, order)                     # (B, S, D)
@@ -427,12 +516,17 @@ def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool
             order: torch.Tensor | None = None) -> torch.Tensor:
     """The block's residual branch (B, S, D) on x[:, order], plus x[:, order] when fuse_residual."""
     L, conv = blk.layer, blk.layer.conv.conv
-    up = _compiled(block_up, fast.mode) if fast.compile else block_up
     post = _compiled(block_post, fast.mode) if fast.compile else block_post
     wg = torch.cat([L.igate.weight, L.fgate.weight], 0)                     # (2NH, 3I)
     bg = torch.cat([L.igate.bias, L.fgate.bias], 0)                         # (2NH,)
-    xz = up(x, blk.norm.weight, blk.norm.bias, blk.norm.eps, L.proj_up.weight, L.proj_up.bias,
-            order=order)                                                    # (B, S, 2I)
+    norm_up = torch.is_grad_enabled() and _norm_kernel(x, order)
+    if norm_up:                                                             # x_res: residual view for _PostFused
+        xz, x_res = _NormUp.apply(x, order, blk.norm.weight, blk.norm.bias, blk.norm.eps, L.proj_up.weight,
+                                  L.proj_up.bias)                           # (B, S, 2I), (B, S, D)
+    else:
+        up = _compiled(block_up, fast.mode) if fast.compile else block_up
+        xz = up(x, blk.norm.weight, blk.norm.bias, blk.norm.eps, L.proj_up.weight, L.proj_up.bias,
+                order=order)                                                # (B, S, 2I)
     pre_args = (xz, conv.weight, conv.bias, L.q_proj.weight, L.q_proj.bias, L.k_proj.weight, L.k_proj.bias,
                 L.v_proj.weight, L.v_proj.bias, wg, bg)
     B, S = xz.shape[:2]
@@ -450,19 +544,25 @@ def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool
     q, k, v, g, *xz_view = pre(*pre_args, **pre_kwargs)                     # (B, S, I) x 3, (B, S, 2NH)
     heads = lambda t: t.view(B, S, NH, DH).transpose(1, 2)                  # (B, NH, S, DH)
     i, f = g[..., :NH].transpose(1, 2), g[..., NH:].transpose(1, 2)         # (B, NH, S) each
-    saved = contextlib.nullcontext()
-    if fast.recompute_qkv and not fast.checkpoint and torch.is_grad_enabled():
-        hooks = RecomputeQKV(pre, pre_args, pre_kwargs, (q, k, v))
-        saved = torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack)
+    hooks = v_out = None                                                    # what the cell saves of q, k, v
+    if torch.is_grad_enabled() and not fast.checkpoint:
+        if fast.recompute_qkv:
+            hooks = RecomputeQKV(pre, pre_args, pre_kwargs, (q, k, v))
+        elif grad_kernels:
+            hooks = v_out = VFromPost(v, xz, L.v_proj.weight, L.v_proj.bias)
+    saved = contextlib.nullcontext() if hooks is None else torch.autograd.graph.saved_tensors_hooks(hooks.pack,
+                                                                                                     hooks.unpack)
     with saved:
         h = mlstm(heads(q), heads(k), heads(v), i, f, backend=L.backend)    # (B, NH, S, DH)
     post_args = (conv.weight, conv.bias, L.outnorm, L.outnorm_bias, L.skip, L.proj_down.weight, L.proj_down.bias)
-    residual = x if fuse_residual else None
     if grad_kernels:
-        return _PostFused.apply(fast.compile, fast.mode, h, xz_view[0], residual, *post_args)  # (B, S, D)
-    return post(h, xz, residual, *post_args, order=order)                   # (B, S, D)
+        residual = (x_res if norm_up else x) if fuse_residual else None     # (with order, norm_up holds)
+        return _PostFused.apply(fast.compile, fast.mode, h, xz_view[0], residual, *post_args, order,
+                                v_out)                                      # (B, S, D)
+    return post(h, xz, x if fuse_residual else None, *post_args, order=order)  # (B, S, D)
 
 
-__all__ = ["FastPath", "RecomputeQKV", "block_forward", "block_up", "block_pre", "block_pre_fused", "block_pre_vjp",
+__all__ = ["FastPath", "RecomputeQKV", "SavedRecipes", "VFromPost", "activation_dtype", "block_forward",
+           "block_up", "block_pre", "block_pre_fused", "block_pre_vjp",
            "block_pre_grad_triton", "block_post", "gate_weights", "headwise", "headwise_wgrad", "headwise_wgrad_dense",
            "headwise_input_grad", "causal_conv", "causal_conv_silu", "MEMORY_BUDGET", "POST_LN_EPS"]

@@ -12,7 +12,9 @@ Backward, from du = d(out) W_down (a GEMM):
 * `post_grad`, one kernel, a program per (token tile, image, head):
       da = du SiLU(z),  dz = du a SiLU'(z),  dh = LayerNorm backward of da nw,  dx_c(post) = da skip,
       and the column sums (over tokens) d nw = sum da hn, d nb = sum da, d skip = sum da x_c.
-  It writes dh, the packed (B, S, 2I) buffer [dx_c(post), dz] (which becomes dxz) and u (for W_down's gradient).
+  It writes dh, the packed (B, S, 2I) buffer [dx_c(post), dz] (which becomes dxz) and u (for W_down's gradient),
+  and on request the cell's v = blockdiag(Wv) x_m + bv from the x_m it reads for the conv (so the forward need
+  not keep v for the cell's backward, which runs next).
 * `pre_grad`, two kernels, a program per (image, channel chunk) walking the sequence:
     1. dx_c = blockdiag(Wq)^T dq + blockdiag(Wk)^T dk + dg w_c + dx_c(post),  dy = dx_c SiLU'(y);
        writes dy and x_c (for the q/k weight gradients) in the activations' dtype (the plain path's conv
@@ -47,9 +49,10 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @triton.jit(do_not_specialize=["S"])
-def _post_grad_kernel(DU, H, XZ, CW, CB, NW, NB, SK, DH, PK, U, PART,
+def _post_grad_kernel(DU, H, XZ, CW, CB, NW, NB, SK, WV, BV, DH, PK, U, V, PART,
                       S, I, HD, stride_hb, stride_hh, stride_hs, stride_xb, stride_xs, ln_eps,
-                      KS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                      KS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
+                      WITH_V: tl.constexpr):
     pid_t, b, hd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BT + tl.arange(0, BT)                                        # (BT,) tokens
     t_ok = t < S
@@ -89,8 +92,14 @@ def _post_grad_kernel(DU, H, XZ, CW, CB, NW, NB, SK, DH, PK, U, PART,
         for s in tl.static_range(KS):
             ts = t - s
             xs = tl.load(x_base + ts[:, None] * stride_xs + c[None, :], mask=(t_ok & (ts >= 0))[:, None], other=0.0)
+            if s == 0:
+                x_m = xs
             y += xs.to(tl.float32) * tl.load(CW + c * KS + (KS - 1 - s))[None, :]
         x_c = (y * tl.sigmoid(y)).to(XZ.dtype.element_ty).to(tl.float32)   # (BT, BC) as the forward rounds it
+        out = row[:, None] * I + c[None, :]
+        if WITH_V:                                                           # the cell's v, as `qkv_triton` makes it
+            v = _blockdiag(x_m, WV, hd * HD + d0, BT, BC, BS) + tl.load(BV + c)[None, :]
+            tl.store(V + out, v.to(V.dtype.element_ty), mask=m2)
         nw = tl.load(NW + c)[None, :]
         skip = tl.load(SK + c)[None, :]
         hn = (h - mean[:, None]) * rstd[:, None]
@@ -99,7 +108,6 @@ def _post_grad_kernel(DU, H, XZ, CW, CB, NW, NB, SK, DH, PK, U, PART,
         da = du * z * sz                                                     # (BT, BC) d a
         dz = du * a * sz * (1.0 + z * (1.0 - sz))
         dh = rstd[:, None] * (da * nw - g_mean[:, None] - hn * gh_mean[:, None])
-        out = row[:, None] * I + c[None, :]
         pk = row[:, None] * (2 * I) + c[None, :]
         tl.store(DH + out, dh.to(DH.dtype.element_ty), mask=m2)
         tl.store(U + out, (a * z * sz).to(U.dtype.element_ty), mask=m2)
@@ -210,12 +218,15 @@ def supports(xz: torch.Tensor, num_heads: int, conv_w: torch.Tensor, wq: torch.T
             and xz.numel() < 2 ** 31)
 
 
-def post_grad(du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, ln_eps: float, config: tuple | None = None):
+def post_grad(du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, ln_eps: float, v_weights: tuple | None = None,
+              config: tuple | None = None):
     """Gradients of the block's post-cell tail from du = d(out) W_down (B, S, I) (module docstring).
 
     h (B, NH, S, DH), xz (B, S, 2I), conv_w (I, 1, K), conv_b/norm_w/norm_b/skip (I,) ->
     dh (B, NH, S, DH) (a head view of a (B, S, I) tensor), the packed (B, S, 2I) [dx_c, dz] in xz's dtype,
-    u (B, S, I) (the down-projection's input) and d norm_w, d norm_b, d skip (I,) in float32."""
+    u (B, S, I) (the down-projection's input), d norm_w, d norm_b, d skip (I,) in float32, and with
+    v_weights = (wv (nb, bs, bs), bv (I,)) the cell's v = blockdiag(wv) x_m + bv (B, S, I) in xz's dtype, which
+    the kernel forms from the x_m it reads anyway (else None)."""
     bt, bc, warps = config or POST_CONFIG
     B, NH, S, DH = h.shape
     h = h if h.stride(-1) == 1 else h.contiguous()
@@ -226,12 +237,16 @@ def post_grad(du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, ln_eps: float, co
     u = torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype)
     part = torch.empty(3, B * n_t, inner, device=xz.device, dtype=torch.float32)
     f32 = lambda t: t.detach().float().contiguous()
+    v = torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype) if v_weights is not None else None
+    wv, bv = (f32(w) for w in v_weights) if v_weights is not None else (norm_w, norm_w)   # unused without v
+    bs = wv.shape[-1] if v_weights is not None else 1
     _post_grad_kernel[(n_t, B, NH)](
-        du.contiguous(), h, xz, f32(conv_w), f32(conv_b), f32(norm_w), f32(norm_b), f32(skip), dh, packed, u, part,
-        S, inner, DH, h.stride(0), h.stride(1), h.stride(2), xz.stride(0), xz.stride(1), ln_eps,
-        KS=conv_w.shape[-1], BT=bt, BC=_block_c(DH, bc), num_warps=warps)
+        du.contiguous(), h, xz, f32(conv_w), f32(conv_b), f32(norm_w), f32(norm_b), f32(skip), wv, bv, dh, packed,
+        u, v if v is not None else u, part, S, inner, DH, h.stride(0), h.stride(1), h.stride(2), xz.stride(0),
+        xz.stride(1), ln_eps, KS=conv_w.shape[-1], BT=bt, BC=_block_c(DH, bc), BS=bs, WITH_V=v is not None,
+        num_warps=warps)
     d_nw, d_nb, d_skip = part.sum(1)                                         # (I,) each
-    return dh.view(B, S, NH, DH).transpose(1, 2), packed, u, d_nw, d_nb, d_skip
+    return dh.view(B, S, NH, DH).transpose(1, 2), packed, u, d_nw, d_nb, d_skip, v
 
 
 def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, config: tuple | None = None,

@@ -1,0 +1,162 @@
+"""The ViL block's pre-LayerNorm for training in Triton: the token reorder in its loads, no output kept.
+
+A block in training computes, on the reordered residual stream xr = x[:, order] (order: a permutation of the
+tokens, (S,) shared or (B, S) per sample, or none),
+
+    xn = LayerNorm(xr) w + b  (float32 math, rounded once to the activations' dtype),  xz = xn W_up^T + b_up
+    out = xr + branch(xz)
+
+* `layer_norm` writes xn and the row statistics (mean, rstd) (B*S,) float32, reading x's rows through `order`:
+  no (B, S, D) copy of x[:, order] is made.
+* `layer_norm_grad` takes dxn = dxz W_up and the residual's gradient dres = d out (both in the block's token
+  order) and writes dx[:, order] = dres + LayerNorm backward(dxn) straight into x's rows (a permutation writes
+  each row once), plus xn again for W_up's gradient, and per-program column sums for d w, d b.
+
+So the block keeps x and two floats per token for its backward instead of x[:, order] and xn, and the gather,
+its backward (an index_put into zeros) and the add of the residual's and the norm's gradients are gone.
+"""
+from __future__ import annotations
+
+import torch
+
+import triton  # an ImportError here is what mal.fused expects when triton is missing
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)          # of xn (the activations)
+MAX_DIM = 8192                                              # a row lives in registers
+PROGRAMS_PER_SM = 8                                         # backward: persistent programs, each many row tiles
+
+
+@triton.jit
+def _source_rows(IDX, r, r_ok, S, IDX_MODE: tl.constexpr):
+    """Rows of x read for output rows r of the (B*S) token order: r itself (IDX_MODE 0), b*S + order[s] for a
+    shared order (1), b*S + order[b, s] per sample (2). int64."""
+    if IDX_MODE == 0:
+        return r.to(tl.int64)
+    b = r // S
+    if IDX_MODE == 1:
+        j = tl.load(IDX + (r - b * S), mask=r_ok, other=0)
+    else:
+        j = tl.load(IDX + r, mask=r_ok, other=0)
+    return b.to(tl.int64) * S + j.to(tl.int64)
+
+
+@triton.jit
+def _load_rows(X, IDX, r, N, S, D, IDX_MODE: tl.constexpr, BD: tl.constexpr):
+    """Rows r (ROWS,) of the token order, read through IDX -> x (ROWS, BD) float32 (0 past D), the rows of x
+    they came from (ROWS,), the (ROWS, BD) mask and the (ROWS,) row mask."""
+    r_ok = r < N
+    src = _source_rows(IDX, r, r_ok, S, IDX_MODE)                           # (ROWS,)
+    d = tl.arange(0, BD)
+    m = r_ok[:, None] & (d < D)[None, :]                                    # (ROWS, BD)
+    x = tl.load(X + src[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+    return x, src, m, r_ok
+
+
+@triton.jit(do_not_specialize=["N", "S"])
+def _ln_fwd_kernel(X, IDX, W, Bias, Y, MEAN, RSTD, N, S, D, eps,
+                   IDX_MODE: tl.constexpr, ROWS: tl.constexpr, BD: tl.constexpr):
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)                        # (ROWS,) rows of the token order
+    x, src, m, r_ok = _load_rows(X, IDX, r, N, S, D, IDX_MODE, BD)         # (ROWS, BD)
+    d = tl.arange(0, BD)
+    mean = tl.sum(x, 1) / D                                                 # (ROWS,)
+    xc = tl.where(m, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
+    w = tl.load(W + d, mask=d < D, other=0.0)[None, :]
+    y = xc * rstd[:, None] * w + tl.load(Bias + d, mask=d < D, other=0.0)[None, :]
+    tl.store(Y + r.to(tl.int64)[:, None] * D + d[None, :], y.to(Y.dtype.element_ty), mask=m)
+    tl.store(MEAN + r, mean, mask=r_ok)
+    tl.store(RSTD + r, rstd, mask=r_ok)
+
+
+@triton.jit(do_not_specialize=["N", "S", "ITERS"])
+def _ln_bwd_kernel(X, IDX, W, Bias, DY, DRES, MEAN, RSTD, DX, Y, PART, N, S, D, ITERS,
+                   IDX_MODE: tl.constexpr, HAS_RES: tl.constexpr, ROWS: tl.constexpr, BD: tl.constexpr):
+    pid = tl.program_id(0)
+    d = tl.arange(0, BD)
+    w = tl.load(W + d, mask=d < D, other=0.0)[None, :]                      # (1, BD)
+    bias = tl.load(Bias + d, mask=d < D, other=0.0)[None, :]
+    s_w = tl.zeros((ROWS, BD), dtype=tl.float32)                            # column sums, reduced at the end
+    s_b = tl.zeros((ROWS, BD), dtype=tl.float32)
+    for it in range(ITERS):
+        r = (pid * ITERS + it) * ROWS + tl.arange(0, ROWS)                  # (ROWS,) rows of the token order
+        x, src, m, r_ok = _load_rows(X, IDX, r, N, S, D, IDX_MODE, BD)     # (ROWS, BD)
+        out = r.to(tl.int64)[:, None] * D + d[None, :]
+        mean = tl.load(MEAN + r, mask=r_ok, other=0.0)
+        rstd = tl.load(RSTD + r, mask=r_ok, other=0.0)
+        xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
+        tl.store(Y + out, (xhat * w + bias).to(Y.dtype.element_ty), mask=m)
+        dy = tl.load(DY + out, mask=m, other=0.0).to(tl.float32)           # (ROWS, BD) d xn
+        wdy = dy * w
+        c_1 = tl.sum(xhat * wdy, 1) / D                                     # (ROWS,)
+        c_2 = tl.sum(wdy, 1) / D
+        dx = (wdy - xhat * c_1[:, None] - c_2[:, None]) * rstd[:, None]
+        if HAS_RES:
+            dx += tl.load(DRES + out, mask=m, other=0.0).to(tl.float32)
+        tl.store(DX + src[:, None] * D + d[None, :], dx.to(DX.dtype.element_ty), mask=m)
+        s_w += dy * xhat
+        s_b += dy
+    tl.store(PART + pid * 2 * D + d, tl.sum(s_w, 0), mask=d < D)
+    tl.store(PART + (pid * 2 + 1) * D + d, tl.sum(s_b, 0), mask=d < D)
+
+
+def supports(x: torch.Tensor, order: torch.Tensor | None, out_dtype: torch.dtype) -> bool:
+    """CUDA x (B, S, D) contiguous, D <= `MAX_DIM`, xn in fp16/bf16, order None, (S,) or (B, S) on x's device."""
+    if not (isinstance(x, torch.Tensor) and x.is_cuda and x.dim() == 3 and x.is_contiguous()
+            and out_dtype in SUPPORTED_DTYPES and x.shape[-1] <= MAX_DIM and x.numel() < 2 ** 31):
+        return False
+    if order is None:
+        return True
+    return (order.device == x.device and not order.is_floating_point() and order.shape[-1] == x.shape[1]
+            and (order.dim() == 1 or (order.dim() == 2 and order.shape[0] == x.shape[0])))
+
+
+def _layout(x: torch.Tensor, order: torch.Tensor | None):
+    """(index tensor, IDX_MODE, padded row BLOCK_D, rows per tile, warps) for x (B, S, D)."""
+    bd = triton.next_power_of_2(x.shape[-1])
+    rows, warps = max(1, min(16, 2048 // bd)), 4 if bd <= 512 else 8
+    if order is None:
+        return x, 0, bd, rows, warps                                        # IDX unused
+    return order.contiguous(), order.dim(), bd, rows, warps
+
+
+def layer_norm(x: torch.Tensor, order: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               out_dtype: torch.dtype):
+    """x (B, S, D) -> LayerNorm(x[:, order]) (B, S, D) in out_dtype, mean and rstd (B*S,) float32."""
+    B, S, D = x.shape
+    idx, mode, bd, rows, warps = _layout(x, order)
+    y = torch.empty(B, S, D, device=x.device, dtype=out_dtype)
+    mean = torch.empty(B * S, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    f32 = lambda t: t.detach().float().contiguous()
+    _ln_fwd_kernel[(triton.cdiv(B * S, rows),)](x, idx, f32(weight), f32(bias), y, mean, rstd, B * S, S, D, eps,
+                                                IDX_MODE=mode, ROWS=rows, BD=bd, num_warps=warps)
+    return y, mean, rstd
+
+
+def layer_norm_grad(x, order, weight, bias, dy, dres, mean, rstd, out_dtype: torch.dtype):
+    """Backward of `layer_norm` with the residual's gradient joined in (module docstring).
+
+    x (B, S, D), dy = d xn (B, S, D) and dres (B, S, D) or None, both in the token order -> dx (B, S, D) in x's
+    dtype and layout, xn (B, S, D) in out_dtype (recomputed), d weight and d bias (D,) float32."""
+    B, S, D = x.shape
+    idx, mode, bd, rows, warps = _layout(x, order)
+    tiles = triton.cdiv(B * S, rows)
+    n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    iters = triton.cdiv(tiles, n_sm * PROGRAMS_PER_SM)
+    programs = triton.cdiv(tiles, iters)
+    dx = torch.empty_like(x)                                                # every row written once
+    y = torch.empty(B, S, D, device=x.device, dtype=out_dtype)
+    part = torch.empty(programs, 2, D, device=x.device, dtype=torch.float32)
+    f32 = lambda t: t.detach().float().contiguous()
+    dy = dy.contiguous()
+    has_res = dres is not None
+    dres = dres.contiguous() if has_res else dy                             # DRES unused without it
+    _ln_bwd_kernel[(programs,)](x, idx, f32(weight), f32(bias), dy, dres, mean, rstd, dx, y, part,
+                                B * S, S, D, iters, IDX_MODE=mode, HAS_RES=has_res, ROWS=rows, BD=bd,
+                                num_warps=warps)
+    d_w, d_b = part.sum(0)                                                  # (D,) each
+    return dx, y, d_w, d_b
+
+
+__all__ = ["layer_norm", "layer_norm_grad", "supports", "SUPPORTED_DTYPES"]
