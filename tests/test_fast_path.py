@@ -17,7 +17,7 @@ import torch
 from mal import EncoderConfig, MALPretrain, ObjectiveConfig, VisionLSTM
 from mal import fused
 from mal.fused import block_pre, gate_weights, headwise
-from mal.serialization import gather_tokens
+from mal.serialization import gather_tokens, inverse
 from mal.vision_lstm import ViLBlock
 
 F64_TOL = 1e-10
@@ -411,24 +411,20 @@ def test_fast_path_in_pretraining_model():
 
 @needs_gpu
 @pytest.mark.parametrize("checkpoint", [False, True])
-@pytest.mark.parametrize("dim,seq,order", [(64, 197, None), (192, 128, None), (64, 197, "shared"),
-                                           (192, 128, "per_sample")])
-def test_compiled_fast_path_bf16_matches_plain_path_on_gpu(dim, seq, order, checkpoint):
-    """In training on x[:, order] (the reorder in the LayerNorm kernels and the post-region) as well."""
+@pytest.mark.parametrize("dim,seq", [(64, 197), (192, 128)])
+def test_compiled_fast_path_bf16_matches_plain_path_on_gpu(dim, seq, checkpoint):
     torch.manual_seed(0)
     blk = ViLBlock(dim, num_heads=4, num_blocks=24, backend="torch").cuda()
     _randomize(blk, 4)
     x = torch.randn(8, seq, dim, device="cuda")
-    order = {None: None, "shared": torch.randperm(seq, device="cuda"),
-             "per_sample": torch.stack([torch.randperm(seq, device="cuda") for _ in range(8)])}[order]
-    out_ref, g_ref = _out_and_grads(blk, x, order)                           # plain, float32 reference
+    out_ref, g_ref = _out_and_grads(blk, x)                                  # plain, float32 reference
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out_plain, g_plain = _out_and_grads(blk, x, order)                   # plain, bf16
+        out_plain, g_plain = _out_and_grads(blk, x)                          # plain, bf16
     fast = ViLBlock(dim, num_heads=4, num_blocks=24, backend="auto").cuda()
     fast.load_state_dict(blk.state_dict(), strict=True)
     fast.fast_path(compile=True, checkpoint=checkpoint)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out, g = _out_and_grads(fast, x, order)                              # fused + Triton + compiled, bf16
+        out, g = _out_and_grads(fast, x)                                     # fused + Triton + compiled, bf16
     assert torch.isfinite(out).all()
     e_plain, e_fast = _rel(out_plain, out_ref), _rel(out, out_ref)
     assert e_fast <= BF16_REL_SLACK * e_plain + BF16_REL_FLOOR, (e_fast, e_plain)
@@ -438,10 +434,60 @@ def test_compiled_fast_path_bf16_matches_plain_path_on_gpu(dim, seq, order, chec
 
 
 @needs_gpu
-def test_block_keeps_24_bytes_per_token_and_dim_and_recompute_qkv_16_with_bitwise_equal_gradients():
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("kind", ["shared", "per_sample"])
+def test_training_reorder_inside_the_kernels_equals_gather_first_bitwise(kind, checkpoint):
+    """blk(x, order) in bf16 training on the GPU reads x through the order in the LayerNorm kernel and scatters
+    the gradient back (`fused._NormUp`): output, parameter gradients and x's gradient are bitwise those of
+    blk(x[:, order]) with the gather's own autograd."""
+    torch.manual_seed(0)
+    blk = ViLBlock(192, num_heads=4, num_blocks=24, backend="auto").cuda().train()
+    _randomize(blk, 5)
+    blk.fast_path(compile=True, checkpoint=checkpoint)
+    x = torch.randn(8, 128, 192, device="cuda")
+    order = (torch.randperm(128, device="cuda") if kind == "shared"
+             else torch.stack([torch.randperm(128, device="cuda") for _ in range(8)]))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_a, g_a = _out_and_grads(blk, x, order)
+        out_b, g_b = _out_and_grads(blk, gather_tokens(x, order))           # gather first
+    g_b["input"] = gather_tokens(g_b["input"], inverse(order))               # back to x's token order
+    assert torch.equal(out_a, out_b)
+    for name in g_b:
+        assert torch.equal(g_a[name], g_b[name]), name
+
+
+@needs_gpu
+def test_v_formed_by_the_post_kernel_is_the_pre_kernels_v_up_to_float32_rounding():
+    """`block_grad_triton.post_grad` forms the cell's v (`fused.VFromPost`) with the pre-step kernel's
+    arithmetic; the two kernels may sum the four products of a 4x4 block in another order, so after rounding
+    to bf16 a few elements (of ViL-B's step: 3e-5 of 8e7 in the measurement, docs/kernels.md) differ in the last
+    bits, by float32 rounding of the products."""
+    from mal.kernels import block_grad_triton, qkv_triton
+    torch.manual_seed(0)
+    B, S, NH, DH = 16, 197, 4, 192
+    I = NH * DH
+    xz = torch.randn(B, S, 2 * I, device="cuda").bfloat16()
+    cw, cb = torch.randn(I, 1, 4, device="cuda") * 0.5, torch.randn(I, device="cuda") * 0.1
+    ws = [torch.randn(I // 4, 4, 4, device="cuda") * 0.5 for _ in range(3)]
+    bs = [torch.randn(I, device="cuda") * 0.1 for _ in range(3)]
+    w_c, w_m, b = (torch.randn(2 * NH, I, device="cuda") * 0.1, torch.randn(2 * NH, I, device="cuda") * 0.1,
+                   torch.randn(2 * NH, device="cuda"))
+    v = qkv_triton.qkv_gates(xz, cw, cb, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], w_c, w_m, b)[2]
+    h, du = torch.randn(B, NH, S, DH, device="cuda").bfloat16(), torch.randn(B, S, I, device="cuda").bfloat16()
+    v2 = block_grad_triton.post_grad(du, h, xz, cw, cb, bs[0] + 1, bs[1], bs[2], 1e-5, (ws[2], bs[2]))[-1]
+    assert v2.shape == v.shape and v2.dtype == v.dtype and v2.is_contiguous()
+    assert (v != v2).float().mean().item() < 1e-4
+    x_m = xz[..., :I].float().unflatten(-1, (I // 4, 1, 4))
+    scale = (x_m * ws[2]).abs().sum(-1).flatten(-2) + bs[2].abs()            # sum of the magnitudes of the terms
+    assert ((v.float() - v2.float()).abs() <= 2 ** -7 * scale + 1e-6).all()  # a bf16 rounding of the terms' scale
+
+
+@needs_gpu
+def test_block_keeps_24_bytes_per_token_and_dim_and_recompute_qkv_16_with_the_same_gradients():
     """Compiled regions + Triton kernels in bf16 training: after the forward a block keeps xz, q, k, h and its
     output (~24 bytes per token and model dim; not the LayerNorm output or v, which the backward forms again),
-    with recompute_qkv not q and k either (~16), and output and every gradient are bitwise the same."""
+    with recompute_qkv not q and k either (~16). The output is bitwise the same; the gradients differ only by
+    the rare last-bit differences of the post kernel's v (test above)."""
     torch.manual_seed(0)
     blk = ViLBlock(192, num_heads=4, num_blocks=24, backend="auto").cuda().train()
     _randomize(blk, 9)
@@ -458,9 +504,9 @@ def test_block_keeps_24_bytes_per_token_and_dim_and_recompute_qkv_16_with_bitwis
             kept[recompute] = (torch.cuda.memory_allocated() - before) / x.numel()   # bytes per token and dim
             del y, x_
             results[recompute] = _out_and_grads(blk, x)
-    assert 23 <= kept[False] <= 25.5 and 15 <= kept[True] <= 17.5, kept
-    assert abs(kept[False] - kept[True] - 8) < 0.2, kept                     # q, k: 2 x (B, S, I=2D) in bf16
+    assert 23 <= kept[False] <= 26 and 15 <= kept[True] <= 18, kept
+    assert 8 <= kept[False] - kept[True] < 9, kept                          # q, k: 2 x (B, S, I=2D) in bf16
     (out_a, g_a), (out_b, g_b) = results[True], results[False]
     assert torch.equal(out_a, out_b)
     for name in g_b:
-        assert torch.equal(g_a[name], g_b[name]), name
+        assert _rel(g_a[name], g_b[name]) < 1e-3, (name, _rel(g_a[name], g_b[name]))

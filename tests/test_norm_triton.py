@@ -3,7 +3,7 @@
 CPU: in Triton's interpreter (float32 in, float32 out), `layer_norm` on x[:, order] and `layer_norm_grad` (dx
 scattered back through the order, with and without the residual's gradient, xn recomputed, d w, d b) equal
 float64 autograd of `gather -> F.layer_norm`, for no order, a shared and a per-sample permutation, rows that
-fill no tile and a padded row width. `supports` refuses CPU tensors and orders of another length.
+fill no tile and a padded row width; with `ones_column` the recomputed xn rows are [xn, 1, 0, ...]. `supports` refuses CPU tensors and orders of another length.
 GPU: `_NormUp` in bf16 gives the plain gather -> LayerNorm -> Linear's output and gradients.
 """
 from __future__ import annotations
@@ -49,7 +49,11 @@ def test_kernels_in_interpreter_match_float64_autograd(triton_interpreter):
             for name, got, ref in zip(("xn", "dx", "dw", "db"), (y, dx, dw, db), want):
                 e = ((got.double() - ref).norm() / ref.norm()).item()
                 assert got.dtype == torch.float32 and got.shape == ref.shape and e < 1e-5, (B, S, D, kind, name, e)
-            assert torch.equal(y, y2)                                       # the backward's xn is the forward's
+            assert torch.equal(y.view(-1, D), y2)                           # the backward's xn is the forward's
+            y1 = norm_triton.layer_norm_grad(x, order, w, b, dy, dres, mean, rstd, torch.float32, ones_column=True)[1]
+            ones = torch.zeros(B * S, norm_triton.ONES_PAD)
+            ones[:, 0] = 1
+            assert torch.equal(y1, torch.cat([y2, ones], 1))                # rows [xn, 1, 0, ...]
         print("ok")
     """)
 

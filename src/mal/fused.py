@@ -167,7 +167,8 @@ class _NormUp(torch.autograd.Function):
     Returns xz (B, S, 2I) and a view of x, the residual for `_PostFused` (with the same order): the gradient
     that function returns for it is d out in the block's token order, which the backward here adds to the
     LayerNorm's input gradient while scattering it back through the order (no gather, scatter or add of
-    (B, S, D) tensors around the block)."""
+    (B, S, D) tensors around the block). The up-projection's weight and bias gradients are one GEMM, with the
+    bias as a ones column of the recomputed LayerNorm output (bf16 like autocast's linear backward gives it)."""
 
     @staticmethod
     def forward(ctx, x, order, ln_w, ln_b, ln_eps: float, up_w, up_b):
@@ -186,10 +187,11 @@ class _NormUp(torch.autograd.Function):
         dxz = torch.zeros(*x.shape[:2], up_w.shape[0], device=x.device, dtype=ctx.low) if dxz is None else dxz
         g = dxz.reshape(-1, dxz.shape[-1]).to(ctx.low)                         # (N, 2I)
         dxn = (g @ up_w.to(ctx.low)).view_as(x)                                 # (B, S, D) in the activations' dtype
-        dx, xn, d_lnw, d_lnb = norm_triton.layer_norm_grad(x, order, ln_w, ln_b, dxn, dres, mean, rstd, ctx.low)
-        d_upw = (g.t() @ xn.view(-1, D)).to(up_w.dtype)                         # (2I, D)
-        d_upb = g.sum(0, dtype=torch.float32) if ctx.up_b else None            # (2I,)
-        return dx, None, d_lnw, d_lnb, None, d_upw, d_upb
+        dx, xn1, d_lnw, d_lnb = norm_triton.layer_norm_grad(x, order, ln_w, ln_b, dxn, dres, mean, rstd, ctx.low,
+                                                            ones_column=ctx.up_b)  # xn1 (N, D [+ 8]): [xn, 1, 0..]
+        d_up = g.t() @ xn1                                                      # (2I, D [+ 8]): [d up_w, d up_b, 0..]
+        d_upb = d_up[:, D].float() if ctx.up_b else None                       # (2I,) the column sums of dxz
+        return dx, None, d_lnw, d_lnb, None, d_up[:, :D].to(up_w.dtype), d_upb
 
 
 def block_pre(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg, pointwise: bool = False):

@@ -10,7 +10,10 @@ tokens, (S,) shared or (B, S) per sample, or none),
   no (B, S, D) copy of x[:, order] is made.
 * `layer_norm_grad` takes dxn = dxz W_up and the residual's gradient dres = d out (both in the block's token
   order) and writes dx[:, order] = dres + LayerNorm backward(dxn) straight into x's rows (a permutation writes
-  each row once), plus xn again for W_up's gradient, and per-program column sums for d w, d b.
+  each row once), plus xn again for W_up's gradient, and per-program column sums for d w, d b. With
+  `ones_column` xn is written as rows [xn, 1, 0, ..., 0] of width D + 8 (16-byte aligned), so that the one
+  GEMM dxz^T [xn, 1] gives W_up's gradient and, in its column D, b_up's (the column sums of dxz): no separate
+  reduction over the (B*S, 2I) dxz.
 
 So the block keeps x and two floats per token for its backward instead of x[:, order] and xn, and the gather,
 its backward (an index_put into zeros) and the add of the residual's and the norm's gradients are gone.
@@ -24,7 +27,9 @@ import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)          # of xn (the activations)
 MAX_DIM = 8192                                              # a row lives in registers
-PROGRAMS_PER_SM = 8                                         # backward: persistent programs, each many row tiles
+# Backward: (elements per row tile, warps, programs per SM); a tile is max(1, elements // BLOCK_D) rows, and
+# the programs walk the tiles persistently. See `benchmarks/norm_kernel.py --sweep`.
+BWD_CONFIG = (2048, 8, 8)
 
 
 @triton.jit
@@ -70,7 +75,7 @@ def _ln_fwd_kernel(X, IDX, W, Bias, Y, MEAN, RSTD, N, S, D, eps,
 
 
 @triton.jit(do_not_specialize=["N", "S", "ITERS"])
-def _ln_bwd_kernel(X, IDX, W, Bias, DY, DRES, MEAN, RSTD, DX, Y, PART, N, S, D, ITERS,
+def _ln_bwd_kernel(X, IDX, W, Bias, DY, DRES, MEAN, RSTD, DX, Y, PART, N, S, D, YS, ITERS,
                    IDX_MODE: tl.constexpr, HAS_RES: tl.constexpr, ROWS: tl.constexpr, BD: tl.constexpr):
     pid = tl.program_id(0)
     d = tl.arange(0, BD)
@@ -85,7 +90,9 @@ def _ln_bwd_kernel(X, IDX, W, Bias, DY, DRES, MEAN, RSTD, DX, Y, PART, N, S, D, 
         mean = tl.load(MEAN + r, mask=r_ok, other=0.0)
         rstd = tl.load(RSTD + r, mask=r_ok, other=0.0)
         xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
-        tl.store(Y + out, (xhat * w + bias).to(Y.dtype.element_ty), mask=m)
+        y = xhat * w + bias + tl.where(d == D, 1.0, 0.0)[None, :]           # [xn, 1, 0...] up to the row stride YS
+        tl.store(Y + r.to(tl.int64)[:, None] * YS + d[None, :], y.to(Y.dtype.element_ty),
+                 mask=r_ok[:, None] & (d < YS)[None, :])
         dy = tl.load(DY + out, mask=m, other=0.0).to(tl.float32)           # (ROWS, BD) d xn
         wdy = dy * w
         c_1 = tl.sum(xhat * wdy, 1) / D                                     # (ROWS,)
@@ -111,10 +118,14 @@ def supports(x: torch.Tensor, order: torch.Tensor | None, out_dtype: torch.dtype
             and (order.dim() == 1 or (order.dim() == 2 and order.shape[0] == x.shape[0])))
 
 
-def _layout(x: torch.Tensor, order: torch.Tensor | None):
-    """(index tensor, IDX_MODE, padded row BLOCK_D, rows per tile, warps) for x (B, S, D)."""
-    bd = triton.next_power_of_2(x.shape[-1])
-    rows, warps = max(1, min(16, 2048 // bd)), 4 if bd <= 512 else 8
+ONES_PAD = 8                # the ones column and zeros after it: rows of D + 8 bf16 stay 16-byte aligned
+
+
+def _layout(x: torch.Tensor, order: torch.Tensor | None, width: int, elements: int = 2048, warps: int = 0):
+    """(index tensor, IDX_MODE, row tile BLOCK_D >= width, rows per tile, warps) for x (B, S, D): tiles of about
+    `elements`, on `warps` warps (0: 4 up to 512 columns, else 8)."""
+    bd = triton.next_power_of_2(width)
+    rows, warps = max(1, min(16, elements // bd)), warps or (4 if bd <= 512 else 8)
     if order is None:
         return x, 0, bd, rows, warps                                        # IDX unused
     return order.contiguous(), order.dim(), bd, rows, warps
@@ -124,7 +135,7 @@ def layer_norm(x: torch.Tensor, order: torch.Tensor | None, weight: torch.Tensor
                out_dtype: torch.dtype):
     """x (B, S, D) -> LayerNorm(x[:, order]) (B, S, D) in out_dtype, mean and rstd (B*S,) float32."""
     B, S, D = x.shape
-    idx, mode, bd, rows, warps = _layout(x, order)
+    idx, mode, bd, rows, warps = _layout(x, order, D)
     y = torch.empty(B, S, D, device=x.device, dtype=out_dtype)
     mean = torch.empty(B * S, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
@@ -134,29 +145,33 @@ def layer_norm(x: torch.Tensor, order: torch.Tensor | None, weight: torch.Tensor
     return y, mean, rstd
 
 
-def layer_norm_grad(x, order, weight, bias, dy, dres, mean, rstd, out_dtype: torch.dtype):
+def layer_norm_grad(x, order, weight, bias, dy, dres, mean, rstd, out_dtype: torch.dtype, ones_column: bool = False,
+                    config: tuple | None = None):
     """Backward of `layer_norm` with the residual's gradient joined in (module docstring).
 
     x (B, S, D), dy = d xn (B, S, D) and dres (B, S, D) or None, both in the token order -> dx (B, S, D) in x's
-    dtype and layout, xn (B, S, D) in out_dtype (recomputed), d weight and d bias (D,) float32."""
+    dtype and layout, xn (B*S, D) in out_dtype (recomputed; with ones_column (B*S, D + `ONES_PAD`) rows
+    [xn, 1, 0, ...]), d weight and d bias (D,) float32. config: `BWD_CONFIG` by default."""
     B, S, D = x.shape
-    idx, mode, bd, rows, warps = _layout(x, order)
+    width = D + ONES_PAD if ones_column else D
+    elements, warps, per_sm = config or BWD_CONFIG
+    idx, mode, bd, rows, warps = _layout(x, order, width, elements, warps)
     tiles = triton.cdiv(B * S, rows)
     n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-    iters = triton.cdiv(tiles, n_sm * PROGRAMS_PER_SM)
+    iters = triton.cdiv(tiles, n_sm * per_sm)
     programs = triton.cdiv(tiles, iters)
     dx = torch.empty_like(x)                                                # every row written once
-    y = torch.empty(B, S, D, device=x.device, dtype=out_dtype)
+    y = torch.empty(B * S, width, device=x.device, dtype=out_dtype)
     part = torch.empty(programs, 2, D, device=x.device, dtype=torch.float32)
     f32 = lambda t: t.detach().float().contiguous()
     dy = dy.contiguous()
     has_res = dres is not None
     dres = dres.contiguous() if has_res else dy                             # DRES unused without it
     _ln_bwd_kernel[(programs,)](x, idx, f32(weight), f32(bias), dy, dres, mean, rstd, dx, y, part,
-                                B * S, S, D, iters, IDX_MODE=mode, HAS_RES=has_res, ROWS=rows, BD=bd,
+                                B * S, S, D, width, iters, IDX_MODE=mode, HAS_RES=has_res, ROWS=rows, BD=bd,
                                 num_warps=warps)
     d_w, d_b = part.sum(0)                                                  # (D,) each
     return dx, y, d_w, d_b
 
 
-__all__ = ["layer_norm", "layer_norm_grad", "supports", "SUPPORTED_DTYPES"]
+__all__ = ["layer_norm", "layer_norm_grad", "supports", "SUPPORTED_DTYPES", "ONES_PAD", "BWD_CONFIG"]

@@ -1,0 +1,89 @@
+"""The ViL block's pre-LayerNorm in training on one GPU: `fused._NormUp`'s kernels (`mal.kernels.norm_triton`)
+against what the fast path ran before them.
+
+Per shape (B, S, D) (ViL-T/S/B training, batch 128, 197 tokens, a shared token permutation), a float32 residual
+stream x and bf16 activations, ms per forward + backward (median of CUDA-event-timed calls):
+  torch_ms     x[:, order] -> F.layer_norm -> bf16 xn, the residual x[:, order] kept, backward by autograd (the
+               gather's index_put into zeros, the add of the residual's and the norm's gradients)
+  compiled_ms  the same under torch.compile (the fast path's form before the kernels: a gather first, then the
+               compiled up-region's LayerNorm)
+  triton_ms    `norm_triton.layer_norm` + `layer_norm_grad` (reorder in the loads, gradients joined, xn
+               recomputed with the ones column)
+and the kernels' effective HBM bandwidth. --sweep times the backward kernel's (elements, warps, programs per SM).
+
+    PYTHONPATH=src python benchmarks/norm_kernel.py --sweep --json norm_kernel.json
+"""
+from __future__ import annotations
+
+import itertools
+import json
+
+import torch
+import torch.nn.functional as F
+from qkv_kernel import cuda_ms, parse_args, report, sweep  # benchmarks/ is this script's directory
+
+SHAPES = {"T": (128, 197, 192), "S": (128, 197, 384), "B": (128, 197, 768), "B-pretrain": (256, 128, 768)}
+
+
+def plain(x, order, w, b):
+    """The reference: gather, LayerNorm, bf16 output and the gathered residual."""
+    xr = x[:, order]                                                        # (B, S, D) float32
+    return F.layer_norm(xr, (x.shape[-1],), w, b, 1e-6).bfloat16(), xr
+
+
+def main() -> dict:
+    from mal.kernels import norm_triton
+    args = parse_args(__doc__, SHAPES)
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "default_config": norm_triton.BWD_CONFIG, "shapes": {}}
+    compiled = torch.compile(plain, dynamic=False)
+    for name in args.shapes.split(","):
+        B, S, D = SHAPES[name]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(B, S, D, device="cuda", generator=g, requires_grad=True)
+        w = (1 + 0.1 * torch.randn(D, device="cuda", generator=g)).requires_grad_()
+        b = (0.1 * torch.randn(D, device="cuda", generator=g)).requires_grad_()
+        order = torch.randperm(S, device="cuda")
+        dy = torch.randn(B, S, D, device="cuda", generator=g).bfloat16()
+        dres = torch.randn(B, S, D, device="cuda", generator=g)
+        res: dict = {"B": B, "S": S, "D": D}
+
+        def autograd_step(fn):
+            def run():
+                xn, xr = fn(x, order, w, b)
+                torch.autograd.backward([xn, xr], [dy, dres])
+            return run
+
+        def kernels(cfg=None):
+            xn, mean, rstd = norm_triton.layer_norm(x.detach(), order, w, b, 1e-6, torch.bfloat16)
+            return norm_triton.layer_norm_grad(x.detach(), order, w, b, dy, dres, mean, rstd, torch.bfloat16,
+                                               ones_column=True, config=cfg)
+        res["torch_ms"] = cuda_ms(autograd_step(plain))
+        res["compiled_ms"] = cuda_ms(autograd_step(compiled))
+        res["triton_ms"] = cuda_ms(kernels)
+        n = B * S * D
+        fwd, bwd = n * (4 + 2), n * (4 + 2 + 4 + 2 + 4)                     # bytes: read x, write xn / + dy, dres, dx
+        xn, mean, rstd = norm_triton.layer_norm(x.detach(), order, w, b, 1e-6, torch.bfloat16)
+        res["fwd_ms"] = cuda_ms(lambda: norm_triton.layer_norm(x.detach(), order, w, b, 1e-6, torch.bfloat16))
+        res["bwd_ms"] = cuda_ms(lambda: norm_triton.layer_norm_grad(x.detach(), order, w, b, dy, dres, mean, rstd,
+                                                                    torch.bfloat16, ones_column=True))
+        res["fwd_GBps"] = round(fwd / res["fwd_ms"] / 1e6, 1)
+        res["bwd_GBps"] = round(bwd / res["bwd_ms"] / 1e6, 1)
+        res["speedup_vs_compiled"] = round(res["compiled_ms"] / res["triton_ms"], 2)
+        if args.sweep:
+            configs = list(itertools.product((1024, 2048, 4096, 8192), (4, 8, 16), (4, 8, 16)))
+            sw = sweep(lambda cfg: norm_triton.layer_norm_grad(x.detach(), order, w, b, dy, dres, mean, rstd,
+                                                               torch.bfloat16, ones_column=True, config=cfg), configs)
+            res["sweep"], res["best"], res["best_ms"] = sw["all"], sw["best"], sw["best_ms"]
+        out["shapes"][name] = res
+        print(json.dumps({name: {k: v for k, v in res.items() if k != "sweep"}}), flush=True)
+    report(out, ["shape", "torch ms", "compiled ms", "triton ms", "x compiled", "fwd GB/s", "bwd GB/s",
+                 "best bwd config (ms)"],
+           lambda name, r: [f"{name} {r['B']}x{r['S']}x{r['D']}", f"{r['torch_ms']:.3f}", f"{r['compiled_ms']:.3f}",
+                            f"{r['triton_ms']:.3f}", r["speedup_vs_compiled"], r["fwd_GBps"], r["bwd_GBps"],
+                            f"{r.get('best', '-')} ({r.get('best_ms', '-')}; bwd {r['bwd_ms']:.3f})"], args.json)
+    return out
+
+
+if __name__ == "__main__":
+    main()
