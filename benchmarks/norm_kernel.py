@@ -9,7 +9,8 @@ stream x and bf16 activations, ms per forward + backward (median of CUDA-event-t
                compiled up-region's LayerNorm)
   triton_ms    `norm_triton.layer_norm` + `layer_norm_grad` (reorder in the loads, gradients joined, xn
                recomputed with the ones column)
-and the kernels' effective HBM bandwidth. --sweep times the backward kernel's (elements, warps, programs per SM).
+and the kernels' effective HBM bandwidth. --sweep times the forward kernel's (elements, warps) and the backward
+kernel's (elements, warps, programs per SM).
 
     PYTHONPATH=src python benchmarks/norm_kernel.py --sweep --json norm_kernel.json
 """
@@ -35,7 +36,7 @@ def main() -> dict:
     from mal.kernels import norm_triton
     args = parse_args(__doc__, SHAPES)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "default_config": norm_triton.BWD_CONFIG, "shapes": {}}
+           "default_config": {"fwd": norm_triton.FWD_CONFIG, "bwd": norm_triton.BWD_CONFIG}, "shapes": {}}
     compiled = torch.compile(plain, dynamic=False)
     for name in args.shapes.split(","):
         B, S, D = SHAPES[name]
@@ -75,13 +76,17 @@ def main() -> dict:
             sw = sweep(lambda cfg: norm_triton.layer_norm_grad(x.detach(), order, w, b, dy, dres, mean, rstd,
                                                                torch.bfloat16, ones_column=True, config=cfg), configs)
             res["sweep"], res["best"], res["best_ms"] = sw["all"], sw["best"], sw["best_ms"]
+            sw = sweep(lambda cfg: norm_triton.layer_norm(x.detach(), order, w, b, 1e-6, torch.bfloat16, config=cfg),
+                       list(itertools.product((1024, 2048, 4096, 8192), (1, 2, 4, 8))))
+            res["sweep_fwd"], res["best_fwd"], res["best_fwd_ms"] = sw["all"], sw["best"], sw["best_ms"]
         out["shapes"][name] = res
-        print(json.dumps({name: {k: v for k, v in res.items() if k != "sweep"}}), flush=True)
-    report(out, ["shape", "torch ms", "compiled ms", "triton ms", "x compiled", "fwd GB/s", "bwd GB/s",
-                 "best bwd config (ms)"],
+        print(json.dumps({name: {k: v for k, v in res.items() if not k.startswith("sweep")}}), flush=True)
+    report(out, ["shape", "torch ms", "compiled ms", "triton ms", "x compiled", "fwd ms", "fwd GB/s", "bwd ms",
+                 "bwd GB/s", "best fwd config (ms)", "best bwd config (ms)"],
            lambda name, r: [f"{name} {r['B']}x{r['S']}x{r['D']}", f"{r['torch_ms']:.3f}", f"{r['compiled_ms']:.3f}",
-                            f"{r['triton_ms']:.3f}", r["speedup_vs_compiled"], r["fwd_GBps"], r["bwd_GBps"],
-                            f"{r.get('best', '-')} ({r.get('best_ms', '-')}; bwd {r['bwd_ms']:.3f})"], args.json)
+                            f"{r['triton_ms']:.3f}", r["speedup_vs_compiled"], f"{r['fwd_ms']:.3f}", r["fwd_GBps"],
+                            f"{r['bwd_ms']:.3f}", r["bwd_GBps"], f"{r.get('best_fwd', '-')} ({r.get('best_fwd_ms', '-')})",
+                            f"{r.get('best', '-')} ({r.get('best_ms', '-')})"], args.json)
     return out
 
 

@@ -27,9 +27,11 @@ import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)          # of xn (the activations)
 MAX_DIM = 8192                                              # a row lives in registers
-# Backward: (elements per row tile, warps, programs per SM); a tile is max(1, elements // BLOCK_D) rows, and
-# the programs walk the tiles persistently. See `benchmarks/norm_kernel.py --sweep`.
-BWD_CONFIG = (2048, 8, 8)
+# (elements per row tile, warps) of the forward, (elements per row tile, warps, programs per SM) of the backward;
+# a tile is max(1, elements // BLOCK_D) rows; the backward's programs walk the tiles persistently. The fastest
+# or near it at ViL-T/B shapes in `benchmarks/norm_kernel.py --sweep` on an H100 (benchmarks/results/).
+FWD_CONFIG = (2048, 8)
+BWD_CONFIG = (4096, 4, 8)
 
 
 @triton.jit
@@ -132,10 +134,11 @@ def _layout(x: torch.Tensor, order: torch.Tensor | None, width: int, elements: i
 
 
 def layer_norm(x: torch.Tensor, order: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-               out_dtype: torch.dtype):
-    """x (B, S, D) -> LayerNorm(x[:, order]) (B, S, D) in out_dtype, mean and rstd (B*S,) float32."""
+               out_dtype: torch.dtype, config: tuple | None = None):
+    """x (B, S, D) -> LayerNorm(x[:, order]) (B, S, D) in out_dtype, mean and rstd (B*S,) float32.
+    config: `FWD_CONFIG` by default."""
     B, S, D = x.shape
-    idx, mode, bd, rows, warps = _layout(x, order, D)
+    idx, mode, bd, rows, warps = _layout(x, order, D, *(config or FWD_CONFIG))
     y = torch.empty(B, S, D, device=x.device, dtype=out_dtype)
     mean = torch.empty(B * S, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
@@ -174,4 +177,4 @@ def layer_norm_grad(x, order, weight, bias, dy, dres, mean, rstd, out_dtype: tor
     return dx, y, d_w, d_b
 
 
-__all__ = ["layer_norm", "layer_norm_grad", "supports", "SUPPORTED_DTYPES", "ONES_PAD", "BWD_CONFIG"]
+__all__ = ["layer_norm", "layer_norm_grad", "supports", "SUPPORTED_DTYPES", "ONES_PAD", "FWD_CONFIG", "BWD_CONFIG"]
