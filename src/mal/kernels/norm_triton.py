@@ -32,6 +32,7 @@ MAX_DIM = 8192                                              # a row lives in reg
 # or near it at ViL-T/B shapes in `benchmarks/norm_kernel.py --sweep` on an H100 (benchmarks/results/).
 FWD_CONFIG = (2048, 8)
 BWD_CONFIG = (4096, 4, 8)
+BWD_CONFIGS = {512: (1024, 8, 8)}      # by the padded row width BLOCK_D where another config was faster (ViL-S)
 
 
 @triton.jit
@@ -154,10 +155,10 @@ def layer_norm_grad(x, order, weight, bias, dy, dres, mean, rstd, out_dtype: tor
 
     x (B, S, D), dy = d xn (B, S, D) and dres (B, S, D) or None, both in the token order -> dx (B, S, D) in x's
     dtype and layout, xn (B*S, D) in out_dtype (recomputed; with ones_column (B*S, D + `ONES_PAD`) rows
-    [xn, 1, 0, ...]), d weight and d bias (D,) float32. config: `BWD_CONFIG` by default."""
+    [xn, 1, 0, ...]), d weight and d bias (D,) float32. config: by default `BWD_CONFIGS` or `BWD_CONFIG`."""
     B, S, D = x.shape
     width = D + ONES_PAD if ones_column else D
-    elements, warps, per_sm = config or BWD_CONFIG
+    elements, warps, per_sm = config or BWD_CONFIGS.get(triton.next_power_of_2(width), BWD_CONFIG)
     idx, mode, bd, rows, warps = _layout(x, order, width, elements, warps)
     tiles = triton.cdiv(B * S, rows)
     n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
@@ -177,4 +178,4 @@ def layer_norm_grad(x, order, weight, bias, dy, dres, mean, rstd, out_dtype: tor
     return dx, y, d_w, d_b
 
 
-__all__ = ["layer_norm", "layer_norm_grad", "supports", "SUPPORTED_DTYPES", "ONES_PAD", "FWD_CONFIG", "BWD_CONFIG"]
+__all__ = ["layer_norm", "layer_norm_grad", "supports", "SUPPORTED_DTYPES", "ONES_PAD", "FWD_CONFIG", "BWD_CONFIG", "BWD_CONFIGS"]
