@@ -349,15 +349,12 @@ class _PostFused(torch.autograd.Function):
         dlow = d2.to(xz.dtype)                                              # the down-projection's GEMMs in the
         du = (dlow @ down_w.to(xz.dtype)).view(B, S, -1)                    # activations' dtype, as autocast's linear
         v_weights = ctx.v_out.weights if ctx.v_out is not None else None
-        dh, packed, u1, d_nw, d_nb, d_skip, v = block_grad_triton.post_grad(
-            du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, POST_LN_EPS, v_weights,
-            ones_column=ctx.down_b)                                         # (B, NH, S, DH), (B, S, 2I), (N, I [+ 8])
+        dh, packed, u, d_nw, d_nb, d_skip, v = block_grad_triton.post_grad(
+            du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, POST_LN_EPS, v_weights)  # (B, NH, S, DH), (B, S, 2I), ...
         if v is not None:
             ctx.v_out.provide(v)                                            # (B, S, I) for the cell's backward, next
-        I = h.shape[1] * h.shape[-1]
-        d_down = dlow.t() @ u1                                              # (D, I [+ 8]): [d down_w, d down_b, 0..]
-        d_down_w = d_down[:, :I].to(down_w.dtype)                           # (D, I)
-        d_down_b = d_down[:, I].float() if ctx.down_b else None            # (D,) column sums of d out (bf16)
+        d_down_w = (dlow.t() @ u.view(-1, u.shape[-1])).to(down_w.dtype)   # (D, I)
+        d_down_b = d2.sum(0, dtype=torch.float32) if ctx.down_b else None  # (D,)
         return (None, None, dh, packed, dout if ctx.residual else None, None, None, d_nw, d_nb, d_skip,
                 d_down_w, d_down_b, None, None)
 

@@ -12,8 +12,7 @@ Backward, from du = d(out) W_down (a GEMM):
 * `post_grad`, one kernel, a program per (token tile, image, head):
       da = du SiLU(z),  dz = du a SiLU'(z),  dh = LayerNorm backward of da nw,  dx_c(post) = da skip,
       and the column sums (over tokens) d nw = sum da hn, d nb = sum da, d skip = sum da x_c.
-  It writes dh, the packed (B, S, 2I) buffer [dx_c(post), dz] (which becomes dxz) and u (for W_down's gradient;
-  with a ones column, so that the same GEMM gives b_down's),
+  It writes dh, the packed (B, S, 2I) buffer [dx_c(post), dz] (which becomes dxz) and u (for W_down's gradient),
   and on request the cell's v = blockdiag(Wv) x_m + bv from the x_m it reads for the conv (so the forward need
   not keep v for the cell's backward, which runs next).
 * `pre_grad`, two kernels, a program per (image, channel chunk) walking the sequence:
@@ -36,7 +35,6 @@ import torch
 import triton  # an ImportError here is what mal.fused expects when triton is missing
 import triton.language as tl
 
-from .norm_triton import ONES_PAD
 from .qkv_triton import MAX_GATES, _block_c, _blockdiag
 
 MAX_CONV = 8                # taps of the causal conv
@@ -52,7 +50,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
 @triton.jit(do_not_specialize=["S"])
 def _post_grad_kernel(DU, H, XZ, CW, CB, NW, NB, SK, WV, BV, DH, PK, U, V, PART,
-                      S, I, HD, US, stride_hb, stride_hh, stride_hs, stride_xb, stride_xs, ln_eps,
+                      S, I, HD, stride_hb, stride_hh, stride_hs, stride_xb, stride_xs, ln_eps,
                       KS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
                       WITH_V: tl.constexpr):
     pid_t, b, hd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -112,7 +110,7 @@ def _post_grad_kernel(DU, H, XZ, CW, CB, NW, NB, SK, WV, BV, DH, PK, U, V, PART,
         dh = rstd[:, None] * (da * nw - g_mean[:, None] - hn * gh_mean[:, None])
         pk = row[:, None] * (2 * I) + c[None, :]
         tl.store(DH + out, dh.to(DH.dtype.element_ty), mask=m2)
-        tl.store(U + row[:, None] * US + c[None, :], (a * z * sz).to(U.dtype.element_ty), mask=m2)
+        tl.store(U + out, (a * z * sz).to(U.dtype.element_ty), mask=m2)
         tl.store(PK + pk, (da * skip).to(PK.dtype.element_ty), mask=m2)
         tl.store(PK + pk + I, dz.to(PK.dtype.element_ty), mask=m2)
         part = PART + prow.to(tl.int64) * I + c
@@ -120,11 +118,6 @@ def _post_grad_kernel(DU, H, XZ, CW, CB, NW, NB, SK, WV, BV, DH, PK, U, V, PART,
         tl.store(part, tl.sum(da * hn, 0))
         tl.store(part + n_part, tl.sum(da, 0))
         tl.store(part + 2 * n_part, tl.sum(da * x_c, 0))
-    if US > I:                                                               # u's ones column: [u, 1, 0, ...]
-        if hd == 0:
-            e = tl.arange(0, 8)
-            tl.store(U + row[:, None] * US + (I + e)[None, :], tl.where(e == 0, 1.0, 0.0)[None, :].to(
-                U.dtype.element_ty), mask=m2 & (I + e < US)[None, :])
 
 
 @triton.jit(do_not_specialize=["S"])
@@ -226,13 +219,12 @@ def supports(xz: torch.Tensor, num_heads: int, conv_w: torch.Tensor, wq: torch.T
 
 
 def post_grad(du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, ln_eps: float, v_weights: tuple | None = None,
-              ones_column: bool = False, config: tuple | None = None):
+              config: tuple | None = None):
     """Gradients of the block's post-cell tail from du = d(out) W_down (B, S, I) (module docstring).
 
     h (B, NH, S, DH), xz (B, S, 2I), conv_w (I, 1, K), conv_b/norm_w/norm_b/skip (I,) ->
     dh (B, NH, S, DH) (a head view of a (B, S, I) tensor), the packed (B, S, 2I) [dx_c, dz] in xz's dtype,
-    u (B*S, I) (the down-projection's input; with ones_column (B*S, I + 8) rows [u, 1, 0, ...], so that one GEMM
-    gives W_down's and b_down's gradients), d norm_w, d norm_b, d skip (I,) in float32, and with
+    u (B, S, I) (the down-projection's input), d norm_w, d norm_b, d skip (I,) in float32, and with
     v_weights = (wv (nb, bs, bs), bv (I,)) the cell's v = blockdiag(wv) x_m + bv (B, S, I) in xz's dtype, which
     the kernel forms from the x_m it reads anyway (else None)."""
     bt, bc, warps = config or POST_CONFIG
@@ -242,7 +234,7 @@ def post_grad(du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, ln_eps: float, v_
     n_t = triton.cdiv(S, bt)
     dh = torch.empty(B, S, inner, device=h.device, dtype=h.dtype)
     packed = torch.empty(B, S, 2 * inner, device=xz.device, dtype=xz.dtype)
-    u = torch.empty(B * S, inner + (ONES_PAD if ones_column else 0), device=xz.device, dtype=xz.dtype)
+    u = torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype)
     part = torch.empty(3, B * n_t, inner, device=xz.device, dtype=torch.float32)
     f32 = lambda t: t.detach().float().contiguous()
     v = torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype) if v_weights is not None else None
@@ -250,7 +242,7 @@ def post_grad(du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, ln_eps: float, v_
     bs = wv.shape[-1] if v_weights is not None else 1
     _post_grad_kernel[(n_t, B, NH)](
         du.contiguous(), h, xz, f32(conv_w), f32(conv_b), f32(norm_w), f32(norm_b), f32(skip), wv, bv, dh, packed,
-        u, v if v is not None else u, part, S, inner, DH, u.shape[1], h.stride(0), h.stride(1), h.stride(2), xz.stride(0),
+        u, v if v is not None else u, part, S, inner, DH, h.stride(0), h.stride(1), h.stride(2), xz.stride(0),
         xz.stride(1), ln_eps, KS=conv_w.shape[-1], BT=bt, BC=_block_c(DH, bc), BS=bs, WITH_V=v is not None,
         num_warps=warps)
     d_nw, d_nb, d_skip = part.sum(1)                                         # (I,) each
