@@ -124,14 +124,14 @@ def supports(x: torch.Tensor, order: torch.Tensor | None, out_dtype: torch.dtype
 ONES_PAD = 8                # the ones column and zeros after it: rows of D + 8 bf16 stay 16-byte aligned
 
 
-def _layout(x: torch.Tensor, order: torch.Tensor | None, width: int, elements: int = 2048, warps: int = 0):
-    """(index tensor, IDX_MODE, row tile BLOCK_D >= width, rows per tile, warps) for x (B, S, D): tiles of about
-    `elements`, on `warps` warps (0: 4 up to 512 columns, else 8)."""
+def _layout(x: torch.Tensor, order: torch.Tensor | None, width: int, elements: int):
+    """(index tensor, IDX_MODE, row tile BLOCK_D >= width, rows per tile) for x (B, S, D): tiles of about
+    `elements`."""
     bd = triton.next_power_of_2(width)
-    rows, warps = max(1, min(16, elements // bd)), warps or (4 if bd <= 512 else 8)
+    rows = max(1, min(16, elements // bd))
     if order is None:
-        return x, 0, bd, rows, warps                                        # IDX unused
-    return order.contiguous(), order.dim(), bd, rows, warps
+        return x, 0, bd, rows                                               # IDX unused
+    return order.contiguous(), order.dim(), bd, rows
 
 
 def layer_norm(x: torch.Tensor, order: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -139,7 +139,8 @@ def layer_norm(x: torch.Tensor, order: torch.Tensor | None, weight: torch.Tensor
     """x (B, S, D) -> LayerNorm(x[:, order]) (B, S, D) in out_dtype, mean and rstd (B*S,) float32.
     config: `FWD_CONFIG` by default."""
     B, S, D = x.shape
-    idx, mode, bd, rows, warps = _layout(x, order, D, *(config or FWD_CONFIG))
+    elements, warps = config or FWD_CONFIG
+    idx, mode, bd, rows = _layout(x, order, D, elements)
     y = torch.empty(B, S, D, device=x.device, dtype=out_dtype)
     mean = torch.empty(B * S, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
@@ -159,7 +160,7 @@ def layer_norm_grad(x, order, weight, bias, dy, dres, mean, rstd, out_dtype: tor
     B, S, D = x.shape
     width = D + ONES_PAD if ones_column else D
     elements, warps, per_sm = config or BWD_CONFIGS.get(triton.next_power_of_2(width), BWD_CONFIG)
-    idx, mode, bd, rows, warps = _layout(x, order, width, elements, warps)
+    idx, mode, bd, rows = _layout(x, order, width, elements)
     tiles = triton.cdiv(B * S, rows)
     n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
     iters = triton.cdiv(tiles, n_sm * per_sm)
