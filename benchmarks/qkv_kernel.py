@@ -26,12 +26,13 @@ def cuda_ms(fn) -> float:
     return cuda_times(fn, warmup=3, iters=20)[0]
 
 
-def sweep(fn, configs) -> dict:
-    """ms per config of fn(config); configs that fail to compile are reported by their error's name."""
+def sweep(fn, configs, timer=cuda_ms) -> dict:
+    """ms per config of fn(config) (timer(callable) -> ms); configs that fail to compile are reported by their
+    error's name."""
     res = {}
     for cfg in configs:
         try:
-            res[str(cfg)] = round(cuda_ms(lambda: fn(cfg)), 4)
+            res[str(cfg)] = round(timer(lambda: fn(cfg)), 4)
         except Exception as e:  # noqa: BLE001 - a config that does not compile is reported, not fatal
             res[str(cfg)] = type(e).__name__
     timed = {k: v for k, v in res.items() if isinstance(v, float)}

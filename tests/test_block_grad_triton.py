@@ -5,7 +5,8 @@ CPU: in Triton's interpreter (float32), every gradient of pre-step -> cell -> po
 15 parameters) equals float64 autograd of `block_pre` -> `mlstm_parallel` -> `block_post`, for sequences shorter
 than the conv and than a tile, head dims of one and several channel chunks, one head or two, and 4 or 3 conv
 taps; the v that the post-tail's kernel forms for the cell's backward (`fused.VFromPost`) is the pre-step
-kernel's (to float32 rounding); `supports` refuses CPU tensors, so the CPU fast path keeps its compiled/eager backward.
+kernel's (to float32 rounding); `cast_colsum` (the down-projection's d out in the activations' dtype and its
+column sums) equals a cast and float64 sums; `supports` refuses CPU tensors, so the CPU fast path keeps its compiled/eager backward.
 GPU: in bf16 at ViL-T/B shapes (around a pointwise stand-in for the cell) the gradients are as close to float64
 as the plain autocast path's, and the fused block runs the kernels in training only.
 """
@@ -96,6 +97,21 @@ def test_kernels_in_interpreter_match_float64_autograd(triton_interpreter):
                 assert a.dtype == torch.float32 and a.shape == b.shape, (name, a.dtype, a.shape)
                 e = ((a.double() - b).norm() / b.norm()).item()
                 assert e < 5e-5, (B, S, NH, DH, name, e)
+        print("ok")
+    """)
+
+
+def test_cast_colsum_in_interpreter_is_a_cast_and_float64_column_sums(triton_interpreter):
+    triton_interpreter("""
+        import torch
+        from mal.kernels import block_grad_triton
+        g = torch.Generator().manual_seed(0)
+        for N, D, config in [(37, 24, (64, 1, 3)), (5, 40, (128, 2, 1)), (100, 16, None)]:
+            x = torch.randn(N, D, generator=g) * 3
+            y, sums = block_grad_triton.cast_colsum(x, torch.float16, config)
+            assert y.dtype == torch.float16 and torch.equal(y, x.half())
+            ref = x.double().sum(0)
+            assert sums.dtype == torch.float32 and ((sums.double() - ref).abs() <= 1e-5 * x.abs().sum(0)).all()
         print("ok")
     """)
 

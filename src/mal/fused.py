@@ -145,6 +145,29 @@ def gate_weights(wg: torch.Tensor, bg: torch.Tensor, wq: torch.Tensor, bq: torch
     return w_c, w_m, b
 
 
+def gate_weights_grad(wg, wq, bq, wk, bk, wv, bv, d_wc, d_wm, d_b, qkv_grads):
+    """Backward of `gate_weights` (written out: a few fused kernels when compiled, not autograd's dozens of
+    tiny ones), added to the q/k/v maps' own gradients qkv_grads = (d wq, d bq, d wk, d bk, d wv, d bv):
+    d_wc, d_wm (G, I), d_b (G,) -> gradients of wq, bq, wk, bk, wv, bv, wg, bg in the weights' dtypes.
+
+    With w_c = comp(gq, wq) + comp(gk, wk), comp(g, w)[G, h, i] = sum_o g[G, h, o] w[h, o, i], and
+    b = bg + gq bq + gk bk + gv bv: d g[G, h, o] = sum_i d[G, h, i] w[h, o, i] + d_b[G] bias[h, o],
+    d w[h, o, i] = sum_G g[G, h, o] d[G, h, i], d bias = g^T d_b, d bg = d_b."""
+    G, nb, bs = wg.shape[0], wq.shape[0], wq.shape[-1]
+    acc = torch.promote_types(wg.dtype, d_wc.dtype)
+    blocks = lambda t: t.to(acc).reshape(G, nb, bs)                         # (G, nb, bs)
+    d_c, d_m, d_b = blocks(d_wc), blocks(d_wm), d_b.to(acc)
+    d_g, out = [], []
+    for g, w, bias, d, dw, db in zip(wg.split(nb * bs, dim=1), (wq, wk, wv), (bq, bk, bv), (d_c, d_c, d_m),
+                                     qkv_grads[::2], qkv_grads[1::2]):
+        g3 = blocks(g)                                                      # (G, nb, bs_out)
+        dg3 = (d[:, :, None, :] * w.to(acc)).sum(-1) + d_b[:, None, None] * bias.to(acc).view(nb, bs)  # (G, nb, bs)
+        d_g.append(dg3.reshape(G, nb * bs))
+        dw_gate = (g3[..., None] * d[:, :, None, :]).sum(0)                 # (nb, bs_out, bs_in)
+        out += [(dw + dw_gate).to(w.dtype), (db + (g3 * d_b[:, None, None]).sum(0).flatten()).to(bias.dtype)]
+    return (*out, torch.cat(d_g, 1).to(wg.dtype), d_b.to(wg.dtype))
+
+
 def block_up(x, ln_w, ln_b, ln_eps: float, up_w, up_b, order=None):
     """Block input x (B, S, D) -> up-projection xz (B, S, 2I) of its LayerNorm; with `order` ((S,) or (B, S)) the
     tokens x[:, order] (the gather fused into the LayerNorm's loads when compiled)."""
@@ -167,31 +190,33 @@ class _NormUp(torch.autograd.Function):
     Returns xz (B, S, 2I) and a view of x, the residual for `_PostFused` (with the same order): the gradient
     that function returns for it is d out in the block's token order, which the backward here adds to the
     LayerNorm's input gradient while scattering it back through the order (no gather, scatter or add of
-    (B, S, D) tensors around the block). The up-projection's weight and bias gradients are one GEMM, with the
-    bias as a ones column of the recomputed LayerNorm output (bf16 like autocast's linear backward gives it)."""
+    (B, S, D) tensors around the block). All four parameter gradients come from one GEMM dxz^T [xhat, 1]
+    (float32 out) on the recomputed normalized rows (`norm_triton.affine_grads`, compiled when `compiled`)."""
 
     @staticmethod
-    def forward(ctx, x, order, ln_w, ln_b, ln_eps: float, up_w, up_b):
+    def forward(ctx, compiled, mode, x, order, ln_w, ln_b, ln_eps: float, up_w, up_b):
         low = activation_dtype(x)
         xn, mean, rstd = norm_triton.layer_norm(x, order, ln_w, ln_b, ln_eps, low)   # (B, S, D), (B*S,) x 2
         xz = F.linear(xn, up_w.to(low), None if up_b is None else up_b.to(low))     # (B, S, 2I)
         ctx.save_for_backward(x, order, ln_w, ln_b, up_w, mean, rstd)
-        ctx.low, ctx.up_b = low, up_b is not None
+        ctx.compiled, ctx.mode, ctx.low, ctx.up_b = compiled, mode, low, up_b is not None
         ctx.set_materialize_grads(False)
         return xz, x.view_as(x)
 
     @staticmethod
     def backward(ctx, dxz, dres):
         x, order, ln_w, ln_b, up_w, mean, rstd = ctx.saved_tensors
-        D = x.shape[-1]
-        dxz = torch.zeros(*x.shape[:2], up_w.shape[0], device=x.device, dtype=ctx.low) if dxz is None else dxz
+        w_low = up_w.to(ctx.low)                                                # (2I, D) as the forward used it
+        if dxz is None:
+            dxz = x.new_zeros(*x.shape[:2], up_w.shape[0], dtype=ctx.low)
         g = dxz.reshape(-1, dxz.shape[-1]).to(ctx.low)                         # (N, 2I)
-        dxn = (g @ up_w.to(ctx.low)).view_as(x)                                 # (B, S, D) in the activations' dtype
-        dx, xn1, d_lnw, d_lnb = norm_triton.layer_norm_grad(x, order, ln_w, ln_b, dxn, dres, mean, rstd, ctx.low,
-                                                            ones_column=ctx.up_b)  # xn1 (N, D [+ 8]): [xn, 1, 0..]
-        d_up = g.t() @ xn1                                                      # (2I, D [+ 8]): [d up_w, d up_b, 0..]
-        d_upb = d_up[:, D].float() if ctx.up_b else None                       # (2I,) the column sums of dxz
-        return dx, None, d_lnw, d_lnb, None, d_up[:, :D].to(up_w.dtype), d_upb
+        dxn = (g @ w_low).view_as(x)                                            # (B, S, D) in the activations' dtype
+        dx, xhat1 = norm_triton.layer_norm_grad(x, order, ln_w, dxn, dres, mean, rstd, ctx.low)  # (N, D + 8)
+        m = torch.mm(g.t(), xhat1, out_dtype=torch.float32)                     # (2I, D + 8)
+        grads = _compiled(norm_triton.affine_grads, ctx.mode) if ctx.compiled else norm_triton.affine_grads
+        d_upw, d_upb, d_lnw, d_lnb = grads(m, ln_w, ln_b, w_low)
+        return (None, None, dx, None, d_lnw, d_lnb, None, d_upw.to(up_w.dtype),
+                d_upb.to(up_w.dtype) if ctx.up_b else None)
 
 
 def block_pre(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg, pointwise: bool = False):
@@ -213,7 +238,7 @@ def _pre_weight_grads(dq, dk, dv, dg, x_c, x_m, bs: int):
     tests) d w_c, d w_m (G, I) and d b (G,) of the precomposed gates."""
     acc = torch.promote_types(x_c.dtype, torch.float32)
     return (headwise_wgrad(dq, x_c, bs), headwise_wgrad(dk, x_c, bs), headwise_wgrad(dv, x_m, bs),
-            (dg.t() @ x_c).to(acc), (dg.t() @ x_m).to(acc), dg.to(acc).sum(0))
+            (dg.t() @ x_c).to(acc), (dg.t() @ x_m).to(acc), dg.sum(0, dtype=acc))
 
 
 def block_pre_vjp(xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, dq, dk, dv, dg):
@@ -252,36 +277,34 @@ class _QKVGates(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, compiled, mode, xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg):
-        w_c, w_m, b = gate_weights(wg, bg, wq, bq, wk, bk, wv, bv)
+        compose = _compiled(gate_weights, mode) if compiled else gate_weights
+        w_c, w_m, b = compose(wg, bg, wq, bq, wk, bk, wv, bv)              # (G, I), (G, I), (G,)
         NG = w_c.shape[0]
         if qkv_triton is not None and qkv_triton.supports(xz, conv_w, wq, bq, bk, bv, NG):
             q, k, v, g = qkv_triton.qkv_gates(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, w_c, w_m, b)
         else:
             q, k, v, g = block_pre(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg)
-        ctx.save_for_backward(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg)
+        ctx.save_for_backward(xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, w_c, w_m)
         ctx.compiled, ctx.mode = compiled, mode
         ctx.set_materialize_grads(False)
         return q, k, v, g, xz.view_as(xz)
 
     @staticmethod
     def backward(ctx, dq, dk, dv, dg, d_packed):
-        xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, bg = ctx.saved_tensors
+        xz, conv_w, conv_b, wq, bq, wk, bk, wv, bv, wg, w_c, w_m = ctx.saved_tensors
         I = xz.shape[-1] // 2
         zero = lambda d, n: d if d is not None else xz.new_zeros(*xz.shape[:2], n)
         dq, dk, dv, dg = zero(dq, I), zero(dk, I), zero(dv, I), zero(dg, wg.shape[0])
-        with torch.enable_grad():
-            wts = [t.detach().requires_grad_() for t in (wg, bg, wq, bq, wk, bk, wv, bv)]
-            w_c, w_m, b = gate_weights(*wts)                                # weight-sized precomposition
         if d_packed is None:
             vjp = _compiled(block_pre_vjp, ctx.mode) if ctx.compiled else block_pre_vjp
             dxz, dcw, dcb, dwq, dbq, dwk, dbk, dwv, dbv, d_wc, d_wm, d_b = vjp(
-                xz, conv_w, conv_b, wq, wk, wv, w_c.detach(), w_m.detach(), dq, dk, dv, dg)
+                xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, dq, dk, dv, dg)
         else:
             dxz, dcw, dcb, dwq, dbq, dwk, dbk, dwv, dbv, d_wc, d_wm, d_b = block_pre_grad_triton(
-                xz, conv_w, conv_b, wq, wk, wv, w_c.detach(), w_m.detach(), dq, dk, dv, dg, d_packed)
-        gwg, gbg, gwq, gbq, gwk, gbk, gwv, gbv = torch.autograd.grad((w_c, w_m, b), wts, (d_wc, d_wm, d_b))
-        return (None, None, dxz, dcw, dcb, dwq + gwq, dbq + gbq, dwk + gwk, dbk + gbk, dwv + gwv, dbv + gbv,
-                gwg, gbg)
+                xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, dq, dk, dv, dg, d_packed)
+        grad = _compiled(gate_weights_grad, ctx.mode) if ctx.compiled else gate_weights_grad
+        return (None, None, dxz, dcw, dcb, *grad(wg, wq, bq, wk, bk, wv, bv, d_wc, d_wm, d_b,
+                                                 (dwq, dbq, dwk, dbk, dwv, dbv)))
 
 
 def block_pre_grad_triton(xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, dq, dk, dv, dg, packed):
@@ -346,17 +369,20 @@ class _PostFused(torch.autograd.Function):
         h, xz, conv_w, conv_b, norm_w, norm_b, skip, down_w = ctx.saved_tensors
         B, S, D = dout.shape
         d2 = dout.reshape(-1, D)                                            # (N, D)
-        dlow = d2.to(xz.dtype)                                              # the down-projection's GEMMs in the
-        du = (dlow @ down_w.to(xz.dtype)).view(B, S, -1)                    # activations' dtype, as autocast's linear
+        if d2.dtype == xz.dtype:
+            dlow, d_down_b = d2, d2.sum(0, dtype=torch.float32)             # (N, D), (D,)
+        else:                                                               # one read of d out for both
+            dlow, d_down_b = block_grad_triton.cast_colsum(d2, xz.dtype)
+        du = (dlow @ down_w.to(xz.dtype)).view(B, S, -1)                    # GEMMs in the activations' dtype, as
+                                                                            # autocast's linear
         v_weights = ctx.v_out.weights if ctx.v_out is not None else None
         dh, packed, u, d_nw, d_nb, d_skip, v = block_grad_triton.post_grad(
             du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, POST_LN_EPS, v_weights)  # (B, NH, S, DH), (B, S, 2I), ...
         if v is not None:
             ctx.v_out.provide(v)                                            # (B, S, I) for the cell's backward, next
         d_down_w = (dlow.t() @ u.view(-1, u.shape[-1])).to(down_w.dtype)   # (D, I)
-        d_down_b = d2.sum(0, dtype=torch.float32) if ctx.down_b else None  # (D,)
         return (None, None, dh, packed, dout if ctx.residual else None, None, None, d_nw, d_nb, d_skip,
-                d_down_w, d_down_b, None, None)
+                d_down_w, d_down_b if ctx.down_b else None, None, None)
 
 
 _COMPILED: dict = {}
@@ -523,8 +549,8 @@ def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool
     bg = torch.cat([L.igate.bias, L.fgate.bias], 0)                         # (2NH,)
     norm_up = torch.is_grad_enabled() and _norm_kernel(x, order)
     if norm_up:                                                             # x_res: residual view for _PostFused
-        xz, x_res = _NormUp.apply(x, order, blk.norm.weight, blk.norm.bias, blk.norm.eps, L.proj_up.weight,
-                                  L.proj_up.bias)                           # (B, S, 2I), (B, S, D)
+        xz, x_res = _NormUp.apply(fast.compile, fast.mode, x, order, blk.norm.weight, blk.norm.bias, blk.norm.eps,
+                                  L.proj_up.weight, L.proj_up.bias)         # (B, S, 2I), (B, S, D)
     else:
         up = _compiled(block_up, fast.mode) if fast.compile else block_up
         xz = up(x, blk.norm.weight, blk.norm.bias, blk.norm.eps, L.proj_up.weight, L.proj_up.bias,
@@ -566,5 +592,5 @@ def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool
 
 __all__ = ["FastPath", "RecomputeQKV", "SavedRecipes", "VFromPost", "activation_dtype", "block_forward",
            "block_up", "block_pre", "block_pre_fused", "block_pre_vjp",
-           "block_pre_grad_triton", "block_post", "gate_weights", "headwise", "headwise_wgrad", "headwise_wgrad_dense",
+           "block_pre_grad_triton", "block_post", "gate_weights", "gate_weights_grad", "headwise", "headwise_wgrad", "headwise_wgrad_dense",
            "headwise_input_grad", "causal_conv", "causal_conv_silu", "MEMORY_BUDGET", "POST_LN_EPS"]

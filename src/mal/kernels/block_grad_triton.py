@@ -45,6 +45,7 @@ MAX_CONV = 8                # taps of the causal conv
 POST_CONFIG = (16, 32, 4)
 PRE_CONFIG = (32, 64, 4)
 DXM_CONFIG = (32, 64, 4)
+CAST_CONFIG = (8192, 4, 16)  # `cast_colsum`: (elements per tile, warps, tiles per program)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -207,6 +208,21 @@ def _pre_dxm_kernel(DV, DG, DY, CW, WVT, WM, DXZ, PART, S, I, NG, stride_db, str
     tl.store(PART + b.to(tl.int64) * I + c, tl.sum(s_v, 0))
 
 
+@triton.jit(do_not_specialize=["N", "ITERS"])
+def _cast_colsum_kernel(X, Y, PART, N, D, ITERS, ROWS: tl.constexpr, BD: tl.constexpr):
+    pid = tl.program_id(0)
+    d = tl.arange(0, BD)
+    acc = tl.zeros((ROWS, BD), dtype=tl.float32)                             # column sums, reduced at the end
+    for it in range(ITERS):
+        r = (pid * ITERS + it) * ROWS + tl.arange(0, ROWS)                   # (ROWS,)
+        m = (r < N)[:, None] & (d < D)[None, :]
+        offs = r.to(tl.int64)[:, None] * D + d[None, :]
+        x = tl.load(X + offs, mask=m, other=0.0)                             # (ROWS, BD)
+        tl.store(Y + offs, x.to(Y.dtype.element_ty), mask=m)
+        acc += x.to(tl.float32)
+    tl.store(PART + pid.to(tl.int64) * D + d, tl.sum(acc, 0), mask=d < D)
+
+
 def supports(xz: torch.Tensor, num_heads: int, conv_w: torch.Tensor, wq: torch.Tensor, n_gates: int) -> bool:
     """CUDA fp16/bf16 xz (B, S, 2I) with unit channel stride, head dim DH = I / num_heads with 16 | DH, block
     size dividing 16, at most `MAX_CONV` conv taps and `MAX_GATES` gates, offsets within int32."""
@@ -249,6 +265,22 @@ def post_grad(du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, ln_eps: float, v_
     return dh.view(B, S, NH, DH).transpose(1, 2), packed, u, d_nw, d_nb, d_skip, v
 
 
+def cast_colsum(x: torch.Tensor, dtype: torch.dtype, config: tuple | None = None):
+    """x (N, D) on CUDA -> (x in dtype, its column sums (D,) float32) in one read of x: the down-projection's
+    output gradient for its GEMMs in the activations' dtype, and its bias gradient. config: (elements per
+    tile, warps, tiles per program), default `CAST_CONFIG`."""
+    N, D = x.shape
+    elements, warps, iters = config or CAST_CONFIG
+    bd = triton.next_power_of_2(D)
+    rows = max(1, elements // bd)
+    programs = triton.cdiv(N, rows * iters)
+    x = x.contiguous()
+    y = torch.empty(N, D, device=x.device, dtype=dtype)
+    part = torch.empty(programs, D, device=x.device, dtype=torch.float32)
+    _cast_colsum_kernel[(programs,)](x, y, part, N, D, iters, ROWS=rows, BD=bd, num_warps=warps)
+    return y, part.sum(0)
+
+
 def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, config: tuple | None = None,
              dxm_config: tuple | None = None):
     """Gradients of the block's pre-cell step (module docstring), joined with the post tail's `packed` [dx_c, dz].
@@ -283,4 +315,5 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
     return packed, x_c, d_conv_w, sums[2], sums[0], sums[1], part_v.sum(0)
 
 
-__all__ = ["post_grad", "pre_grad", "supports", "POST_CONFIG", "PRE_CONFIG", "DXM_CONFIG"]
+__all__ = ["cast_colsum", "post_grad", "pre_grad", "supports", "POST_CONFIG", "PRE_CONFIG", "DXM_CONFIG",
+           "CAST_CONFIG"]

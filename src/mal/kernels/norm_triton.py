@@ -10,10 +10,10 @@ tokens, (S,) shared or (B, S) per sample, or none),
   no (B, S, D) copy of x[:, order] is made.
 * `layer_norm_grad` takes dxn = dxz W_up and the residual's gradient dres = d out (both in the block's token
   order) and writes dx[:, order] = dres + LayerNorm backward(dxn) straight into x's rows (a permutation writes
-  each row once), plus xn again for W_up's gradient, and per-program column sums for d w, d b. With
-  `ones_column` xn is written as rows [xn, 1, 0, ..., 0] of width D + 8 (16-byte aligned), so that the one
-  GEMM dxz^T [xn, 1] gives W_up's gradient and, in its column D, b_up's (the column sums of dxz): no separate
-  reduction over the (B*S, 2I) dxz.
+  each row once), plus the normalized rows again as [xhat, 1, 0, ..., 0] of width D + 8 (16-byte aligned). The
+  one GEMM m = dxz^T [xhat, 1] then holds every parameter gradient of LayerNorm + up-projection
+  (`affine_grads`: weight-sized work), so the kernel is purely per row: no column sums over the tokens, no
+  separate reduction of dxz for b_up.
 
 So the block keeps x and two floats per token for its backward instead of x[:, order] and xn, and the gather,
 its backward (an index_put into zeros) and the add of the residual's and the norm's gradients are gone.
@@ -27,12 +27,13 @@ import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)          # of xn (the activations)
 MAX_DIM = 8192                                              # a row lives in registers
-# (elements per row tile, warps) of the forward, (elements per row tile, warps, programs per SM) of the backward;
-# a tile is max(1, elements // BLOCK_D) rows; the backward's programs walk the tiles persistently. The fastest
-# or near it at ViL-T/B shapes in `benchmarks/norm_kernel.py --sweep` on an H100 (benchmarks/results/).
+# (elements per row tile, warps) of each kernel, a program per tile of max(1, elements // BLOCK_D) rows; by the
+# padded row width BLOCK_D where another config was faster than the default. The fastest or near it at the
+# ViL-T/S/B shapes in `benchmarks/norm_kernel.py --sweep` on an H100 (benchmarks/results/).
 FWD_CONFIG = (2048, 8)
-BWD_CONFIG = (4096, 4, 8)
-BWD_CONFIGS = {512: (1024, 8, 8)}      # by the padded row width BLOCK_D where another config was faster (ViL-S)
+FWD_CONFIGS: dict = {}
+BWD_CONFIG = (2048, 4)
+BWD_CONFIGS: dict = {}
 
 
 @triton.jit
@@ -77,37 +78,31 @@ def _ln_fwd_kernel(X, IDX, W, Bias, Y, MEAN, RSTD, N, S, D, eps,
     tl.store(RSTD + r, rstd, mask=r_ok)
 
 
-@triton.jit(do_not_specialize=["N", "S", "ITERS"])
-def _ln_bwd_kernel(X, IDX, W, Bias, DY, DRES, MEAN, RSTD, DX, Y, PART, N, S, D, YS, ITERS,
+@triton.jit(do_not_specialize=["N", "S"])
+def _ln_bwd_kernel(X, IDX, W, DY, DRES, MEAN, RSTD, DX, Y, N, S, D, YS,
                    IDX_MODE: tl.constexpr, HAS_RES: tl.constexpr, ROWS: tl.constexpr, BD: tl.constexpr):
-    pid = tl.program_id(0)
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)                        # (ROWS,) rows of the token order
+    r_ok = r < N
     d = tl.arange(0, BD)
-    w = tl.load(W + d, mask=d < D, other=0.0)[None, :]                      # (1, BD)
-    bias = tl.load(Bias + d, mask=d < D, other=0.0)[None, :]
-    s_w = tl.zeros((ROWS, BD), dtype=tl.float32)                            # column sums, reduced at the end
-    s_b = tl.zeros((ROWS, BD), dtype=tl.float32)
-    for it in range(ITERS):
-        r = (pid * ITERS + it) * ROWS + tl.arange(0, ROWS)                  # (ROWS,) rows of the token order
-        x, src, m, r_ok = _load_rows(X, IDX, r, N, S, D, IDX_MODE, BD)     # (ROWS, BD)
-        out = r.to(tl.int64)[:, None] * D + d[None, :]
-        mean = tl.load(MEAN + r, mask=r_ok, other=0.0)
-        rstd = tl.load(RSTD + r, mask=r_ok, other=0.0)
-        xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
-        y = xhat * w + bias + tl.where(d == D, 1.0, 0.0)[None, :]           # [xn, 1, 0...] up to the row stride YS
-        tl.store(Y + r.to(tl.int64)[:, None] * YS + d[None, :], y.to(Y.dtype.element_ty),
-                 mask=r_ok[:, None] & (d < YS)[None, :])
-        dy = tl.load(DY + out, mask=m, other=0.0).to(tl.float32)           # (ROWS, BD) d xn
-        wdy = dy * w
-        c_1 = tl.sum(xhat * wdy, 1) / D                                     # (ROWS,)
-        c_2 = tl.sum(wdy, 1) / D
-        dx = (wdy - xhat * c_1[:, None] - c_2[:, None]) * rstd[:, None]
-        if HAS_RES:
-            dx += tl.load(DRES + out, mask=m, other=0.0).to(tl.float32)
-        tl.store(DX + src[:, None] * D + d[None, :], dx.to(DX.dtype.element_ty), mask=m)
-        s_w += dy * xhat
-        s_b += dy
-    tl.store(PART + pid * 2 * D + d, tl.sum(s_w, 0), mask=d < D)
-    tl.store(PART + (pid * 2 + 1) * D + d, tl.sum(s_b, 0), mask=d < D)
+    m = r_ok[:, None] & (d < D)[None, :]                                    # (ROWS, BD)
+    out = r.to(tl.int64)[:, None] * D + d[None, :]
+    dy = tl.load(DY + out, mask=m, other=0.0).to(tl.float32)               # (ROWS, BD) d xn
+    if HAS_RES:
+        dres = tl.load(DRES + out, mask=m, other=0.0).to(tl.float32)
+    x, src, m, r_ok = _load_rows(X, IDX, r, N, S, D, IDX_MODE, BD)         # (ROWS, BD)
+    mean = tl.load(MEAN + r, mask=r_ok, other=0.0)
+    rstd = tl.load(RSTD + r, mask=r_ok, other=0.0)
+    xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
+    y = xhat + tl.where(d == D, 1.0, 0.0)[None, :]                          # [xhat, 1, 0...] up to the row stride YS
+    tl.store(Y + r.to(tl.int64)[:, None] * YS + d[None, :], y.to(Y.dtype.element_ty),
+             mask=r_ok[:, None] & (d < YS)[None, :])
+    wdy = dy * tl.load(W + d, mask=d < D, other=0.0)[None, :]
+    c_1 = tl.sum(xhat * wdy, 1) / D                                         # (ROWS,)
+    c_2 = tl.sum(wdy, 1) / D
+    dx = (wdy - xhat * c_1[:, None] - c_2[:, None]) * rstd[:, None]
+    if HAS_RES:
+        dx += dres
+    tl.store(DX + src[:, None] * D + d[None, :], dx.to(DX.dtype.element_ty), mask=m)
 
 
 def supports(x: torch.Tensor, order: torch.Tensor | None, out_dtype: torch.dtype) -> bool:
@@ -137,9 +132,9 @@ def _layout(x: torch.Tensor, order: torch.Tensor | None, width: int, elements: i
 def layer_norm(x: torch.Tensor, order: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                out_dtype: torch.dtype, config: tuple | None = None):
     """x (B, S, D) -> LayerNorm(x[:, order]) (B, S, D) in out_dtype, mean and rstd (B*S,) float32.
-    config: `FWD_CONFIG` by default."""
+    config: by default `FWD_CONFIGS` or `FWD_CONFIG`."""
     B, S, D = x.shape
-    elements, warps = config or FWD_CONFIG
+    elements, warps = config or FWD_CONFIGS.get(triton.next_power_of_2(D), FWD_CONFIG)
     idx, mode, bd, rows = _layout(x, order, D, elements)
     y = torch.empty(B, S, D, device=x.device, dtype=out_dtype)
     mean = torch.empty(B * S, device=x.device, dtype=torch.float32)
@@ -150,33 +145,40 @@ def layer_norm(x: torch.Tensor, order: torch.Tensor | None, weight: torch.Tensor
     return y, mean, rstd
 
 
-def layer_norm_grad(x, order, weight, bias, dy, dres, mean, rstd, out_dtype: torch.dtype, ones_column: bool = False,
-                    config: tuple | None = None):
+def layer_norm_grad(x, order, weight, dy, dres, mean, rstd, out_dtype: torch.dtype, config: tuple | None = None):
     """Backward of `layer_norm` with the residual's gradient joined in (module docstring).
 
     x (B, S, D), dy = d xn (B, S, D) and dres (B, S, D) or None, both in the token order -> dx (B, S, D) in x's
-    dtype and layout, xn (B*S, D) in out_dtype (recomputed; with ones_column (B*S, D + `ONES_PAD`) rows
-    [xn, 1, 0, ...]), d weight and d bias (D,) float32. config: by default `BWD_CONFIGS` or `BWD_CONFIG`."""
+    dtype and layout, and the normalized rows recomputed as [xhat, 1, 0, ...] (B*S, D + `ONES_PAD`) in
+    out_dtype, from which `affine_grads` takes the parameters' gradients. config: by default `BWD_CONFIGS` or
+    `BWD_CONFIG`."""
     B, S, D = x.shape
-    width = D + ONES_PAD if ones_column else D
-    elements, warps, per_sm = config or BWD_CONFIGS.get(triton.next_power_of_2(width), BWD_CONFIG)
+    width = D + ONES_PAD
+    elements, warps = config or BWD_CONFIGS.get(triton.next_power_of_2(width), BWD_CONFIG)
     idx, mode, bd, rows = _layout(x, order, width, elements)
-    tiles = triton.cdiv(B * S, rows)
-    n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-    iters = triton.cdiv(tiles, n_sm * per_sm)
-    programs = triton.cdiv(tiles, iters)
     dx = torch.empty_like(x)                                                # every row written once
     y = torch.empty(B * S, width, device=x.device, dtype=out_dtype)
-    part = torch.empty(programs, 2, D, device=x.device, dtype=torch.float32)
-    f32 = lambda t: t.detach().float().contiguous()
     dy = dy.contiguous()
     has_res = dres is not None
     dres = dres.contiguous() if has_res else dy                             # DRES unused without it
-    _ln_bwd_kernel[(programs,)](x, idx, f32(weight), f32(bias), dy, dres, mean, rstd, dx, y, part,
-                                B * S, S, D, width, iters, IDX_MODE=mode, HAS_RES=has_res, ROWS=rows, BD=bd,
-                                num_warps=warps)
-    d_w, d_b = part.sum(0)                                                  # (D,) each
-    return dx, y, d_w, d_b
+    _ln_bwd_kernel[(triton.cdiv(B * S, rows),)](x, idx, weight.detach().float().contiguous(), dy, dres, mean, rstd,
+                                                dx, y, B * S, S, D, width, IDX_MODE=mode, HAS_RES=has_res,
+                                                ROWS=rows, BD=bd, num_warps=warps)
+    return dx, y
 
 
-__all__ = ["layer_norm", "layer_norm_grad", "supports", "SUPPORTED_DTYPES", "ONES_PAD", "FWD_CONFIG", "BWD_CONFIG", "BWD_CONFIGS"]
+def affine_grads(m: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, up_w: torch.Tensor):
+    """Gradients of xz = (xhat w + b) W_up^T + b_up's parameters from m = dxz^T [xhat, 1] (2I, D + `ONES_PAD`)
+    (one GEMM on `layer_norm_grad`'s rows), all float32: d W_up (2I, D), d b_up (2I,), d w, d b (D,).
+
+    With cs = dxz's column sums (m's column D) and m_hat = dxz^T xhat: d W_up = m_hat w + cs b^T,
+    d b_up = cs, d w = sum_j W_up[j] m_hat[j] (= sum over tokens of d xn xhat), d b = sum_j cs[j] W_up[j]
+    (= sum of d xn). Weight-sized work instead of per-token column sums in the LayerNorm kernel."""
+    D = up_w.shape[1]
+    m_hat, cs, w_up = m[:, :D].float(), m[:, D].float(), up_w.float()      # (2I, D), (2I,), (2I, D)
+    return (m_hat * weight.float() + cs[:, None] * bias.float(), cs, (m_hat * w_up).sum(0),
+            (cs[:, None] * w_up).sum(0))
+
+
+__all__ = ["layer_norm", "layer_norm_grad", "affine_grads", "supports", "SUPPORTED_DTYPES", "ONES_PAD",
+           "FWD_CONFIG", "FWD_CONFIGS", "BWD_CONFIG", "BWD_CONFIGS"]
