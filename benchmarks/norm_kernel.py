@@ -23,7 +23,7 @@ import json
 
 import torch
 import torch.nn.functional as F
-from qkv_kernel import cuda_ms, parse_args, report, sweep  # benchmarks/ is this script's directory
+from qkv_kernel import graph_ms, parse_args, report, sweep  # benchmarks/ is this script's directory
 
 SHAPES = {"T": (128, 197, 192), "S": (128, 197, 384), "B": (128, 197, 768), "B-pretrain": (256, 128, 768)}
 
@@ -32,18 +32,6 @@ def plain(x, order, w, b):
     """The reference: gather, LayerNorm, bf16 output and the gathered residual."""
     xr = x[:, order]                                                        # (B, S, D) float32
     return F.layer_norm(xr, (x.shape[-1],), w, b, 1e-6).bfloat16(), xr
-
-
-def graph_ms(fn, calls: int = 10) -> float:
-    """ms per call of fn, from a CUDA graph of `calls` calls (warmed up first, so Triton compiles outside)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return cuda_ms(graph.replay) / calls
 
 
 def main() -> dict:

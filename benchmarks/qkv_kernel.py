@@ -1,7 +1,8 @@
 """The ViL block's pre-cell step (conv + SiLU, q/k/v, gates) on one GPU: the Triton kernel
 (`mal.kernels.qkv_triton`) against `mal.fused.block_pre` under torch.compile (the fast path's previous form).
 
-Rows per shape (B, S, I), bf16 activations, ms per call (median of CUDA-event-timed calls):
+Rows per shape (B, S, I), bf16 activations, ms per call (median of CUDA-event-timed calls; triton_fwd and the
+sweep from a CUDA graph of 10 calls, without launch overhead):
   compiled_fwd / triton_fwd        forward only (no grad), and the kernel's effective HBM bandwidth
   compiled_fwd_bwd / fused_fwd_bwd forward + backward: compiled block_pre with the fast path's memory budget
                                    vs `block_pre_fused` (Triton forward + compiled written-out backward)
@@ -24,6 +25,19 @@ SHAPES = {"T": (128, 196, 384), "S": (128, 196, 768), "B": (128, 196, 1536), "B-
 def cuda_ms(fn) -> float:
     """Median ms per call of fn (CUDA events, after 3 warm-up calls)."""
     return cuda_times(fn, warmup=3, iters=20)[0]
+
+
+def graph_ms(fn, calls: int = 10) -> float:
+    """ms per call of fn, from a CUDA graph of `calls` calls (warmed up first, so Triton compiles outside): the
+    kernels' time without the launch overhead, as in a training step's graph."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return cuda_ms(graph.replay) / calls
 
 
 def sweep(fn, configs, timer=cuda_ms) -> dict:
@@ -88,11 +102,11 @@ def main() -> dict:
         pre = fused._compiled(block_pre, None)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             res["compiled_fwd_ms"] = cuda_ms(lambda: pre(xz, *rest, pointwise=True))
-        res["triton_fwd_ms"] = cuda_ms(lambda: qkv_triton.qkv_gates(xz, *kargs))
+        res["triton_fwd_ms"] = graph_ms(lambda: qkv_triton.qkv_gates(xz, *kargs))
         res["triton_fwd_GBps"] = round(moved / res["triton_fwd_ms"] / 1e6, 1)
         if args.sweep:
             configs = [c for c in itertools.product((16, 32, 64), (32, 64, 128), (4, 8)) if I % c[1] == 0]
-            sw = sweep(lambda cfg: qkv_triton.qkv_gates(xz, *kargs, config=cfg), configs)
+            sw = sweep(lambda cfg: qkv_triton.qkv_gates(xz, *kargs, config=cfg), configs, graph_ms)
             res["sweep"], res["best"], res["best_ms"] = sw["all"], sw["best"], sw["best_ms"]
         leaves = [t.detach().requires_grad_() for t in a]
         cot = None
