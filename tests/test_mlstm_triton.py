@@ -5,7 +5,9 @@ Accuracy is judged against the torch backend evaluated in float64 on the same (r
     (with gates of magnitude 10 both lose ~1e-3 to the float32 log-gate cumsum, which neither can avoid);
   * bf16: relative error (||x - ref|| / ||ref||) at most BF16_REL_SLACK x the torch-bf16 error + BF16_REL_FLOOR,
     and the Triton and torch bf16 results differ by at most BF16_REL_VS_TORCH of the reference scale.
-GPU tests skip without CUDA; the CPU tests check dispatch and run the kernels in Triton's interpreter.
+GPU tests skip without CUDA; the CPU tests check dispatch and run the kernels in Triton's interpreter, where the
+O(S) gate kernels (statistics forward, gate gradients backward) also equal their torch form (the one rows
+longer than `STATS_MAX_SEQ` take), ties of the running arg-max included.
 """
 from __future__ import annotations
 
@@ -111,6 +113,37 @@ def test_cpu_dispatch():
         pytest.skip("triton is not installed: the 'triton' backend is not registered")
     with pytest.raises(ValueError):
         resolve_backend(q, q, q, i, i, backend="triton")
+
+
+def test_gate_kernels_in_interpreter_equal_the_torch_form(triton_interpreter):
+    triton_interpreter("""
+        import torch
+        from mal.kernels import mlstm_triton as mt
+        g = torch.Generator().manual_seed(0)
+        for S in (1, 7, 33, 200):
+            i = 3 * torch.randn(2, 3, S, generator=g)
+            f = 3 * torch.randn(2, 3, S, generator=g)
+            f[0, 0] = 40.0                                                  # log-forget 0: a = 0, so ...
+            i[0, 0, ::3] = 5.0                                              # ... ties of i - a at every third token
+            i, f = i.transpose(1, 2).contiguous().transpose(1, 2), f        # a strided (B, NH, S) view for i
+            got = mt._gate_stats(i, f)
+            mt.STATS_MAX_SEQ, keep = 0, mt.STATS_MAX_SEQ                    # the torch form
+            want = mt._gate_stats(i, f)
+            mt.STATS_MAX_SEQ = keep
+            assert torch.equal(got[2].long(), want[2]), S                   # the same arg-max, ties to the later
+            scale = want[0].abs().max() + want[1].abs().max()               # a and m are sums of terms this large
+            for x, y in zip(got[:2] + got[3:], want[:2] + want[3:]):        # float32 scans in another order
+                assert (x - y).abs().max() <= 1e-6 * scale, (S, (x - y).abs().max(), scale)
+            dn, row_g, col_g = (torch.randn(2, 3, S, generator=g) for _ in range(3))
+            dn *= 1e5                                                       # eps dN visible next to R and K
+            out = mt._gate_grads(dn, row_g, col_g, got[2], f, 1e-6, torch.float32)
+            mt.STATS_MAX_SEQ = 0
+            ref = mt._gate_grads(dn, row_g, col_g, want[2], f, 1e-6, torch.float32)
+            mt.STATS_MAX_SEQ = keep
+            for x, y in zip(out, ref):
+                assert x.dtype == torch.float32 and torch.allclose(x, y, rtol=1e-5, atol=1e-5 * y.abs().max()), S
+        print("ok")
+    """)
 
 
 def test_interpreter_matches_float64_on_cpu(triton_interpreter):

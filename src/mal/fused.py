@@ -135,7 +135,7 @@ def gate_weights(wg: torch.Tensor, bg: torch.Tensor, wq: torch.Tensor, bq: torch
     G, I = wg.shape[0], wq.shape[0] * wq.shape[-1]
     with torch.autocast(wg.device.type, enabled=False):
         gq, gk, gv = wg.split(I, dim=1)                                     # (G, I) each
-        comp = lambda g, w: torch.einsum("gho,hoi->ghi", g.unflatten(1, (w.shape[0], w.shape[1])), w).reshape(G, I)
+        comp = lambda g, w: (g.unflatten(1, w.shape[:2])[..., None] * w).sum(2).reshape(G, I)  # gho,hoi->ghi
         w_c = comp(gq, wq) + comp(gk, wk)                                   # (G, I) acts on x_c
         w_m = comp(gv, wv)                                                  # (G, I) acts on x_m
         b = bg

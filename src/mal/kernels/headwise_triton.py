@@ -53,7 +53,7 @@ def headwise_wgrad(g: torch.Tensor, x: torch.Tensor, bs: int) -> torch.Tensor:
     """g, x (N, nb*bs) -> dW (nb, bs, bs) in float32: the diagonal blocks of g^T x (see the module docstring)."""
     N, I = x.shape
     splits = triton.cdiv(N, CHUNK)
-    partial = torch.zeros(splits, I // bs, bs, bs, device=x.device, dtype=torch.float32)
+    partial = torch.empty(splits, I // bs, bs, bs, device=x.device, dtype=torch.float32)  # every entry written
     _wgrad_kernel[(I // GROUP, splits)](g, x, partial, N, g.stride(0), x.stride(0), CHUNK_N=CHUNK, C=GROUP, BS=bs,
                                         BLOCK=BLOCK_N)
     return partial.sum(0)                                                    # (nb, bs, bs)

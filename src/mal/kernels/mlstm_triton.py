@@ -3,7 +3,8 @@
 Computes exactly the function of `mlstm_torch.mlstm_parallel` (see its docstring) and registers itself as
 the "triton" backend of `mal.kernels`.
 
-Gate algebra (all O(S) per (batch, head), done in torch in float32):
+Gate algebra (all O(S) per (batch, head), in float32: torch's cumsum for a, the rest one small Triton kernel
+each way, a program per row):
 
     a_t = sum_{s<=t} logsigmoid(f_s)          (log-forget cumsum)
     logD[t, j] = (a_t - a_j) + i_j            (j <= t)
@@ -40,6 +41,7 @@ from .mlstm_torch import EPS
 MIN_HEAD_DIM = 16          # tl.dot needs every dimension >= 16
 MAX_HEAD_DIM = 512         # one padded head-dim tile of 512 still fits in registers/shared memory
 MAX_SEQ_LEN = 16384        # the kernel has no hard limit; this keeps int32 row indices far from overflow
+STATS_MAX_SEQ = 4096       # the O(S) gate kernels hold one (batch, head) row in registers; longer rows use torch
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Backward: recompute delta_t = dh_t . h_t from the fp32 tiles (one more q k^T, dh v^T pass in the dq kernel)
 # instead of from the stored low-precision output. Costs ~2 of ~9 tile products; keeps di/df/dq/dk as accurate
@@ -325,6 +327,98 @@ def _mlstm_bwd_dkdv_kernel(
     tl.store(ColG + vec_base + offs_n, col_g, mask=col_ok)
 
 
+@triton.jit
+def _later_max(k1, j1, a1, i1, k2, j2, a2, i2):
+    """Scan step of a running arg-max carrying (a, i) at the arg-max; ties go to the later index (torch.cummax)."""
+    right = k2 >= k1
+    return tl.where(right, k2, k1), tl.where(right, j2, j1), tl.where(right, a2, a1), tl.where(right, i2, i1)
+
+
+@triton.jit
+def _minimum(x, y):
+    return tl.minimum(x, y)
+
+
+@triton.jit
+def _sum2(s1, c1, s2, c2):
+    """Scan step of a compensated float32 sum (value s, error c): TwoSum keeps each addition's rounding."""
+    s = s1 + s2
+    t = s - s1
+    return s, c1 + c2 + ((s1 - (s - t)) + (s2 - t))
+
+
+@triton.jit
+def _segment_sum2(s1, c1, f1, s2, c2, f2):
+    """Scan step of a compensated sum restarted where the flag f is set (a segment's first element)."""
+    s, c = _sum2(s1, c1, s2, c2)
+    return tl.where(f2 != 0, s2, s), tl.where(f2 != 0, c2, c), f1 | f2
+
+
+@triton.jit
+def _revcumsum2(x):
+    """Compensated float32 reverse cumsum of a row (inclusive): close to the exactly rounded suffix sums, so
+    no less accurate than torch's flip-cumsum-flip whatever the scan order."""
+    s, c = tl.associative_scan((x, tl.zeros_like(x)), 0, _sum2, reverse=True)
+    return s + c
+
+
+@triton.jit
+def _row_vec(X, pid_bh, NH, sb, sh, ss, t, ok):
+    """Row pid_bh = b * NH + h of a (B, NH, S) tensor with strides (sb, sh, ss), as float32 (0 past S)."""
+    return tl.load(_head(X, pid_bh, NH, sb, sh) + t * ss, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["S"])
+def _gate_stats_kernel(Ig_in, A, Ig, Arg, Mlog, NH, S, sib, sih, sis, BLOCK: tl.constexpr):
+    pid_bh = tl.program_id(0)                                                # one (image, head) row per program
+    t = tl.arange(0, BLOCK)                                                  # (BLOCK,) tokens
+    ok = t < S
+    out = pid_bh.to(tl.int64) * S + t
+    ig = _row_vec(Ig_in, pid_bh, NH, sib, sih, sis, t, ok)                   # (BLOCK,)
+    a = tl.load(A + out, mask=ok, other=0.0)                                 # log-forget cumsum
+    key = tl.where(ok, ig - a, -float("inf"))
+    _, arg, a_j, i_j = tl.associative_scan((key, t, a, ig), 0, _later_max)  # running arg-max j*_t, a and i there
+    tl.store(Ig + out, ig, mask=ok)
+    tl.store(Arg + out, arg, mask=ok)
+    tl.store(Mlog + out, (a - a_j) + i_j, mask=ok)                           # logD[t, j*_t], as the tiles form it
+
+
+@triton.jit
+def _norm_stats_kernel(Mlog, Ssum, R, Sgn, N, eps, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    floor = tl.exp(-tl.load(Mlog + offs, mask=ok, other=0.0))
+    s = tl.load(Ssum + offs, mask=ok, other=0.0)
+    above = tl.abs(s) > floor                                                # N_t = max(|s_t|, exp(-m_t)) + eps
+    tl.store(R + offs, 1.0 / (tl.where(above, tl.abs(s), floor) + eps), mask=ok)
+    tl.store(Sgn + offs, tl.where(above, tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0)), 0.0), mask=ok)
+
+
+@triton.jit(do_not_specialize=["S"])
+def _gate_grad_kernel(DN, RowG, ColG, Arg, F_in, DI, DF, NH, S, sfb, sfh, sfs, eps, BLOCK: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    t = tl.arange(0, BLOCK)                                                  # (BLOCK,) tokens
+    ok = t < S
+    row = pid_bh.to(tl.int64) * S
+    dm = eps * tl.load(DN + row + t, mask=ok, other=0.0)                     # dm_t = eps dN_t
+    arg = tl.load(Arg + row + t, mask=ok, other=-1)
+    # the rows t with j*_t = j are j and those up to the next running-max record (j*_t is non-decreasing and
+    # j*_j = j for a record j): scatter(dm at j*)[j] = sum of dm over [j, next record)
+    nxt = t + 1
+    rec = tl.load(Arg + row + nxt, mask=nxt < S, other=-1) == nxt            # token t + 1 is a record
+    nxt = tl.where(rec | (nxt >= S), nxt, BLOCK)
+    nxt = tl.minimum(tl.associative_scan(nxt, 0, _minimum, reverse=True), S)  # first record after t (or S)
+    is_rec = (arg == t).to(tl.int32)                                         # segments start at the records
+    seg, seg_c, _ = tl.associative_scan((dm, tl.zeros_like(dm), is_rec), 0, _segment_sum2)
+    to_argmax = tl.where(ok & (is_rec != 0), tl.gather(seg + seg_c, nxt - 1, 0), 0.0)  # segment totals
+    col_g = tl.load(ColG + row + t, mask=ok, other=0.0)
+    da = tl.load(RowG + row + t, mask=ok, other=0.0) - col_g + dm - to_argmax  # dL/da
+    d_logf = _revcumsum2(da)
+    f = _row_vec(F_in, pid_bh, NH, sfb, sfh, sfs, t, ok)
+    tl.store(DI + row + t, (col_g + to_argmax).to(DI.dtype.element_ty), mask=ok)
+    tl.store(DF + row + t, (d_logf * tl.sigmoid(-f)).to(DF.dtype.element_ty), mask=ok)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------------------------
@@ -372,16 +466,50 @@ def _cfg(table: dict, block_d: int, dtype: torch.dtype) -> tuple[int, int, int, 
 
 
 def _gate_stats(i: torch.Tensor, f: torch.Tensor):
-    """O(S) gate algebra in float32: log-forget cumsum a, input gate, row arg-max j* and stabilizer m.
+    """O(S) gate algebra in float32: log-forget cumsum a, input gate, row arg-max j* and stabilizer m, each
+    (B, NH, S). a is torch's cumsum (the torch backend's exact values: at large gates its rounding dominates
+    both backends' error, so sharing it keeps them equal); the rest is one program per (image, head) row
+    (`_gate_stats_kernel`) up to `STATS_MAX_SEQ`, else torch.
 
-    m_t = logD[t, j*_t] is evaluated with the same operations as torch's amax picks, so it is bitwise the
-    reference's stabilizer (and exp(logD - m) <= 1 exactly)."""
-    log_f = F.logsigmoid(f.float())                                         # (B, NH, S)
-    a = torch.cumsum(log_f, dim=-1).contiguous()                            # (B, NH, S)
-    ig = i.float().contiguous()                                             # (B, NH, S)
-    arg = torch.cummax(ig - a, dim=-1).indices                              # (B, NH, S)
-    m = (a - a.gather(-1, arg)) + ig.gather(-1, arg)                        # (B, NH, S)
-    return a, ig, arg, m.contiguous()
+    m_t = logD[t, j*_t] is evaluated with the same operations as the tiles form logD, so exp(logD - m) <= 1
+    exactly; ties of the arg-max go to the later index, as torch.cummax's."""
+    B, NH, S = i.shape
+    a = torch.cumsum(F.logsigmoid(f.float()), dim=-1).contiguous()          # (B, NH, S)
+    if S > STATS_MAX_SEQ:
+        ig = i.float().contiguous()                                         # (B, NH, S)
+        arg = torch.cummax(ig - a, dim=-1).indices                          # (B, NH, S)
+        m = (a - a.gather(-1, arg)) + ig.gather(-1, arg)                    # (B, NH, S)
+        return a, ig, arg, m.contiguous()
+    ig, m = torch.empty_like(a), torch.empty_like(a)
+    arg = torch.empty(B, NH, S, device=i.device, dtype=torch.int32)
+    block = triton.next_power_of_2(S)
+    _gate_stats_kernel[(B * NH,)](i, a, ig, arg, m, NH, S, *i.stride(), BLOCK=block, num_warps=_row_warps(block))
+    return a, ig, arg, m
+
+
+def _gate_grads(dn, row_g, col_g, arg, f, eps: float, i_dtype: torch.dtype):
+    """The cell's gate gradients from the kernels' row/column sums (module docstring): dm = eps dN sent to the
+    arg-max entries, da = R - K + dm - scatter(dm at j*), di = K + scatter(dm at j*), df = revcumsum(da)
+    sigmoid(-f). dn, row_g, col_g (B, NH, S) float32, arg from `_gate_stats` -> di (i_dtype), df (f's dtype)."""
+    B, NH, S = dn.shape
+    if S > STATS_MAX_SEQ:
+        dm = eps * dn                                                       # (B, NH, S) through the stabilizer
+        to_argmax = torch.zeros_like(dm).scatter_add_(-1, arg, dm)          # (B, NH, S)
+        da = row_g - col_g + dm - to_argmax                                 # (B, NH, S) dL/da
+        di = col_g + to_argmax                                              # (B, NH, S)
+        d_logf = da.flip(-1).cumsum(-1).flip(-1)                            # (B, NH, S) reverse cumsum
+        return di.to(i_dtype), (d_logf * torch.sigmoid(-f.float())).to(f.dtype)
+    di = torch.empty(B, NH, S, device=dn.device, dtype=i_dtype)
+    df = torch.empty(B, NH, S, device=dn.device, dtype=f.dtype)
+    block = triton.next_power_of_2(S)
+    _gate_grad_kernel[(B * NH,)](dn, row_g, col_g, arg, f, di, df, NH, S, *f.stride(), eps, BLOCK=block,
+                                 num_warps=_row_warps(block))
+    return di, df
+
+
+def _row_warps(block: int) -> int:
+    """Warps of the one-row-per-program O(S) kernels: 8 elements of a row per thread, 1 to 8 warps."""
+    return min(8, max(1, block // 256))
 
 
 def _strides(t: torch.Tensor):
@@ -417,11 +545,9 @@ class _MlstmTriton(torch.autograd.Function):
         q, k, v, f, out, a, ig, arg, m, row_sum = ctx.saved_tensors
         eps = ctx.eps
         B, NH, S, DH = q.shape
-        floor = torch.exp(-m)                                               # (B, NH, S)
-        abs_branch = row_sum.abs() > floor                                  # (B, NH, S)
-        norm = torch.where(abs_branch, row_sum.abs(), floor) + eps          # (B, NH, S) N_t
-        r = (1.0 / norm).contiguous()                                       # (B, NH, S)
-        sgn = torch.where(abs_branch, torch.sign(row_sum), torch.zeros_like(row_sum)).contiguous()
+        r, sgn = torch.empty_like(row_sum), torch.empty_like(row_sum)       # (B, NH, S): 1 / N_t, sign(s_t) or 0
+        _norm_stats_kernel[(triton.cdiv(row_sum.numel(), 1024),)](m, row_sum, r, sgn, row_sum.numel(), eps,
+                                                                  BLOCK=1024, num_warps=4)
         if dout.dtype != q.dtype:
             dout = dout.to(q.dtype)
         block_d, block_d2 = _d_chunks(DH)
@@ -450,13 +576,8 @@ class _MlstmTriton(torch.autograd.Function):
             NH, S, DH, scale,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_D2=block_d2, IEEE=ieee, num_warps=warps, num_stages=stages)
 
-        dm = eps * dn                                                       # (B, NH, S) through the stabilizer
-        to_argmax = torch.zeros_like(dm).scatter_add_(-1, arg, dm)          # (B, NH, S)
-        da = row_g - col_g + dm - to_argmax                                 # (B, NH, S) dL/da
-        di = col_g + to_argmax                                              # (B, NH, S)
-        d_logf = da.flip(-1).cumsum(-1).flip(-1)                            # (B, NH, S) reverse cumsum
-        df = d_logf * torch.sigmoid(-f.float())                             # (B, NH, S)
-        return dq, dk, dv, di.to(ctx.i_dtype), df.to(f.dtype), None
+        di, df = _gate_grads(dn, row_g, col_g, arg, f, eps, ctx.i_dtype)    # (B, NH, S) each
+        return dq, dk, dv, di, df, None
 
 
 def mlstm_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
