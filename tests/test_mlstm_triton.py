@@ -85,6 +85,7 @@ def test_matches_torch(dtype, DH, S, gate_scale):
 @needs_gpu
 def test_noncontiguous_and_autograd_through_model_like_views():
     """q, k, v as transposed views of a (B, S, NH, DH) tensor and i, f in bf16 give the same result."""
+    torch.manual_seed(0)                                                    # di/df vs torch bf16 are 1e-2 apart
     B, S, NH, DH = 2, 50, 4, 96
     base = torch.randn(3, B, S, NH, DH, device="cuda", dtype=torch.bfloat16)
     q, k, v = (t.transpose(1, 2) for t in base)                             # (B, NH, S, DH) views
