@@ -187,7 +187,7 @@ class RunConfig:
     recompute: bool = False            # fast path: keep only block inputs, recompute blocks in the backward
                                        # (~18 % slower training, ~4-5x less activation memory)
     recompute_qkv: bool = False        # fast path: recompute the mLSTM cell's q, k, v in the backward
-                                       # (~7 % slower training, ~1/4 less training memory)
+                                       # (~6 % slower training, ~1/4 less training memory)
     cuda_graph: bool = True            # one GPU: replay each micro-batch's forward + backward from CUDA graphs
     seed: int = 0
     output_dir: str = "runs/mal"

@@ -507,7 +507,7 @@ class FastPath:
         per training step; no effect without grad.
     recompute_qkv: in training the mLSTM cell's q, k, v are not kept for the backward but recomputed from xz
         there (`RecomputeQKV`): 8 of 24 saved bytes per token and model dim (v alone is re-formed anyway, by the
-        post-region's backward kernel) for one more pre-region forward per block (about 7 % of a step,
+        post-region's backward kernel) for one more pre-region forward per block (about 6 % of a step,
         docs/benchmarks.md). Not used with checkpoint (which recomputes everything).
     """
     compile: bool = True
