@@ -38,9 +38,7 @@ def main() -> dict:
     from mal.kernels import norm_triton
     args = parse_args(__doc__, SHAPES)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "default_config": {"fwd": norm_triton.FWD_CONFIG, "bwd": norm_triton.BWD_CONFIG,
-                              "fwd_by_width": norm_triton.FWD_CONFIGS, "bwd_by_width": norm_triton.BWD_CONFIGS},
-           "shapes": {}}
+           "default_config": {"fwd": norm_triton.FWD_CONFIG, "bwd": norm_triton.BWD_CONFIG}, "shapes": {}}
     compiled = torch.compile(plain, dynamic=False)
     affine_grads = torch.compile(norm_triton.affine_grads, dynamic=False)
     for name in args.shapes.split(","):

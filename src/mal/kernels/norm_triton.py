@@ -27,13 +27,11 @@ import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)          # of xn (the activations)
 MAX_DIM = 8192                                              # a row lives in registers
-# (elements per row tile, warps) of each kernel, a program per tile of max(1, elements // BLOCK_D) rows; by the
-# padded row width BLOCK_D where another config was faster than the default. The fastest or near it at the
-# ViL-T/S/B shapes in `benchmarks/norm_kernel.py --sweep` on an H100 (benchmarks/results/).
-FWD_CONFIG = (2048, 8)
-FWD_CONFIGS: dict = {}
+# (elements per row tile, warps) of each kernel, a program per tile of max(1, elements // BLOCK_D) rows: within
+# 1 % (backward, ViL-B shapes) and 8 % (forward, ViL-T/S/B) of the fastest in `benchmarks/norm_kernel.py --sweep`
+# on an H100 (benchmarks/results/norm_kernel_rowwise_h100.json; the forward ran at (2048, 8) there, 7-11 % slower).
+FWD_CONFIG = (2048, 2)
 BWD_CONFIG = (2048, 4)
-BWD_CONFIGS: dict = {}
 
 
 @triton.jit
@@ -132,9 +130,9 @@ def _layout(x: torch.Tensor, order: torch.Tensor | None, width: int, elements: i
 def layer_norm(x: torch.Tensor, order: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                out_dtype: torch.dtype, config: tuple | None = None):
     """x (B, S, D) -> LayerNorm(x[:, order]) (B, S, D) in out_dtype, mean and rstd (B*S,) float32.
-    config: by default `FWD_CONFIGS` or `FWD_CONFIG`."""
+    config: `FWD_CONFIG` by default."""
     B, S, D = x.shape
-    elements, warps = config or FWD_CONFIGS.get(triton.next_power_of_2(D), FWD_CONFIG)
+    elements, warps = config or FWD_CONFIG
     idx, mode, bd, rows = _layout(x, order, D, elements)
     y = torch.empty(B, S, D, device=x.device, dtype=out_dtype)
     mean = torch.empty(B * S, device=x.device, dtype=torch.float32)
@@ -150,11 +148,10 @@ def layer_norm_grad(x, order, weight, dy, dres, mean, rstd, out_dtype: torch.dty
 
     x (B, S, D), dy = d xn (B, S, D) and dres (B, S, D) or None, both in the token order -> dx (B, S, D) in x's
     dtype and layout, and the normalized rows recomputed as [xhat, 1, 0, ...] (B*S, D + `ONES_PAD`) in
-    out_dtype, from which `affine_grads` takes the parameters' gradients. config: by default `BWD_CONFIGS` or
-    `BWD_CONFIG`."""
+    out_dtype, from which `affine_grads` takes the parameters' gradients. config: `BWD_CONFIG` by default."""
     B, S, D = x.shape
     width = D + ONES_PAD
-    elements, warps = config or BWD_CONFIGS.get(triton.next_power_of_2(width), BWD_CONFIG)
+    elements, warps = config or BWD_CONFIG
     idx, mode, bd, rows = _layout(x, order, width, elements)
     dx = torch.empty_like(x)                                                # every row written once
     y = torch.empty(B * S, width, device=x.device, dtype=out_dtype)
@@ -181,4 +178,4 @@ def affine_grads(m: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, up_w
 
 
 __all__ = ["layer_norm", "layer_norm_grad", "affine_grads", "supports", "SUPPORTED_DTYPES", "ONES_PAD",
-           "FWD_CONFIG", "FWD_CONFIGS", "BWD_CONFIG", "BWD_CONFIGS"]
+           "FWD_CONFIG", "BWD_CONFIG"]
