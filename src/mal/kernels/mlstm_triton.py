@@ -13,7 +13,8 @@ each way, a program per row):
 so the row stabilizer is known before the kernel runs and no online rescaling is needed. The kernels tile
 queries x keys, recompute P = q k^T / sqrt(DH) and the decay exp((a_t - a_j) + i_j - m_t) per tile (in
 torch's order of operations: a_t - a_j first, which stays exact for nearby j even when |a| is in the
-thousands), and keep only O(S) per-row statistics (the row sum s_t of C) for the backward.
+thousands), and keep only O(S) per-row statistics (1 / N_t and the sign of the row sum s_t of C) for the
+backward.
 
 Backward, with N_t = max(|s_t|, exp(-m_t)) + eps, r_t = 1/N_t, delta_t = dh_t . h_t:
 
@@ -137,7 +138,7 @@ def _dq_tile(q, q2, do, do2, k_base, v_base, A, Ig, vec_base, offs_m, row_ok, a_
 
 @triton.jit(do_not_specialize=["S"])
 def _mlstm_fwd_kernel(
-    Q, K, V, A, Ig, Mlog, O, Ssum,
+    Q, K, V, A, Ig, Mlog, O, Rinv, Sgn,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
     NH, S, DH, scale, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
@@ -184,11 +185,15 @@ def _mlstm_fwd_kernel(
             v2 = _load_cols(v_base, offs_n, col_ok, svs, svd, DH, BLOCK_D, BLOCK_D2)  # (BN, BD2)
             acc2 = _dot_acc(c, v2, acc2, IEEE)
 
-    norm = tl.maximum(tl.abs(row_sum), tl.exp(-m_row)) + eps                  # (BM,)
+    floor = tl.exp(-m_row)
+    norm = tl.maximum(tl.abs(row_sum), floor) + eps                           # (BM,) N_t
     _store_cols(o_base, acc / norm[:, None], offs_m, row_ok, sos, sod, DH, 0, BLOCK_D)
     if BLOCK_D2 > 0:
         _store_cols(o_base, acc2 / norm[:, None], offs_m, row_ok, sos, sod, DH, BLOCK_D, BLOCK_D2)
-    tl.store(Ssum + vec_base + offs_m, row_sum, mask=row_ok)
+    # for the backward: 1 / N_t, and sign(s_t) where |s_t| is the max (0 where the floor is)
+    sgn = tl.where(row_sum > 0, 1.0, tl.where(row_sum < 0, -1.0, 0.0))
+    tl.store(Rinv + vec_base + offs_m, 1.0 / norm, mask=row_ok)
+    tl.store(Sgn + vec_base + offs_m, tl.where(tl.abs(row_sum) > floor, sgn, 0.0), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["S"])
@@ -383,17 +388,6 @@ def _gate_stats_kernel(Ig_in, A, Ig, Arg, Mlog, NH, S, sib, sih, sis, BLOCK: tl.
     tl.store(Mlog + out, (a - a_j) + i_j, mask=ok)                           # logD[t, j*_t], as the tiles form it
 
 
-@triton.jit
-def _norm_stats_kernel(Mlog, Ssum, R, Sgn, N, eps, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < N
-    floor = tl.exp(-tl.load(Mlog + offs, mask=ok, other=0.0))
-    s = tl.load(Ssum + offs, mask=ok, other=0.0)
-    above = tl.abs(s) > floor                                                # N_t = max(|s_t|, exp(-m_t)) + eps
-    tl.store(R + offs, 1.0 / (tl.where(above, tl.abs(s), floor) + eps), mask=ok)
-    tl.store(Sgn + offs, tl.where(above, tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0)), 0.0), mask=ok)
-
-
 @triton.jit(do_not_specialize=["S"])
 def _gate_grad_kernel(DN, RowG, ColG, Arg, F_in, DI, DF, NH, S, sfb, sfh, sfs, eps, BLOCK: tl.constexpr):
     pid_bh = tl.program_id(0)
@@ -524,30 +518,27 @@ class _MlstmTriton(torch.autograd.Function):
         B, NH, S, DH = q.shape
         a, ig, arg, m = _gate_stats(i, f)
         out = torch.empty((B, NH, S, DH), dtype=q.dtype, device=q.device)   # (B, NH, S, DH)
-        row_sum = torch.empty((B, NH, S), dtype=torch.float32, device=q.device)  # (B, NH, S)
+        r, sgn = (torch.empty((B, NH, S), dtype=torch.float32, device=q.device) for _ in range(2))  # 1 / N_t, sign
         block_d, block_d2 = _d_chunks(DH)
         bm, bn, warps, stages = _cfg(_FWD_CFG, _block_d(DH), q.dtype)
         scale = 1.0 / math.sqrt(DH)
         grid = (triton.cdiv(S, bm), B * NH)
         _mlstm_fwd_kernel[grid](
-            q, k, v, a, ig, m, out, row_sum,
+            q, k, v, a, ig, m, out, r, sgn,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             NH, S, DH, scale, eps,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_D2=block_d2, IEEE=q.dtype == torch.float32,
             num_warps=warps, num_stages=stages)
-        ctx.save_for_backward(q, k, v, f, out, a, ig, arg, m, row_sum)
+        ctx.save_for_backward(q, k, v, f, out, a, ig, arg, m, r, sgn)
         ctx.i_dtype = i.dtype
         ctx.eps = eps
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, f, out, a, ig, arg, m, row_sum = ctx.saved_tensors
+        q, k, v, f, out, a, ig, arg, m, r, sgn = ctx.saved_tensors
         eps = ctx.eps
         B, NH, S, DH = q.shape
-        r, sgn = torch.empty_like(row_sum), torch.empty_like(row_sum)       # (B, NH, S): 1 / N_t, sign(s_t) or 0
-        _norm_stats_kernel[(triton.cdiv(row_sum.numel(), 1024),)](m, row_sum, r, sgn, row_sum.numel(), eps,
-                                                                  BLOCK=1024, num_warps=4)
         if dout.dtype != q.dtype:
             dout = dout.to(q.dtype)
         block_d, block_d2 = _d_chunks(DH)
