@@ -90,7 +90,7 @@ def uses_graphs(row: str) -> bool:
 
 
 def build(row: str, size: str) -> nn.Module:
-    from mal import vision_lstm
+    from mal.models import vil as vision_lstm
     preset, dim, deit = SIZES[size]
     if row.startswith("fast") or row == "plain":
         model = getattr(vision_lstm, preset)(NUM_CLASSES, img_size=IMG, mlstm_backend="torch" if row == "plain" else "auto")

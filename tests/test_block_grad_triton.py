@@ -147,7 +147,7 @@ def test_bf16_gradients_as_close_to_float64_as_plain_autocast(B, S, NH, DH, D):
 @needs_gpu
 def test_fused_block_runs_the_kernels_in_training_only(monkeypatch):
     from mal.kernels import block_grad_triton
-    from mal.vision_lstm import ViLBlock
+    from mal.models.vil import ViLBlock
     calls = []
     for name in ("post_grad", "pre_grad"):
         real = getattr(block_grad_triton, name)

@@ -18,7 +18,7 @@ from mal import EncoderConfig, MALPretrain, ObjectiveConfig, VisionLSTM
 from mal import fused
 from mal.fused import block_pre, gate_weights, headwise
 from mal.serialization import gather_tokens, inverse
-from mal.vision_lstm import ViLBlock
+from mal.models.vil import ViLBlock
 
 F64_TOL = 1e-10
 BF16_REL_SLACK, BF16_REL_FLOOR = 2.0, 1e-2

@@ -116,7 +116,7 @@ def test_kernel_bf16_on_gpu(B, S, I):
 @needs_gpu
 def test_fused_block_uses_the_kernel(monkeypatch):
     from mal.kernels import qkv_triton
-    from mal.vision_lstm import ViLBlock
+    from mal.models.vil import ViLBlock
     calls = []
     real = qkv_triton.qkv_gates
     monkeypatch.setattr(qkv_triton, "qkv_gates", lambda *a: calls.append(1) or real(*a))

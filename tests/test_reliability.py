@@ -7,7 +7,7 @@ import torch
 
 from mal import checkpoint as ckpt_mod
 from mal.cli import main
-from mal.pretrain import MALPretrain
+from mal.objectives.mal import MALPretrain
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.dim=32", "model.depth=2", "objective.decoder.depth=1", "objective.decoder.dim=32",

@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from mal.cli import main
 from mal.config import DecoderConfig, EncoderConfig, MaskConfig, ObjectiveConfig, load_run_config
 from mal.distributed import DistInfo
-from mal.pretrain import MALPretrain
+from mal.objectives.mal import MALPretrain
 from mal.step import LossStep, StepRunner, adapt_loaded_optimizer, graphs_usable, make_optimizer
 from mal.train import build_criterion
-from mal.vision_lstm import VisionLSTM
+from mal.models.vil import VisionLSTM
 
 REPO = Path(__file__).resolve().parents[1]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -91,7 +91,7 @@ def cmd_eval(args) -> dict:
     from .distributed import device_for, init_distributed
     from .evaluate import evaluate_classifier, extract_features, knn_accuracy, linear_probe_accuracy
     from .train import eval_loader
-    from .vision_lstm import VisionLSTM
+    from .models.vil import VisionLSTM
 
     ckpt = Path(args.checkpoint)
     meta = read_meta(ckpt)

@@ -33,11 +33,11 @@ from .checkpoint import load_encoder, load_weights, read_meta, save_checkpoint
 from .config import RunConfig, to_dict
 from .distributed import DistInfo, all_reduce_sum, barrier, device_for
 from .evaluate import (autocast_for, evaluate_classifier, extract_features, knn_accuracy, linear_probe_accuracy)
-from .pretrain import MALPretrain
+from .objectives.mal import MALPretrain
 from .serialization import patchify, unpatchify
 from .step import LossStep, StepRunner, adapt_loaded_optimizer, graphs_usable, make_optimizer
 from .viz import plot_curves, save_prediction_grid
-from .vision_lstm import ViLBlock, VisionLSTM
+from .models.vil import ViLBlock, VisionLSTM
 
 log = logging.getLogger("mal")
 SEED_STRIDE = 1_000_003

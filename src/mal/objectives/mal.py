@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .config import EncoderConfig, ObjectiveConfig
+from ..config import EncoderConfig, ObjectiveConfig
 from .decoder import Decoder
-from .serialization import (cluster_patch_table, gather_tokens, layer_plan, patchify, pretrain_cluster_orders,
+from ..serialization import (cluster_patch_table, gather_tokens, layer_plan, patchify, pretrain_cluster_orders,
                             pretrain_layer_patterns, sample_mask, slot_perm, unpatchify)
-from .vision_lstm import VisionLSTM, run_blocks
+from ..models.vil import VisionLSTM, run_blocks
 
 NORM_PIX_EPS = 1e-6
 

@@ -11,9 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
-from .config import DecoderConfig
-from .serialization import gather_tokens, layer_plan, slot_perm
-from .vision_lstm import ViLBlock, run_blocks
+from ..config import DecoderConfig
+from ..serialization import gather_tokens, layer_plan, slot_perm
+from ..models.vil import ViLBlock, run_blocks
 
 
 class CausalBlock(nn.Module):

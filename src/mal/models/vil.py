@@ -1,6 +1,6 @@
 """Vision-LSTM (mLSTM) encoder: the backbone MAL pretrains and fine-tunes (DESIGN §3).
 
-One class serves pretraining (num_classes=0, fed cluster-serialized tokens by `mal.pretrain`) and
+One class serves pretraining (num_classes=0, fed cluster-serialized tokens by `mal.objectives.mal`) and
 classification (bilateral pooling + linear head), with the same parameter names, so pretraining
 checkpoints load strictly.
 """
@@ -13,10 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 
-from .config import MODEL_PRESETS, EncoderConfig
-from .fused import FastPath, block_forward
-from .kernels import mlstm
-from .serialization import gather_tokens, grid_size, layer_orders, layer_plan, random_layer_plan
+from ..config import MODEL_PRESETS, EncoderConfig
+from ..fused import FastPath, block_forward
+from ..kernels import mlstm
+from ..serialization import gather_tokens, grid_size, layer_orders, layer_plan, random_layer_plan
 
 
 def small_init_(weight: torch.Tensor, dim: int) -> None:
