@@ -223,7 +223,7 @@ def measure_pretrain(row: str, size: str, batch: int, res: dict) -> None:
     model = MALPretrain(enc, ObjectiveConfig()).cuda()
     cg = uses_graphs(row)
     if row.startswith("fast"):
-        fast_path(model.encoder, row)
+        fast_path(model, row)
         if ARGS.compile_decoder:
             for blk in getattr(model.decoder, "blocks", []):
                 blk.compile(dynamic=False)
@@ -234,11 +234,11 @@ def measure_pretrain(row: str, size: str, batch: int, res: dict) -> None:
     it = [0]
 
     def step():
-        clusters, mask = sets[0 if cg else it[0] % len(sets)]          # a graph replays static inputs
+        draws = sets[0 if cg else it[0] % len(sets)]                    # a graph replays static inputs
         it[0] += 1
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cg):
-            loss = model(imgs, clusters, mask)["loss"]
+            loss = model(imgs, *draws)["loss"]
         loss.backward()
         opt.step()
     ms, warm, run = timed(step, cg)

@@ -1,7 +1,8 @@
 """Where a training run's time goes: the library's own training step (eager vs CUDA-graphed) and its data loader.
 
 For each config (default: the CIFAR-10 protocol's pretraining and supervised/fine-tuning recipes) it builds the
-model, optimizer, loss and mixup exactly as `mal.train` does and measures, on one GPU:
+run's `mal.engine.Trainer` (model, optimizer, loss, mixup, EMA as configured) and times `Trainer.train_step`, the
+step `mal pretrain` / `mal finetune` run, on one GPU:
   step_eager   img/s of a full optimizer step (forward + backward + clip + fused AdamW [+ EMA]) launched eagerly
   step_graph   the same with the forward + backward replayed from CUDA graphs (cuda_graph=true, the default)
   step_plain   fast_path=false (plain PyTorch ViL blocks, torch mLSTM), eager
@@ -16,9 +17,11 @@ Prints JSON lines, then a markdown table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,51 +31,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import top_kernels, warm_up  # noqa: E402
 
 from mal.config import load_run_config  # noqa: E402
-from mal.step import LossStep, StepRunner, make_optimizer  # noqa: E402
-from mal.train import (SeededDataset, StepSampler, build_criterion, build_datasets, build_model,  # noqa: E402
-                       enable_fast_path, param_groups)
+from mal.distributed import DistInfo  # noqa: E402
+from mal.engine import Trainer  # noqa: E402
+from mal.engine.build import build_datasets  # noqa: E402
+from mal.engine.sampling import SeededDataset, StepSampler  # noqa: E402
 
-NUM_CLASSES = 10
+QUIET = ["log_every=1000000", "save_every=1000000", "eval_every=1000000", "probe=false", "data.num_workers=0"]
 
 
-def build_step(cfg, graphs: bool):
-    """A zero-argument callable running one optimizer step of `cfg` on synthetic data, as mal.train does."""
-    device = torch.device("cuda")
-    model = build_model(cfg, NUM_CLASSES).to(device).train()
-    if cfg.fast_path:
-        enable_fast_path(model, device, cfg.recompute)
-    o = cfg.optim
-    opt = make_optimizer(param_groups(model, o.weight_decay, o.layer_decay), o.abs_lr, o.betas, device)
-    criterion, mixup = build_criterion(cfg, NUM_CLASSES)
-    runner = StepRunner(LossStep(model, cfg.task, criterion), device, cfg.amp, graphs)
-    ema = None
-    if cfg.ema_decay > 0:
-        from timm.utils import ModelEmaV3
-        ema = ModelEmaV3(model, decay=cfg.ema_decay)
-    B, size = o.batch_size, cfg.model.img_size
-    imgs = torch.randn(B, 3, size, size, device=device)
-    labels = torch.randint(0, NUM_CLASSES, (B,), device=device)
-    draws = torch.Generator().manual_seed(0)
-    it = [0]
-
-    def step():
-        if cfg.task == "pretrain":
-            clusters, mask = model.sample_inputs(B, draws)
-            clusters = clusters.pin_memory().to(device, non_blocking=True)
-            extra = () if mask is None else (mask.pin_memory().to(device, non_blocking=True),)
-            loss = runner(imgs, clusters, *extra)
-        else:
-            x, y = mixup(imgs.clone(), labels) if mixup is not None else (imgs, labels)
-            loss = runner(x, y)
-        loss.backward()
-        if o.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(model, step=it[0])
-        it[0] += 1
-    return step
+def build_step(cfg, run_dir: Path):
+    """A zero-argument callable running one `Trainer.train_step` of `cfg` on synthetic device batches."""
+    trainer = Trainer(cfg, run_dir, DistInfo(), progress=False)
+    trainer.begin()
+    B, size, dev = trainer.micro, cfg.model.img_size, trainer.device
+    batch = (torch.randn(B, 3, size, size, device=dev), torch.randint(0, trainer.num_classes or 10, (B,), device=dev))
+    batches = itertools.repeat(batch)
+    return lambda: trainer.train_step(batches)
 
 
 def time_step(step, warmup: int, iters: int) -> tuple[float, float]:
@@ -120,14 +94,15 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     results = []
     for path in args.configs.split(","):
-        over = [*args.set] + ([f"data.dataset={args.data}"] if args.data else [])
+        over = [*args.set, f"data.dataset={args.data or 'default'}"]
         cfg = load_run_config(path, over)
         name = Path(path).stem
         for row in args.rows.split(","):
             res = {"config": name, "row": row, "batch": cfg.optim.batch_size}
             try:
-                c = load_run_config(path, over + (["fast_path=false"] if row == "step_plain" else []))
-                step = build_step(c, graphs=row == "step_graph")
+                mode = {"step_plain": ["fast_path=false", "cuda_graph=false"], "step_eager": ["cuda_graph=false"]}
+                c = load_run_config(path, over + QUIET + mode.get(row, []))
+                step = build_step(c, Path(tempfile.mkdtemp(prefix=f"train_step_{name}_{row}_")))
                 sec, warm = time_step(step, args.warmup, args.iters)
                 res.update(img_s=round(c.optim.batch_size / sec, 1), ms=round(sec * 1e3, 2), warmup_s=round(warm, 1),
                            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))

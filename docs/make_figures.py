@@ -10,13 +10,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from mal.serialization import layer_orders, scan_order  # noqa: E402
+from mal.serialization import layer_orders, order_from_clusters, scan_order  # noqa: E402
 
 H = W = 12
 K = 4
 PANELS = [("(a) row_fwd", scan_order(H, W, K, "row_fwd")), ("(b) col_fwd", scan_order(H, W, K, "col_fwd")),
           ("(c) row_bwd", scan_order(H, W, K, "row_bwd")), ("(d) col_bwd", scan_order(H, W, K, "col_bwd")),
-          ("(e) random (one sample)", layer_orders("random", 1, H, W, K, False, 1, torch.Generator().manual_seed(0))[0][0]),
+          ("(e) random (one sample)",
+           order_from_clusters(H, W, K, torch.randperm(9, generator=torch.Generator().manual_seed(0))[None])[0]),
           ("(f) alternating, layer 2 (reversed)", layer_orders("alternating", 2, H, W, K, True)[1])]
 
 

@@ -36,7 +36,8 @@ def test_prediction_of_next_cluster_depends_only_on_earlier_clusters(order, unit
     model = _pretrain_model(order, unit, decoder)
     g = torch.Generator().manual_seed(1)
     imgs = torch.randn(1, 3, 16, 16, generator=g, dtype=torch.float64)
-    clusters, mask = model.sample_inputs(1, g)
+    clusters, *rest = model.sample_inputs(1, g)
+    mask = rest[0] if rest else None
     table = cluster_patch_table(4, 4, 2)
     seq = clusters[0]                        # cluster ids in the sample's sequence
     kk = 4
@@ -100,8 +101,8 @@ def test_pretraining_step_learns_and_reconstructs():
     g = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(30):
-        clusters, mask = model.sample_inputs(4, g)
-        out = model(imgs, clusters, mask)
+        clusters, *mask = model.sample_inputs(4, g)
+        out = model(imgs, clusters, *mask)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()

@@ -1,11 +1,11 @@
-"""Scan orders, cluster partitions, patchify and masking."""
+"""Scan orders, cluster partitions, patchify, masking, and the scan plans that apply the orders."""
 import pytest
 import torch
 
+from mal.scan import RandomScanPlan, ScanPlan
 from mal.serialization import (FIXED_ORDERS, SCAN_ORDERS, _order_list, cluster_grid, cluster_patch_table,
-                               cluster_sequence, deserialize, gather_tokens, inverse, layer_orders, order_from_clusters,
-                               patchify, pretrain_cluster_orders, random_layer_plan, sample_mask, scan_order, serialize,
-                               unpatchify)
+                               cluster_sequence, gather_tokens, inverse, layer_orders, order_from_clusters, patchify,
+                               pretrain_cluster_orders, sample_mask, scan_order, unpatchify)
 
 
 def test_patchify_roundtrip():
@@ -24,7 +24,7 @@ def test_orders_are_permutations_with_inverse(grid, order):
     assert torch.equal(perm.sort().values, torch.arange(h * w))
     assert torch.equal(perm[inverse(perm)], torch.arange(h * w))
     x = torch.randn(2, h * w, 5)
-    assert torch.equal(deserialize(serialize(x, perm), perm), x)
+    assert torch.equal(gather_tokens(gather_tokens(x, perm), inverse(perm)), x)
 
 
 def test_orders_a_to_d_on_12x12_k4():
@@ -54,17 +54,20 @@ def test_ragged_clusters_14x14():
     x = torch.randn(3, 196, 4)
     for order in FIXED_ORDERS:
         p = scan_order(14, 14, 4, order)
-        assert torch.equal(deserialize(serialize(x, p), p), x)
+        assert torch.equal(gather_tokens(gather_tokens(x, p), inverse(p)), x)
 
 
 def test_random_order_per_sample_and_seeded():
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    a = layer_orders("random", 2, 12, 12, 4, False, batch=4, generator=g1)[0]
-    b = layer_orders("random", 2, 12, 12, 4, False, batch=4, generator=g2)[0]
+    torch.manual_seed(3)
+    a = RandomScanPlan(2, 12, 12, 4, False).gathers("cpu", 4)[0][0]
+    torch.manual_seed(3)
+    b = RandomScanPlan(2, 12, 12, 4, False).gathers("cpu", 4)[0][0]
     assert a.shape == (4, 144) and torch.equal(a, b)
     assert len({tuple(r.tolist()) for r in a}) > 1
     for row in a:
         assert torch.equal(row.sort().values, torch.arange(144))
+    with pytest.raises(ValueError, match="RandomScanPlan"):
+        layer_orders("random", 2, 12, 12, 4, False)
     c = pretrain_cluster_orders("random", 8, 12, 12, 4, torch.Generator().manual_seed(4))
     assert len({tuple(r.tolist()) for r in c}) > 1
 
@@ -85,13 +88,13 @@ def test_order_from_clusters_equals_the_listed_orders(grid, k):
 
 @pytest.mark.parametrize("grid,k", [((12, 12), 4), ((14, 14), 4), ((7, 5), 3), ((6, 6), 1)])
 @pytest.mark.parametrize("bidirectional,depth", [(True, 5), (True, 4), (False, 3)])
-def test_random_layer_plan_scans_each_samples_cluster_sequence(grid, k, bidirectional, depth):
+def test_random_plan_scans_each_samples_cluster_sequence(grid, k, bidirectional, depth):
     """The on-device plan makes every layer scan the sample's cluster sequence (row-major inside, reversed on
     every other layer when bidirectional) and gathers back to raster order at the end."""
     h, w = grid
     B, n = 3, cluster_grid(h, w, k)[0] * cluster_grid(h, w, k)[1]
     clusters = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i)) for i in range(B)])
-    steps, back = random_layer_plan(depth, h, w, k, bidirectional, B, clusters=clusters)
+    steps, back = RandomScanPlan(depth, h, w, k, bidirectional).gathers("cpu", B, clusters=clusters)
     base = torch.tensor([_order_list(h, w, k, tuple(c.tolist()), "row") for c in clusters])  # (B, hw) reference
     x = torch.arange(h * w).expand(B, -1).unsqueeze(-1)                      # (B, hw, 1) raster ids
     for layer, idx in enumerate(steps):
@@ -102,9 +105,10 @@ def test_random_layer_plan_scans_each_samples_cluster_sequence(grid, k, bidirect
     assert torch.equal(gather_tokens(x, back)[..., 0], torch.arange(h * w).expand(B, -1))
 
 
-def test_random_layer_plan_draws_new_uniform_sequences():
+def test_random_plan_draws_new_uniform_sequences():
     torch.manual_seed(0)
-    firsts = torch.stack([random_layer_plan(2, 12, 12, 4, True, 64)[0][0][:, 0] for _ in range(20)])  # (20, 64)
+    plan = RandomScanPlan(2, 12, 12, 4, True)
+    firsts = torch.stack([plan.gathers("cpu", 64)[0][0][:, 0] for _ in range(20)])  # (20, 64)
     # the first patch scanned is the top-left patch of a uniformly drawn cluster: 9 clusters, all seen
     tops = torch.tensor([(c // 3) * 48 + (c % 3) * 4 for c in range(9)])
     assert torch.isin(firsts, tops).all()
@@ -147,3 +151,33 @@ def test_pixel_mask_and_errors():
     with pytest.raises(ValueError, match=r"outside \[0, 1\)"):
         sample_mask("patch", 1.0, 2, 12, 12, 4, 4)
     assert set(SCAN_ORDERS) == {"row_fwd", "col_fwd", "row_bwd", "col_bwd", "random", "alternating"}
+
+
+class _Tag(torch.nn.Module):
+    """A stand-in block: records the token order it is handed (x holds token ids) and passes x on."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def forward(self, x, order=None):
+        x = x if order is None else gather_tokens(x, order)
+        self.seen.append(x[..., 0].clone())
+        return x
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_scan_plan_runs_each_layer_on_its_order_and_returns_to_the_canonical_layout(bidirectional):
+    orders = layer_orders("alternating", 6, 12, 12, 4, bidirectional)
+    plan, seen = ScanPlan(orders), []
+    blocks = torch.nn.ModuleList([_Tag(seen) for _ in orders])
+    x = torch.arange(144).expand(2, -1).unsqueeze(-1)                      # (2, 144, 1) raster ids
+    out = plan.run(blocks, x)
+    for layer, order in enumerate(orders):
+        assert torch.equal(seen[layer], order.expand(2, -1)), layer       # layer l scans orders[l]
+    assert torch.equal(out, x)                                             # back in raster order
+    assert torch.equal(plan.run(blocks, x, canonical=False)[..., 0], orders[-1].expand(2, -1))
+    steps, _ = plan.gathers("cpu")
+    assert plan.gathers("cpu")[0] is steps                                 # built once per device
+    with pytest.raises(ValueError, match="the plan has 6 layers"):
+        plan.run(blocks[:3], x)

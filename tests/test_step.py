@@ -1,5 +1,5 @@
 """The training step: the loss module the CUDA graphs capture, when graphs are used, the optimizer's
-device portability, and (on a GPU) graphed steps == eager steps, also through `mal.train` with accumulation."""
+device portability, and (on a GPU) graphed steps == eager steps, also through the trainer with accumulation."""
 import json
 from pathlib import Path
 
@@ -12,8 +12,9 @@ from mal.cli import main
 from mal.config import DecoderConfig, EncoderConfig, MaskConfig, ObjectiveConfig, load_run_config
 from mal.distributed import DistInfo
 from mal.objectives.mal import MALPretrain
-from mal.step import LossStep, StepRunner, adapt_loaded_optimizer, graphs_usable, make_optimizer
-from mal.train import build_criterion
+from mal.engine.build import build_criterion
+from mal.engine.optim import adapt_loaded_optimizer, make_optimizer
+from mal.engine.step import LossStep, StepRunner, graphs_usable
 from mal.models.vil import VisionLSTM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,19 +34,20 @@ def test_loss_step_is_the_model_loss():
     torch.manual_seed(0)
     pre = MALPretrain(EncoderConfig(**ENC), ObjectiveConfig(decoder=DEC))
     imgs = torch.randn(3, 3, 24, 24)
-    clusters, mask = pre.sample_inputs(3, torch.Generator().manual_seed(1))
-    runner = StepRunner(LossStep(pre, "pretrain"), torch.device("cpu"), amp=True, graphs=False)
-    assert torch.equal(runner(imgs, clusters, mask), pre(imgs, clusters, mask)["loss"])
+    draws = pre.sample_inputs(3, torch.Generator().manual_seed(1))
+    assert len(draws) == 2                          # cluster sequences and the cluster mask
+    runner = StepRunner(LossStep(pre), torch.device("cpu"), amp=True, graphs=False)
+    assert torch.equal(runner(imgs, *draws), pre(imgs, *draws)["loss"])
 
     cfg = load_run_config(REPO / "configs/cifar10_supervised.yaml", ["aug.mixup=0", "aug.cutmix=0"])
     crit, mixup = build_criterion(cfg, 10)
     assert mixup is None
     clf = VisionLSTM(EncoderConfig(**ENC), num_classes=10)
     y = torch.tensor([1, 2, 3])
-    loss = StepRunner(LossStep(clf, "supervised", crit), torch.device("cpu"), True, False)(imgs, y)
+    loss = StepRunner(LossStep(clf, crit), torch.device("cpu"), True, False)(imgs, y)
     assert torch.equal(loss, crit(clf(imgs).float(), y))
     with pytest.raises(Exception):      # labels are checked by the criterion, not silently ignored
-        StepRunner(LossStep(clf, "supervised", crit), torch.device("cpu"), True, False)(imgs, y[:2])
+        StepRunner(LossStep(clf, crit), torch.device("cpu"), True, False)(imgs, y[:2])
 
 
 def test_optimizer_state_from_a_fused_gpu_run_resumes_on_cpu():
@@ -69,11 +71,11 @@ def test_optimizer_state_from_a_fused_gpu_run_resumes_on_cpu():
     assert opt2.state[model.weight]["step"].item() == 2
 
 
-def _steps(model, graphs: bool, batches, task="pretrain", crit=None):
+def _steps(model, graphs: bool, batches, crit=None):
     """Three AdamW steps through StepRunner; returns the losses."""
     dev = torch.device("cuda")
     opt = make_optimizer([{"params": list(model.parameters())}], 1e-3, (0.9, 0.999), dev)
-    runner = StepRunner(LossStep(model, task, crit), dev, amp=True, graphs=graphs)
+    runner = StepRunner(LossStep(model, crit), dev, amp=True, graphs=graphs)
     losses = []
     for args in batches:
         loss = runner(*args)
@@ -95,14 +97,13 @@ def test_graphed_gradients_accumulate_like_eager(accum):
     g = torch.Generator().manual_seed(5)
     micro = []
     for _ in range(2 * accum):
-        c, mask = models[0].sample_inputs(4, g, "cuda")
-        micro.append((torch.randn(4, 3, 24, 24, device="cuda"), c, mask))
+        micro.append((torch.randn(4, 3, 24, 24, device="cuda"), *models[0].sample_inputs(4, g, "cuda")))
     grads = []
     for m, graphs in zip(models, (False, True)):
-        m.encoder.fast_path()
+        m.fast_path()
         dev = torch.device("cuda")
         opt = make_optimizer([{"params": list(m.parameters())}], 1e-3, (0.9, 0.999), dev)
-        runner = StepRunner(LossStep(m, "pretrain"), dev, amp=True, graphs=graphs, accum_steps=accum)
+        runner = StepRunner(LossStep(m), dev, amp=True, graphs=graphs, accum_steps=accum)
         assert runner.keep_grads == (graphs and accum > 1)
         runner.zero_grad(opt)
         per_step = []
@@ -128,12 +129,11 @@ def test_graphed_pretraining_steps_match_eager_steps(unit):
     b = MALPretrain(EncoderConfig(**ENC), obj).cuda().train()
     b.load_state_dict(a.state_dict())
     for m in (a, b):
-        m.encoder.fast_path()
+        m.fast_path()
     g = torch.Generator().manual_seed(3)
     batches = []
     for _ in range(3):
-        c, mask = a.sample_inputs(8, g, "cuda")
-        batches.append((torch.randn(8, 3, 24, 24, device="cuda"), c, *(() if mask is None else (mask,))))
+        batches.append((torch.randn(8, 3, 24, 24, device="cuda"), *a.sample_inputs(8, g, "cuda")))
     init = [p.detach().clone() for p in a.parameters()]
     eager, graph = _steps(a, False, batches), _steps(b, True, batches)
     assert torch.allclose(torch.tensor(eager), torch.tensor(graph), rtol=2e-2, atol=1e-3), (eager, graph)
@@ -159,7 +159,7 @@ def test_graphed_classification_step_with_mixup_targets_matches_eager():
     for _ in range(3):
         x, y = mixup(torch.randn(8, 3, 24, 24, device="cuda"), torch.randint(0, 10, (8,), device="cuda"))
         batches.append((x, y))
-    eager, graph = _steps(a, False, batches, "supervised", crit), _steps(b, True, batches, "supervised", crit)
+    eager, graph = _steps(a, False, batches, crit), _steps(b, True, batches, crit)
     assert torch.allclose(torch.tensor(eager), torch.tensor(graph), rtol=2e-2, atol=1e-3), (eager, graph)
 
 
@@ -174,7 +174,7 @@ def test_graphed_step_draws_new_random_scan_orders_at_each_replay():
     x, y = torch.randn(8, 3, 24, 24, device=dev), torch.randint(0, 10, (8,), device=dev)
     losses = {}
     for graphs in (True, False):                     # capture first: no autograd graph of an eager step alive
-        runner = StepRunner(LossStep(m, "supervised", torch.nn.CrossEntropyLoss()), dev, amp=True, graphs=graphs)
+        runner = StepRunner(LossStep(m, torch.nn.CrossEntropyLoss()), dev, amp=True, graphs=graphs)
         losses[graphs] = []
         for _ in range(4):                           # no optimizer step: same weights every call
             loss = runner(x, y)

@@ -169,7 +169,7 @@ def test_torchrun_two_processes_match_one(image_folder, tmp_path):
 
 
 def test_probe_set_shares_the_decoded_cache_and_uses_the_eval_transform(image_folder, tmp_path):
-    from mal.train import build_datasets
+    from mal.engine.build import build_datasets
     cfg = load_run_config(REPO / "configs/cifar10_pretrain.yaml", [f"data.dataset={image_folder}",
                                                                     f"data.cache_dir={tmp_path / 'c'}"])
     train, val, train_eval = build_datasets(cfg, progress=False)

@@ -1,9 +1,10 @@
-"""`mal` command line: pretrain, finetune, supervised, eval, demo.
+"""`mal` command line: pretrain, finetune, supervised, eval, demo, config.
 
     mal pretrain   --config configs/cifar10_pretrain.yaml [key=value ...]
     mal finetune   --config configs/cifar10_finetune.yaml --init runs/cifar_pre/ckpt_last
     mal eval       --checkpoint runs/cifar_ft/ckpt_last --data DATA/cifar10 [--knn --linprobe]
     mal demo       # offline first run on the embedded digits: pretrain, fine-tune, evaluate, PNG
+    mal config     show FILE [key=value ...] | check FILE | reference
 Multi-GPU: `torchrun --nproc_per_node 8 -m mal pretrain --config ...` (global batch stays optim.batch_size).
 """
 from __future__ import annotations
@@ -12,24 +13,37 @@ import argparse
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 import yaml
 
-from .config import RunConfig, load_run_config, to_dict
+from .config import RunConfig, apply_overrides, from_dict, load_run_config, reference_markdown, to_dict
 from .data import BadImageError
+from .errors import MALError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-DEMO_PRETRAIN = "demo_pretrain.yaml"
-DEMO_FINETUNE = "demo_finetune.yaml"
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, BadImageError, MALError)
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand's parser that takes options and key=value overrides in any order."""
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inside:
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (see configs/); omitted keys take the defaults of mal.config")
     p.add_argument("--output", help="run folder (default: output_dir of the config)")
     p.add_argument("--resume", action="store_true", help="continue the run in the run folder from ckpt_last")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start over")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder and start over")
     p.add_argument("--strict-data", action="store_true", help="fail on the first unreadable image instead of skipping")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=10 model.dim=96")
@@ -37,14 +51,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mal", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="cluster-masked autoregressive pretraining")
-    _add_run_args(p)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
+    _add_run_args(sub.add_parser("pretrain", help="cluster-masked autoregressive pretraining"))
     p = sub.add_parser("finetune", help="fine-tune a pretrained encoder for classification")
     _add_run_args(p)
     p.add_argument("--init", help="pretraining checkpoint folder (runs/NAME/ckpt_last) or .safetensors")
-    p = sub.add_parser("supervised", help="train a classifier from scratch (the baseline)")
-    _add_run_args(p)
+    _add_run_args(sub.add_parser("supervised", help="train a classifier from scratch (the baseline)"))
     p = sub.add_parser("eval", help="top-1/top-5 of a classifier checkpoint; k-NN / linear probe of its encoder")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (runs/NAME/ckpt_last or ckpt_ema)")
     p.add_argument("--data", help="dataset: 'default' or an ImageFolder root (default: the run's dataset)")
@@ -58,6 +70,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo", help="folder for the two runs (default runs/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for both runs")
+    p = sub.add_parser("config", help="show or check a config, or print the reference of every key")
+    p.add_argument("action", choices=["show", "check", "reference"])
+    p.add_argument("file", nargs="?", help="YAML config (show/check)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return ap
 
 
@@ -72,36 +88,41 @@ def _resolve(args, task: str) -> RunConfig:
     return load_run_config(args.config, overrides)
 
 
-def _run(cfg: RunConfig, args_resume: bool, overwrite: bool, progress: bool) -> dict:
+def _run(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool) -> dict:
     from .distributed import cleanup, init_distributed
-    from .train import train
+    from .engine import train
     info = init_distributed()
     try:
         if info.is_main:
             print("resolved config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
-        return train(cfg, Path(cfg.output_dir), info, resume=args_resume, overwrite=overwrite, progress=progress)
+        return train(cfg, Path(cfg.output_dir), info, resume=resume, overwrite=overwrite, progress=progress)
     finally:
         cleanup()
+
+
+def _eval_config(meta: dict, overrides: list[str]) -> RunConfig:
+    """The checkpoint's run config as an evaluation config (a pretraining encoder is probed as pretrained)."""
+    data = meta["config"]
+    data["task"] = "finetune" if meta["task"] == "pretrain" else meta["task"]
+    data["init"] = ""
+    if meta["task"] == "pretrain":
+        data["model"]["bidirectional"] = False
+    apply_overrides(data, overrides)
+    return from_dict(RunConfig, data)
 
 
 def cmd_eval(args) -> dict:
     from . import data as mdata
     from .checkpoint import load_encoder, load_weights, read_meta
-    from .config import apply_overrides, from_dict
     from .distributed import device_for, init_distributed
-    from .evaluate import evaluate_classifier, extract_features, knn_accuracy, linear_probe_accuracy
-    from .train import eval_loader
+    from .engine.build import eval_loader
+    from .engine.evaluate import evaluate_classifier
+    from .engine.probe import probe_encoder
     from .models.vil import VisionLSTM
 
     ckpt = Path(args.checkpoint)
     meta = read_meta(ckpt)
-    data = meta["config"]
-    data["task"] = "finetune" if meta["task"] == "pretrain" else meta["task"]
-    data["init"] = ""
-    if meta["task"] == "pretrain":      # probe in the pretraining direction, as at the end of pretraining
-        data["model"]["bidirectional"] = False
-    apply_overrides(data, args.overrides)
-    cfg = from_dict(RunConfig, data)
+    cfg = _eval_config(meta, args.overrides)
     info = init_distributed()
     device = device_for(info)
     dataset = args.data or cfg.data.dataset
@@ -113,27 +134,20 @@ def cmd_eval(args) -> dict:
     model = VisionLSTM(cfg.model, num_classes=meta["num_classes"] if is_classifier else 0)
     load_encoder(model, load_weights(ckpt))
     model.to(device)
+    loader = lambda ds: eval_loader(ds, cfg, info, False, args.batch_size)
     out: dict = {"checkpoint": str(ckpt), "dataset": str(dataset), "split": split}
     if is_classifier:
         if list(getattr(test_set, "classes", classes)) != classes:
             raise ValueError(f"the classes of {dataset}/{split} differ from the checkpoint's {classes[:5]}...; "
                              f"evaluate on a dataset with the same class folders")
-        out.update(evaluate_classifier(model, eval_loader(test_set, cfg, info, False, args.batch_size), device,
-                                       cfg.amp, progress=info.is_main))
+        out.update(evaluate_classifier(model, loader(test_set), device, cfg.amp, progress=info.is_main))
     elif not (args.knn or args.linprobe):
         raise ValueError(f"{ckpt} is a pretraining checkpoint: it has no classifier head; use --knn and/or "
                          f"--linprobe, or fine-tune it first with `mal finetune --init {ckpt}`")
     if args.knn or args.linprobe:
         train_set = mdata.build_dataset(dataset, cfg.data.train_split, tf, strict=cfg.data.strict)
-        tr_f, tr_y = extract_features(model, eval_loader(train_set, cfg, info, False, args.batch_size), device,
-                                      cfg.amp, progress=info.is_main)
-        te_f, te_y = extract_features(model, eval_loader(test_set, cfg, info, False, args.batch_size), device,
-                                      cfg.amp, progress=info.is_main)
-        n_cls = len(getattr(train_set, "classes", [])) or None
-        if args.knn:
-            out["knn_top1"] = knn_accuracy(tr_f, tr_y, te_f, te_y, k=cfg.knn_k, num_classes=n_cls)
-        if args.linprobe:
-            out["linprobe_top1"] = linear_probe_accuracy(tr_f, tr_y, te_f, te_y, num_classes=n_cls, device=device)
+        out.update(probe_encoder(model, loader, train_set, test_set, device, cfg.amp, knn=args.knn,
+                                 linear=args.linprobe, knn_k=cfg.knn_k, progress=info.is_main))
     if info.is_main:
         print(json.dumps(out, indent=2))
         if args.json:
@@ -145,19 +159,31 @@ def cmd_demo(args) -> dict:
     """Pretrain a tiny MAL on the embedded digits, fine-tune it, evaluate, write the prediction PNG."""
     out = Path(args.output)
     pre_dir, ft_dir = out / "pretrain", out / "finetune"
-    pre = load_run_config(CONFIG_DIR / DEMO_PRETRAIN, [f"output_dir={pre_dir}", *args.overrides])
+    pre = load_run_config(CONFIG_DIR / "demo_pretrain.yaml", [f"output_dir={pre_dir}", *args.overrides])
     s1 = _run(pre, False, args.overwrite, True)
-    ft = load_run_config(CONFIG_DIR / DEMO_FINETUNE, [f"output_dir={ft_dir}", f"init={pre_dir / 'ckpt_last'}",
-                                                      *args.overrides])
+    ft = load_run_config(CONFIG_DIR / "demo_finetune.yaml", [f"output_dir={ft_dir}", f"init={pre_dir / 'ckpt_last'}",
+                                                           *args.overrides])
     s2 = _run(ft, False, args.overwrite, True)
-    chance = 100.0 / 10
     print("\n=== MAL demo (embedded MNIST digits, 4,000 train / 1,000 test) ===")
     print(f"pretraining: final loss {s1['final_loss']:.4f}; frozen encoder k-NN {s1.get('knn_top1', float('nan')):.1f} %,"
           f" linear probe {s1.get('linprobe_top1', float('nan')):.1f} %")
-    print(f"fine-tuned test accuracy: top-1 {s2['val_top1']:.1f} % (chance {chance:.0f} %)")
+    print(f"fine-tuned test accuracy: top-1 {s2['val_top1']:.1f} % (chance 10 %)")
     print(f"next-cluster predictions: {s1.get('prediction_png')}")
     print(f"runs: {pre_dir}  {ft_dir}")
     return {"pretrain": s1, "finetune": s2}
+
+
+def cmd_config(args) -> None:
+    if args.action == "reference":
+        print(reference_markdown(), end="")
+        return
+    if not args.file:
+        raise ValueError(f"mal config {args.action} needs a config file, e.g. configs/cifar10_pretrain.yaml")
+    cfg = load_run_config(args.file, args.overrides)
+    if args.action == "show":
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    else:
+        print(f"{args.file}: ok ({cfg.task})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,17 +194,15 @@ def main(argv: list[str] | None = None) -> int:
             cmd_eval(args)
         elif args.command == "demo":
             cmd_demo(args)
+        elif args.command == "config":
+            cmd_config(args)
         else:
-            cfg = _resolve(args, args.command)
-            _run(cfg, args.resume, args.overwrite, not args.no_progress)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, BadImageError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "out of GPU memory" not in str(e):
-            raise
+            _run(_resolve(args, args.command), args.resume, args.overwrite, not args.no_progress)
+    except USER_ERRORS as e:
         print(f"mal {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
-    warnings.simplefilter("default")
     sys.exit(main())

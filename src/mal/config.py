@@ -5,8 +5,12 @@ impossible combinations before any work starts.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import io
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -350,3 +354,52 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
     return data
+
+
+# ----------------------------------------------------------------------------- reference
+def field_comments(cls: type) -> dict[str, str]:
+    """The comment written beside each field of dataclass `cls` (and on the comment-only lines below it)."""
+    src = inspect.getsource(cls)
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    body = ast.parse(src).body[0].body
+    fields = [n for n in body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
+    lines = src.splitlines()
+    out = {}
+    for n in fields:
+        text, line = [comments[n.lineno]] if n.lineno in comments else [], n.lineno + 1
+        while line in comments and lines[line - 1].strip().startswith("#"):
+            text.append(comments[line])
+            line += 1
+        out[n.target.id] = " ".join(text)
+    return out
+
+
+def reference_markdown() -> str:
+    """The config reference (docs/config.md): every key of a run config, its type, default and meaning."""
+    rows = ["# Config reference", "",
+            "Every key of a run config (`mal.config.RunConfig`), generated from the dataclasses by "
+            "`mal config reference` (do not edit by hand). Unknown keys, wrong types and impossible combinations are "
+            "rejected before any work starts.", ""]
+
+    def section(cls: type, prefix: str) -> None:
+        notes, hints = field_comments(cls), typing.get_type_hints(cls)
+        rows.extend([f"## `{prefix.rstrip('.') or 'top level'}` ({cls.__name__})", "",
+                     (inspect.getdoc(cls) or "").splitlines()[0], "", "| key | type | default | meaning |",
+                     "|---|---|---|---|"])
+        nested = []
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                nested.append((tp, f"{prefix}{f.name}."))
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            name = getattr(tp, "__name__", str(tp)).replace("|", "or")
+            rows.append(f"| `{prefix}{f.name}` | {name} | `{default!r}` | {notes.get(f.name, '')} |")
+        rows.append("")
+        for tp, pre in nested:
+            section(tp, pre)
+    section(RunConfig, "")
+    return "\n".join(rows) + "\n"

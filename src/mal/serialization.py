@@ -162,14 +162,6 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def serialize(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """Raster tokens (B, N, D) -> sequence order."""
-    return gather_tokens(x, perm)
-
-
-def deserialize(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """Sequence-ordered tokens (B, N, D) -> raster order."""
-    return gather_tokens(x, inverse(perm))
 
 
 # ----------------------------------------------------------------------------- pretraining layout
@@ -239,49 +231,22 @@ def sample_mask(unit: str, ratio: float, B: int, h: int, w: int, k: int, p: int,
 
 
 # ----------------------------------------------------------------------------- per-layer schedules
-def layer_orders(order: str, depth: int, h: int, w: int, k: int, bidirectional: bool, batch: int = 1,
-                 generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """Fine-tuning/inference: the raster permutation each encoder layer scans, (h*w,) or (B, h*w) for random.
+def layer_orders(order: str, depth: int, h: int, w: int, k: int, bidirectional: bool) -> list[torch.Tensor]:
+    """Fine-tuning/inference: the raster permutation (h*w,) each encoder layer scans, for a fixed order.
 
-    alternating: layers cycle (a), (b), (c), (d). random: one random cluster sequence per sample, row-major
-    inside. bidirectional: every other layer runs its sequence reversed (ViL style).
+    alternating: layers cycle (a), (b), (c), (d). bidirectional: every other layer runs its sequence reversed
+    (ViL style). The random order draws per sample on the device: `mal.scan.RandomScanPlan`.
     """
     check_scan_order(order)
-    base = None
     if order == "random":
-        n = math.prod(cluster_grid(h, w, k))
-        clusters = torch.stack([torch.randperm(n, generator=generator) for _ in range(batch)])
-        base = order_from_clusters(h, w, k, clusters)                        # (B, hw)
+        raise ValueError("the random scan order has no fixed layer orders; use mal.scan.RandomScanPlan")
     fixed = list(FIXED_ORDERS)
     out = []
     for layer in range(depth):
-        if order == "alternating":
-            perm = scan_order(h, w, k, fixed[layer % len(fixed)])
-        elif order == "random":
-            perm = base
-        else:
-            perm = scan_order(h, w, k, order)
+        perm = scan_order(h, w, k, fixed[layer % len(fixed)] if order == "alternating" else order)
         out.append(perm.flip(-1) if bidirectional and layer % 2 == 1 else perm)
     return out
 
-
-def random_layer_plan(depth: int, h: int, w: int, k: int, bidirectional: bool, batch: int, device=None,
-                      clusters: torch.Tensor | None = None) -> tuple[list[torch.Tensor | None], torch.Tensor]:
-    """`layer_plan` of `layer_orders("random", ...)`, computed on `device` without a host round trip.
-
-    Each sample scans one random cluster sequence (row-major inside; `clusters` (B, n) if given, else drawn
-    on `device`), every layer the same one, reversed on every other layer when bidirectional: after the
-    first gather each layer's step is a flip or nothing.
-    """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    n = math.prod(cluster_grid(h, w, k))
-    if clusters is None:
-        clusters = torch.rand(batch, n, device=device, dtype=torch.float64).argsort(-1)   # (B, n) uniform
-    base = order_from_clusters(h, w, k, clusters.to(device))                # (B, hw) raster patch per position
-    flip = torch.arange(h * w - 1, -1, -1, device=device) if bidirectional else None   # (hw,)
-    steps = [base] + [flip] * (depth - 1)
-    last = base.flip(-1) if bidirectional and depth % 2 == 0 else base      # (B, hw) order of the last layer
-    return steps, inverse(last)
 
 
 def pretrain_cluster_orders(order: str, batch: int, h: int, w: int, k: int,
@@ -310,36 +275,3 @@ def pretrain_layer_patterns(order: str, depth: int) -> list[str]:
         return [INNER_PATTERNS[layer % len(INNER_PATTERNS)] for layer in range(depth)]
     pattern = "row" if order == "random" else FIXED_ORDERS[order][1]
     return [pattern] * depth
-
-
-def plan_steps(orders: list[torch.Tensor]) -> tuple[list[torch.Tensor | None], torch.Tensor]:
-    """Turn per-layer orders over a canonical layout into per-layer gathers from the previous layer's layout.
-
-    Returns (steps, last): step l gathers layer l's sequence from layer l-1's (None when unchanged);
-    `last` is the final layer's order, so `inverse(last)` returns to the canonical layout.
-    """
-    steps: list[torch.Tensor | None] = []
-    cur_inv = None
-    for perm in orders:
-        if cur_inv is None:
-            idx = perm
-        elif perm.dim() == 1 and cur_inv.dim() == 1:
-            idx = cur_inv[perm]
-        else:
-            B = max(perm.shape[0] if perm.dim() == 2 else 1, cur_inv.shape[0] if cur_inv.dim() == 2 else 1)
-            idx = torch.gather(cur_inv.expand(B, -1), 1, perm.expand(B, -1))
-        identity = torch.equal(idx, torch.arange(idx.shape[-1]).expand_as(idx))
-        steps.append(None if identity else idx)
-        cur_inv = inverse(perm)
-    return steps, orders[-1]
-
-
-def layer_plan(orders: list[torch.Tensor], device=None) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
-    """`plan_steps` moved to `device`, plus the gather from the last layer's order back to the canonical
-    layout (None when the last order is the canonical one)."""
-    steps, last = plan_steps(orders)
-    back = inverse(last)
-    if torch.equal(back, torch.arange(back.shape[-1]).expand_as(back)):
-        back = None
-    move = lambda t: None if t is None else t.to(device)
-    return [move(s) for s in steps], move(back)

@@ -16,7 +16,8 @@ from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from ..config import MODEL_PRESETS, EncoderConfig
 from ..fused import FastPath, block_forward
 from ..kernels import mlstm
-from ..serialization import gather_tokens, grid_size, layer_orders, layer_plan, random_layer_plan
+from ..scan import RandomScanPlan, ScanPlan
+from ..serialization import gather_tokens, grid_size, layer_orders
 
 
 def small_init_(weight: torch.Tensor, dim: int) -> None:
@@ -150,18 +151,12 @@ class ViLBlock(nn.Module):
         return x + self.drop_path(self.layer(self.norm(x)))                  # (B, S, D)
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, steps: list[torch.Tensor | None]) -> torch.Tensor:
-    """Run `blocks` on tokens x (B, N, D); before block l, gather by steps[l] (from `layer_plan`; None = keep).
-
-    Returns the tokens in the last block's sequence order.
-    """
-    for blk, idx in zip(blocks, steps):
-        x = blk(x, idx)                                                      # (B, N, D) in layer's sequence
-    return x
-
-
 class VisionLSTM(nn.Module):
-    """ViL encoder + optional classification head (bilateral pooling: first and last token)."""
+    """ViL encoder + optional classification head (bilateral pooling: first and last token of the sequence).
+
+    The timm model API: `forward_features` (tokens), `forward_head` (pooling + head), `no_weight_decay`,
+    `group_matcher` (the layer map of layer-wise lr decay), `fast_path()` (the fused GPU blocks).
+    """
 
     def __init__(self, cfg: EncoderConfig, num_classes: int = 1000):
         super().__init__()
@@ -178,7 +173,7 @@ class VisionLSTM(nn.Module):
             for d in range(cfg.depth)])
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(2 * D, num_classes) if num_classes > 0 else nn.Identity()
-        self._plans: dict = {}
+        self._plans: dict[tuple[int, int], ScanPlan] = {}
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -190,18 +185,35 @@ class VisionLSTM(nn.Module):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
+    # ---------------------------------------------------------------- timm-style API
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters trained without weight decay (besides biases and norms, which have ndim 1)."""
+        return {"pos_embed"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False, blocks_per_group: int = 1):
+        """Layer map for layer-wise lr decay (timm's convention): the embeddings are group 0, block b is group
+        1 + b // blocks_per_group, the final norm and the head come last. ViL's 24 blocks are 12 Transformer-
+        equivalent layers, so `blocks_per_group=2` makes MAE's decay of 0.75 span the same range."""
+        last = 1 + (self.cfg.depth - 1) // blocks_per_group + 1
+
+        def layer_of(name: str) -> int:
+            if name.startswith(("patch_embed", "pos_embed")):
+                return 0
+            if name.startswith("blocks."):
+                return 1 + int(name.split(".")[1]) // blocks_per_group
+            return last
+        return layer_of
+
     def fast_path(self, enabled: bool = True, compile: bool = True, mode: str | None = None,
                   checkpoint: bool = False, recompute_qkv: bool = False) -> "VisionLSTM":
-        """Switch every block to the fused fast path (see `mal.fused`); parameters and state dict are unchanged.
+        """Switch every block to the fused fast path (`mal.ops.vil_block`); parameters and state dict are unchanged.
 
-        compile=True compiles the two regions around the mLSTM cell once for all blocks. Shapes are static:
-        each new input shape compiles again, so raise `torch._dynamo.config.cache_size_limit` when a run uses many shapes.
-        The mLSTM kernel is the model's `mlstm_backend` ("auto": the Triton kernel on the GPU).
-        checkpoint=True trades compute for training memory: each block keeps only its input (B, N, D) for the
-        backward and recomputes its forward there (one extra forward per step; see docs/benchmarks.md).
-        recompute_qkv=True keeps the mLSTM cell's q, k, v out of training memory (about a third of the peak) and
-        recomputes them from the up-projection in the backward (one more pre-region forward per block;
-        `mal.fused.RecomputeQKV`).
+        compile=True compiles the regions around the mLSTM cell once for all blocks (static shapes: each new input
+        shape compiles again). The mLSTM kernel is the model's `mlstm_backend` ("auto": Triton on the GPU).
+        checkpoint=True: each block keeps only its input for the backward and recomputes its forward there.
+        recompute_qkv=True: the mLSTM cell's q, k, v are recomputed in the backward instead of kept.
         """
         for blk in self.blocks:
             blk.fast_path(enabled, compile, mode, checkpoint, recompute_qkv)
@@ -227,29 +239,22 @@ class VisionLSTM(nn.Module):
         self.grid_of(x)
         return self.patch_embed(x).flatten(2).transpose(1, 2)               # (B, hw, D)
 
-    # ---------------------------------------------------------------- scan plans
-    def _plan(self, h: int, w: int, batch: int, device) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
-        """Per-layer gathers for a grid and the gather back to raster order (cached unless the order is random)."""
-        cfg = self.cfg
-        if cfg.scan_order == "random":                                      # new draws on the device every call
-            return random_layer_plan(cfg.depth, h, w, cfg.cluster_size, cfg.bidirectional, batch, device)
-        key = (h, w, str(device))
-        if key not in self._plans:
-            orders = layer_orders(cfg.scan_order, cfg.depth, h, w, cfg.cluster_size, cfg.bidirectional)
-            self._plans[key] = layer_plan(orders, device)
-        return self._plans[key]
+    def scan_plan(self, h: int, w: int) -> ScanPlan:
+        """The blocks' scan orders on an h x w grid (built once per grid)."""
+        if (h, w) not in self._plans:
+            c = self.cfg
+            self._plans[(h, w)] = (RandomScanPlan(c.depth, h, w, c.cluster_size, c.bidirectional)
+                                   if c.scan_order == "random" else
+                                   ScanPlan(layer_orders(c.scan_order, c.depth, h, w, c.cluster_size, c.bidirectional)))
+        return self._plans[(h, w)]
 
     # ---------------------------------------------------------------- forward
     def forward_features(self, x: torch.Tensor, raster: bool = False) -> torch.Tensor:
         """Images -> normalized tokens (B, N, D), in the last layer's sequence order (raster=True: raster order)."""
         h, w = self.grid_of(x)
         t = self.patchify_embed(x) + self.pos_embed_for(h, w)               # (B, hw, D)
-        steps, back = self._plan(h, w, x.shape[0], x.device)
-        t = run_blocks(self.blocks, t, steps)                           # (B, hw, D) last order
-        t = self.norm(t)
-        if raster and back is not None:
-            t = gather_tokens(t, back)                                       # (B, hw, D) raster order
-        return t
+        t = self.scan_plan(h, w).run(self.blocks, t, canonical=raster)      # (B, hw, D)
+        return self.norm(t)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Bilateral pooling (first and last token of the sequence) + linear head."""

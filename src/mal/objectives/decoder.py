@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
 from ..config import DecoderConfig
-from ..serialization import gather_tokens, layer_plan, slot_perm
-from ..models.vil import ViLBlock, run_blocks
+from ..models.vil import ViLBlock
+from ..scan import ScanPlan
+from ..serialization import gather_tokens, slot_perm
 
 
 class CausalBlock(nn.Module):
@@ -53,7 +54,8 @@ class Decoder(nn.Module):
         self.layer_patterns = layer_patterns or ["row"] * cfg.depth
         self.norm = nn.LayerNorm(cfg.dim)
         self.pred = nn.Linear(cfg.dim, patch_dim)
-        self._cache: dict = {}
+        self._masks: dict = {}
+        self._plans: dict[int, ScanPlan] = {}
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -66,24 +68,27 @@ class Decoder(nn.Module):
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def _slot_ids(self, num_tokens: int, device) -> torch.Tensor:
-        return torch.arange(num_tokens, device=device) // (self.k * self.k)  # (M,)
+    def fast_path(self, enabled: bool = True, **kwargs) -> "Decoder":
+        """The fused GPU blocks for an xLSTM decoder (a Transformer decoder has none)."""
+        for blk in self.blocks:
+            if isinstance(blk, ViLBlock):
+                blk.fast_path(enabled, **kwargs)
+        return self
 
     def _visible(self, num_tokens: int, device) -> torch.Tensor:
         """(M, M) block-causal mask: a token of slot s sees all tokens of slots <= s."""
-        key = ("mask", num_tokens, str(device))
-        if key not in self._cache:
-            slot = self._slot_ids(num_tokens, device)
-            self._cache[key] = slot.unsqueeze(1) >= slot.unsqueeze(0)
-        return self._cache[key]
+        key = (num_tokens, str(device))
+        if key not in self._masks:
+            slot = torch.arange(num_tokens, device=device) // (self.k * self.k)   # (M,)
+            self._masks[key] = slot.unsqueeze(1) >= slot.unsqueeze(0)
+        return self._masks[key]
 
-    def _steps(self, num_tokens: int, device) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
-        """xLSTM decoder: per-layer gathers over the slot layout and the gather back to it."""
-        key = ("steps", num_tokens, str(device))
-        if key not in self._cache:
-            num_slots = num_tokens // (self.k * self.k)
-            self._cache[key] = layer_plan([slot_perm(num_slots, self.k, p) for p in self.layer_patterns], device)
-        return self._cache[key]
+    def _plan(self, num_tokens: int) -> ScanPlan:
+        """xLSTM decoder: the layers' inner patterns over the slot layout."""
+        if num_tokens not in self._plans:
+            slots = num_tokens // (self.k * self.k)
+            self._plans[num_tokens] = ScanPlan([slot_perm(slots, self.k, p) for p in self.layer_patterns])
+        return self._plans[num_tokens]
 
     def forward(self, enc: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
         """enc (B, M, De) slot layout; target_idx (B, M) raster index of the patch each token predicts."""
@@ -92,10 +97,7 @@ class Decoder(nn.Module):
         if self.cfg.kind == "transformer":
             visible = self._visible(M, x.device)
             for blk in self.blocks:
-                x = blk(x, visible)
+                x = blk(x, visible)                                          # (B, M, Dd)
         else:
-            steps, back = self._steps(M, x.device)
-            x = run_blocks(self.blocks, x, steps)
-            if back is not None:
-                x = gather_tokens(x, back)                                   # (B, M, Dd) slot layout
+            x = self._plan(M).run(self.blocks, x)                            # (B, M, Dd) slot layout
         return self.pred(self.norm(x))                                       # (B, M, p*p*C)

@@ -1,9 +1,11 @@
-"""The MAL objective: cluster-masked autoregressive pretraining (DESIGN §4), readable in one screen.
+"""The MAL objective: cluster-masked autoregressive pretraining (docs/method.md), in named stages.
 
 Each sample's clusters are put in a sequence (its scan order). The encoder reads the patch tokens of
 clusters 0..n-2 (optionally with some input units replaced by a mask token); the decoder turns the
 encoder output at cluster c into a prediction of the pixels of cluster c+1. Every layer is causal in
 the cluster sequence, so the prediction of cluster c+1 depends on clusters <= c only.
+
+    forward = sample_inputs -> embed (+ mask) -> encode (clusters 0..n-2) -> decode -> targets -> loss
 """
 from __future__ import annotations
 
@@ -11,12 +13,21 @@ import torch
 import torch.nn as nn
 
 from ..config import EncoderConfig, ObjectiveConfig
+from ..models.vil import VisionLSTM
+from ..scan import ScanPlan
+from ..serialization import (cluster_patch_table, gather_tokens, patchify, pretrain_cluster_orders,
+                             pretrain_layer_patterns, sample_mask, slot_perm, unpatchify)
 from .decoder import Decoder
-from ..serialization import (cluster_patch_table, gather_tokens, layer_plan, patchify, pretrain_cluster_orders,
-                            pretrain_layer_patterns, sample_mask, slot_perm, unpatchify)
-from ..models.vil import VisionLSTM, run_blocks
 
 NORM_PIX_EPS = 1e-6
+
+
+def normalized_targets(target: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+    """Per-patch normalized pixels (MAE's norm_pix_loss): target (..., p²C) -> zero mean, unit variance."""
+    if not norm_pix:
+        return target
+    mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+    return (target - mean) / (var + NORM_PIX_EPS).sqrt()
 
 
 class MALPretrain(nn.Module):
@@ -38,60 +49,77 @@ class MALPretrain(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, enc_cfg.dim))
         self.decoder = Decoder(obj_cfg.decoder, enc_cfg.dim, h * w, p * p * C, k,
                                layer_patterns=pretrain_layer_patterns(enc_cfg.scan_order, obj_cfg.decoder.depth))
-        slots = self.n - 1
-        self._enc_orders = [slot_perm(slots, k, pat) for pat in pretrain_layer_patterns(enc_cfg.scan_order, enc_cfg.depth)]
-        self._device_cache: dict = {}
+        patterns = pretrain_layer_patterns(enc_cfg.scan_order, enc_cfg.depth)
+        self.plan = ScanPlan([slot_perm(self.n - 1, k, pat) for pat in patterns])   # over the slot layout
+        self._tables: dict[str, torch.Tensor] = {}
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def _on(self, device):
-        """Per-device cache: encoder layer gathers, the gather back to the slot layout, the cluster table."""
-        key = str(device)
-        if key not in self._device_cache:
-            steps, back = layer_plan(self._enc_orders, device)
-            self._device_cache[key] = (steps, back, self.table.to(device))
-        return self._device_cache[key]
+    # ---------------------------------------------------------------- model API
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"encoder.pos_embed", "mask_token", "decoder.pos_embed"}
 
-    def sample_inputs(self, batch: int, generator: torch.Generator | None = None, device=None):
-        """Draw the random parts of a step: cluster sequences (B, n) and the input mask (or None)."""
+    def fast_path(self, enabled: bool = True, **kwargs) -> "MALPretrain":
+        """The fused GPU blocks for the encoder (and an xLSTM decoder); see `VisionLSTM.fast_path`."""
+        self.encoder.fast_path(enabled, **kwargs)
+        self.decoder.fast_path(enabled, **kwargs)
+        return self
+
+    def sample_inputs(self, batch: int, generator: torch.Generator | None = None, device=None
+                      ) -> tuple[torch.Tensor, ...]:
+        """The random draws of a step, each with the batch first: cluster sequences (B, n) and, when input
+        masking is on, the input mask. `forward(imgs, *draws)` takes them in this order."""
         h, w = self.enc_cfg.grid
         clusters = pretrain_cluster_orders(self.enc_cfg.scan_order, batch, h, w, self.k, generator)
         m = self.obj_cfg.mask
         mask = sample_mask(m.unit, m.ratio, batch, h, w, self.k, self.enc_cfg.patch_size, generator)
-        return clusters.to(device), None if mask is None else mask.to(device)
+        return (clusters.to(device),) if mask is None else (clusters.to(device), mask.to(device))
+
+    # ---------------------------------------------------------------- stages
+    def embed(self, imgs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Patch tokens (B, hw, D) in raster order with position; masked input units replaced (pixel unit:
+        masked pixels set to the normalized mean 0 before the patch embedding; patch/cluster: the mask token)."""
+        if mask is not None and mask.dim() == 3:                             # pixel unit (B, H, W)
+            imgs, mask = imgs.masked_fill(mask.unsqueeze(1), 0.0), None
+        tokens = self.encoder.patchify_embed(imgs)                           # (B, hw, D)
+        if mask is not None:                                                 # (B, hw) patch / cluster unit
+            tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
+        return tokens + self.encoder.pos_embed                               # (B, hw, D)
+
+    def sequence(self, clusters: torch.Tensor) -> torch.Tensor:
+        """Raster patch ids in each sample's cluster sequence, cluster by cluster: (B, n) -> (B, n*k²)."""
+        key = str(clusters.device)
+        if key not in self._tables:
+            self._tables[key] = self.table.to(clusters.device)
+        return self._tables[key][clusters].flatten(1)                        # (B, n*k²)
+
+    def encode(self, tokens: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        """The encoder on clusters 0..n-2 of each sequence -> (B, (n-1)k², D) in the slot layout."""
+        kk = self.k * self.k
+        x = gather_tokens(tokens, seq[:, :-kk])                              # (B, (n-1)k², D) clusters 0..n-2
+        x = self.plan.run(self.encoder.blocks, x)                            # (B, (n-1)k², D) slot layout
+        return self.encoder.norm(x)
+
+    def targets(self, imgs: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
+        """Pixels of the predicted patches (B, M, p²C), normalized per patch when norm_pix_loss."""
+        target = gather_tokens(patchify(imgs, self.enc_cfg.patch_size), target_idx)   # (B, M, p²C)
+        return normalized_targets(target, self.obj_cfg.norm_pix_loss)
 
     def forward(self, imgs: torch.Tensor, clusters: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """imgs (B, C, H, W) normalized. Returns loss, pred/target (B, (n-1)k², p²C) and target_idx (B, (n-1)k²)."""
-        B = imgs.shape[0]
         h, w = self.encoder.grid_of(imgs)
         if (h, w) != self.enc_cfg.grid:
             raise ValueError(f"pretraining images must be {self.enc_cfg.img_size} px (got {tuple(imgs.shape[2:])}); "
                              f"resize them or set model.img_size")
         if clusters is None:
-            clusters, mask = self.sample_inputs(B, generator, imgs.device)
-        steps, back, table = self._on(imgs.device)
-        if mask is not None and mask.dim() == 3:                             # pixel unit: mean pixel (0 when normalized)
-            imgs_in = imgs.masked_fill(mask.unsqueeze(1), 0.0)
-            mask = None
-        else:
-            imgs_in = imgs
-        tokens = self.encoder.patchify_embed(imgs_in)                        # (B, hw, D)
-        if mask is not None:                                                 # patch / cluster unit
-            tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
-        tokens = tokens + self.encoder.pos_embed                             # (B, hw, D)
-        seq = table[clusters].flatten(1)                                     # (B, n*k²) raster ids in sequence
-        kk = self.k * self.k
-        x = gather_tokens(tokens, seq[:, :-kk])                              # (B, (n-1)k², D) clusters 0..n-2
-        x = run_blocks(self.encoder.blocks, x, steps)                    # (B, (n-1)k², D) last layer's order
-        if back is not None:
-            x = gather_tokens(x, back)                                       # (B, (n-1)k², D) slot layout
-        x = self.encoder.norm(x)
-        target_idx = seq[:, kk:]                                             # (B, (n-1)k²) patches of clusters 1..n-1
+            clusters, *rest = self.sample_inputs(imgs.shape[0], generator, imgs.device)
+            mask = rest[0] if rest else None
+        seq = self.sequence(clusters)                                        # (B, n*k²)
+        x = self.encode(self.embed(imgs, mask), seq)                         # (B, (n-1)k², D)
+        target_idx = seq[:, self.k * self.k:]                                # (B, (n-1)k²) patches of clusters 1..n-1
         pred = self.decoder(x, target_idx)                                   # (B, (n-1)k², p²C)
-        target = gather_tokens(patchify(imgs, self.enc_cfg.patch_size), target_idx)  # (B, (n-1)k², p²C)
-        if self.obj_cfg.norm_pix_loss:
-            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            target = (target - mean) / (var + NORM_PIX_EPS).sqrt()
+        target = self.targets(imgs, target_idx)                              # (B, (n-1)k², p²C)
         loss = (pred.float() - target.float()).pow(2).mean()
         return {"loss": loss, "pred": pred, "target": target, "target_idx": target_idx}
 
@@ -110,3 +138,18 @@ class MALPretrain(nn.Module):
             pred = pred * (tgt.var(-1, keepdim=True) + NORM_PIX_EPS).sqrt() + tgt.mean(-1, keepdim=True)
         idx = out["target_idx"].unsqueeze(-1).expand(-1, -1, patches.shape[-1])
         return unpatchify(patches.scatter(1, idx, pred), p, h, w)           # (B, C, H, W)
+
+    @torch.no_grad()
+    def prediction_rows(self, imgs: torch.Tensor, clusters: torch.Tensor, mask: torch.Tensor | None = None
+                        ) -> list[torch.Tensor]:
+        """Rows of a prediction figure, each (B, C, H, W): the input as the encoder sees it (masked units at 0),
+        the first cluster followed by every next-cluster prediction, and the target images."""
+        res = self(imgs, clusters, mask)
+        seen = imgs.clone()
+        if mask is not None and mask.dim() == 3:                             # pixel unit
+            seen = seen.masked_fill(mask.unsqueeze(1), 0.0)
+        elif mask is not None:                                               # patch / cluster unit
+            p, (h, w) = self.enc_cfg.patch_size, self.enc_cfg.grid
+            seen = unpatchify(patchify(seen, p).masked_fill(mask.unsqueeze(-1), 0.0), p, h, w)
+        out = {k: v.float() if v.is_floating_point() else v for k, v in res.items()}
+        return [seen, self.reconstruct(imgs.float(), out), imgs]

@@ -1,47 +1,21 @@
-"""Evaluation: top-1/top-5 of a classifier, and k-NN / linear-probe accuracy of frozen encoder features."""
+"""Frozen-encoder probes: k-NN and linear-probe accuracy of pooled features (used after pretraining and by
+`mal eval`). The encoder is probed as it was pretrained (causal, no reversed layers)."""
 from __future__ import annotations
 
-from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .distributed import all_reduce_sum
+from .evaluate import autocast_for
 
 KNN_TEMPERATURE = 0.07       # DINO's weighted k-NN temperature
 PROBE_EPOCHS = 100
 PROBE_LR = 1e-3
 PROBE_WD = 1e-4
 PROBE_BATCH = 256
-
-
-def autocast_for(device: torch.device, amp: bool, cache: bool = True):
-    """bf16 autocast on CUDA when amp is on; a no-op elsewhere. cache=False for CUDA-graph capture."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
-    return nullcontext()
-
-
-@torch.no_grad()
-def evaluate_classifier(model: nn.Module, loader, device: torch.device, amp: bool = True,
-                        progress: bool = False) -> dict[str, float]:
-    """Top-1, top-5 (%) and mean cross-entropy over the loader, summed over all processes."""
-    model.eval()
-    stats = torch.zeros(4, dtype=torch.float64, device=device)   # correct1, correct5, loss_sum, count
-    for imgs, labels in tqdm(loader, desc="eval", disable=not progress, leave=False):
-        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast_for(device, amp):
-            logits = model(imgs)
-        logits = logits.float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices          # (B, 5)
-        hit = top == labels.unsqueeze(1)                                   # (B, 5)
-        stats += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), F.cross_entropy(logits, labels, reduction="sum"),
-                              torch.tensor(float(len(labels)), device=device)]).double()
-    all_reduce_sum(stats)
-    n = stats[3].clamp(min=1)
-    return {"top1": (100 * stats[0] / n).item(), "top5": (100 * stats[1] / n).item(), "loss": (stats[2] / n).item()}
 
 
 @torch.no_grad()
@@ -100,3 +74,21 @@ def linear_probe_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: 
                 sched.step()
     with torch.no_grad():
         return 100.0 * (head(xte).argmax(1) == yte).float().mean().item()
+
+
+def probe_encoder(encoder: nn.Module, make_loader, train_set, test_set, device: torch.device, amp: bool,
+                  knn: bool = True, linear: bool = True, knn_k: int = 20, num_classes: int | None = None,
+                  progress: bool = False) -> dict[str, Any]:
+    """k-NN and/or linear-probe top-1 (%) of a frozen encoder: features of `train_set` are the memory / the
+    probe's training set, `test_set` is scored. `make_loader(dataset)` gives an in-order loader."""
+    out: dict[str, Any] = {}
+    if not (knn or linear):
+        return out
+    tr_f, tr_y = extract_features(encoder, make_loader(train_set), device, amp, progress=progress)
+    te_f, te_y = extract_features(encoder, make_loader(test_set), device, amp, progress=progress)
+    num_classes = num_classes or len(getattr(train_set, "classes", [])) or None
+    if knn:
+        out["knn_top1"] = knn_accuracy(tr_f, tr_y, te_f, te_y, k=knn_k, num_classes=num_classes)
+    if linear:
+        out["linprobe_top1"] = linear_probe_accuracy(tr_f, tr_y, te_f, te_y, num_classes=num_classes, device=device)
+    return out

@@ -2,7 +2,7 @@
 
 On one GPU the forward and backward of a micro-batch are captured once in two CUDA graphs
 (`torch.cuda.make_graphed_callables`) and replayed every step: the host then launches two graphs
-instead of thousands of kernels, which is what bounds a small model's step (DESIGN §6). The
+instead of thousands of kernels, which is what bounds a small model's step (docs/fast_path.md). The
 optimizer, gradient clipping and EMA stay eager (a few fused kernels). The captured step is the same
 computation as the eager one; the autocast weight cache is off so the casts are inside the graph.
 """
@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .distributed import DistInfo
+from ..distributed import DistInfo
 from .evaluate import autocast_for
 
 log = logging.getLogger("mal")
@@ -23,17 +23,18 @@ log = logging.getLogger("mal")
 class LossStep(nn.Module):
     """Loss of one micro-batch as a module over the model's parameters (what the graphs capture).
 
-    pretrain: forward(imgs, clusters[, mask]) -> MAL loss;  classification: forward(imgs, targets) -> loss.
+    pretraining (no criterion): forward(imgs, *draws) -> the objective's loss, draws from its `sample_inputs`;
+    classification: forward(imgs, targets) -> criterion(logits, targets).
     """
 
-    def __init__(self, model: nn.Module, task: str, criterion: nn.Module | None = None):
+    def __init__(self, model: nn.Module, criterion: nn.Module | None = None):
         super().__init__()
-        self.model, self.task, self.criterion = model, task, criterion
+        self.model, self.criterion = model, criterion
 
-    def forward(self, imgs: torch.Tensor, second: torch.Tensor, *mask: torch.Tensor) -> torch.Tensor:
-        if self.task == "pretrain":
-            return self.model(imgs, second, mask[0] if mask else None)["loss"]
-        return self.criterion(self.model(imgs).float(), second)
+    def forward(self, imgs: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        if self.criterion is None:
+            return self.model(imgs, *extra)["loss"]
+        return self.criterion(self.model(imgs).float(), extra[0])
 
 
 def graphs_usable(want: bool, device: torch.device, info: DistInfo) -> bool:
@@ -92,24 +93,4 @@ class StepRunner:
                                                      allow_unused_input=True)
 
 
-def make_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device
-                   ) -> torch.optim.AdamW:
-    """AdamW, fused into a few kernels per parameter group on CUDA."""
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
-
-
-def adapt_loaded_optimizer(optimizer: torch.optim.AdamW, device: torch.device) -> None:
-    """After `load_state_dict`: a checkpoint written on another device type keeps working here
-    (fused only on CUDA; the fused kernel wants its step counters on the parameters' device)."""
-    fused = device.type == "cuda"
-    for g in optimizer.param_groups:
-        g["fused"] = fused
-        if fused:
-            g["foreach"] = None
-        for p in g["params"]:
-            st = optimizer.state.get(p, {})
-            if "step" in st:
-                st["step"] = st["step"].to(device=p.device if fused else "cpu", dtype=torch.float32)
-
-
-__all__ = ["LossStep", "StepRunner", "graphs_usable", "make_optimizer", "adapt_loaded_optimizer"]
+__all__ = ["LossStep", "StepRunner", "graphs_usable"]

@@ -1,0 +1,347 @@
+"""The training engine: MAL pretraining, fine-tuning and supervised training, on one process or many (DDP).
+
+    Trainer(cfg, run_dir, info).fit()  =  set up -> [resume] -> epochs of steps (log, save, evaluate) -> finish
+
+Determinism (engine/sampling.py): a step's global batch is a fixed slice of a (seed, epoch) permutation,
+every sample's augmentation is seeded by (seed, epoch, index), and the objective's random draws are made for
+the whole global batch from one generator and sliced per process. So the run's weights do not depend on the
+number of processes, the gradient accumulation or on being killed and resumed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_weights, read_meta, save_checkpoint
+from ..config import RunConfig, to_dict
+from ..distributed import DistInfo, all_reduce_sum, barrier, device_for, gather_objects
+from ..errors import GPUOutOfMemoryError
+from ..models.vil import VisionLSTM
+from ..viz import plot_curves, save_prediction_grid
+from .build import build_criterion, build_datasets, build_model, check_compatible, eval_loader
+from .evaluate import autocast_for, evaluate_classifier
+from .optim import adapt_loaded_optimizer, cosine_lr, make_optimizer, param_groups, set_lr
+from .probe import probe_encoder
+from .run_dir import MetricsLog, RunDir, Throughput
+from .sampling import SeededDataset, StepSampler, rng_state, seed_everything, set_rng_state
+from .step import LossStep, StepRunner, graphs_usable
+
+log = logging.getLogger("mal")
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without a stream sync (pinned, non-blocking) on CUDA."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def enable_fast_path(model: nn.Module, device: torch.device, **kwargs) -> None:
+    """The fused GPU blocks (`model.fast_path(**kwargs)`) on CUDA; the plain PyTorch path elsewhere."""
+    if device.type != "cuda":
+        log.info("fast_path: no CUDA device, running the plain PyTorch path")
+        return
+    model.fast_path(**kwargs)
+
+
+class Trainer:
+    """One run of `cfg` in `run_dir`. Construction checks everything (config, data, init and resume
+    checkpoints) before the run folder is touched; `fit()` trains and returns the summary."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False,
+                 overwrite: bool = False, progress: bool = True):
+        cfg.check_world(info.world_size)
+        self.cfg, self.info, self.progress = cfg, info, progress and info.is_main
+        self.device = device_for(info)
+        self.folder = RunDir(Path(run_dir), resume, overwrite, info)
+        seed_everything(cfg.seed)
+        self.train_set, self.val_set, self.train_eval_set = build_datasets(cfg, self.progress)
+        self.classes = list(getattr(self.train_set, "classes", []))
+        self.num_classes = cfg.num_classes or len(self.classes)
+        self.model = build_model(cfg, self.num_classes).to(self.device)
+        self._schedule()
+        o = cfg.optim
+        self.optimizer = make_optimizer(param_groups(self.model, o.weight_decay, o.layer_decay), o.abs_lr, o.betas,
+                                        self.device)
+        self.ema = None
+        if cfg.ema_decay > 0:
+            from timm.utils import ModelEmaV3
+            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)
+        self.draws = torch.Generator().manual_seed(cfg.seed + 17)
+        self.step, self.skipped, self.loss_val, self.time_before = 0, 0, float("nan"), 0.0
+        if self.folder.checkpoint is not None:
+            self._load(self.folder.checkpoint)
+        self.folder.open(to_dict(cfg))                                    # the first write to the run folder
+        self._wrap()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.path
+
+    # ---------------------------------------------------------------- setup
+    def _schedule(self) -> None:
+        o = self.cfg.optim
+        self.micro = o.batch_size // o.accum_steps // self.info.world_size
+        self.steps_per_epoch = len(self.train_set) // o.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training set has {len(self.train_set)} images, fewer than one global batch of "
+                             f"{o.batch_size}; lower optim.batch_size")
+        self.total_steps = self.steps_per_epoch * o.epochs
+        if self.cfg.max_steps:
+            self.total_steps = min(self.total_steps, self.cfg.max_steps)
+        self.warmup_steps = int(o.warmup_epochs * self.steps_per_epoch)
+
+    def _load(self, ckpt: Path) -> None:
+        """Continue from a checkpoint of this run: weights, optimizer, EMA, step, every RNG."""
+        meta = read_meta(ckpt)
+        if meta.get("task") != self.cfg.task:
+            raise ValueError(f"cannot resume: checkpoint {ckpt} is a {meta.get('task')} run, the config is "
+                             f"{self.cfg.task}")
+        check_compatible(self.cfg, meta, str(ckpt))
+        self.model.load_state_dict(load_weights(ckpt))
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        adapt_loaded_optimizer(self.optimizer, self.device)
+        if self.ema is not None and "ema" in state:
+            self.ema.module.load_state_dict(state["ema"])
+        self.step = state["step"]
+        self.loss_val = state.get("loss", float("nan"))
+        self.time_before, self.skipped = state.get("train_time_s", 0.0), state.get("skipped", 0)
+        set_rng_state(state["rng"][self.info.rank % len(state["rng"])], self.draws)
+        log.info("resumed %s at step %d", ckpt, self.step)
+
+    def _wrap(self) -> None:
+        """Fast path, DDP, the (graphed) loss step, metrics."""
+        cfg = self.cfg
+        if cfg.fast_path:
+            enable_fast_path(self.model, self.device, checkpoint=cfg.recompute, recompute_qkv=cfg.recompute_qkv)
+        self.ddp = self.model
+        if self.info.enabled:
+            self.ddp = DDP(self.model, device_ids=[self.info.local_rank] if self.device.type == "cuda" else None)
+        criterion, self.mixup = build_criterion(cfg, self.num_classes)
+        self.runner = StepRunner(LossStep(self.ddp, criterion), self.device, cfg.amp,
+                                 graphs_usable(cfg.cuda_graph, self.device, self.info), cfg.optim.accum_steps)
+        self.runner.zero_grad(self.optimizer)
+        self.metrics = MetricsLog(self.run_dir, self.info.is_main, self.step)
+        self.sampler = StepSampler(len(self.train_set), cfg.optim.batch_size, self.info.world_size, self.info.rank,
+                                   cfg.seed)
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> dict[str, Any]:
+        """Train to the last step, then write the summary (and, after pretraining, predictions and probes)."""
+        self.begin()
+        while self.step < self.total_steps:
+            epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+            batches = iter(self._loader(epoch, in_epoch))
+            for _ in range(in_epoch, self.steps_per_epoch):
+                if self.step >= self.total_steps:
+                    break
+                self.train_step(batches)
+            del batches
+        return self.finish()
+
+    def begin(self) -> None:
+        """The loop's running state: progress bar, throughput window, the device-side count of bad losses."""
+        self.bar = tqdm(total=self.total_steps, initial=self.step, desc=self.cfg.task, disable=not self.progress,
+                        dynamic_ncols=True)
+        self.last_eval: dict[str, float] = {}
+        self.bad = torch.zeros((), device=self.device)                   # non-finite losses not yet read
+        self.unchecked_from, self.speed = self.step, Throughput()
+        self.start_time = time.perf_counter() - self.time_before
+
+    def _loader(self, epoch: int, in_epoch: int) -> DataLoader:
+        o = self.cfg.optim
+        self.sampler.set_epoch(epoch, in_epoch * o.accum_steps * self.micro)
+        return DataLoader(SeededDataset(self.train_set, self.cfg.seed), batch_size=self.micro, sampler=self.sampler,
+                          num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                          drop_last=True)
+
+    def train_step(self, batches: Iterator) -> None:
+        """One optimizer step: accumulated micro-batches, the finite-loss check, clip, AdamW, EMA, then logs."""
+        o = self.cfg.optim
+        lr = cosine_lr(self.step, self.total_steps, self.warmup_steps, o.abs_lr, o.min_lr)
+        set_lr(self.optimizer, lr)
+        self.ddp.train()
+        loss_sum = self.forward_backward(batches)
+        if not self._finite(loss_sum):
+            return
+        if o.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip_grad)
+        self.optimizer.step()
+        self.runner.zero_grad(self.optimizer)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        self.step += 1
+        self.speed.add(o.batch_size)
+        self.bar.update(1)
+        self._after_step(lr)
+
+    def forward_backward(self, batches: Iterator) -> torch.Tensor:
+        """Gradients of the global batch's mean loss over this process's micro-batches; returns that loss."""
+        o, info = self.cfg.optim, self.info
+        draws = ()
+        if self.cfg.task == "pretrain":                                  # for the global batch, sliced per process
+            draws = tuple(to_device(t, self.device) for t in self.model.sample_inputs(o.batch_size, self.draws))
+        loss_sum = torch.zeros((), device=self.device)
+        try:
+            for a in range(o.accum_steps):
+                imgs, labels = (t.to(self.device, non_blocking=True) for t in next(batches))
+                last = a == o.accum_steps - 1 or not info.enabled
+                with self.ddp.no_sync() if (info.enabled and not last) else nullcontext():
+                    if draws:      # this micro-batch holds global positions rank + W*j, j in [a*micro, (a+1)*micro)
+                        rows = slice(info.rank + a * self.micro * info.world_size, None, info.world_size)
+                        loss = self.runner(imgs, *(t[rows][:self.micro] for t in draws))
+                    else:
+                        if self.mixup is not None:
+                            imgs, labels = self.mixup(imgs, labels)
+                        loss = self.runner(imgs, labels)
+                    (loss / o.accum_steps).backward()
+                loss_sum += loss.detach().float() / o.accum_steps
+        except torch.cuda.OutOfMemoryError:
+            raise GPUOutOfMemoryError(
+                f"out of GPU memory with a per-GPU micro-batch of {self.micro} images; lower optim.batch_size or "
+                f"raise optim.accum_steps (e.g. optim.accum_steps={o.accum_steps * 2}) to keep the global batch"
+            ) from None
+        return loss_sum
+
+    def _finite(self, loss_sum: torch.Tensor) -> bool:
+        """The nan policy. The loss is read (a host sync) only where it is used: logs, checkpoints, evaluations,
+        the skip policy. Non-finite losses in between are counted on the device, so no checkpoint is written
+        after one. Returns False when the step is skipped."""
+        self.bad += (~torch.isfinite(loss_sum)).float()
+        nxt, cfg = self.step + 1, self.cfg
+        if not (cfg.nan_policy == "skip" or nxt % cfg.log_every == 0 or nxt % cfg.save_every == 0
+                or nxt == self.total_steps or self._eval_due(nxt)):
+            return True
+        stats = all_reduce_sum(torch.stack([loss_sum, self.bad]))
+        self.loss_val = (stats[0] / self.info.world_size).item()
+        bad, self.bad = stats[1] > 0, self.bad.zero_()
+        if not bad:
+            self.unchecked_from = nxt
+            return True
+        self.runner.zero_grad(self.optimizer)
+        if cfg.nan_policy == "stop":
+            where = (f"loss is {self.loss_val} at step {self.step}" if self.unchecked_from == self.step else
+                     f"non-finite loss between steps {self.unchecked_from} and {self.step} (now {self.loss_val})")
+            raise FloatingPointError(f"{where}; stopped. The last good checkpoint is {self.run_dir / 'ckpt_last'}. "
+                                     f"Lower the lr, set optim.clip_grad, or set nan_policy=skip")
+        self.skipped += 1
+        log.warning("non-finite loss at step %d skipped (%d so far)", self.step, self.skipped)
+        self.unchecked_from = self.step = self.step + 1
+        self.bar.update(1)
+        return False
+
+    def _after_step(self, lr: float) -> None:
+        s, cfg = self.step, self.cfg
+        if s % cfg.log_every == 0 or s == self.total_steps:
+            ips = self.speed.read()
+            self.bar.set_postfix(loss=f"{self.loss_val:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+            self.metrics.write(s, epoch=s / self.steps_per_epoch, loss=self.loss_val, lr=lr, img_per_s=ips,
+                               time=time.perf_counter() - self.start_time)
+        if s % cfg.save_every == 0 or s == self.total_steps:
+            self.save(final=s == self.total_steps)
+        if self._eval_due(s):
+            self.evaluate()
+
+    # ---------------------------------------------------------------- checkpoints and evaluation
+    def save(self, final: bool = False) -> None:
+        """ckpt_last (and ckpt_<step> every keep_every steps, ckpt_ema with EMA), written atomically by rank 0."""
+        rngs = gather_objects(rng_state(self.draws), self.info)
+        if not self.info.is_main:
+            return
+        s = self.step
+        state = {"optimizer": self.optimizer.state_dict(), "step": s, "rng": rngs, "loss": self.loss_val,
+                 "train_time_s": time.perf_counter() - self.start_time, "skipped": self.skipped}
+        if self.ema is not None:
+            state["ema"] = self.ema.module.state_dict()
+        meta = {"task": self.cfg.task, "step": s, "epoch": s / self.steps_per_epoch, "total_steps": self.total_steps,
+                "num_classes": self.num_classes, "classes": self.classes, "config": to_dict(self.cfg), "final": final}
+        weights = self.model.state_dict()
+        save_checkpoint(self.run_dir / "ckpt_last", weights, state, meta)
+        if self.cfg.keep_every and s % self.cfg.keep_every == 0:
+            save_checkpoint(self.run_dir / f"ckpt_{s:07d}", weights, state, meta)
+        if self.ema is not None:
+            save_checkpoint(self.run_dir / "ckpt_ema", self.ema.module.state_dict(), {"step": s}, {**meta, "ema": True})
+        self.folder.committed()
+
+    def _eval_due(self, s: int) -> bool:
+        return (self.cfg.task != "pretrain" and self.val_set is not None and
+                (s % (self.steps_per_epoch * self.cfg.eval_every) == 0 or s == self.total_steps))
+
+    def evaluate(self) -> None:
+        model = self.ema.module if self.ema is not None else self.model
+        res = evaluate_classifier(model, eval_loader(self.val_set, self.cfg, self.info, True), self.device,
+                                  self.cfg.amp)
+        self.last_eval = res
+        self.metrics.write(self.step, epoch=self.step / self.steps_per_epoch, val_top1=res["top1"],
+                           val_top5=res["top5"], val_loss=res["loss"])
+        if self.info.is_main:
+            self.bar.write(f"step {self.step}: val top-1 {res['top1']:.2f} %  top-5 {res['top5']:.2f} %")
+
+    # ---------------------------------------------------------------- the end
+    def finish(self) -> dict[str, Any]:
+        """Close the logs; summary.json, loss.png and, after pretraining, the predictions and probes."""
+        self.bar.close()
+        self.metrics.close()
+        report = getattr(self.train_set, "report", None)
+        if report is not None and self.info.is_main and getattr(self.train_set, "num_bad", 0):
+            log.warning(report())
+        summary: dict[str, Any] = {"task": self.cfg.task, "steps": self.step, "epochs": self.step / self.steps_per_epoch,
+                                   "skipped_steps": self.skipped, "train_time_s": time.perf_counter() - self.start_time,
+                                   "final_loss": self.loss_val, "run_dir": str(self.run_dir)}
+        if self.cfg.task == "pretrain":
+            summary.update(self.finish_pretraining())
+        elif self.last_eval:
+            summary.update({f"val_{k}": v for k, v in self.last_eval.items()})
+        if self.info.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            if (self.run_dir / "metrics.csv").exists():
+                plot_curves(self.run_dir / "metrics.csv", self.run_dir / "loss.png")
+        barrier()
+        return summary
+
+    def finish_pretraining(self) -> dict[str, Any]:
+        """Prediction PNG and k-NN / linear-probe accuracy of the frozen encoder (main process)."""
+        out: dict[str, Any] = {}
+        cfg = self.cfg
+        if not self.info.is_main:
+            return out
+        self.model.eval()
+        src = self.val_set if self.val_set is not None else self.train_eval_set
+        if src is not None:
+            n = min(cfg.viz_samples, len(src))
+            imgs = torch.stack([src[i][0] for i in range(n)]).to(self.device)
+            draws = self.model.sample_inputs(n, torch.Generator().manual_seed(cfg.seed), self.device)
+            with torch.no_grad(), autocast_for(self.device, cfg.amp):
+                rows = self.model.prediction_rows(imgs, *draws)
+            out["prediction_png"] = str(save_prediction_grid(self.run_dir / "predictions.png", rows, cfg.data.mean,
+                                                             cfg.data.std))
+        if cfg.probe and self.train_eval_set is not None and self.val_set is not None:
+            # probe the encoder as it was pretrained: causal, no reversed layers
+            enc = VisionLSTM(dataclasses.replace(cfg.model, bidirectional=False), num_classes=0).to(self.device)
+            enc.load_state_dict(self.model.encoder.state_dict())
+            if cfg.fast_path:
+                enable_fast_path(enc, self.device)
+            out.update(probe_encoder(enc, lambda ds: eval_loader(ds, cfg, self.info, False), self.train_eval_set,
+                                     self.val_set, self.device, cfg.amp, knn_k=cfg.knn_k,
+                                     num_classes=self.num_classes))
+            log.info("frozen encoder: k-NN %.2f %%, linear probe %.2f %%", out["knn_top1"], out["linprobe_top1"])
+        return out
+
+
+def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> dict[str, Any]:
+    """Run `cfg` in `run_dir`; returns the summary (also written to summary.json)."""
+    return Trainer(cfg, run_dir, info, resume=resume, overwrite=overwrite, progress=progress).fit()
+
+
+__all__ = ["Trainer", "train", "enable_fast_path", "to_device"]
