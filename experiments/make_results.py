@@ -67,7 +67,11 @@ def read_metrics(path: Path, key: str) -> list[tuple[float, float]]:
     """(epoch, value) points of one column of a run's metrics.csv."""
     if not path.exists():
         return []
-    return [(float(x["epoch"]), float(x[key])) for x in csv.DictReader(open(path)) if x.get(key)]
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    if rows and key not in rows[0] and f"val_{key.removeprefix('eval_')}" in rows[0]:   # runs logged before the
+        key = f"val_{key.removeprefix('eval_')}"                                          # eval_* columns
+    return [(float(x["epoch"]), float(x[key])) for x in rows if x.get(key)]
 
 
 def plots(rows: list[dict], runs_dir: Path, out_dir: Path) -> list[Path]:
@@ -132,7 +136,7 @@ def plots(rows: list[dict], runs_dir: Path, out_dir: Path) -> list[Path]:
     for r in rows:
         if r["table"] == "baseline":
             stage = "supervised" if r["setting"] == "supervised" else "finetune"
-            pts = read_metrics(runs_dir / r["name"] / stage / "metrics.csv", "val_top1")
+            pts = read_metrics(runs_dir / r["name"] / stage / "metrics.csv", "eval_top1")
             if r["setting"] != "supervised":          # fine-tuning starts after the pretraining epochs
                 pre = read_metrics(runs_dir / r["name"] / "pretrain/metrics.csv", "loss")
                 off = max((e for e, _ in pre), default=0.0)

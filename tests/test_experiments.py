@@ -62,3 +62,16 @@ def test_sweep_rows_resume_and_tables(image_folder, tmp_path):
     assert f"{sup['top1']:.2f}" in text and "84.3" in text                            # ours next to the paper's
     assert {p.name for p in (tmp_path / "fig").iterdir()} >= {"results_pretrain_loss.png", "results_val_curves.png",
                                                               "results_cluster_size.png"}
+
+
+def test_ablations_fine_tune_one_fixed_architecture():
+    """Cluster-size and scan-order ablations change only the pretraining: fine-tuning keeps the default
+    architecture of configs/cifar10_finetune.yaml (alternating, k=4, bidirectional)."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from cifar10_sweep import experiments
+    exps = experiments([0])
+    ablations = [e for e in exps if e.table in ("table6", "table7")]
+    assert len(ablations) == 9
+    for e in ablations:
+        assert e.pretrain and not e.finetune, e.name
+        assert not any(o.startswith("model.") for o in e.finetune)

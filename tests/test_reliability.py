@@ -1,5 +1,10 @@
 """Fault injection: NaN losses, out-of-memory, broken checkpoint writes, bad images, wrong formats."""
 import json
+import os
+import signal
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +120,149 @@ def test_nan_between_checks_is_caught_before_the_next_checkpoint(image_folder, t
     assert "non-finite loss between steps 4 and 7" in capsys.readouterr().err
     assert json.loads((out / "ckpt_last/meta.json").read_text())["step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt_mod.load_weights(out / "ckpt_last").values())
+
+
+# ----------------------------------------------------------------------------- nothing lost
+def test_rejected_resume_leaves_the_run_folder_untouched(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(image_folder, out, "max_steps=2")) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(_args(image_folder, out, "max_steps=4", "model.dim=48", "--resume")) == 2
+    assert "model.dim: checkpoint 32 vs config 48" in capsys.readouterr().err
+    ft = ["finetune", "--config", str(REPO / "configs/cifar10_finetune.yaml"), "--output", str(out), "--resume",
+          "--no-progress", f"data.dataset={image_folder}", "init=x", *TINY]
+    assert main(ft) == 2
+    assert "is a pretrain run" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_with_a_bad_dataset_keeps_the_old_run(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(image_folder, out, "max_steps=2")) == 0
+    weights = (out / "ckpt_last/model.safetensors").read_bytes()
+    assert main(_args(tmp_path / "no_such_data", out, "max_steps=2", "--overwrite")) == 2
+    assert "no_such_data" in capsys.readouterr().err
+    assert (out / "ckpt_last/model.safetensors").read_bytes() == weights
+    assert main(_args(image_folder, out, "max_steps=2", "--overwrite", "seed=1")) == 0    # a good --overwrite
+    assert (out / "ckpt_last/model.safetensors").read_bytes() != weights
+    assert not list(tmp_path.glob(".run.replaced-*"))                        # the old run went after the new saved
+
+
+def test_resume_with_a_changed_recipe_needs_allow_changes(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(image_folder, out, "max_steps=2")) == 0
+    assert main(_args(image_folder, out, "max_steps=4", "optim.blr=1e-2", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "optim.blr: 0.00015 -> 0.01" in err and "max_steps: 2 -> 4" in err and "--allow-changes" in err
+    assert main(_args(image_folder, out, "max_steps=4", "data.num_workers=0", "log_every=2", "--resume",
+                      "--allow-changes", "optim.blr=1e-2")) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_a_folder_without_a_checkpoint_is_not_a_run(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.csv").write_text("step\n")                               # what a failed start leaves
+    assert main(_args(image_folder, out, "max_steps=1", "--resume")) == 2
+    assert "without --resume" in capsys.readouterr().err
+    assert main(_args(image_folder, out, "max_steps=1")) == 0                # reused, no --overwrite needed
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random"])
+def test_damaged_weights_give_one_line_naming_the_file(image_folder, tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    assert main(_args(image_folder, out, "max_steps=1")) == 0
+    f = out / "ckpt_last/model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "random": bytes(range(256)) * 8}[damage])
+    for args in (_args(image_folder, out, "max_steps=2", "--resume"),
+                 ["eval", "--checkpoint", str(out / "ckpt_last"), "--knn", "data.num_workers=0"],
+                 ["finetune", "--config", str(REPO / "configs/cifar10_finetune.yaml"), "--init",
+                  str(out / "ckpt_last"), "--output", str(tmp_path / "ft"), f"data.dataset={image_folder}", *TINY]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert str(f) in err and "copy it again" in err and "Traceback" not in err and "\n" not in err
+
+
+@pytest.mark.parametrize("name", ["state.pt", "meta.json"])
+def test_damaged_state_or_meta_name_the_file(image_folder, tmp_path, capsys, name):
+    out = tmp_path / "run"
+    assert main(_args(image_folder, out, "max_steps=1")) == 0
+    f = out / "ckpt_last" / name
+    f.write_bytes(f.read_bytes()[:40])
+    assert main(_args(image_folder, out, "max_steps=2", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert str(f) in err and "Traceback" not in err
+
+
+def test_bad_config_values_are_rejected_before_any_work(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    for bad in ("aug.auto_augment=bogus", "aug.label_smoothing=1.5", "optim.blr=-1", "optim.weight_decay=-0.1",
+                "optim.clip_grad=-1", "aug.reprob=2", "aug.mixup=-1", "data.std=[0,1,1]", "model.mlstm_backend=foo"):
+        assert main(["supervised", "--config", str(REPO / "configs/cifar10_supervised.yaml"), "--output", str(out),
+                     f"data.dataset={image_folder}", bad]) == 2, bad
+        err = capsys.readouterr().err
+        assert bad.split("=")[0].split(".")[-1] in err and "Traceback" not in err, (bad, err)
+        assert not out.exists(), bad
+
+
+def test_checkpoints_follow_the_umask(image_folder, tmp_path):
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        assert main(_args(image_folder, out, "max_steps=1")) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((out / "ckpt_last").stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "ckpt_last/model.safetensors").stat().st_mode) == 0o644
+
+
+def test_ctrl_c_says_where_the_run_stopped(image_folder, tmp_path, monkeypatch, capsys):
+    _poison_forward(monkeypatch, {4}, exc=KeyboardInterrupt())
+    out = tmp_path / "run"
+    assert main(_args(image_folder, out, "max_steps=6", "save_every=2")) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 3 of 6" in err and "checkpoint is at step 2" in err and "--resume" in err
+    assert "Traceback" not in err
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+import mal.checkpoint as c
+calls = {"n": 0}
+real = os.replace
+def replace(src, dst):
+    calls["n"] += 1
+    if calls["n"] == 3:                      # the second checkpoint: old ckpt_last moved aside, new not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+c.os.replace = replace
+from mal.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_killed_during_a_checkpoint_write_resumes_with_nothing_lost(image_folder, tmp_path):
+    """SIGKILL between moving the old checkpoint aside and renaming the new one into place: the resume finds the
+    previous checkpoint and ends with the weights of a run that was never interrupted."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    args = lambda out: _args(image_folder, out, "max_steps=4", "save_every=2")
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args(killed)], env=env, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert not (killed / "ckpt_last").exists() and (killed / ".ckpt_last.old/meta.json").exists()
+    assert main(args(killed) + ["--resume"]) == 0
+    assert main(args(clean)) == 0
+    a, b = ckpt_mod.load_weights(killed / "ckpt_last"), ckpt_mod.load_weights(clean / "ckpt_last")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_linear_probe_is_deterministic():
+    from mal.engine.probe import linear_probe_accuracy
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 8, generator=g), torch.randint(0, 3, (60,), generator=g)
+    torch.manual_seed(1)
+    a = linear_probe_accuracy(x[:40], y[:40], x[40:], y[40:], epochs=3)
+    torch.manual_seed(2)
+    assert linear_probe_accuracy(x[:40], y[:40], x[40:], y[40:], epochs=3) == a

@@ -4,7 +4,7 @@ import torch
 
 from mal.scan import RandomScanPlan, ScanPlan
 from mal.serialization import (FIXED_ORDERS, SCAN_ORDERS, _order_list, cluster_grid, cluster_patch_table,
-                               cluster_sequence, gather_tokens, inverse, layer_orders, order_from_clusters, patchify,
+                               cluster_sequence, gather_tokens, inverse, layer_orders, masked_count, order_from_clusters, patchify,
                                pretrain_cluster_orders, sample_mask, scan_order, unpatchify)
 
 
@@ -133,23 +133,47 @@ def test_cluster_table_and_divisibility_error():
         cluster_patch_table(14, 14, 4)
 
 
-@pytest.mark.parametrize("unit,expected", [("patch", 28), ("cluster", 32)])
-def test_mask_counts(unit, expected):
-    m = sample_mask(unit, 0.2, 5, 12, 12, 4, 4, torch.Generator().manual_seed(0))
-    assert m.shape == (5, 144) and (m.sum(1) == expected).all()
-    if unit == "cluster":   # whole clusters
-        per_cluster = m[:, cluster_patch_table(12, 12, 4)].float().mean(-1)
-        assert set(per_cluster.unique().tolist()) <= {0.0, 1.0}
+@pytest.mark.parametrize("ratio,patches,clusters", [(0.01, 1, 1), (0.1, 14, 1), (0.2, 28, 2), (0.3, 43, 3),
+                                                    (0.5, 72, 4)])
+def test_mask_counts_follow_the_papers_ratios_of_144_tokens(ratio, patches, clusters):
+    """The paper masks 1/14/28/43/72 of 144 tokens for 1/10/20/30/50 %; clusters are rounded to whole 4x4 units;
+    the 8 input clusters (128 patches) are the positions that can be masked."""
+    assert masked_count("patch", ratio, 12, 12, 4, 4) == (patches, 128)
+    assert masked_count("cluster", ratio, 12, 12, 4, 4) == (clusters, 8)
+    assert masked_count("pixel", ratio, 12, 12, 4, 4) == (int(ratio * 48 * 48), 2048)
+    assert masked_count("cluster", 0.9, 12, 12, 4, 4) == (8, 8)              # at most every input cluster
+
+
+@pytest.mark.parametrize("unit", ["patch", "cluster", "pixel"])
+@pytest.mark.parametrize("order", ["alternating", "random", "row_fwd"])
+def test_masks_hit_only_input_clusters_with_exact_counts(unit, order):
+    g = torch.Generator().manual_seed(0)
+    clusters = pretrain_cluster_orders(order, 64, 12, 12, 4, g)
+    m = sample_mask(unit, 0.3, clusters, 12, 12, 4, 4, g)
+    table = cluster_patch_table(12, 12, 4)
+    count, _ = masked_count(unit, 0.3, 12, 12, 4, 4)
+    if unit == "pixel":
+        assert m.shape == (64, 48, 48) and (m.sum((1, 2)) == count).all()
+        m = patchify(m.unsqueeze(1).float(), 4).amax(-1).bool()            # (64, 144) patches with a masked pixel
+    else:
+        assert m.shape == (64, 144) and (m.sum(1) == count * (16 if unit == "cluster" else 1)).all()
+    last = table[clusters[:, -1]]                                          # (64, 16) the target-only cluster
+    assert not torch.gather(m, 1, last).any()                              # never masked
+    if unit == "cluster":                                                  # whole clusters
+        assert set(m[:, table].float().mean(-1).unique().tolist()) <= {0.0, 1.0}
+    inputs = table[clusters[:, :-1]].flatten(1)
+    assert torch.gather(m, 1, inputs).float().mean(0).min() > 0            # every input patch gets masked sometimes
 
 
 def test_pixel_mask_and_errors():
-    m = sample_mask("pixel", 0.1, 2, 12, 12, 4, 4)
+    clusters = pretrain_cluster_orders("alternating", 2, 12, 12, 4)
+    m = sample_mask("pixel", 0.1, clusters, 12, 12, 4, 4)
     assert m.shape == (2, 48, 48) and (m.sum((1, 2)) == int(0.1 * 48 * 48)).all()
-    assert sample_mask("none", 0.5, 2, 12, 12, 4, 4) is None
+    assert sample_mask("none", 0.5, clusters, 12, 12, 4, 4) is None
     with pytest.raises(ValueError, match="unknown masking unit"):
-        sample_mask("token", 0.2, 2, 12, 12, 4, 4)
+        sample_mask("token", 0.2, clusters, 12, 12, 4, 4)
     with pytest.raises(ValueError, match=r"outside \[0, 1\)"):
-        sample_mask("patch", 1.0, 2, 12, 12, 4, 4)
+        sample_mask("patch", 1.0, clusters, 12, 12, 4, 4)
     assert set(SCAN_ORDERS) == {"row_fwd", "col_fwd", "row_bwd", "col_bwd", "random", "alternating"}
 
 

@@ -1,7 +1,8 @@
-"""Checkpoints: safetensors weights + a JSON-able state, written atomically; strict encoder transfer.
+"""Checkpoints: safetensors weights + the training state, written atomically; strict encoder transfer.
 
-A run directory holds `ckpt_last/` (and `ckpt_<step>/`) with `model.safetensors` (weights),
-`state.pt` (optimizer, scheduler, scaler, RNG, step) and `meta.json` (format version, task, full config).
+A run directory holds `ckpt_last/` (and `ckpt_<step>/`, `ckpt_ema/`) with `model.safetensors` (weights),
+`state.pt` (optimizer, EMA, every RNG, step, loss) and `meta.json` (format version, task, full config).
+A file that cannot be read gives one error naming the file and what to do.
 """
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ def save_checkpoint(directory: Path, model_state: dict[str, torch.Tensor], train
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
         torch.save(train_state, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2))
+        _user_permissions(tmp)
         old = directory.with_name(f".{directory.name}.old")
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -95,13 +97,33 @@ def save_checkpoint(directory: Path, model_state: dict[str, torch.Tensor], train
     return directory
 
 
+def _user_permissions(folder: Path) -> None:
+    """The folder and its files as the user's umask makes new ones (mkdtemp creates 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def _unreadable(path: Path, exc: BaseException) -> ValueError:
+    return ValueError(f"cannot read {path} ({type(exc).__name__}: {str(exc)[:200]}); the file is damaged or "
+                      f"incomplete (an interrupted copy or write?): copy it again, or use another checkpoint of the "
+                      f"run (ckpt_<step>/, or .ckpt_last.old/ after an interrupted save)")
+
+
 def read_meta(directory: Path) -> dict[str, Any]:
     directory = Path(directory)
     meta_path = directory / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{directory} is not a MAL checkpoint (no meta.json); pass a checkpoint folder "
                                 f"such as runs/NAME/ckpt_last")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _unreadable(meta_path, e) from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {directory} has format version {meta.get('format_version')}, this MAL reads "
                          f"version {FORMAT_VERSION}; re-export it with a matching MAL release")
@@ -114,4 +136,18 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
     f = path if path.suffix == ".safetensors" else path / "model.safetensors"
     if not f.is_file():
         raise FileNotFoundError(f"no weights at {f}; pass a checkpoint folder (runs/NAME/ckpt_last) or a .safetensors file")
-    return load_file(str(f))
+    try:
+        return load_file(str(f))
+    except Exception as e:                                   # safetensors raises its own SafetensorError
+        raise _unreadable(f, e) from None
+
+
+def load_train_state(directory: Path) -> dict[str, Any]:
+    """The training state (state.pt) of a checkpoint folder."""
+    f = Path(directory) / "state.pt"
+    if not f.is_file():
+        raise FileNotFoundError(f"no training state at {f}; --resume needs a full checkpoint folder (ckpt_last)")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:                                   # EOFError, UnpicklingError, RuntimeError (zip)
+        raise _unreadable(f, e) from None

@@ -19,7 +19,7 @@ import yaml
 
 from .config import RunConfig, apply_overrides, from_dict, load_run_config, reference_markdown, to_dict
 from .data import BadImageError
-from .errors import MALError
+from .errors import Interrupted, MALError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, BadImageError, MALError)
@@ -44,6 +44,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="run folder (default: output_dir of the config)")
     p.add_argument("--resume", action="store_true", help="continue the run in the run folder from ckpt_last")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder and start over")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue although the config changes the recipe (lr, epochs, ...)")
     p.add_argument("--strict-data", action="store_true", help="fail on the first unreadable image instead of skipping")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=10 model.dim=96")
@@ -63,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split folder to evaluate (default: the run's data.val_split)")
     p.add_argument("--knn", action="store_true", help="k-NN accuracy of frozen features (train split as memory)")
     p.add_argument("--linprobe", action="store_true", help="linear-probe accuracy of frozen features")
+    p.add_argument("--pool", choices=["mean", "last", "first_last"],
+                   help="probe features (default: the run's probe_pool, mean of the last layer's tokens)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.num_workers=2")
@@ -88,14 +92,15 @@ def _resolve(args, task: str) -> RunConfig:
     return load_run_config(args.config, overrides)
 
 
-def _run(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool) -> dict:
+def _run(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, allow_changes: bool = False) -> dict:
     from .distributed import cleanup, init_distributed
     from .engine import train
     info = init_distributed()
     try:
         if info.is_main:
             print("resolved config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
-        return train(cfg, Path(cfg.output_dir), info, resume=resume, overwrite=overwrite, progress=progress)
+        return train(cfg, Path(cfg.output_dir), info, resume=resume, overwrite=overwrite, progress=progress,
+                     allow_changes=allow_changes)
     finally:
         cleanup()
 
@@ -147,7 +152,8 @@ def cmd_eval(args) -> dict:
     if args.knn or args.linprobe:
         train_set = mdata.build_dataset(dataset, cfg.data.train_split, tf, strict=cfg.data.strict)
         out.update(probe_encoder(model, loader, train_set, test_set, device, cfg.amp, knn=args.knn,
-                                 linear=args.linprobe, knn_k=cfg.knn_k, progress=info.is_main))
+                                 linear=args.linprobe, knn_k=cfg.knn_k, pool=args.pool or cfg.probe_pool,
+                                 seed=cfg.seed, progress=info.is_main))
     if info.is_main:
         print(json.dumps(out, indent=2))
         if args.json:
@@ -197,7 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "config":
             cmd_config(args)
         else:
-            _run(_resolve(args, args.command), args.resume, args.overwrite, not args.no_progress)
+            _run(_resolve(args, args.command), args.resume, args.overwrite, not args.no_progress, args.allow_changes)
+    except Interrupted as e:
+        print(f"mal {args.command}: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"mal {args.command}: interrupted", file=sys.stderr)
+        return 130
     except USER_ERRORS as e:
         print(f"mal {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -27,18 +27,18 @@ from .serialization import FIXED_ORDERS, MASK_UNITS, SCAN_ORDERS, check_mask, ch
 @dataclass
 class EncoderConfig:
     """A Vision-LSTM encoder (DESIGN §3). Defaults are MAL-T at 192 px."""
-    img_size: int = 192
-    patch_size: int = 16
-    in_chans: int = 3
-    dim: int = 192
-    depth: int = 24
+    img_size: int = 192              # image side in pixels (a multiple of patch_size)
+    patch_size: int = 16             # patch side in pixels
+    in_chans: int = 3                # image channels
+    dim: int = 192                   # model width D (MAL-T/S/B: 192/384/768)
+    depth: int = 24                  # ViL blocks (two blocks are one Transformer-equivalent layer)
     num_heads: int = 4               # mLSTM heads; head dim = expansion * dim / num_heads
     expansion: int = 2               # up-projection D -> expansion*D for each of the x and z branches
     qkv_block_size: int = 4          # block-diagonal q/k/v projections with blocks of this size
     conv_kernel_size: int = 4        # causal depthwise conv along each layer's sequence
-    drop_path_rate: float = 0.0
+    drop_path_rate: float = 0.0      # stochastic depth, the same rate in every block (as ViL)
     cluster_size: int = 4            # k: clusters of k x k patches
-    scan_order: str = "alternating"  # one of SCAN_ORDERS
+    scan_order: str = "alternating"  # row_fwd, col_fwd, row_bwd, col_bwd, random or alternating
     bidirectional: bool = True       # fine-tuning/inference: every other layer runs its sequence reversed
     mlstm_backend: str = "auto"      # mLSTM kernel; "auto" picks the fastest available
 
@@ -65,10 +65,10 @@ class EncoderConfig:
 class DecoderConfig:
     """The pretraining decoder (DESIGN §4, paper Tables 12-13)."""
     kind: str = "transformer"        # "transformer" or "xlstm"
-    depth: int = 8
-    dim: int = 512
+    depth: int = 8                   # decoder blocks
+    dim: int = 512                   # decoder width
     num_heads: int = 16              # transformer heads (xlstm decoder uses 4 mLSTM heads)
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 4.0           # transformer MLP hidden width / dim
 
     def __post_init__(self):
         if self.kind not in ("transformer", "xlstm"):
@@ -83,7 +83,7 @@ class DecoderConfig:
 class MaskConfig:
     """Input masking for pretraining (paper Table 5)."""
     unit: str = "cluster"            # none | pixel | patch | cluster
-    ratio: float = 0.2
+    ratio: float = 0.2               # of all h*w patch positions (20 % of 144 = 28 patches, 2 clusters of 16)
 
     def __post_init__(self):
         check_mask(self.unit, self.ratio)
@@ -108,18 +108,28 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TASKS = ("pretrain", "finetune", "supervised")
+
+
+def _in_range(name: str, value: float, low: float, high: float, high_open: bool = False) -> None:
+    """ValueError unless low <= value <= high (value < high when high_open)."""
+    if value < low or value > high or (high_open and value == high):
+        raise ValueError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
 
 
 @dataclass
 class DataConfig:
     """Where images come from and how they are loaded."""
     dataset: str = "default"           # "default" (embedded MNIST digits) or an ImageFolder root
-    train_split: str = "train"
-    val_split: str = "test"            # "" = no evaluation during training
-    mean: tuple[float, float, float] = IMAGENET_MEAN
+    train_split: str = "train"         # sub-folder of the training images
+    val_split: str = "test"            # sub-folder evaluated at the end ("" = none); test and val stand in for
+                                       # each other when only one exists
+    holdout: float = 0.0               # fraction of each class of the training split held out for evaluation
+                                       # during training (recipe choices); the val_split folder is then used once,
+                                       # at the end
+    holdout_seed: int = 0              # which images are held out (fixed across run seeds)
+    mean: tuple[float, float, float] = IMAGENET_MEAN   # per-channel normalization of [0, 1] pixels
     std: tuple[float, float, float] = IMAGENET_STD
-    num_workers: int = 8
+    num_workers: int = -1              # loader worker processes; -1 = what the machine has (at most 8)
     cache: bool = False                # decode all images once into a uint8 tensor (small images)
     cache_dir: str = ""                # where cache=true also stores the decoded array (.npy), reused by later
                                        # runs while the files are unchanged ("" = memory only)
@@ -128,35 +138,47 @@ class DataConfig:
     eval_crop_pct: float = 0.875       # eval: resize to img_size / crop_pct, center crop
 
     def __post_init__(self):
-        if self.num_workers < 0:
-            raise ValueError("data.num_workers must be >= 0")
+        if self.num_workers < -1:
+            raise ValueError("data.num_workers must be >= 0, or -1 for what the machine has")
         if not 0 < self.crop_min_scale <= 1 or not 0 < self.eval_crop_pct <= 1:
             raise ValueError("data.crop_min_scale and data.eval_crop_pct must be in (0, 1]")
+        _in_range("data.holdout", self.holdout, 0.0, 0.5)
+        if min(self.std) <= 0:
+            raise ValueError(f"data.std must be positive in every channel, got {list(self.std)}")
 
 
 @dataclass
 class OptimConfig:
     """AdamW + warm-up + cosine. lr = blr * batch_size / 256 unless lr is set."""
     batch_size: int = 256              # global batch: processes x accum_steps x per-process micro-batch
-    accum_steps: int = 1
-    epochs: int = 100
-    warmup_epochs: float = 5.0
-    blr: float = 1.5e-4
+    accum_steps: int = 1               # micro-batches per optimizer step
+    epochs: int = 100                  # passes over the training set
+    warmup_epochs: float = 5.0         # linear warm-up, then half-cosine to min_lr
+    blr: float = 1.5e-4                # base lr, scaled by batch_size / 256
     lr: float = 0.0                    # absolute lr; 0 = derive from blr
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
+    min_lr: float = 0.0                # lr at the end of the cosine
+    weight_decay: float = 0.05         # AdamW decoupled weight decay (not on biases, norms, embeddings)
+    betas: tuple[float, float] = (0.9, 0.999)   # AdamW betas
     clip_grad: float = 0.0             # max grad norm; 0 = off
     layer_decay: float = 1.0           # layer-wise lr decay (fine-tuning); 1 = off
+    layer_decay_group: int = 2         # ViL blocks per layer-decay group: 2 blocks = one Transformer layer, so
+                                       # MAE's 0.75 spans the same range over MAL's 24 blocks as over ViT's 12
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.accum_steps < 1 or self.epochs < 1:
-            raise ValueError("optim.batch_size, optim.accum_steps and optim.epochs must be >= 1")
+        if self.batch_size < 1 or self.accum_steps < 1 or self.epochs < 1 or self.layer_decay_group < 1:
+            raise ValueError("optim.batch_size, accum_steps, epochs and layer_decay_group must be >= 1")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"optim.batch_size {self.batch_size} is not divisible by optim.accum_steps "
                              f"{self.accum_steps}")
         if not 0 < self.layer_decay <= 1:
             raise ValueError("optim.layer_decay must be in (0, 1]")
+        for name in ("blr", "lr", "min_lr", "weight_decay", "clip_grad", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        if self.abs_lr <= 0:
+            raise ValueError("the lr is 0: set optim.blr or optim.lr > 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be in [0, 1), got {list(self.betas)}")
 
     @property
     def abs_lr(self) -> float:
@@ -166,18 +188,45 @@ class OptimConfig:
 @dataclass
 class AugConfig:
     """Fine-tuning augmentation (MAE's recipe through timm); pretraining uses RandomResizedCrop + flip."""
-    auto_augment: str = "rand-m9-mstd0.5-inc1"  # "" = off
-    reprob: float = 0.25
-    mixup: float = 0.8                 # 0 = off
-    cutmix: float = 1.0                # 0 = off
-    label_smoothing: float = 0.1
-    crop_min_scale: float = 0.08
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # timm auto-augment policy ("rand-...", "augmix", "v0", ...); "" = off
+    reprob: float = 0.25               # random-erasing probability
+    mixup: float = 0.8                 # mixup alpha; 0 = off
+    cutmix: float = 1.0                # cutmix alpha; 0 = off
+    label_smoothing: float = 0.1       # of the targets (mixup's soft targets included)
+    crop_min_scale: float = 0.08       # RandomResizedCrop scale lower bound
+
+    def __post_init__(self):
+        _in_range("aug.reprob", self.reprob, 0.0, 1.0)
+        _in_range("aug.label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        _in_range("aug.crop_min_scale", self.crop_min_scale, 0.0, 1.0)
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError(f"aug.mixup and aug.cutmix are Beta-distribution alphas >= 0 (0 = off), got "
+                             f"{self.mixup} and {self.cutmix}")
+        if self.auto_augment:
+            check_auto_augment(self.auto_augment)
+
+
+def check_auto_augment(policy: str) -> None:
+    """A clear error for an auto-augment string timm cannot parse."""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+    hparams = dict(translate_const=10, img_mean=(124, 116, 104))
+    build = (rand_augment_transform if policy.startswith("rand") else
+             augment_and_mix_transform if policy.startswith("augmix") else auto_augment_transform)
+    try:
+        build(policy, hparams)
+    except (AssertionError, KeyError, ValueError, IndexError) as e:
+        raise ValueError(f"aug.auto_augment={policy!r} is not a timm policy ({type(e).__name__}: {e}); use e.g. "
+                         f"rand-m9-mstd0.5-inc1, augmix-m5-w3, v0, original, or '' for none") from None
+
+
+TASKS = ("pretrain", "finetune", "supervised")
+PROBE_POOLS = ("mean", "last", "first_last")
 
 
 @dataclass
 class RunConfig:
     """One training run: pretraining, fine-tuning from a pretraining checkpoint, or supervised from scratch."""
-    task: str = "pretrain"
+    task: str = "pretrain"             # pretrain, finetune (needs init) or supervised
     model: EncoderConfig = field(default_factory=EncoderConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -186,6 +235,8 @@ class RunConfig:
     init: str = ""                     # fine-tuning: pretraining checkpoint folder or .safetensors
     num_classes: int = 0               # 0 = number of class folders of the dataset
     ema_decay: float = 0.0             # model EMA for fine-tuning; 0 = off
+    ema_warmup: bool = True            # EMA decay 1 - (1 + step)^(-2/3) early on (timm), so short runs forget
+                                       # the initial weights; the raw and the EMA model are both evaluated
     amp: bool = True                   # bf16 autocast on CUDA
     fast_path: bool = True             # CUDA: fused ViL blocks (compiled regions + Triton mLSTM); CPU: plain path
     recompute: bool = False            # fast path: keep only block inputs, recompute blocks in the backward
@@ -193,23 +244,27 @@ class RunConfig:
     recompute_qkv: bool = False        # fast path: recompute the mLSTM cell's q, k, v in the backward
                                        # (~6 % slower training, ~1/4 less training memory)
     cuda_graph: bool = True            # one GPU: replay each micro-batch's forward + backward from CUDA graphs
-    seed: int = 0
-    output_dir: str = "runs/mal"
+    seed: int = 0                      # weights, data order, augmentation and draws
+    output_dir: str = "runs/mal"       # the run folder (--output)
     save_every: int = 500              # checkpoint every N optimizer steps (and at the end)
     keep_every: int = 0                # also keep ckpt_<step> every N steps; 0 = only ckpt_last
-    log_every: int = 10
+    log_every: int = 10                # steps between metrics.csv / TensorBoard rows
     eval_every: int = 1                # epochs between evaluations
     nan_policy: str = "stop"           # "stop": abort keeping the last good checkpoint; "skip": skip the step
     max_steps: int = 0                 # stop after this many optimizer steps (0 = all epochs)
     probe: bool = True                 # pretraining: k-NN and linear probe of the frozen encoder at the end
-    knn_k: int = 20
-    viz_samples: int = 8               # pretraining: images in the prediction PNG
+    probe_pool: str = "mean"           # probe features: mean of the last layer's tokens, the last token, or the
+                                       # first and last token concatenated (first_last)
+    knn_k: int = 20                    # neighbours of the k-NN probe
+    viz_samples: int = 8               # pretraining: images in the prediction PNG (one per class where possible)
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {list(TASKS)}, got {self.task!r}")
         if self.nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
+        if self.probe_pool not in PROBE_POOLS:
+            raise ValueError(f"probe_pool must be one of {list(PROBE_POOLS)}, got {self.probe_pool!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema_decay must be in [0, 1)")
         if self.task == "pretrain":
@@ -219,8 +274,10 @@ class RunConfig:
             raise ValueError("recompute=true needs fast_path=true (it is a mode of the fused block)")
         if self.recompute_qkv and not self.fast_path:
             raise ValueError("recompute_qkv=true needs fast_path=true (it is a mode of the fused block)")
-        if self.save_every < 1 or self.log_every < 1 or self.eval_every < 1:
-            raise ValueError("save_every, log_every and eval_every must be >= 1")
+        if self.save_every < 1 or self.log_every < 1 or self.eval_every < 1 or self.knn_k < 1:
+            raise ValueError("save_every, log_every, eval_every and knn_k must be >= 1")
+        if self.max_steps < 0 or self.keep_every < 0:
+            raise ValueError("max_steps and keep_every must be >= 0 (0 = off)")
 
     def check_world(self, world_size: int) -> None:
         """The global batch must split evenly over processes and accumulation steps."""

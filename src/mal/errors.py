@@ -9,4 +9,8 @@ class GPUOutOfMemoryError(MALError, RuntimeError):
     """A training step ran out of GPU memory; the message names the config keys that lower it."""
 
 
-__all__ = ["MALError", "GPUOutOfMemoryError"]
+class Interrupted(MALError):
+    """Ctrl-C: the message says where the run stopped and how to continue it (exit status 130)."""
+
+
+__all__ = ["MALError", "GPUOutOfMemoryError", "Interrupted"]

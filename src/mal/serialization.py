@@ -187,11 +187,23 @@ def slot_perm(num_slots: int, k: int, pattern: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- masking
-def num_masked(ratio: float, units: int, unit_size: int, positions: int) -> int:
-    """Units to mask so that about ratio*positions positions are masked (paper: 20% of 144 -> 28 patches)."""
-    if ratio <= 0:
-        return 0
-    return max(1, min(units, round(math.floor(ratio * positions) / unit_size)))
+def masked_count(unit: str, ratio: float, h: int, w: int, k: int, p: int) -> tuple[int, int]:
+    """(units masked per sample, input units) for an input mask (docs/method.md, "Input masking").
+
+    The ratio is of all h*w patch positions, as in the paper (1/14/28/43/72 of 144 tokens for 1/10/20/30/50 %):
+    patch: floor(ratio*h*w) patches; cluster: that many patches rounded to whole k x k clusters (at least one);
+    pixel: floor(ratio*H*W) pixels. Units are drawn among the encoder's input only, clusters 0..n-2 of the
+    sample's sequence (the last cluster is a target, never an input), so at most all input units are masked.
+    """
+    check_mask(unit, ratio)
+    n_inputs = math.prod(cluster_grid(h, w, k)) - 1
+    if unit == "none" or ratio == 0:
+        return 0, n_inputs * k * k
+    if unit == "pixel":
+        return min(math.floor(ratio * h * w * p * p), n_inputs * k * k * p * p), n_inputs * k * k * p * p
+    if unit == "patch":
+        return max(1, min(math.floor(ratio * h * w), n_inputs * k * k)), n_inputs * k * k
+    return max(1, min(n_inputs, round(math.floor(ratio * h * w) / (k * k)))), n_inputs
 
 
 def check_mask(unit: str, ratio: float) -> None:
@@ -201,33 +213,34 @@ def check_mask(unit: str, ratio: float) -> None:
         raise ValueError(f"masking ratio {ratio} is outside [0, 1); use e.g. 0.2 for 20 %")
 
 
-def _random_subset(B: int, total: int, count: int, generator, device) -> torch.Tensor:
-    """(B, total) bool with exactly `count` True per row, uniformly at random."""
-    scores = torch.rand(B, total, generator=generator, device=device)
+def _random_subset(eligible: torch.Tensor, count: int, generator) -> torch.Tensor:
+    """(B, total) bool with exactly `count` True per row, drawn uniformly among the `eligible` entries."""
+    scores = torch.rand(eligible.shape, generator=generator, device=eligible.device)
+    scores = scores.masked_fill(~eligible, 2.0)                              # never drawn before an eligible one
     idx = scores.argsort(dim=1)[:, :count]
-    return torch.zeros(B, total, dtype=torch.bool, device=device).scatter_(1, idx, True)
+    return torch.zeros_like(eligible).scatter_(1, idx, True)
 
 
-def sample_mask(unit: str, ratio: float, B: int, h: int, w: int, k: int, p: int,
-                generator: torch.Generator | None = None, device=None) -> torch.Tensor | None:
-    """Input mask. pixel: (B, h*p, w*p); patch/cluster: (B, h*w) over raster patches; none/0: None."""
-    check_mask(unit, ratio)
-    if unit == "none" or ratio == 0:
+def sample_mask(unit: str, ratio: float, clusters: torch.Tensor, h: int, w: int, k: int, p: int,
+                generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """Input mask for the cluster sequences `clusters` (B, n), on their device. pixel: (B, h*p, w*p); patch and
+    cluster: (B, h*w) over raster patches; none or ratio 0: None. Counts: `masked_count`."""
+    count, _ = masked_count(unit, ratio, h, w, k, p)
+    if count == 0:
         return None
-    N = h * w
-    if unit == "pixel":
-        P = N * p * p
-        m = _random_subset(B, P, num_masked(ratio, P, 1, P), generator, device)
-        return m.view(B, h * p, w * p)
+    B, dev = clusters.shape[0], clusters.device
+    table = cluster_patch_table(h, w, k).to(dev)                            # (n, k*k)
+    if unit == "cluster":
+        chosen = _random_subset(torch.ones(B, table.shape[0] - 1, dtype=torch.bool, device=dev), count, generator)
+        ids = table[clusters[:, :-1]].flatten(1)                            # (B, (n-1)k²) input patches
+        return torch.zeros(B, h * w, dtype=torch.bool, device=dev).scatter_(
+            1, ids, chosen.repeat_interleave(k * k, dim=1))
+    eligible = torch.ones(B, h * w, dtype=torch.bool, device=dev)
+    eligible.scatter_(1, table[clusters[:, -1]], False)                     # (B, hw) the target-only cluster out
     if unit == "patch":
-        return _random_subset(B, N, num_masked(ratio, N, 1, N), generator, device)
-    table = cluster_patch_table(h, w, k).to(device)                         # (n, k*k)
-    n = table.shape[0]
-    chosen = _random_subset(B, n, num_masked(ratio, n, k * k, N), generator, device)  # (B, n)
-    m = torch.zeros(B, N, dtype=torch.bool, device=device)
-    m.scatter_(1, table.unsqueeze(0).expand(B, -1, -1).reshape(B, -1),
-               chosen.unsqueeze(-1).expand(-1, -1, k * k).reshape(B, -1))
-    return m
+        return _random_subset(eligible, count, generator)
+    pixels = eligible.view(B, h, 1, w, 1).expand(B, h, p, w, p).reshape(B, -1)   # (B, H*W)
+    return _random_subset(pixels, count, generator).view(B, h * p, w * p)
 
 
 # ----------------------------------------------------------------------------- per-layer schedules
@@ -275,3 +288,14 @@ def pretrain_layer_patterns(order: str, depth: int) -> list[str]:
         return [INNER_PATTERNS[layer % len(INNER_PATTERNS)] for layer in range(depth)]
     pattern = "row" if order == "random" else FIXED_ORDERS[order][1]
     return [pattern] * depth
+
+
+def unseen_input_patches(order: str, h: int, w: int, k: int) -> list[int]:
+    """Raster patches a pretraining with `order` never feeds to the encoder: the last cluster of a fixed order's
+    sequence (a target only). Alternating draws (a) or (c) per sample and random draws any order, so every
+    patch is an input sometimes: none."""
+    check_scan_order(order)
+    if order not in FIXED_ORDERS:
+        return []
+    last = cluster_sequence(h, w, k, FIXED_ORDERS[order][0])[-1]
+    return sorted(cluster_patch_table(h, w, k)[last].tolist())

@@ -5,9 +5,8 @@ import csv
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
+from torchvision.utils import make_grid
 
-MIN_SIDE = 96  # pixels per image side in saved grids
 
 
 def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -16,15 +15,27 @@ def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x * s + m).clamp(0, 1)
 
 
-def save_prediction_grid(path: Path, rows: list[torch.Tensor], mean, std) -> Path:
-    """PNG with one column per image and one row per tensor (e.g. input as seen, prediction, target)."""
-    grid = torch.cat([denormalize(r.float().cpu(), mean, std) for r in rows], dim=0)  # (R*B, C, H, W)
-    scale = max(1, MIN_SIDE // grid.shape[-1])
-    if scale > 1:                                            # small images: enlarge, keep pixels sharp
-        grid = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="nearest")
+def save_prediction_grid(path: Path, rows: list[torch.Tensor], mean, std, titles: tuple[str, ...] = ()) -> Path:
+    """PNG with one column per image and one row per tensor (e.g. input as seen, prediction, target), each row
+    under its title."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    imgs = [denormalize(r.float().cpu(), mean, std) for r in rows]          # R x (B, C, H, W)
+    B = imgs[0].shape[0]
+    fig, axes = plt.subplots(len(imgs), 1, figsize=(max(4.0, 1.2 * B), 1.55 * len(imgs)), squeeze=False)
+    for r, (ax, batch) in enumerate(zip(axes[:, 0], imgs)):
+        strip = make_grid(batch, nrow=B, padding=2, pad_value=1.0)          # (C, H', W')
+        ax.imshow(strip.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_axis_off()
+        if r < len(titles):
+            ax.set_title(titles[r], fontsize=8, loc="left")
+    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path, nrow=rows[0].shape[0], padding=2, pad_value=1.0)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
     return path
 
 

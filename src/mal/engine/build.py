@@ -1,11 +1,13 @@
 """What a run is made of, built from its config: datasets, model, loss, loaders."""
 from __future__ import annotations
 
-import copy
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -15,15 +17,30 @@ from ..config import RunConfig
 from ..distributed import DistInfo
 from ..models.vil import VisionLSTM
 from ..objectives.mal import MALPretrain
+from ..serialization import grid_size, unseen_input_patches
 
 log = logging.getLogger("mal")
 MODEL_KEYS_MUST_MATCH = ("dim", "depth", "patch_size", "in_chans", "num_heads", "expansion", "qkv_block_size",
                          "conv_kernel_size")
 
 
-def build_datasets(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, Dataset | None, Dataset | None]:
-    """(train set with training augmentation, val set with eval transform, train set with eval transform for
-    the probes after pretraining)."""
+@dataclass
+class RunData:
+    """The datasets of a run."""
+    train: Dataset                     # training images with the training augmentation
+    eval: Dataset | None               # evaluated during training: the held-out part, else the val folder
+    eval_name: str                     # "holdout" or "val"
+    val: Dataset | None                # the val_split folder: final numbers
+    train_eval: Dataset | None         # the training images with the eval transform (the probes' memory)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(getattr(self.train, "classes", []))
+
+
+def build_datasets(cfg: RunConfig, progress: bool = True) -> RunData:
+    """Train / held-out / val sets of a run. With data.holdout > 0 a seeded fraction of every class of the
+    training split is held out (eval transform) and evaluated during training; the val folder only at the end."""
     d, m = cfg.data, cfg.model
     if cfg.task == "pretrain":
         train_tf = mdata.pretrain_transform(m.img_size, d.mean, d.std, scale=(d.crop_min_scale, 1.0))
@@ -35,20 +52,33 @@ def build_datasets(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, Data
     kw = dict(strict=d.strict, cache=d.cache)
     if d.dataset != "default":
         kw.update(progress=progress, **({"cache_dir": d.cache_dir} if d.cache_dir else {}))
-    train = mdata.build_dataset(d.dataset, d.train_split, train_tf, **kw)
+    full = mdata.build_dataset(d.dataset, d.train_split, train_tf, **kw)
     val = mdata.build_dataset(d.dataset, d.val_split, eval_tf, **kw) if d.val_split else None
-    train_eval = None
-    if cfg.task == "pretrain" and cfg.probe:
-        train_eval = copy.copy(train)                   # same files (and decode cache), eval transform
-        train_eval.transform = eval_tf
-    return train, val, train_eval
+    keep, held = list(range(len(full))), []
+    if d.holdout > 0:
+        keep, held = mdata.holdout_split(full.targets, d.holdout, d.holdout_seed)
+        log.info("held out %d of %d training images (%.0f %% of each class) for evaluation during training",
+                 len(held), len(full), 100 * d.holdout)
+    train = mdata.IndexedView(full, keep) if held else full
+    holdout = mdata.IndexedView(full, held, transform=eval_tf) if held else None
+    probes = cfg.task == "pretrain" and cfg.probe
+    train_eval = mdata.IndexedView(full, keep, transform=eval_tf) if probes else None
+    return RunData(train, holdout if held else val, "holdout" if held else "val", val, train_eval)
+
+
+def loader_workers(n: int) -> int:
+    """data.num_workers, with -1 = what the machine has (its CPUs less one for the main process, at most 8)."""
+    if n >= 0:
+        return n
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cpus - 1))
 
 
 def eval_loader(ds: Dataset, cfg: RunConfig, info: DistInfo, distributed: bool,
                 batch_size: int | None = None) -> DataLoader:
     """In-order evaluation loader; sharded over processes when `distributed` (default batch: the micro-batch)."""
     micro = max(1, cfg.optim.batch_size // cfg.optim.accum_steps // info.world_size)
-    return mdata.build_loader(ds, batch_size or micro, train=False, num_workers=cfg.data.num_workers,
+    return mdata.build_loader(ds, batch_size or micro, train=False, num_workers=loader_workers(cfg.data.num_workers),
                               distributed=distributed and info.enabled, persistent_workers=False)
 
 
@@ -62,21 +92,44 @@ def check_compatible(cfg: RunConfig, meta: dict[str, Any], source: str) -> None:
                          ". Use the same model preset/dims as the checkpoint.")
 
 
-def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
-    """The pretraining objective, or a classifier (fine-tuning loads the pretrained encoder strictly)."""
+def build_model(cfg: RunConfig, num_classes: int, load_init: bool = True) -> nn.Module:
+    """The pretraining objective, or a classifier (fine-tuning loads the pretrained encoder strictly unless
+    `load_init` is False, as when a resumed run loads its own weights)."""
     if cfg.task == "pretrain":
         return MALPretrain(cfg.model, cfg.objective)
     model = VisionLSTM(cfg.model, num_classes=num_classes)
-    if cfg.task == "finetune":
+    if cfg.task == "finetune" and load_init:
         if not cfg.init:
             raise ValueError("fine-tuning needs a pretraining checkpoint: pass --init runs/NAME/ckpt_last "
                              "(or use `mal supervised` to train from scratch)")
+        state = load_weights(Path(cfg.init))
         if Path(cfg.init).is_dir():
-            check_compatible(cfg, read_meta(Path(cfg.init)), cfg.init)
-        report = load_encoder(model, load_weights(Path(cfg.init)))
+            meta = read_meta(Path(cfg.init))
+            check_compatible(cfg, meta, cfg.init)
+            fill_unseen_positions(state, meta.get("config", {}).get("model", {}))
+        report = load_encoder(model, state)
         log.info("loaded %s: dropped %d pretraining-only tensors, new %s", cfg.init, len(report["dropped"]),
                  report["new"])
     return model
+
+
+def fill_unseen_positions(state: dict, pre_model: dict) -> None:
+    """Pretraining in a fixed scan order never feeds its last cluster to the encoder, so those position embeddings
+    keep their random init. Set them to the mean of the trained ones before fine-tuning (docs/method.md)."""
+    key = "encoder.pos_embed"
+    if key not in state or "scan_order" not in pre_model:
+        return
+    h, w = grid_size(pre_model["img_size"], pre_model["patch_size"])
+    unseen = unseen_input_patches(pre_model["scan_order"], h, w, pre_model["cluster_size"])
+    if not unseen or state[key].shape[1] != h * w:
+        return
+    pos = state[key].clone()                                                # (1, hw, D)
+    seen = torch.ones(h * w, dtype=torch.bool)
+    seen[unseen] = False
+    pos[:, unseen] = pos[:, seen].mean(1, keepdim=True)
+    state[key] = pos
+    log.info("position embeddings of the %d patches that %s pretraining never fed to the encoder set to the mean "
+             "of the others", len(unseen), pre_model["scan_order"])
 
 
 def build_criterion(cfg: RunConfig, num_classes: int) -> tuple[nn.Module | None, Any]:
@@ -95,4 +148,4 @@ def build_criterion(cfg: RunConfig, num_classes: int) -> tuple[nn.Module | None,
     return nn.CrossEntropyLoss(), None
 
 
-__all__ = ["build_datasets", "eval_loader", "check_compatible", "build_model", "build_criterion"]
+__all__ = ["RunData", "build_datasets", "fill_unseen_positions", "loader_workers", "eval_loader", "check_compatible", "build_model", "build_criterion"]

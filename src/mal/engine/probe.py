@@ -18,16 +18,28 @@ PROBE_WD = 1e-4
 PROBE_BATCH = 256
 
 
+def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    """Features of a token sequence (B, N, D) in the last layer's order: the mean of the tokens (B, D), the last
+    token (B, D) (a causal encoder's summary of the whole image) or the first and last tokens (B, 2D)."""
+    if pool == "mean":
+        return tokens.mean(1)
+    if pool == "last":
+        return tokens[:, -1]
+    if pool == "first_last":
+        return torch.cat([tokens[:, 0], tokens[:, -1]], dim=-1)
+    raise ValueError(f"unknown probe pooling {pool!r}; choose mean, last or first_last")
+
+
 @torch.no_grad()
-def extract_features(encoder: nn.Module, loader, device: torch.device, amp: bool = True,
+def extract_features(encoder: nn.Module, loader, device: torch.device, amp: bool = True, pool: str = "mean",
                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled (bilateral) features of a frozen `VisionLSTM`: (N, 2D) float32 on CPU, labels (N,)."""
+    """Pooled features of a frozen `VisionLSTM`'s last layer: (N, D or 2D) float32 on CPU, labels (N,)."""
     encoder.eval()
     feats, labels = [], []
     for imgs, y in tqdm(loader, desc="features", disable=not progress, leave=False):
         with autocast_for(device, amp):
-            f = encoder.forward_head(encoder.forward_features(imgs.to(device, non_blocking=True)), pre_logits=True)
-        feats.append(f.float().cpu())
+            tokens = encoder.forward_features(imgs.to(device, non_blocking=True))    # (B, N, D)
+        feats.append(pool_tokens(tokens.float(), pool).cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
@@ -58,7 +70,12 @@ def linear_probe_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: 
     xtr, xte = ((train_f - mean) / std).to(device), ((test_f - mean) / std).to(device)
     ytr, yte = train_y.to(device), test_y.to(device)
     g = torch.Generator().manual_seed(seed)
-    head = nn.Linear(xtr.shape[1], num_classes).to(device)
+    head = nn.Linear(xtr.shape[1], num_classes)
+    with torch.no_grad():                                # seeded init: the same probe in every call
+        bound = 1 / xtr.shape[1] ** 0.5
+        head.weight.uniform_(-bound, bound, generator=g)
+        head.bias.uniform_(-bound, bound, generator=g)
+    head = head.to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=PROBE_LR, weight_decay=PROBE_WD)
     steps = epochs * max(1, (len(xtr) + PROBE_BATCH - 1) // PROBE_BATCH)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -78,17 +95,19 @@ def linear_probe_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: 
 
 def probe_encoder(encoder: nn.Module, make_loader, train_set, test_set, device: torch.device, amp: bool,
                   knn: bool = True, linear: bool = True, knn_k: int = 20, num_classes: int | None = None,
-                  progress: bool = False) -> dict[str, Any]:
+                  pool: str = "mean", seed: int = 0, progress: bool = False) -> dict[str, Any]:
     """k-NN and/or linear-probe top-1 (%) of a frozen encoder: features of `train_set` are the memory / the
-    probe's training set, `test_set` is scored. `make_loader(dataset)` gives an in-order loader."""
-    out: dict[str, Any] = {}
+    probe's training set, `test_set` is scored. `make_loader(dataset)` gives an in-order loader. The result
+    names the pooling (`probe_pool`)."""
+    out: dict[str, Any] = {"probe_pool": pool}
     if not (knn or linear):
         return out
-    tr_f, tr_y = extract_features(encoder, make_loader(train_set), device, amp, progress=progress)
-    te_f, te_y = extract_features(encoder, make_loader(test_set), device, amp, progress=progress)
+    tr_f, tr_y = extract_features(encoder, make_loader(train_set), device, amp, pool, progress=progress)
+    te_f, te_y = extract_features(encoder, make_loader(test_set), device, amp, pool, progress=progress)
     num_classes = num_classes or len(getattr(train_set, "classes", [])) or None
     if knn:
         out["knn_top1"] = knn_accuracy(tr_f, tr_y, te_f, te_y, k=knn_k, num_classes=num_classes)
     if linear:
-        out["linprobe_top1"] = linear_probe_accuracy(tr_f, tr_y, te_f, te_y, num_classes=num_classes, device=device)
+        out["linprobe_top1"] = linear_probe_accuracy(tr_f, tr_y, te_f, te_y, num_classes=num_classes, seed=seed,
+                                                     device=device)
     return out

@@ -80,7 +80,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 class MetricsLog:
     """CSV + TensorBoard scalars, written by the main process only."""
 
-    FIELDS = ["step", "epoch", "loss", "lr", "img_per_s", "time", "val_top1", "val_top5", "val_loss"]
+    FIELDS = ["step", "epoch", "loss", "lr", "img_per_s", "time", "eval_top1", "eval_top5", "eval_loss",
+              "eval_ema_top1", "eval_ema_top5", "eval_ema_loss"]
 
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0):
         self.enabled, self.path, self.tb = enabled, run_dir / "metrics.csv", None

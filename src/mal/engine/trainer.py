@@ -23,13 +23,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_weights, read_meta, save_checkpoint
+from ..checkpoint import load_train_state, load_weights, read_meta, save_checkpoint
 from ..config import RunConfig, to_dict
 from ..distributed import DistInfo, all_reduce_sum, barrier, device_for, gather_objects
-from ..errors import GPUOutOfMemoryError
+from ..errors import GPUOutOfMemoryError, Interrupted
 from ..models.vil import VisionLSTM
 from ..viz import plot_curves, save_prediction_grid
-from .build import build_criterion, build_datasets, build_model, check_compatible, eval_loader
+from .build import build_criterion, build_datasets, build_model, check_compatible, eval_loader, loader_workers
 from .evaluate import autocast_for, evaluate_classifier
 from .optim import adapt_loaded_optimizer, cosine_lr, make_optimizer, param_groups, set_lr
 from .probe import probe_encoder
@@ -38,6 +38,24 @@ from .sampling import SeededDataset, StepSampler, rng_state, seed_everything, se
 from .step import LossStep, StepRunner, graphs_usable
 
 log = logging.getLogger("mal")
+
+
+# keys that may differ on --resume without changing what the run computes
+RESUMABLE_KEYS = {"output_dir", "data.num_workers", "data.cache", "data.cache_dir", "data.strict", "data.dataset",
+                  "log_every", "save_every", "keep_every", "eval_every", "fast_path", "cuda_graph", "recompute",
+                  "recompute_qkv", "probe", "probe_pool", "knn_k", "viz_samples", "model.mlstm_backend"}
+
+
+def recipe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every config value that differs, except those in RESUMABLE_KEYS."""
+    out = []
+    for k, v in new.items():
+        key, before = f"{prefix}{k}", old.get(k)
+        if isinstance(v, dict):
+            out += recipe_changes(before if isinstance(before, dict) else {}, v, f"{key}.")
+        elif key not in RESUMABLE_KEYS and k in old and before != v:
+            out.append(f"{key}: {before} -> {v}")
+    return out
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -58,28 +76,29 @@ class Trainer:
     checkpoints) before the run folder is touched; `fit()` trains and returns the summary."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False,
-                 overwrite: bool = False, progress: bool = True):
+                 overwrite: bool = False, progress: bool = True, allow_changes: bool = False):
         cfg.check_world(info.world_size)
         self.cfg, self.info, self.progress = cfg, info, progress and info.is_main
         self.device = device_for(info)
         self.folder = RunDir(Path(run_dir), resume, overwrite, info)
         seed_everything(cfg.seed)
-        self.train_set, self.val_set, self.train_eval_set = build_datasets(cfg, self.progress)
-        self.classes = list(getattr(self.train_set, "classes", []))
+        self.data = build_datasets(cfg, self.progress)
+        self.train_set = self.data.train
+        self.classes = self.data.classes
         self.num_classes = cfg.num_classes or len(self.classes)
-        self.model = build_model(cfg, self.num_classes).to(self.device)
+        self.model = build_model(cfg, self.num_classes, load_init=self.folder.checkpoint is None).to(self.device)
         self._schedule()
         o = cfg.optim
-        self.optimizer = make_optimizer(param_groups(self.model, o.weight_decay, o.layer_decay), o.abs_lr, o.betas,
-                                        self.device)
+        groups = param_groups(self.model, o.weight_decay, o.layer_decay, o.layer_decay_group)
+        self.optimizer = make_optimizer(groups, o.abs_lr, o.betas, self.device)
         self.ema = None
         if cfg.ema_decay > 0:
             from timm.utils import ModelEmaV3
-            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)
+            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
         self.draws = torch.Generator().manual_seed(cfg.seed + 17)
         self.step, self.skipped, self.loss_val, self.time_before = 0, 0, float("nan"), 0.0
         if self.folder.checkpoint is not None:
-            self._load(self.folder.checkpoint)
+            self._load(self.folder.checkpoint, allow_changes)
         self.folder.open(to_dict(cfg))                                    # the first write to the run folder
         self._wrap()
 
@@ -99,16 +118,27 @@ class Trainer:
         if self.cfg.max_steps:
             self.total_steps = min(self.total_steps, self.cfg.max_steps)
         self.warmup_steps = int(o.warmup_epochs * self.steps_per_epoch)
+        if self.warmup_steps > self.total_steps and self.info.is_main:
+            log.warning("the warm-up (%d steps) is longer than the run (%d steps): the lr stops at %.0f %% of its "
+                        "peak; lower optim.warmup_epochs", self.warmup_steps, self.total_steps,
+                        100 * self.total_steps / self.warmup_steps)
 
-    def _load(self, ckpt: Path) -> None:
+    def _load(self, ckpt: Path, allow_changes: bool) -> None:
         """Continue from a checkpoint of this run: weights, optimizer, EMA, step, every RNG."""
         meta = read_meta(ckpt)
         if meta.get("task") != self.cfg.task:
             raise ValueError(f"cannot resume: checkpoint {ckpt} is a {meta.get('task')} run, the config is "
                              f"{self.cfg.task}")
         check_compatible(self.cfg, meta, str(ckpt))
+        changes = recipe_changes(meta.get("config", {}), to_dict(self.cfg))
+        if changes and not allow_changes:
+            raise ValueError(f"cannot resume {ckpt}: the config changes the recipe ({'; '.join(changes)}); resume "
+                             f"with the run's own config (its config.yaml), or pass --allow-changes to continue "
+                             f"with the new values")
+        for c in changes:
+            log.warning("resuming with a changed recipe: %s", c)
         self.model.load_state_dict(load_weights(ckpt))
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        state = load_train_state(ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
         adapt_loaded_optimizer(self.optimizer, self.device)
         if self.ema is not None and "ema" in state:
@@ -139,14 +169,21 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the last step, then write the summary (and, after pretraining, predictions and probes)."""
         self.begin()
-        while self.step < self.total_steps:
-            epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-            batches = iter(self._loader(epoch, in_epoch))
-            for _ in range(in_epoch, self.steps_per_epoch):
-                if self.step >= self.total_steps:
-                    break
-                self.train_step(batches)
-            del batches
+        try:
+            while self.step < self.total_steps:
+                epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+                batches = iter(self._loader(epoch, in_epoch))
+                for _ in range(in_epoch, self.steps_per_epoch):
+                    if self.step >= self.total_steps:
+                        break
+                    self.train_step(batches)
+                del batches
+        except KeyboardInterrupt:
+            self.bar.close()
+            saved = read_meta(self.run_dir / "ckpt_last")["step"] if (self.run_dir / "ckpt_last").is_dir() else None
+            where = f"the last checkpoint is at step {saved}" if saved is not None else "no checkpoint was written"
+            raise Interrupted(f"interrupted at step {self.step} of {self.total_steps}; {where}; continue with the "
+                              f"same command and --resume") from None
         return self.finish()
 
     def begin(self) -> None:
@@ -162,7 +199,7 @@ class Trainer:
         o = self.cfg.optim
         self.sampler.set_epoch(epoch, in_epoch * o.accum_steps * self.micro)
         return DataLoader(SeededDataset(self.train_set, self.cfg.seed), batch_size=self.micro, sampler=self.sampler,
-                          num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                          num_workers=loader_workers(self.cfg.data.num_workers), pin_memory=self.device.type == "cuda",
                           drop_last=True)
 
     def train_step(self, batches: Iterator) -> None:
@@ -274,18 +311,26 @@ class Trainer:
         self.folder.committed()
 
     def _eval_due(self, s: int) -> bool:
-        return (self.cfg.task != "pretrain" and self.val_set is not None and
+        return (self.cfg.task != "pretrain" and self.data.eval is not None and
                 (s % (self.steps_per_epoch * self.cfg.eval_every) == 0 or s == self.total_steps))
 
+    def scores(self, dataset) -> dict[str, float]:
+        """top1 / top5 / loss of the raw model, and ema_top1 / ... of the EMA model, on `dataset`."""
+        loader = eval_loader(dataset, self.cfg, self.info, True)
+        out = evaluate_classifier(self.model, loader, self.device, self.cfg.amp)
+        if self.ema is not None:
+            ema = evaluate_classifier(self.ema.module, loader, self.device, self.cfg.amp)
+            out.update({f"ema_{k}": v for k, v in ema.items()})
+        return out
+
     def evaluate(self) -> None:
-        model = self.ema.module if self.ema is not None else self.model
-        res = evaluate_classifier(model, eval_loader(self.val_set, self.cfg, self.info, True), self.device,
-                                  self.cfg.amp)
-        self.last_eval = res
-        self.metrics.write(self.step, epoch=self.step / self.steps_per_epoch, val_top1=res["top1"],
-                           val_top5=res["top5"], val_loss=res["loss"])
+        """The raw and the EMA model on the evaluation set (the held-out part of the training split if any)."""
+        res = self.last_eval = self.scores(self.data.eval)
+        self.metrics.write(self.step, epoch=self.step / self.steps_per_epoch,
+                           **{f"eval_{k}": v for k, v in res.items() if f"eval_{k}" in self.metrics.FIELDS})
         if self.info.is_main:
-            self.bar.write(f"step {self.step}: val top-1 {res['top1']:.2f} %  top-5 {res['top5']:.2f} %")
+            ema = f"  (EMA {res['ema_top1']:.2f} %)" if "ema_top1" in res else ""
+            self.bar.write(f"step {self.step}: {self.data.eval_name} top-1 {res['top1']:.2f} %{ema}")
 
     # ---------------------------------------------------------------- the end
     def finish(self) -> dict[str, Any]:
@@ -301,7 +346,12 @@ class Trainer:
         if self.cfg.task == "pretrain":
             summary.update(self.finish_pretraining())
         elif self.last_eval:
-            summary.update({f"val_{k}": v for k, v in self.last_eval.items()})
+            summary["eval_set"] = self.data.eval_name
+            summary.update({f"{self.data.eval_name}_{k}": v for k, v in self.last_eval.items()})
+            if self.data.eval_name == "holdout" and self.data.val is not None:     # the val folder, once
+                summary.update({f"val_{k}": v for k, v in self.scores(self.data.val).items()})
+        bad = getattr(self.train_set, "num_bad", 0)
+        summary.update(bad_images=bad, bad_files=[str(f) for f in getattr(self.train_set, "bad_files", [])][:100])
         if self.info.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             if (self.run_dir / "metrics.csv").exists():
@@ -310,38 +360,66 @@ class Trainer:
         return summary
 
     def finish_pretraining(self) -> dict[str, Any]:
-        """Prediction PNG and k-NN / linear-probe accuracy of the frozen encoder (main process)."""
-        out: dict[str, Any] = {}
-        cfg = self.cfg
+        """Prediction PNG and k-NN / linear-probe accuracy of the frozen encoder (main process): on the held-out
+        part of the training split when there is one, and on the val folder."""
+        cfg, data = self.cfg, self.data
+        out: dict[str, Any] = {"masked_input_fraction": self.model.masked_input_fraction()}
         if not self.info.is_main:
             return out
         self.model.eval()
-        src = self.val_set if self.val_set is not None else self.train_eval_set
+        src = data.val if data.val is not None else data.train_eval
         if src is not None:
-            n = min(cfg.viz_samples, len(src))
-            imgs = torch.stack([src[i][0] for i in range(n)]).to(self.device)
-            draws = self.model.sample_inputs(n, torch.Generator().manual_seed(cfg.seed), self.device)
-            with torch.no_grad(), autocast_for(self.device, cfg.amp):
-                rows = self.model.prediction_rows(imgs, *draws)
-            out["prediction_png"] = str(save_prediction_grid(self.run_dir / "predictions.png", rows, cfg.data.mean,
-                                                             cfg.data.std))
-        if cfg.probe and self.train_eval_set is not None and self.val_set is not None:
-            # probe the encoder as it was pretrained: causal, no reversed layers
-            enc = VisionLSTM(dataclasses.replace(cfg.model, bidirectional=False), num_classes=0).to(self.device)
-            enc.load_state_dict(self.model.encoder.state_dict())
-            if cfg.fast_path:
-                enable_fast_path(enc, self.device)
-            out.update(probe_encoder(enc, lambda ds: eval_loader(ds, cfg, self.info, False), self.train_eval_set,
-                                     self.val_set, self.device, cfg.amp, knn_k=cfg.knn_k,
-                                     num_classes=self.num_classes))
-            log.info("frozen encoder: k-NN %.2f %%, linear probe %.2f %%", out["knn_top1"], out["linprobe_top1"])
+            out["prediction_png"] = str(self.save_predictions(src))
+        if not (cfg.probe and data.train_eval is not None):
+            return out
+        # probe the encoder as it was pretrained: causal, no reversed layers
+        enc = VisionLSTM(dataclasses.replace(cfg.model, bidirectional=False), num_classes=0).to(self.device)
+        enc.load_state_dict(self.model.encoder.state_dict())
+        if cfg.fast_path:
+            enable_fast_path(enc, self.device)
+        for name, test in (("holdout_", data.eval if data.eval_name == "holdout" else None), ("", data.val)):
+            if test is not None:
+                res = probe_encoder(enc, lambda ds: eval_loader(ds, cfg, self.info, False), data.train_eval, test,
+                                    self.device, cfg.amp, knn_k=cfg.knn_k, num_classes=self.num_classes,
+                                    pool=cfg.probe_pool, seed=cfg.seed)
+                out.update({("" if k == "probe_pool" else name) + k: v for k, v in res.items()})
+                log.info("frozen encoder (%s, %s pooling): k-NN %.2f %%, linear probe %.2f %%",
+                         name.rstrip("_") or "val", cfg.probe_pool, res["knn_top1"], res["linprobe_top1"])
         return out
+
+    def save_predictions(self, dataset) -> Path:
+        """predictions.png: the input as seen, the next-cluster predictions, the target, one image per class."""
+        cfg = self.cfg
+        idx = one_per_class(getattr(dataset, "targets", list(range(len(dataset)))), cfg.viz_samples)
+        imgs = torch.stack([dataset[i][0] for i in idx]).to(self.device)
+        draws = self.model.sample_inputs(len(idx), torch.Generator().manual_seed(cfg.seed), self.device)
+        mean, std = (torch.tensor(v, device=self.device).view(-1, 1, 1) for v in (cfg.data.mean, cfg.data.std))
+        with torch.no_grad(), autocast_for(self.device, cfg.amp):
+            rows = self.model.prediction_rows(imgs, *draws, fill=-mean / std)      # masked units black
+        return save_prediction_grid(self.run_dir / "predictions.png", rows, cfg.data.mean, cfg.data.std,
+                                    PREDICTION_ROWS)
+
+
+PREDICTION_ROWS = ("input as the encoder sees it (masked units black)",
+                   "first cluster, then each next-cluster prediction (drawn with the target patch's mean and std)",
+                   "target")
+
+
+def one_per_class(targets, n: int) -> list[int]:
+    """Up to n indices, the first image of each class first, then the next ones in order."""
+    first: dict = {}
+    for i, t in enumerate(targets):
+        first.setdefault(int(t), i)
+    chosen = list(first.values())[:n]
+    rest = [i for i in range(len(targets)) if i not in set(chosen)]
+    return chosen + rest[:n - len(chosen)]
 
 
 def train(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool = False, overwrite: bool = False,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, allow_changes: bool = False) -> dict[str, Any]:
     """Run `cfg` in `run_dir`; returns the summary (also written to summary.json)."""
-    return Trainer(cfg, run_dir, info, resume=resume, overwrite=overwrite, progress=progress).fit()
+    return Trainer(cfg, run_dir, info, resume=resume, overwrite=overwrite, progress=progress,
+                   allow_changes=allow_changes).fit()
 
 
 __all__ = ["Trainer", "train", "enable_fast_path", "to_device"]

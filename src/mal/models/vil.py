@@ -25,9 +25,10 @@ def small_init_(weight: torch.Tensor, dim: int) -> None:
     nn.init.normal_(weight, mean=0.0, std=math.sqrt(2 / (5 * dim)))
 
 
-def wang_init_(weight: torch.Tensor, dim: int, num_blocks: int) -> None:
-    """N(0, 2 / (num_blocks sqrt(dim))): ViL's init of the down-projection of each residual branch."""
-    nn.init.normal_(weight, mean=0.0, std=2 / num_blocks / math.sqrt(dim))
+def down_init_(weight: torch.Tensor, dim: int) -> None:
+    """N(0, std 2 / sqrt(dim)): the down-projection of each residual branch, as the official ViL
+    (`vision_lstm2.py`: `wang_init_(..., num_blocks=1)`); docs/method.md, "Initialization"."""
+    nn.init.normal_(weight, mean=0.0, std=2 / math.sqrt(dim))
 
 
 class LinearHeadwise(nn.Module):
@@ -66,10 +67,10 @@ class ViLLayer(nn.Module):
     """mLSTM layer of a ViL block: up-projection, causal conv, q/k/v, gates, mLSTM cell, output gate."""
 
     def __init__(self, dim: int, num_heads: int = 4, expansion: int = 2, qkv_block_size: int = 4,
-                 conv_kernel_size: int = 4, num_blocks: int = 24, backend: str = "auto"):
+                 conv_kernel_size: int = 4, backend: str = "auto"):
         super().__init__()
         inner = expansion * dim
-        self.dim, self.inner, self.num_heads, self.num_blocks = dim, inner, num_heads, num_blocks
+        self.dim, self.inner, self.num_heads = dim, inner, num_heads
         self.backend = backend
         self.proj_up = nn.Linear(dim, 2 * inner)
         self.conv = CausalConv1d(inner, conv_kernel_size)
@@ -99,7 +100,7 @@ class ViLLayer(nn.Module):
         nn.init.ones_(self.outnorm)
         nn.init.zeros_(self.outnorm_bias)
         nn.init.ones_(self.skip)
-        wang_init_(self.proj_down.weight, self.dim, self.num_blocks)
+        down_init_(self.proj_down.weight, self.dim)
         nn.init.zeros_(self.proj_down.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,12 +166,11 @@ class VisionLSTM(nn.Module):
         D = cfg.dim
         self.patch_embed = nn.Conv2d(cfg.in_chans, D, cfg.patch_size, cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, h * w, D))
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
-        self.blocks = nn.ModuleList([
-            ViLBlock(D, drop_path=dpr[d], num_heads=cfg.num_heads, expansion=cfg.expansion,
+        self.blocks = nn.ModuleList([                                        # constant drop-path rate, as ViL
+            ViLBlock(D, drop_path=cfg.drop_path_rate, num_heads=cfg.num_heads, expansion=cfg.expansion,
                      qkv_block_size=cfg.qkv_block_size, conv_kernel_size=cfg.conv_kernel_size,
-                     num_blocks=cfg.depth, backend=cfg.mlstm_backend)
-            for d in range(cfg.depth)])
+                     backend=cfg.mlstm_backend)
+            for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(2 * D, num_classes) if num_classes > 0 else nn.Identity()
         self._plans: dict[tuple[int, int], ScanPlan] = {}
@@ -181,8 +181,8 @@ class VisionLSTM(nn.Module):
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
-        if isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=0.02)
+        if isinstance(self.head, nn.Linear):                                 # MAE / ViL fine-tuning head init
+            trunc_normal_(self.head.weight, std=2e-5)
             nn.init.zeros_(self.head.bias)
 
     # ---------------------------------------------------------------- timm-style API

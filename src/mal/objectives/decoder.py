@@ -50,7 +50,7 @@ class Decoder(nn.Module):
         if cfg.kind == "transformer":
             self.blocks = nn.ModuleList([CausalBlock(cfg.dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
         else:
-            self.blocks = nn.ModuleList([ViLBlock(cfg.dim, num_blocks=cfg.depth) for _ in range(cfg.depth)])
+            self.blocks = nn.ModuleList([ViLBlock(cfg.dim) for _ in range(cfg.depth)])
         self.layer_patterns = layer_patterns or ["row"] * cfg.depth
         self.norm = nn.LayerNorm(cfg.dim)
         self.pred = nn.Linear(cfg.dim, patch_dim)

@@ -15,7 +15,7 @@ import torch.nn as nn
 from ..config import EncoderConfig, ObjectiveConfig
 from ..models.vil import VisionLSTM
 from ..scan import ScanPlan
-from ..serialization import (cluster_patch_table, gather_tokens, patchify, pretrain_cluster_orders,
+from ..serialization import (cluster_patch_table, gather_tokens, masked_count, patchify, pretrain_cluster_orders,
                              pretrain_layer_patterns, sample_mask, slot_perm, unpatchify)
 from .decoder import Decoder
 
@@ -65,6 +65,12 @@ class MALPretrain(nn.Module):
         self.decoder.fast_path(enabled, **kwargs)
         return self
 
+    def masked_input_fraction(self) -> float:
+        """The fraction of the encoder's input (patches, or pixels for the pixel unit) masked in every sample."""
+        m, (h, w) = self.obj_cfg.mask, self.enc_cfg.grid
+        masked, inputs = masked_count(m.unit, m.ratio, h, w, self.k, self.enc_cfg.patch_size)
+        return masked / inputs
+
     def sample_inputs(self, batch: int, generator: torch.Generator | None = None, device=None
                       ) -> tuple[torch.Tensor, ...]:
         """The random draws of a step, each with the batch first: cluster sequences (B, n) and, when input
@@ -72,7 +78,7 @@ class MALPretrain(nn.Module):
         h, w = self.enc_cfg.grid
         clusters = pretrain_cluster_orders(self.enc_cfg.scan_order, batch, h, w, self.k, generator)
         m = self.obj_cfg.mask
-        mask = sample_mask(m.unit, m.ratio, batch, h, w, self.k, self.enc_cfg.patch_size, generator)
+        mask = sample_mask(m.unit, m.ratio, clusters, h, w, self.k, self.enc_cfg.patch_size, generator)
         return (clusters.to(device),) if mask is None else (clusters.to(device), mask.to(device))
 
     # ---------------------------------------------------------------- stages
@@ -140,16 +146,19 @@ class MALPretrain(nn.Module):
         return unpatchify(patches.scatter(1, idx, pred), p, h, w)           # (B, C, H, W)
 
     @torch.no_grad()
-    def prediction_rows(self, imgs: torch.Tensor, clusters: torch.Tensor, mask: torch.Tensor | None = None
-                        ) -> list[torch.Tensor]:
-        """Rows of a prediction figure, each (B, C, H, W): the input as the encoder sees it (masked units at 0),
-        the first cluster followed by every next-cluster prediction, and the target images."""
+    def prediction_rows(self, imgs: torch.Tensor, clusters: torch.Tensor, mask: torch.Tensor | None = None,
+                        fill: torch.Tensor | float = 0.0) -> list[torch.Tensor]:
+        """Rows of a prediction figure, each (B, C, H, W): the input as the encoder sees it (masked units set to
+        `fill`, e.g. the normalized value of black), the first cluster followed by every next-cluster prediction
+        (with norm_pix_loss drawn with each target patch's own mean and std), and the target images."""
         res = self(imgs, clusters, mask)
         seen = imgs.clone()
-        if mask is not None and mask.dim() == 3:                             # pixel unit
-            seen = seen.masked_fill(mask.unsqueeze(1), 0.0)
-        elif mask is not None:                                               # patch / cluster unit
+        if mask is not None and mask.dim() == 3:                             # pixel unit (B, H, W)
+            pixels = mask.unsqueeze(1)                                       # (B, 1, H, W)
+        elif mask is not None:                                               # patch / cluster unit (B, hw)
             p, (h, w) = self.enc_cfg.patch_size, self.enc_cfg.grid
-            seen = unpatchify(patchify(seen, p).masked_fill(mask.unsqueeze(-1), 0.0), p, h, w)
+            pixels = unpatchify(mask[..., None].expand(-1, -1, p * p).float(), p, h, w).bool()   # (B, 1, H, W)
+        if mask is not None:
+            seen = torch.where(pixels, torch.as_tensor(fill, dtype=seen.dtype, device=seen.device), seen)
         out = {k: v.float() if v.is_floating_point() else v for k, v in res.items()}
         return [seen, self.reconstruct(imgs.float(), out), imgs]

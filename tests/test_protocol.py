@@ -1,0 +1,123 @@
+"""The fine-tuning and evaluation protocol: layer-wise lr decay over pairs of blocks, EMA warm-up, raw and EMA
+evaluation, the held-out split, probe pooling, the initialization we follow, position embeddings a fixed-order
+pretraining never trains."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mal.checkpoint import load_weights
+from mal.cli import main
+from mal.config import EncoderConfig, load_run_config
+from mal.engine.build import fill_unseen_positions
+from mal.engine.optim import param_groups
+from mal.engine.probe import pool_tokens
+from mal.models.vil import VisionLSTM
+from mal.serialization import cluster_patch_table, unseen_input_patches
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model.dim=32", "model.depth=4", "data.num_workers=0", "data.cache=false", "optim.batch_size=16",
+        "log_every=1", "save_every=1000"]
+
+
+def _scales(model, layer_decay, group):
+    groups = param_groups(model, 0.05, layer_decay, group)
+    return {name: g["lr_scale"] for g in groups for p in g["params"]
+            for name, q in model.named_parameters() if q is p}
+
+
+def test_layer_decay_counts_pairs_of_blocks_like_maes_twelve_layers():
+    model = VisionLSTM(EncoderConfig(img_size=16, patch_size=4, dim=16, depth=24, cluster_size=2), num_classes=3)
+    s = _scales(model, 0.75, 2)
+    assert s["head.weight"] == 1.0 and s["norm.weight"] == 1.0                   # the top: full lr
+    assert s["blocks.23.layer.proj_up.weight"] == s["blocks.22.norm.weight"] == 0.75      # last pair
+    assert s["blocks.0.layer.proj_up.weight"] == s["blocks.1.norm.weight"] == pytest.approx(0.75 ** 12)
+    assert s["patch_embed.weight"] == s["pos_embed"] == pytest.approx(0.75 ** 13)         # MAE's ViT-B range
+    per_block = _scales(model, 0.75, 1)
+    assert per_block["patch_embed.weight"] == pytest.approx(0.75 ** 25)                     # what pairs fix
+    assert set(_scales(model, 1.0, 2).values()) == {1.0}
+    wd = {n: g["weight_decay"] for g in param_groups(model, 0.05, 0.75, 2) for p in g["params"]
+          for n, q in model.named_parameters() if q is p}
+    assert wd["pos_embed"] == 0 and wd["blocks.0.norm.weight"] == 0 and wd["blocks.0.layer.proj_up.weight"] == 0.05
+
+
+def test_supervised_and_finetune_recipes_differ_only_in_init_and_epochs():
+    ft = load_run_config(REPO / "configs/cifar10_finetune.yaml", ["init=x"])
+    sup = load_run_config(REPO / "configs/cifar10_supervised.yaml")
+    for section in ("model", "data", "aug"):
+        assert getattr(ft, section) == getattr(sup, section), section
+    diff = {k for k in vars(ft.optim) if getattr(ft.optim, k) != getattr(sup.optim, k)}
+    assert diff == {"epochs"}
+    assert (ft.ema_decay, ft.ema_warmup) == (sup.ema_decay, sup.ema_warmup)
+
+
+def test_init_follows_the_official_vil():
+    torch.manual_seed(0)
+    m = VisionLSTM(EncoderConfig(img_size=32, patch_size=4, dim=192, depth=2, drop_path_rate=0.1), num_classes=10)
+    down = m.blocks[0].layer.proj_down.weight
+    assert abs(down.std().item() - 2 / math.sqrt(192)) < 0.01                # N(0, 2/sqrt(D))
+    assert m.head.weight.std().item() < 1e-4                                 # trunc normal, std 2e-5
+    assert [b.drop_path.drop_prob for b in m.blocks] == [0.1, 0.1]           # constant, not linear
+
+
+def test_probe_pooling():
+    t = torch.arange(24.0).view(1, 4, 6)                                     # (B, N, D)
+    assert torch.equal(pool_tokens(t, "mean"), t.mean(1))
+    assert torch.equal(pool_tokens(t, "last"), t[:, -1])
+    assert torch.equal(pool_tokens(t, "first_last"), torch.cat([t[:, 0], t[:, -1]], -1))
+    with pytest.raises(ValueError, match="probe_pool|pooling"):
+        pool_tokens(t, "cls")
+    with pytest.raises(ValueError, match="probe_pool"):
+        load_run_config(None, ["probe_pool=cls"])
+
+
+def test_fixed_order_pretraining_leaves_one_cluster_untrained_and_finetuning_fills_it():
+    assert unseen_input_patches("alternating", 12, 12, 4) == [] and unseen_input_patches("random", 12, 12, 4) == []
+    last = unseen_input_patches("row_fwd", 12, 12, 4)
+    assert last == sorted(cluster_patch_table(12, 12, 4)[8].tolist())        # bottom-right cluster
+    assert unseen_input_patches("row_bwd", 12, 12, 4) == sorted(cluster_patch_table(12, 12, 4)[6].tolist())
+    pos = torch.randn(1, 144, 8)
+    state = {"encoder.pos_embed": pos.clone()}
+    fill_unseen_positions(state, dict(img_size=48, patch_size=4, cluster_size=4, scan_order="row_fwd"))
+    seen = [i for i in range(144) if i not in last]
+    assert torch.allclose(state["encoder.pos_embed"][0, last], pos[0, seen].mean(0).expand(len(last), -1))
+    assert torch.equal(state["encoder.pos_embed"][0, seen], pos[0, seen])
+    state = {"encoder.pos_embed": pos.clone()}
+    fill_unseen_positions(state, dict(img_size=48, patch_size=4, cluster_size=4, scan_order="alternating"))
+    assert torch.equal(state["encoder.pos_embed"], pos)
+
+
+def _finetune(image_folder, tmp_path, init, *extra):
+    out = tmp_path / "ft"
+    args = ["finetune", "--config", str(REPO / "configs/cifar10_finetune.yaml"), "--init", str(init), "--output",
+            str(out), "--no-progress", f"data.dataset={image_folder}", *TINY, "optim.epochs=2",
+            "optim.warmup_epochs=0.5", *extra]
+    assert main(args) == 0
+    return out, json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pretrained(image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre") / "pre"
+    assert main(["pretrain", "--config", str(REPO / "configs/cifar10_pretrain.yaml"), "--output", str(out),
+                 "--no-progress", f"data.dataset={image_folder}", *TINY, "objective.decoder.depth=1",
+                 "objective.decoder.dim=32", "objective.decoder.num_heads=4", "max_steps=2", "probe=false",
+                 "model.scan_order=row_fwd"]) == 0
+    return out / "ckpt_last"
+
+
+def test_ema_warms_up_and_both_models_are_reported(image_folder, tmp_path, pretrained):
+    """decay 0.9999 without warm-up would keep ~all of the initial weights after a few steps; with timm's
+    warm-up the EMA follows the weights early on. Both the raw and the EMA model are evaluated."""
+    out, summary = _finetune(image_folder, tmp_path, pretrained, "ema_decay=0.9999")
+    assert {"val_top1", "val_ema_top1", "val_top5", "val_ema_top5"} <= set(summary)
+    raw, ema = load_weights(out / "ckpt_last"), load_weights(out / "ckpt_ema")
+    init = load_weights(pretrained)
+    key = "blocks.0.layer.proj_up.weight"
+    moved = (raw[key] - init["encoder." + key]).norm()
+    assert moved > 0
+    assert (ema[key] - raw[key]).norm() < 0.5 * moved                        # closer to the weights than to init
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    assert "eval_top1" in header and "eval_ema_top1" in header
