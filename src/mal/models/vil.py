@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 
 from ..config import MODEL_PRESETS, EncoderConfig
-from ..fused import FastPath, block_forward
-from ..kernels import mlstm
+from ..ops import mlstm
 from ..serialization import gather_tokens, grid_size, layer_orders, layer_plan, random_layer_plan
 
 
@@ -137,6 +136,7 @@ class ViLBlock(nn.Module):
         """Run the fused block (compile=True: its regions around the mLSTM cell under torch.compile(mode);
         checkpoint=True: in training keep only the block input and recompute the block in the backward;
         recompute_qkv=True: recompute the cell's q, k, v in the backward instead of keeping them)."""
+        from ..ops.vil_block import FastPath
         self.fast = FastPath(compile=compile, mode=mode, checkpoint=checkpoint,
                              recompute_qkv=recompute_qkv) if enabled else None
         return self
@@ -144,7 +144,7 @@ class ViLBlock(nn.Module):
     def forward(self, x: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, S, D) -> (B, S, D), on the tokens x[:, order] when `order` ((S,) or (B, S)) is given."""
         if self.fast is not None:
-            return block_forward(self, x, self.fast, order)                  # (B, S, D)
+            return self.fast.forward(self, x, order)                         # (B, S, D)
         if order is not None:
             x = gather_tokens(x, order)                                      # (B, S, D) the block's sequence
         return x + self.drop_path(self.layer(self.norm(x)))                  # (B, S, D)
