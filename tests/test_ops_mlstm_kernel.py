@@ -1,26 +1,22 @@
-"""The Triton mLSTM backend computes the same function, and the same gradients, as `mlstm_parallel`.
+"""The Triton mLSTM backend (`mal.ops.mlstm.kernel`) computes the same function, and the same gradients, as
+`mlstm_parallel`.
 
 Accuracy is judged against the torch backend evaluated in float64 on the same (rounded) inputs:
   * float32: the Triton error may be at most FP32_REL_SLACK x the torch-float32 error + FP32_REL_FLOOR
     (with gates of magnitude 10 both lose ~1e-3 to the float32 log-gate cumsum, which neither can avoid);
   * bf16: relative error (||x - ref|| / ||ref||) at most BF16_REL_SLACK x the torch-bf16 error + BF16_REL_FLOOR,
     and the Triton and torch bf16 results differ by at most BF16_REL_VS_TORCH of the reference scale.
-GPU tests skip without CUDA; the CPU tests check dispatch and run the kernels in Triton's interpreter, where the
-O(S) gate kernels (statistics forward, gate gradients backward) also equal their torch form (the one rows
-longer than `STATS_MAX_SEQ` take), ties of the running arg-max included.
+GPU tests skip without CUDA; the CPU tests check dispatch and run the kernels in Triton's interpreter
+(`tests/interpreter/mlstm.py`), where the O(S) gate kernels (statistics forward, gate gradients backward) also
+equal their torch form (the one rows longer than `STATS_MAX_SEQ` take), ties of the running arg-max included.
 """
 from __future__ import annotations
-
-import importlib.util
 
 import pytest
 import torch
 
-from mal.kernels import mlstm_parallel, resolve_backend
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-HAS_CUDA = torch.cuda.is_available()
-needs_gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+from mal.ops import mlstm, resolve
+from mal.ops.mlstm.reference import mlstm_parallel
 
 HEAD_DIMS = (96, 192, 384)
 SEQ_LENS = (1, 17, 144, 197, 577)
@@ -55,11 +51,10 @@ def _rel(x, ref):
 
 
 def _triton_fn(q, k, v, i, f):
-    from mal.kernels import mlstm
     return mlstm(q, k, v, i, f, backend="triton")
 
 
-@needs_gpu
+@pytest.mark.needs_gpu
 @pytest.mark.parametrize("gate_scale", [1.0, 10.0])
 @pytest.mark.parametrize("S", SEQ_LENS)
 @pytest.mark.parametrize("DH", HEAD_DIMS)
@@ -82,7 +77,7 @@ def test_matches_torch(dtype, DH, S, gate_scale):
             assert _rel(a, b.double()) <= BF16_REL_VS_TORCH or _rel(a, r) <= _rel(b, r), (name, _rel(a, b))
 
 
-@needs_gpu
+@pytest.mark.needs_gpu
 def test_noncontiguous_and_autograd_through_model_like_views():
     """q, k, v as transposed views of a (B, S, NH, DH) tensor and i, f in bf16 give the same result."""
     torch.manual_seed(0)                                                    # di/df vs torch bf16 are 1e-2 apart
@@ -98,96 +93,26 @@ def test_noncontiguous_and_autograd_through_model_like_views():
         assert _rel(x, y) < BF16_REL_VS_TORCH, (name, _rel(x, y))
 
 
-@needs_gpu
+@pytest.mark.needs_gpu
 def test_auto_picks_triton_on_cuda():
     (q, k, v, i, f), _ = _inputs(17, 96, torch.bfloat16, 1.0, "cuda", seed=0)
-    assert resolve_backend(q, k, v, i, f, backend="auto").name == "triton"
+    assert resolve("mlstm", q, k, v, i, f, backend="auto").name == "triton"
     q8 = torch.randn(1, 1, 4, 8, device="cuda")                             # DH=8 is below the kernel's minimum
-    assert resolve_backend(q8, q8, q8, q8[..., 0], q8[..., 0], backend="auto").name == "torch"
+    assert resolve("mlstm", q8, q8, q8, q8[..., 0], q8[..., 0], backend="auto").name == "torch"
 
 
 def test_cpu_dispatch():
     q = torch.randn(1, 2, 5, 96)
     i = torch.randn(1, 2, 5)
-    assert resolve_backend(q, q, q, i, i, backend="auto").name == "torch"
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed: the 'triton' backend is not registered")
-    with pytest.raises(ValueError):
-        resolve_backend(q, q, q, i, i, backend="triton")
+    assert resolve("mlstm", q, q, q, i, i, backend="auto").name == "torch"
+    with pytest.raises(ValueError, match="runs on cuda inputs"):          # named, with or without triton
+        resolve("mlstm", q, q, q, i, i, backend="triton")
 
 
 def test_gate_kernels_in_interpreter_equal_the_torch_form(triton_interpreter):
-    triton_interpreter("""
-        import torch
-        from mal.kernels import mlstm_triton as mt
-        g = torch.Generator().manual_seed(0)
-        for S in (1, 7, 33, 200):
-            i = 3 * torch.randn(2, 3, S, generator=g)
-            f = 3 * torch.randn(2, 3, S, generator=g)
-            f[0, 0] = 40.0                                                  # log-forget 0: a = 0, so ...
-            i[0, 0, ::3] = 5.0                                              # ... ties of i - a at every third token
-            i, f = i.transpose(1, 2).contiguous().transpose(1, 2), f        # a strided (B, NH, S) view for i
-            got = mt._gate_stats(i, f)
-            mt.STATS_MAX_SEQ, keep = 0, mt.STATS_MAX_SEQ                    # the torch form
-            want = mt._gate_stats(i, f)
-            mt.STATS_MAX_SEQ = keep
-            assert torch.equal(got[2].long(), want[2]), S                   # the same arg-max, ties to the later
-            scale = want[0].abs().max() + want[1].abs().max()               # a and m are sums of terms this large
-            for x, y in zip(got[:2] + got[3:], want[:2] + want[3:]):        # float32 scans in another order
-                assert (x - y).abs().max() <= 1e-6 * scale, (S, (x - y).abs().max(), scale)
-            dn, row_g, col_g = (torch.randn(2, 3, S, generator=g) for _ in range(3))
-            dn *= 1e5                                                       # eps dN visible next to R and K
-            out = mt._gate_grads(dn, row_g, col_g, got[2], f, 1e-6, torch.float32)
-            mt.STATS_MAX_SEQ = 0
-            ref = mt._gate_grads(dn, row_g, col_g, want[2], f, 1e-6, torch.float32)
-            mt.STATS_MAX_SEQ = keep
-            for x, y in zip(out, ref):
-                assert x.dtype == torch.float32 and torch.allclose(x, y, rtol=1e-5, atol=1e-5 * y.abs().max()), S
-        print("ok")
-    """)
+    triton_interpreter("mlstm", "gate_kernels_equal_the_torch_form")
 
 
 def test_interpreter_matches_float64_on_cpu(triton_interpreter):
     """The kernels' math (fp32 path, forward and backward) in Triton's CPU interpreter, small shapes."""
-    triton_interpreter("""
-        import torch
-        from mal.kernels import mlstm_parallel
-        from mal.kernels.mlstm_triton import _d_chunks, mlstm_triton
-        # head dims of 3 * 2^n run as two exact column tiles; others as one tile, padded and masked if need be
-        assert [_d_chunks(d) for d in (96, 192, 384, 40, 64, 100)] == [
-            (64, 32), (128, 64), (256, 128), (32, 16), (64, 0), (128, 0)]
-        torch.manual_seed(0)
-        for S, DH, gs in [(1, 16, 1.0), (23, 40, 1.0), (9, 100, 1.0), (70, 96, 10.0)]:
-            xs = [torch.randn(2, 2, S, DH) for _ in range(3)] + [gs * torch.randn(2, 2, S) for _ in range(2)]
-            dh = torch.randn(2, 2, S, DH)
-            res = []
-            for fn, dt in ((mlstm_triton, torch.float32), (mlstm_parallel, torch.float32),
-                           (mlstm_parallel, torch.float64)):
-                leaves = [x.to(dt).requires_grad_() for x in xs]
-                out = fn(*leaves)
-                res.append([out] + list(torch.autograd.grad(out, leaves, dh.to(dt))))
-            for a, b, r in zip(*res):
-                if r.norm() == 0:
-                    continue
-                e_tri = ((a.double() - r).norm() / r.norm()).item()
-                e_tor = ((b.double() - r).norm() / r.norm()).item()
-                assert e_tri <= 2.0 * e_tor + 2e-5, (S, DH, gs, e_tri, e_tor)
-        # head views of (B, S, NH*DH) tensors, as the fused block passes them: gradients come back in that layout
-        B, S, NH, DH = 2, 19, 2, 32
-        bases = [torch.randn(B, S, NH * DH) for _ in range(3)]
-        gates = [torch.randn(B, NH, S) for _ in range(2)]
-        dh = torch.randn(B, NH, S, DH)
-        res = []
-        for fn, dt in ((mlstm_triton, torch.float32), (mlstm_parallel, torch.float64)):
-            leaves = [x.to(dt).requires_grad_() for x in bases + gates]
-            heads = [t.view(B, S, NH, DH).transpose(1, 2) for t in leaves[:3]]
-            out = fn(*heads, *leaves[3:])
-            res.append(list(torch.autograd.grad(out, leaves, dh.to(dt))))
-            if fn is mlstm_triton:
-                views = [t.detach().requires_grad_() for t in heads]
-                grads = torch.autograd.grad(fn(*views, *leaves[3:]), views, dh)
-                assert all(g.stride() == t.stride() for g, t in zip(grads, views))
-        for a, r in zip(*res):
-            assert ((a.double() - r).norm() / r.norm()).item() < 1e-4
-        print("ok")
-    """)
+    triton_interpreter("mlstm", "kernels_match_float64")
