@@ -11,7 +11,7 @@ from ..qkv import causal_conv_silu
 from ..registry import load
 from .regions import compiled_region
 
-POST_LN_EPS = 1e-5                                                          # the per-head norm's eps (F.layer_norm's default)
+POST_LN_EPS = 1e-5                      # the per-head norm's eps (F.layer_norm's default)
 
 
 def block_post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b, order=None):
