@@ -1,4 +1,4 @@
-"""The backward of the ViL block's pointwise regions on one GPU: the Triton kernels (`mal.kernels.block_grad_triton`)
+"""The backward of the ViL block's pointwise regions on one GPU: the Triton kernels (`mal.ops.block_grad.kernel`)
 against the compiled regions' backward they replace (inductor's backward of `block_post` + the compiled
 `block_pre_vjp`).
 
@@ -48,15 +48,15 @@ def inputs(B, S, NH, DH):
 def kernel_calls(B, S, NH, DH):
     """`inputs`, random bf16 incoming gradients (dq, dk, dv, dg) and the kernels as functions of their config:
     run_post(cfg) -> `post_grad`'s outputs, run_pre(cfg, dxm) -> `pre_grad`'s (on run_post's packed buffer)."""
-    from mal import fused
-    from mal.fused import gate_weights
-    from mal.kernels import block_grad_triton as bg
+    from mal.ops.block_grad import kernel as bg
+    from mal.ops.qkv import gate_weights
+    from mal.ops.vil_block.post import POST_LN_EPS
     pre, post, h, cot = inputs(B, S, NH, DH)
     xz, I = pre[0], NH * DH
     w_c, w_m, _ = gate_weights(*pre[9:], *pre[3:9])
     du, *d_qkv = (torch.randn(B, S, I, device="cuda").bfloat16() for _ in range(4))
     dg = torch.randn(B, S, 2 * NH, device="cuda").bfloat16()
-    run_post = lambda cfg=None: bg.post_grad(du, h, xz, *post[:5], fused.POST_LN_EPS, config=cfg)
+    run_post = lambda cfg=None: bg.post_grad(du, h, xz, *post[:5], POST_LN_EPS, config=cfg)
     packed = run_post()[1]
     run_pre = lambda cfg=None, dxm=None: bg.pre_grad(*d_qkv, dg, packed, xz, *pre[1:3], pre[3], pre[5], pre[7],
                                                      w_c, w_m, config=cfg, dxm_config=dxm)
@@ -64,9 +64,10 @@ def kernel_calls(B, S, NH, DH):
 
 
 def main() -> dict:
-    from mal import fused
-    from mal.fused import _PostFused, block_post, block_pre_fused
-    from mal.kernels import block_grad_triton as bg
+    from mal.ops.block_grad import kernel as bg
+    from mal.ops.vil_block.post import PostFused, block_post
+    from mal.ops.vil_block.pre import block_pre_fused
+    from mal.ops.vil_block.regions import compiled_region
     args = parse_args(__doc__, SHAPES)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "defaults": {"post": bg.POST_CONFIG, "pre": bg.PRE_CONFIG, "dxm": bg.DXM_CONFIG}, "shapes": {}}
@@ -90,8 +91,8 @@ def main() -> dict:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     q, k, v, g, xzv = block_pre_fused(*pl, compiled=True, xz_view=True)
                     tail = (pl[1], pl[2], *ql)
-                    y = (_PostFused.apply(True, None, hl, xzv, None, *tail, None, None) if kernels
-                         else fused._compiled(block_post, None)(hl, pl[0], None, *tail))
+                    y = (PostFused.apply(True, None, hl, xzv, None, *tail, None, None) if kernels
+                         else compiled_region(block_post, None)(hl, pl[0], None, *tail))
                 torch.autograd.backward([y, q, k, v, g], [cot.to(y.dtype), *d_qkv, dg])
             return step
         res["compiled_regions_ms"] = graphed_ms(regions(False))

@@ -9,8 +9,8 @@ the fused block (x bf16 activations, W float32 parameters, autocast semantics):
   inductor_pointwise  broadcast-multiply-sum under torch.compile, autograd's own backward
                       (dW becomes an inductor reduction over all N tokens)
   einsum_eager        torch.einsum (batched GEMMs of shape (nb) x (N, bs) x (bs, bs)) in eager mode
-  triton_wgrad        what `mal.fused.headwise(pointwise=True)` does on the GPU, compiled: forward pointwise,
-                      dW from `mal.kernels.headwise_triton` (64-channel tile products over token chunks)
+  triton_wgrad        what `mal.ops.headwise.headwise(pointwise=True)` does on the GPU, compiled: forward
+                      pointwise, dW from `mal.ops.headwise.kernel` (64-channel tile products over token chunks)
   dense_gemm_diag     forward pointwise, dW = diagonal blocks of one dense GEMM g^T x of shape
                       (nb*bs, N) x (N, nb*bs) (tensor cores; nb x the needed FLOPs; mal's CPU/fp32 form)
   chunked_bmm_diag    same, but the GEMM per chunk of C features: bmm of (I/C) x (C, N) x (N, C), diagonal
@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import cuda_times  # noqa: E402
 
-from mal.fused import headwise, headwise_wgrad_dense  # noqa: E402
+from mal.ops.headwise import headwise, headwise_wgrad_dense  # noqa: E402
 
 SHAPES = {  # name: (tokens N, inner dim I) for the blocks' q/k/v maps
     "T cifar pretrain (256x128, I=384)": (256 * 128, 384),

@@ -115,7 +115,7 @@ def sweep(B, NH, S, DH, dtype, tol=2e-2):
 
     A config whose outputs (and gradients) differ from the current config's by more than `tol` (relative) is
     reported as wrong and never picked: a compiler fault in one tiling must not win the sweep."""
-    from mal.kernels import mlstm_triton as mt
+    from mal.ops.mlstm import kernel as mt
     inputs, dh = make_inputs(B, NH, S, DH, dtype)
     detached = [t.detach() for t in inputs]
 
@@ -160,7 +160,7 @@ def profile(inputs, dh, iters=5):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    from mal.kernels.mlstm_triton import mlstm_triton
+    from mal.ops.mlstm.kernel import mlstm_triton
     for _ in range(2):
         torch.autograd.grad(mlstm_triton(*inputs), inputs, dh)
     torch.cuda.synchronize()
@@ -173,7 +173,7 @@ def profile(inputs, dh, iters=5):
 
 def ablation(inputs, dh, name: str, off=False) -> dict:
     """GPU-kernel fwd and fwd+bwd ms of the Triton cell with the module setting `name` set to `off`."""
-    from mal.kernels import mlstm_triton as mt
+    from mal.ops.mlstm import kernel as mt
     detached = [t.detach() for t in inputs]
     keep = getattr(mt, name)
     setattr(mt, name, off)
@@ -201,8 +201,8 @@ def main():
     ap.add_argument("--json", default=None, help="also write the JSON results here")
     args = ap.parse_args()
 
-    from mal.kernels import mlstm_parallel
-    from mal.kernels.mlstm_triton import mlstm_triton
+    from mal.ops.mlstm.kernel import mlstm_triton
+    from mal.ops.mlstm.reference import mlstm_parallel
 
     dtype = torch.bfloat16
     dev = torch.cuda.get_device_name()

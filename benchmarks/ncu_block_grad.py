@@ -1,5 +1,5 @@
-"""Two calls of each kernel of `mal.kernels.block_grad_triton` at ViL-B's training shape, for Nsight Compute
-(`--cell`: two forward + backward calls of the mLSTM cell, `mal.kernels.mlstm_triton`, at the same shape).
+"""Two calls of each kernel of `mal.ops.block_grad.kernel` at ViL-B's training shape, for Nsight Compute
+(`--cell`: two forward + backward calls of the mLSTM cell, `mal.ops.mlstm.kernel`, at the same shape).
 
 Launch order: post_grad (in `kernel_calls`), then post_grad, pre_grad's two kernels, twice; --launch-skip 3
 --launch-count 3 profiles one launch of each, all compiled by then. What limits the kernels (registers,
@@ -22,7 +22,7 @@ from block_grad import SHAPES, kernel_calls  # benchmarks/ is this script's dire
 def main() -> None:
     if "--cell" in sys.argv[1:]:
         from mlstm_kernel import make_inputs
-        from mal.kernels.mlstm_triton import mlstm_triton
+        from mal.ops.mlstm.kernel import mlstm_triton
         B, S, NH, DH = SHAPES["B"]
         inputs, dh = make_inputs(B, NH, S, DH, torch.bfloat16)
         for _ in range(2):                                                   # fwd, dq, dk/dv kernels per call

@@ -1,4 +1,4 @@
-"""The ViL block's pre-LayerNorm in training on one GPU: `fused._NormUp`'s kernels (`mal.kernels.norm_triton`)
+"""The ViL block's pre-LayerNorm in training on one GPU: `NormUp`'s kernels (`mal.ops.norm.kernel`)
 against what the fast path ran before them.
 
 Per shape (B, S, D) (ViL-T/S/B training, batch 128, 197 tokens, a shared token permutation), a float32 residual
@@ -35,7 +35,7 @@ def plain(x, order, w, b):
 
 
 def main() -> dict:
-    from mal.kernels import norm_triton
+    from mal.ops.norm import kernel as norm_triton
     args = parse_args(__doc__, SHAPES)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "default_config": {"fwd": norm_triton.FWD_CONFIG, "bwd": norm_triton.BWD_CONFIG}, "shapes": {}}

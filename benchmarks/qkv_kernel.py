@@ -1,5 +1,5 @@
 """The ViL block's pre-cell step (conv + SiLU, q/k/v, gates) on one GPU: the Triton kernel
-(`mal.kernels.qkv_triton`) against `mal.fused.block_pre` under torch.compile (the fast path's previous form).
+(`mal.ops.qkv.kernel`) against `mal.ops.qkv.block_pre` under torch.compile (the fast path's previous form).
 
 Rows per shape (B, S, I), bf16 activations, ms per call (median of CUDA-event-timed calls; triton_fwd and the
 sweep from a CUDA graph of 10 calls, without launch overhead):
@@ -85,9 +85,10 @@ def inputs(B, S, I, gates=8):
 
 
 def main() -> dict:
-    from mal import fused
-    from mal.fused import block_pre, block_pre_fused, gate_weights
-    from mal.kernels import qkv_triton
+    from mal.ops.qkv import block_pre, gate_weights
+    from mal.ops.qkv import kernel as qkv_triton
+    from mal.ops.vil_block.pre import block_pre_fused
+    from mal.ops.vil_block.regions import compiled_region
     args = parse_args(__doc__, SHAPES)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "default_config": qkv_triton.CONFIG,
            "shapes": {}}
@@ -99,7 +100,7 @@ def main() -> dict:
         kargs = [t.float() for t in a[1:9]] + [w_c, w_m, b]
         res: dict = {"B": B, "S": S, "I": I}
         moved = xz.numel() // 2 * 2 + 3 * B * S * I * 2 + B * S * 8 * 2       # read x_m, write q, k, v, g (bytes)
-        pre = fused._compiled(block_pre, None)
+        pre = compiled_region(block_pre, None)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             res["compiled_fwd_ms"] = cuda_ms(lambda: pre(xz, *rest, pointwise=True))
         res["triton_fwd_ms"] = graph_ms(lambda: qkv_triton.qkv_gates(xz, *kargs))

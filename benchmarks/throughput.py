@@ -179,10 +179,10 @@ def measure_encoder(row: str, size: str, res: dict) -> None:
     model = build(row, size)
     res["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     if row.startswith("fast"):
-        from mal.kernels import resolve_backend
+        from mal.ops import resolve
         dh = model.cfg.expansion * model.cfg.dim // model.cfg.num_heads
         q = torch.empty(1, 4, 196, dh, device="cuda", dtype=torch.bfloat16)
-        res["mlstm_backend"] = resolve_backend(q, q, q, q[..., 0], q[..., 0]).name
+        res["mlstm_backend"] = resolve("mlstm", q, q, q, q[..., 0], q[..., 0]).name
     x = torch.randn(ARGS.infer_batch, 3, IMG, IMG, device="cuda")
     cg = uses_graphs(row)                                                # capture whole calls in CUDA graphs
     if "infer" in ARGS.modes and "ckpt" not in row and "recompute" not in row:  # those change training only

@@ -1,10 +1,10 @@
-"""Shared fixtures: a small real-image ImageFolder (CIFAR-10 JPEGs from ../shared/data when present)."""
+"""Shared fixtures: a small real-image ImageFolder (CIFAR-10 JPEGs from ../shared/data when present), the
+`needs_gpu` marker of the kernel tests and the runner of their checks in Triton's CPU interpreter."""
 import importlib.util
 import os
 import subprocess
 import sys
 import tarfile
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR_TAR = REPO.parent / "shared/data/cifar10-jpeg.tar.gz"
 SUBSET_CLASSES = ("airplane", "automobile", "frog")
 INTERPRETER_MIN_TRITON = (3, 8)   # older interpreters cannot loop to bounds computed from program_id
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _extract_cifar(root: Path, per_class: dict[str, int]) -> None:
@@ -68,21 +69,34 @@ def _few_threads():
     torch.set_num_threads(n)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_gpu: needs CUDA and triton (the Triton kernels on the GPU)")
+
+
+def pytest_runtest_setup(item):
+    """Skip a test marked `needs_gpu` where CUDA or triton is missing."""
+    if item.get_closest_marker("needs_gpu") is not None:
+        import torch
+        if not (torch.cuda.is_available() and HAS_TRITON):
+            pytest.skip("needs CUDA and triton")
+
+
 @pytest.fixture
 def triton_interpreter():
-    """A runner for a Python script under Triton's CPU interpreter (TRITON_INTERPRET=1, src/ on the path) that
+    """A runner of one check of `tests/interpreter/` under Triton's CPU interpreter: run(module, function) calls
+    interpreter.<module>.<function>() in a subprocess with TRITON_INTERPRET=1 (src/ and tests/ on the path), which
     must print "ok"; skips without triton, or with one whose interpreter is too old for our kernels."""
-    if importlib.util.find_spec("triton") is None:
+    if not HAS_TRITON:
         pytest.skip("triton is not installed")
     import triton
     version = tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit())
     if version < INTERPRETER_MIN_TRITON:
         pytest.skip(f"Triton's interpreter needs triton >= {INTERPRETER_MIN_TRITON} for these kernels")
 
-    def run(script: str) -> None:
+    def run(module: str, function: str) -> None:
         env = dict(os.environ, TRITON_INTERPRET="1")
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
-        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True,
-                              text=True, timeout=600)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+        proc = subprocess.run([sys.executable, "-m", "interpreter", module, function], env=env, capture_output=True,
+                              text=True, timeout=600, cwd=REPO)
         assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
     return run

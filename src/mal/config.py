@@ -55,6 +55,10 @@ class EncoderConfig:
                              f"({self.num_heads}) and qkv_block_size ({self.qkv_block_size})")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        from .ops import backends
+        if self.mlstm_backend not in ("auto", *backends("mlstm")):
+            raise ValueError(f"model.mlstm_backend={self.mlstm_backend!r} is not an mLSTM backend; choose one of "
+                             f"{['auto', *backends('mlstm')]}")
 
     @property
     def grid(self) -> tuple[int, int]:

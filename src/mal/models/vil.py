@@ -7,6 +7,7 @@ checkpoints load strictly.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -14,10 +15,12 @@ import torch.nn.functional as F
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 
 from ..config import MODEL_PRESETS, EncoderConfig
-from ..fused import FastPath, block_forward
-from ..kernels import mlstm
+from ..ops import mlstm
 from ..scan import RandomScanPlan, ScanPlan
 from ..serialization import gather_tokens, grid_size, layer_orders
+
+if TYPE_CHECKING:
+    from ..ops.vil_block import FastPath
 
 
 def small_init_(weight: torch.Tensor, dim: int) -> None:
@@ -44,10 +47,6 @@ class LinearHeadwise(nn.Module):
         x = x.unflatten(-1, (-1, self.block_size))                          # (..., nb, bs)
         x = torch.einsum("...hi,hoi->...ho", x, self.weight).flatten(-2)   # (..., dim)
         return x if self.bias is None else x + self.bias
-
-    def dense_weight(self) -> torch.Tensor:
-        """The equivalent (dim, dim) dense weight (for fused GEMMs)."""
-        return torch.block_diag(*self.weight.unbind(0))
 
 
 class CausalConv1d(nn.Module):
@@ -123,7 +122,7 @@ class ViLLayer(nn.Module):
 class ViLBlock(nn.Module):
     """Pre-norm residual block around one mLSTM layer, with drop-path.
 
-    `fast_path()` switches the block to `mal.fused.block_forward` (same function and parameters, fewer
+    `fast_path()` switches the block to `mal.ops.vil_block.FastPath` (same function and parameters, fewer
     kernels, optionally torch.compile'd); the default is the plain PyTorch forward.
     """
 
@@ -139,6 +138,7 @@ class ViLBlock(nn.Module):
         """Run the fused block (compile=True: its regions around the mLSTM cell under torch.compile(mode);
         checkpoint=True: in training keep only the block input and recompute the block in the backward;
         recompute_qkv=True: recompute the cell's q, k, v in the backward instead of keeping them)."""
+        from ..ops.vil_block import FastPath
         self.fast = FastPath(compile=compile, mode=mode, checkpoint=checkpoint,
                              recompute_qkv=recompute_qkv) if enabled else None
         return self
@@ -146,7 +146,7 @@ class ViLBlock(nn.Module):
     def forward(self, x: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, S, D) -> (B, S, D), on the tokens x[:, order] when `order` ((S,) or (B, S)) is given."""
         if self.fast is not None:
-            return block_forward(self, x, self.fast, order)                  # (B, S, D)
+            return self.fast.forward(self, x, order)                         # (B, S, D)
         if order is not None:
             x = gather_tokens(x, order)                                      # (B, S, D) the block's sequence
         return x + self.drop_path(self.layer(self.norm(x)))                  # (B, S, D)

@@ -1,6 +1,7 @@
 """Backward of the ViL block's pointwise regions in Triton: the post-cell tail and the pre-cell step.
 
-The block's forward (`mal.fused.block_pre`, the mLSTM cell, `mal.fused.block_post`), per token t and channel c:
+The block's forward (`mal.ops.qkv.reference.block_pre`, the mLSTM cell, `mal.ops.vil_block.post.block_post`), per
+token t and channel c:
 
     y = cb + sum_s x_m[t-s] w[K-1-s],  x_c = SiLU(y)                         causal depthwise conv, s = 0..K-1
     q, k, v = blockdiag(Wq) x_c + bq, blockdiag(Wk) x_c + bk, blockdiag(Wv) x_m + bv;  g = x_c w_c^T + x_m w_m^T + b
@@ -32,10 +33,10 @@ from __future__ import annotations
 
 import torch
 
-import triton  # an ImportError here is what mal.fused expects when triton is missing
+import triton  # imported by the ops' registry only for CUDA inputs; without triton the backend is unavailable
 import triton.language as tl
 
-from .qkv_triton import MAX_GATES, _block_c, _blockdiag
+from ..qkv.kernel import MAX_GATES, _block_c, _blockdiag
 
 MAX_CONV = 8                # taps of the causal conv
 # (BLOCK_T tokens, BLOCK_C channels, warps) of each kernel. post_grad: a program per BLOCK_T tokens of one head,
@@ -98,7 +99,7 @@ def _post_grad_kernel(DU, H, XZ, CW, CB, NW, NB, SK, WV, BV, DH, PK, U, V, PART,
             y += xs.to(tl.float32) * tl.load(CW + c * KS + (KS - 1 - s))[None, :]
         x_c = (y * tl.sigmoid(y)).to(XZ.dtype.element_ty).to(tl.float32)   # (BT, BC) as the forward rounds it
         out = row[:, None] * I + c[None, :]
-        if WITH_V:                                                           # the cell's v, as `qkv_triton` makes it
+        if WITH_V:                                                           # the cell's v, as `qkv.kernel` makes it
             v = _blockdiag(x_m, WV, hd * HD + d0, BT, BC, BS) + tl.load(BV + c)[None, :]
             tl.store(V + out, v.to(V.dtype.element_ty), mask=m2)
         nw = tl.load(NW + c)[None, :]

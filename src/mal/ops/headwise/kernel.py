@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-import triton  # an ImportError here is what mal.fused expects when triton is missing
+import triton  # imported by the ops' registry only for CUDA inputs; without triton the backend is unavailable
 import triton.language as tl
 
 GROUP = 64                  # channels per program: a (64, 64) tile product, multiple of every block size used

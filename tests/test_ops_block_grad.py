@@ -1,29 +1,28 @@
-"""The backward of the block's pointwise regions in Triton (`mal.kernels.block_grad_triton`), through the pair
-`fused.block_pre_fused(..., xz_view=True)` -> mLSTM cell -> `fused._PostFused`.
+"""The backward of the block's pointwise regions in Triton (`mal.ops.block_grad.kernel`), through the pair
+`vil_block.pre.block_pre_fused(..., xz_view=True)` -> mLSTM cell -> `vil_block.post.PostFused`.
 
-CPU: in Triton's interpreter (float32), every gradient of pre-step -> cell -> post-tail (xz, the residual and the
-15 parameters) equals float64 autograd of `block_pre` -> `mlstm_parallel` -> `block_post`, for sequences shorter
-than the conv and than a tile, head dims of one and several channel chunks, one head or two, and 4 or 3 conv
-taps; the v that the post-tail's kernel forms for the cell's backward (`fused.VFromPost`) is the pre-step
-kernel's (to float32 rounding); `cast_colsum` (the down-projection's d out in the activations' dtype and its
-column sums) equals a cast and float64 sums; `supports` refuses CPU tensors, so the CPU fast path keeps its compiled/eager backward.
+CPU: in Triton's interpreter (`tests/interpreter/block_grad.py`; float32), every gradient of pre-step -> cell ->
+post-tail (xz, the residual and the 15 parameters) equals float64 autograd of `block_pre` -> `mlstm_parallel` ->
+`block_post`, for sequences shorter than the conv and than a tile, head dims of one and several channel chunks,
+one head or two, and 4 or 3 conv taps; the v that the post-tail's kernel forms for the cell's backward
+(`vil_block.saved.VFromPost`) is the pre-step kernel's (to float32 rounding); `cast_colsum` (the down-projection's
+d out in the activations' dtype and its column sums) equals a cast and float64 sums; `supports` refuses CPU
+tensors, so the CPU fast path keeps its compiled/eager backward.
 GPU: in bf16 at ViL-T/B shapes (around a pointwise stand-in for the cell) the gradients are as close to float64
 as the plain autocast path's, and the fused block runs the kernels in training only.
 """
 from __future__ import annotations
 
-import importlib.util
 from contextlib import nullcontext
-from pathlib import Path
 
 import pytest
 import torch
 
-from mal.fused import VFromPost, _PostFused, block_post, block_pre, block_pre_fused
-from mal.kernels.mlstm_torch import mlstm_parallel
-
-needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.find_spec("triton")),
-                               reason="needs CUDA and triton")
+from mal.ops.mlstm.reference import mlstm_parallel
+from mal.ops.qkv import block_pre
+from mal.ops.vil_block.post import PostFused, block_post
+from mal.ops.vil_block.pre import block_pre_fused
+from mal.ops.vil_block.saved import VFromPost
 NAMES = "xz conv_w conv_b wq bq wk bk wv bv wg bg norm_w norm_b skip down_w down_b residual".split()
 
 
@@ -51,7 +50,7 @@ def region_grads(pre, post, residual, cot, num_heads, fused: bool, autocast: boo
                  v_from_post: bool = False):
     """Output and gradients of all inputs (in `NAMES` order) of pre-step -> cell -> post-tail, either through
     the fused pair (kernels' backward) or the plain functions' autograd. v_from_post: the cell's saved v is
-    not kept but formed by the post-tail's backward kernel (`fused.VFromPost`); checks it is the forward's v."""
+    not kept but formed by the post-tail's backward kernel (`VFromPost`); checks it is the forward's v."""
     leaves = [t.clone().requires_grad_() for t in pre + post + [residual]]
     p, po, res = leaves[:len(pre)], leaves[len(pre):-1], leaves[-1]
     B, S, two_i = p[0].shape
@@ -69,7 +68,7 @@ def region_grads(pre, post, residual, cot, num_heads, fused: bool, autocast: boo
                      g[..., num_heads:].transpose(1, 2))                   # (B, NH, S, DH)
         del v
         args = (h, xz, res, p[1], p[2], *po)
-        out = _PostFused.apply(False, None, *args, None, v_out) if fused else block_post(*args)
+        out = PostFused.apply(False, None, *args, None, v_out) if fused else block_post(*args)
     grads = torch.autograd.grad(out, leaves, cot.to(out.dtype))
     if v_from_post:
         assert v_out.outs is not None                                       # provided by post_grad
@@ -78,46 +77,15 @@ def region_grads(pre, post, residual, cot, num_heads, fused: bool, autocast: boo
 
 
 def test_kernels_in_interpreter_match_float64_autograd(triton_interpreter):
-    triton_interpreter(f"""
-        import sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        import torch
-        from mal.kernels import qkv_triton
-        from test_block_grad_triton import NAMES, region_grads, region_inputs
-        qkv_triton.supports = lambda *a: True                               # the kernels on CPU tensors
-        for B, S, NH, DH, D, taps in [(2, 37, 2, 32, 24, 4), (1, 3, 1, 16, 8, 4), (2, 70, 2, 48, 16, 4),
-                                      (1, 40, 2, 16, 8, 3), (1, 21, 2, 96, 16, 4), (1, 9, 1, 80, 8, 4)]:
-            pre, post, res, cot = region_inputs(B, S, NH, DH, D, taps=taps)
-            out_r, g_r = region_grads(pre, post, res, cot, NH, fused=False)
-            f32 = lambda ts: [t.float() for t in ts]
-            out_f, g_f = region_grads(f32(pre), f32(post), res.float(), cot.float(), NH, fused=True,
-                                      v_from_post=DH != 16)
-            assert ((out_f.double() - out_r).norm() / out_r.norm()).item() < 1e-5
-            for name, a, b in zip(NAMES, g_f, g_r):
-                assert a.dtype == torch.float32 and a.shape == b.shape, (name, a.dtype, a.shape)
-                e = ((a.double() - b).norm() / b.norm()).item()
-                assert e < 5e-5, (B, S, NH, DH, name, e)
-        print("ok")
-    """)
+    triton_interpreter("block_grad", "kernels_match_float64_autograd")
 
 
 def test_cast_colsum_in_interpreter_is_a_cast_and_float64_column_sums(triton_interpreter):
-    triton_interpreter("""
-        import torch
-        from mal.kernels import block_grad_triton
-        g = torch.Generator().manual_seed(0)
-        for N, D, config in [(37, 24, (64, 1, 3)), (5, 40, (128, 2, 1)), (100, 16, None)]:
-            x = torch.randn(N, D, generator=g) * 3
-            y, sums = block_grad_triton.cast_colsum(x, torch.float16, config)
-            assert y.dtype == torch.float16 and torch.equal(y, x.half())
-            ref = x.double().sum(0)
-            assert sums.dtype == torch.float32 and ((sums.double() - ref).abs() <= 1e-5 * x.abs().sum(0)).all()
-        print("ok")
-    """)
+    triton_interpreter("block_grad", "cast_colsum_is_a_cast_and_float64_column_sums")
 
 
 def test_supports_refuses_cpu_and_odd_head_dims():
-    from mal.kernels import block_grad_triton
+    from mal.ops.block_grad import kernel as block_grad_triton
     conv_w, wq = torch.zeros(64, 1, 4), torch.zeros(16, 4, 4)
     assert not block_grad_triton.supports(torch.zeros(2, 5, 128, dtype=torch.bfloat16), 2, conv_w, wq, 4)
     if torch.cuda.is_available():
@@ -127,7 +95,7 @@ def test_supports_refuses_cpu_and_odd_head_dims():
         assert not block_grad_triton.supports(xz.float(), 2, conv_w, wq, 4)
 
 
-@needs_gpu
+@pytest.mark.needs_gpu
 @pytest.mark.parametrize("B,S,NH,DH,D", [(8, 197, 4, 96, 192), (2, 197, 4, 384, 768), (3, 5, 2, 16, 32)])
 def test_bf16_gradients_as_close_to_float64_as_plain_autocast(B, S, NH, DH, D):
     pre, post, res, cot = region_inputs(B, S, NH, DH, D, device="cuda")
@@ -144,15 +112,15 @@ def test_bf16_gradients_as_close_to_float64_as_plain_autocast(B, S, NH, DH, D):
         assert a.dtype == p.dtype and e <= 1.5 * e_plain + 2e-3, (name, e, e_plain)
 
 
-@needs_gpu
+@pytest.mark.needs_gpu
 def test_fused_block_runs_the_kernels_in_training_only(monkeypatch):
-    from mal.kernels import block_grad_triton
     from mal.models.vil import ViLBlock
+    from mal.ops.block_grad import kernel as block_grad_triton
     calls = []
     for name in ("post_grad", "pre_grad"):
         real = getattr(block_grad_triton, name)
         monkeypatch.setattr(block_grad_triton, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
-    blk = ViLBlock(64, num_heads=4, num_blocks=4).cuda().fast_path(compile=False)
+    blk = ViLBlock(64, num_heads=4).cuda().fast_path(compile=False)
     x = torch.randn(2, 16, 64, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         with torch.no_grad():

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-import triton  # an ImportError here is what mal.fused expects when triton is missing
+import triton  # imported by the ops' registry only for CUDA inputs; without triton the backend is unavailable
 import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)          # of xn (the activations)

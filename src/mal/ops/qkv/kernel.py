@@ -2,21 +2,21 @@
 
     x_c = SiLU(bias + sum_s x_m[t - s] w[K-1-s])             (depthwise causal conv, s = 0..K-1)
     q = blockdiag(Wq) x_c + bq,  k = blockdiag(Wk) x_c + bk,  v = blockdiag(Wv) x_m + bv
-    g = x_c w_c^T + x_m w_m^T + b                              (gates, precomposed by `fused.gate_weights`)
+    g = x_c w_c^T + x_m w_m^T + b                              (gates, precomposed by `reference.gate_weights`)
 
-Same function as `mal.fused.block_pre` (which torch.compile turns into five kernels that write the conv's
-float32 pre-activation and a float32 copy of k: ~4x the HBM traffic). One program takes BLOCK_T tokens of one
-image and walks its I channels in chunks of BLOCK_C: it reads x_m (and the K-1 tokens before the tile, from
-cache), writes q, k, v once and accumulates the gates (BLOCK_T, G) on tensor cores. Arithmetic is float32;
-x_c is rounded to the activations' dtype as `block_pre` does, and the gate GEMM runs in that dtype with
-float32 accumulation, as autocast's linear does. The block-diagonal maps are float32 multiply-adds (a
-tensor-core form with the weight split into two bf16 halves was slower in the sweep).
+Same function as `reference.qkv_gates` (under torch.compile five kernels that write the conv's float32
+pre-activation and a float32 copy of k: ~4x the HBM traffic). One program takes BLOCK_T tokens of one image and
+walks its I channels in chunks of BLOCK_C: it reads x_m (and the K-1 tokens before the tile, from cache), writes
+q, k, v once and accumulates the gates (BLOCK_T, G) on tensor cores. Arithmetic is float32; x_c is rounded to the
+activations' dtype as the reference does, and the gate GEMM runs in that dtype with float32 accumulation, as
+autocast's linear does. The block-diagonal maps are float32 multiply-adds (faster in the sweep than a tensor-core
+form with the weight split into two bf16 halves).
 """
 from __future__ import annotations
 
 import torch
 
-import triton  # an ImportError here is what mal.fused expects when triton is missing
+import triton  # imported by the ops' registry only for CUDA inputs; without triton the backend is unavailable
 import triton.language as tl
 
 MAX_GATES = 16              # 2 * heads, padded to the tensor-core minimum

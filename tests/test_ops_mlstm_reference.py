@@ -1,8 +1,9 @@
-"""The parallel mLSTM against the recurrent oracle, and the backend dispatch."""
+"""The parallel mLSTM (`mal.ops.mlstm.reference`) against the recurrent oracle, and the backend dispatch."""
 import pytest
 import torch
 
-from mal.kernels import mlstm, mlstm_parallel, mlstm_recurrent, resolve_backend
+from mal.ops import mlstm, resolve
+from mal.ops.mlstm.reference import mlstm_parallel, mlstm_recurrent
 
 
 def _inputs(B=2, NH=3, S=23, DH=8, dtype=torch.float64, gate_scale=30.0, seed=0):
@@ -52,7 +53,8 @@ def test_gradients_match_recurrent():
 
 def test_dispatch_falls_back_on_cpu():
     args = _inputs(dtype=torch.float32)
-    assert resolve_backend(*args, backend="auto").name == "torch"
+    assert resolve("mlstm", *args, backend="auto").name == "torch"
     assert torch.equal(mlstm(*args), mlstm_parallel(*args))
-    with pytest.raises(ValueError, match="unknown mLSTM backend"):
+    assert torch.equal(mlstm(*args, backend="recurrent"), mlstm_recurrent(*args))
+    with pytest.raises(ValueError, match="unknown mlstm backend"):
         mlstm(*args, backend="cuda-magic")

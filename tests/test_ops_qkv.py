@@ -1,23 +1,20 @@
-"""The pre-cell step of the fused block as one Triton kernel (`mal.kernels.qkv_triton`) with a written-out
-backward (`mal.fused.block_pre_vjp`, through `mal.fused.block_pre_fused`).
+"""The pre-cell step of the fused block as one Triton kernel (`mal.ops.qkv.kernel`) with a written-out
+backward (`mal.ops.block_grad.block_pre_vjp`, through `mal.ops.vil_block.pre.block_pre_fused`).
 
-CPU: the kernel in Triton's interpreter against `block_pre` in float64 (float32 and float16; the interpreter's
-bf16 dot is broken), sequences shorter than the conv and than a tile, channel chunks of 16/32/64; the autograd
-function's forward and every gradient equal `block_pre`'s autograd in float64; the backward traces as one graph.
+CPU: the kernel in Triton's interpreter against `block_pre` in float64 (`tests/interpreter/qkv.py`: float32 and
+float16, the interpreter's bf16 dot is broken; sequences shorter than the conv and than a tile, channel chunks of
+16/32/64); the autograd function's forward and every gradient equal `block_pre`'s autograd in float64; the
+backward traces as one graph.
 GPU: bf16 at ViL-T/B shapes within bf16 rounding of float64, and the fused block uses the kernel.
 """
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
-from mal import fused
-from mal.fused import block_pre, block_pre_fused, block_pre_vjp, gate_weights
-
-needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.find_spec("triton")),
-                               reason="needs CUDA and triton")
+from mal.ops.block_grad import block_pre_vjp
+from mal.ops.qkv import block_pre, gate_weights
+from mal.ops.vil_block.pre import block_pre_fused
 
 
 def _pre_args(B, S, I, dtype=torch.float64, device="cpu", gates=8, seed=0):
@@ -30,28 +27,7 @@ def _pre_args(B, S, I, dtype=torch.float64, device="cpu", gates=8, seed=0):
 
 
 def test_interpreter_matches_block_pre_in_float64(triton_interpreter):
-    triton_interpreter("""
-        import torch
-        from mal.kernels.qkv_triton import qkv_gates
-        from mal.fused import block_pre, gate_weights
-        g = torch.Generator().manual_seed(0)
-        r = lambda *shape, s=1.0: torch.randn(*shape, generator=g, dtype=torch.float64) * s
-        for B, S, I, dt, tol in [(2, 37, 64, torch.float32, 1e-6), (1, 70, 96, torch.float32, 1e-6),
-                                 (1, 3, 32, torch.float32, 1e-6), (2, 33, 128, torch.float16, 2e-3)]:
-            xz = r(B, S, 2 * I)
-            p = [r(I, 1, 4, s=0.5), r(I, s=0.1)] + [t for _ in range(3) for t in (r(I // 4, 4, 4, s=0.5), r(I, s=0.1))]
-            wg, bg = r(8, 3 * I, s=0.1), r(8)
-            w_c, w_m, b = gate_weights(wg, bg, *p[2:])
-            f32 = [t.float() for t in p + [w_c, w_m, b]]
-            ref = block_pre(xz.to(dt).double(), *p, wg, bg)                # on the kernel's input, exactly
-            for config in [(64, 32, 4), (16, 64, 8)]:
-                out = qkv_gates(xz.to(dt), *f32, config=config)
-                for name, o, want in zip("qkvg", out, ref):
-                    assert o.dtype == dt and o.shape == want.shape, (name, o.dtype, o.shape)
-                    e = ((o.double() - want).norm() / want.norm()).item()
-                    assert e < tol, (B, S, I, dt, config, name, e)
-        print("ok")
-    """)
+    triton_interpreter("qkv", "kernel_matches_block_pre_in_float64")
 
 
 def test_fused_function_forward_and_gradients_equal_block_pre_autograd_float64():
@@ -95,10 +71,10 @@ def test_written_out_backward_traces_as_one_graph():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@needs_gpu
+@pytest.mark.needs_gpu
 @pytest.mark.parametrize("B,S,I", [(8, 196, 384), (4, 196, 1536), (3, 5, 64)])
 def test_kernel_bf16_on_gpu(B, S, I):
-    from mal.kernels import qkv_triton
+    from mal.ops.qkv import kernel as qkv_triton
     args = _pre_args(B, S, I, device="cuda")
     xz = args[0].to(torch.bfloat16)
     w_c, w_m, b = gate_weights(*args[9:], *args[3:9])
@@ -113,14 +89,14 @@ def test_kernel_bf16_on_gpu(B, S, I):
         assert o.dtype == torch.bfloat16 and e <= 1.5 * e_plain + 1e-3, (e, e_plain)
 
 
-@needs_gpu
+@pytest.mark.needs_gpu
 def test_fused_block_uses_the_kernel(monkeypatch):
-    from mal.kernels import qkv_triton
     from mal.models.vil import ViLBlock
+    from mal.ops.qkv import kernel as qkv_triton
     calls = []
     real = qkv_triton.qkv_gates
     monkeypatch.setattr(qkv_triton, "qkv_gates", lambda *a: calls.append(1) or real(*a))
-    blk = ViLBlock(64, num_heads=4, num_blocks=4).cuda().fast_path(compile=False, recompute_qkv=True)
+    blk = ViLBlock(64, num_heads=4).cuda().fast_path(compile=False, recompute_qkv=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         blk(torch.randn(2, 16, 64, device="cuda")).sum().backward()
     assert len(calls) == 2                                                   # forward and the q, k, v recompute

@@ -1,7 +1,7 @@
 """Fused causal mLSTM cell in Triton: forward and backward, flash-attention style (no S x S matrix in HBM).
 
-Computes exactly the function of `mlstm_torch.mlstm_parallel` (see its docstring) and registers itself as
-the "triton" backend of `mal.kernels`.
+Computes exactly the function of `reference.mlstm_parallel` (see its docstring); `mal.ops.mlstm` registers
+it as the "triton" backend of the mlstm op.
 
 Gate algebra (all O(S) per (batch, head), in float32: torch's cumsum for a, the rest one small Triton kernel
 each way, a program per row):
@@ -33,11 +33,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-import triton  # an ImportError here is what mal.kernels expects when triton is missing
+import triton  # imported by the ops' registry only for CUDA inputs; without triton the backend is unavailable
 import triton.language as tl
 
-from . import register_backend
-from .mlstm_torch import EPS
+from .reference import EPS
 
 MIN_HEAD_DIM = 16          # tl.dot needs every dimension >= 16
 MAX_HEAD_DIM = 512         # one padded head-dim tile of 512 still fits in registers/shared memory
@@ -590,7 +589,5 @@ def supports(q, k, v, i, f) -> bool:
         return False
     return MIN_HEAD_DIM <= DH <= MAX_HEAD_DIM and 1 <= S <= MAX_SEQ_LEN and B * NH > 0
 
-
-register_backend("triton", mlstm_triton, supports)
 
 __all__ = ["mlstm_triton", "supports"]

@@ -1,0 +1,38 @@
+"""The backward kernels of the block's regions (`mal.ops.block_grad.kernel`) in the interpreter (float32)."""
+import torch
+from test_ops_block_grad import NAMES, region_grads, region_inputs   # tests/ is on the path
+
+from mal.ops.block_grad import kernel as block_grad_kernel
+from mal.ops.registry import register
+
+
+def kernels_match_float64_autograd():
+    """Every gradient of pre-step -> cell -> post-tail (xz, the residual and the 15 parameters) through the
+    kernels equals float64 autograd of the plain functions: sequences shorter than the conv and than a tile,
+    head dims of one and several channel chunks, one head or two, 4 or 3 conv taps; the v that the post tail's
+    kernel forms is the pre-step kernel's."""
+    register("qkv", "triton", "mal.ops.qkv.kernel:qkv_gates")              # the pre-step kernel on CPU tensors
+    for B, S, NH, DH, D, taps in [(2, 37, 2, 32, 24, 4), (1, 3, 1, 16, 8, 4), (2, 70, 2, 48, 16, 4),
+                                  (1, 40, 2, 16, 8, 3), (1, 21, 2, 96, 16, 4), (1, 9, 1, 80, 8, 4)]:
+        pre, post, res, cot = region_inputs(B, S, NH, DH, D, taps=taps)
+        out_r, g_r = region_grads(pre, post, res, cot, NH, fused=False)
+        f32 = lambda ts: [t.float() for t in ts]
+        out_f, g_f = region_grads(f32(pre), f32(post), res.float(), cot.float(), NH, fused=True,
+                                  v_from_post=DH != 16)
+        assert ((out_f.double() - out_r).norm() / out_r.norm()).item() < 1e-5
+        for name, a, b in zip(NAMES, g_f, g_r):
+            assert a.dtype == torch.float32 and a.shape == b.shape, (name, a.dtype, a.shape)
+            e = ((a.double() - b).norm() / b.norm()).item()
+            assert e < 5e-5, (B, S, NH, DH, name, e)
+
+
+def cast_colsum_is_a_cast_and_float64_column_sums():
+    """`cast_colsum` (the down-projection's d out in the activations' dtype and its column sums): the cast is
+    bitwise torch's, the sums within float32 rounding of float64."""
+    g = torch.Generator().manual_seed(0)
+    for N, D, config in [(37, 24, (64, 1, 3)), (5, 40, (128, 2, 1)), (100, 16, None)]:
+        x = torch.randn(N, D, generator=g) * 3
+        y, sums = block_grad_kernel.cast_colsum(x, torch.float16, config)
+        assert y.dtype == torch.float16 and torch.equal(y, x.half())
+        ref = x.double().sum(0)
+        assert sums.dtype == torch.float32 and ((sums.double() - ref).abs() <= 1e-5 * x.abs().sum(0)).all()
