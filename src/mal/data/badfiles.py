@@ -117,13 +117,13 @@ class BadFiles:
             f"they are real images (not Git LFS pointers, HTML error pages or partial downloads) and extract or "
             f"download them again, or set data.dataset to the right folder.")
 
-    def report(self, name: str) -> str:
+    def report(self) -> str:
         """One line on the unreadable files found so far (for the end of a run)."""
-        bad = self.files()
+        bad, n = self.files(), len(self.paths)
         if not bad:
-            return f"{name}: no unreadable files among {len(self.paths)} (so far)."
+            return f"{self.root}: no unreadable files among {n} (so far)."
         shown = ", ".join(bad[:SHOWN]) + (" …" if len(bad) > SHOWN else "")
-        return f"{name}: {len(bad)} of {len(self.paths)} files unreadable, each replaced by the next readable file: {shown}"
+        return f"{self.root}: {len(bad)} of {n} files unreadable, each replaced by the next readable file: {shown}"
 
 
 __all__ = ["BadImageError", "BadFiles", "warn_main_rank"]

@@ -127,7 +127,7 @@ class ImageFolderDataset(ImageDataset):
 
     def report(self) -> str:
         """One line on the unreadable files (for the end of a run)."""
-        return self.bad.report(str(self.root))
+        return self.bad.report()
 
 
 __all__ = ["ImageFolderDataset", "scan_folder", "subfolders"]
