@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .serialization import FIXED_ORDERS, MASK_UNITS, SCAN_ORDERS, check_mask, check_scan_order, grid_size
 
 # ----------------------------------------------------------------------------- model
@@ -110,8 +111,6 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 # ----------------------------------------------------------------------------- training
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _in_range(name: str, value: float, low: float, high: float, high_open: bool = False) -> None:
