@@ -60,6 +60,8 @@ def test_names_and_severities_are_parsed_and_mistakes_named():
             C.parse_severities(bad)
     with pytest.raises(ValueError, match="at least 32x32"):
         C.corrupt_image(np.zeros((24, 24, 3), np.uint8), "fog", 1)
+    with pytest.raises(ValueError, match="unknown corruption 'noise'"):
+        C.corrupt_image(np.zeros((32, 32, 3), np.uint8), "noise", 1)
 
 
 def test_a_missing_package_says_how_to_install_it(monkeypatch):
@@ -98,7 +100,9 @@ def test_the_cache_is_reused_and_a_second_call_does_no_corruption_work(tmp_path,
     decoded = []
     first = _image_set(tmp_path, images, decoded)
     assert np.array_equal(first.images, images) and first.labels.tolist() == [0, 1, 2, 3, 4]
+    np.random.seed(123)
     assert cache.ensure_corrupted(first, pairs, "stub-1", workers=0, progress=False) == 2
+    assert np.random.randint(1 << 30) == np.random.RandomState(123).randint(1 << 30)   # caller's stream untouched
     assert len(stub) == 2 * 5
     made = {p: np.load(first.corrupted_path(*p, "stub-1")) for p in pairs}
     assert all(a.shape == images.shape and a.dtype == np.uint8 for a in made.values())

@@ -119,7 +119,7 @@ def corrupt_image(image: np.ndarray, corruption: str, severity: int, seed: int =
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"corrupt_image needs a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
     if corruption not in CORRUPTIONS:
-        parse_corruptions(corruption)                   # raises with the list of valid names
+        raise ValueError(f"unknown corruption {corruption!r}; valid: {', '.join(CORRUPTIONS)}")
     if severity == 0:
         return image.copy()
     if severity not in SEVERITIES:
@@ -127,9 +127,13 @@ def corrupt_image(image: np.ndarray, corruption: str, severity: int, seed: int =
     if min(image.shape[:2]) < MIN_SIDE:
         raise ValueError(f"the ImageNet-C corruptions need images of at least {MIN_SIDE}x{MIN_SIDE} pixels, got "
                          f"{image.shape[1]}x{image.shape[0]}; evaluate a model whose img_size is {MIN_SIDE} or more")
-    np.random.seed(seed)
     extra = {"seed": seed} if corruption in _SEED_ARGUMENT else {}
-    out = _corrupt_fn()(image, corruption_name=corruption, severity=severity, **extra)
+    state = np.random.get_state()                       # the caller's global numpy stream stays as it was
+    try:
+        np.random.seed(seed)
+        out = _corrupt_fn()(image, corruption_name=corruption, severity=severity, **extra)
+    finally:
+        np.random.set_state(state)
     if out.shape != image.shape or out.dtype != np.uint8:
         raise RuntimeError(f"{corruption} (severity {severity}) returned {out.dtype} {out.shape} for a "
                            f"{image.dtype} {image.shape} image; report this with the image size")

@@ -93,8 +93,10 @@ def build_image_set(cfg: RunConfig, dataset: str, split: str, opts: RobustnessOp
     name, key = cache.fingerprint(ds, repr(tf))
     folder = opts.cache_dir / f"{name}-{key}"
     meta = {"dataset": str(dataset), "split": split, "num_images": len(ds), "transform": repr(tf)}
-    decode = lambda: ((x.permute(0, 2, 3, 1).numpy(), y.numpy()) for x, y in tqdm(   # (B, H, W, 3) uint8
-        loader(ds), desc=f"decoding {name}", disable=not opts.progress, leave=False))
+
+    def decode():
+        for x, y in tqdm(loader(ds), desc=f"decoding {name}", disable=not opts.progress, leave=False):
+            yield x.permute(0, 2, 3, 1).numpy(), y.numpy()                  # (B, H, W, 3) uint8, (B,)
     return cache.clean_set(folder, decode, meta, (len(ds), side, side, 3))
 
 
