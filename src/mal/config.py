@@ -131,7 +131,7 @@ class DataConfig:
                                        # at the end
     holdout_seed: int = 0              # which images are held out (fixed across run seeds)
     mean: tuple[float, float, float] = IMAGENET_MEAN   # per-channel normalization of [0, 1] pixels
-    std: tuple[float, float, float] = IMAGENET_STD
+    std: tuple[float, float, float] = IMAGENET_STD     # per-channel standard deviation of [0, 1] pixels
     num_workers: int = -1              # loader worker processes; -1 = what the machine has (at most 8)
     cache: bool = False                # decode all images once into a uint8 tensor (small images)
     cache_dir: str = ""                # where cache=true also stores the decoded array (.npy), reused by later
