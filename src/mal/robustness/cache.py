@@ -28,6 +28,8 @@ import numpy as np
 import PIL
 from tqdm.auto import tqdm
 
+from ..data.cache import fingerprint as data_fingerprint
+from ..data.folder import ImageFolderDataset
 from . import corruptions as C
 
 log = logging.getLogger("mal")
@@ -59,8 +61,8 @@ class ImageSet:
 def fingerprint(dataset, geometry: str) -> tuple[str, str]:
     """(readable name, hash) of a test set as the model sees it: its files (or pixels) and the resize/crop."""
     h = hashlib.sha256(f"mal-corruptions-v{CACHE_VERSION}\n{geometry}\nPillow {PIL.__version__}\n".encode())
-    if hasattr(dataset, "_cache_key"):                      # ImageFolderDataset: paths, labels, sizes, mtimes
-        h.update(dataset._cache_key().encode())
+    if isinstance(dataset, ImageFolderDataset):             # paths, labels, sizes, mtimes
+        h.update(data_fingerprint(dataset).encode())
         name = f"{dataset.root.parent.name}-{dataset.root.name}"
     elif hasattr(dataset, "images"):                        # ArrayImageDataset (the default digits): pixels
         h.update(np.ascontiguousarray(dataset.images.numpy()).tobytes())
