@@ -146,3 +146,18 @@ def test_ema_warms_up_and_both_models_are_reported(image_folder, tmp_path, pretr
     assert (ema[key] - raw[key]).norm() < 0.5 * moved                        # closer to the weights than to init
     header = (out / "metrics.csv").read_text().splitlines()[0]
     assert "eval_top1" in header and "eval_ema_top1" in header
+
+
+def test_sweep_baseline_rows_use_the_baselines_configs():
+    import sys
+    sys.path.insert(0, str(REPO / "experiments"))
+    from cifar10_sweep import experiments
+    rows = {e.setting: e for e in experiments([0]) if e.table == "table4"}
+    assert set(rows) == {"MAE-ViL", "MAE-ViT", "MAL-ViT", "supervised ViT"}
+    want = {"MAE-ViL": ("vil", "mae"), "MAE-ViT": ("vit", "mae"), "MAL-ViT": ("vit", "mal")}
+    for setting, (arch, kind) in want.items():
+        cfgs = rows[setting].configs()
+        pre, ft = load_run_config(REPO / cfgs["pretrain"]), load_run_config(REPO / cfgs["finetune"], ["init=x"])
+        assert (pre.model.arch, pre.objective.kind, ft.model.arch) == (arch, kind, arch), setting
+    sup = load_run_config(REPO / rows["supervised ViT"].configs()["supervised"])
+    assert sup.task == "supervised" and sup.model.arch == "vit"
