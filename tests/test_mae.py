@@ -282,14 +282,15 @@ def test_mae_vil_fast_path_matches_plain_path_on_gpu():
 
 
 @pytest.mark.needs_gpu
-@pytest.mark.parametrize("arch", ["vil", "vit"])
-def test_graphed_mae_steps_match_eager_steps(arch):
+@pytest.mark.parametrize("kind,arch", [("mae", "vil"), ("mae", "vit"), ("mal", "vit")])
+def test_graphed_baseline_steps_match_eager_steps(kind, arch):
+    """MAE-ViL, MAE-ViT and MAL-ViT steps replayed from CUDA graphs (the trainer's default on one GPU) == eager."""
     from test_step import _steps
     torch.manual_seed(0)
-    enc = {**GPU_ENC, **({"arch": "vit", "num_heads": 4} if arch == "vit" else {})}
-    obj = ObjectiveConfig(kind="mae", decoder=DecoderConfig(depth=1, dim=32, num_heads=4), mask=MaskConfig("patch", 0.75))
-    a = MAEPretrain(EncoderConfig(**enc), obj).cuda().train()
-    b = MAEPretrain(EncoderConfig(**enc), obj).cuda().train()
+    enc = EncoderConfig(**GPU_ENC, **({"arch": "vit", "num_heads": 4} if arch == "vit" else {}))
+    mask = MaskConfig("patch", 0.75) if kind == "mae" else MaskConfig()
+    obj = ObjectiveConfig(kind=kind, decoder=DecoderConfig(depth=1, dim=32, num_heads=4), mask=mask)
+    a, b = create_objective(enc, obj).cuda().train(), create_objective(enc, obj).cuda().train()
     b.load_state_dict(a.state_dict())
     for m in (a, b):
         m.fast_path()
@@ -297,4 +298,4 @@ def test_graphed_mae_steps_match_eager_steps(arch):
     batches = [(torch.randn(8, 3, 48, 48, device="cuda"), *a.sample_inputs(8, g, "cuda")) for _ in range(3)]
     eager, graph = _steps(a, False, batches), _steps(b, True, batches)
     assert torch.allclose(torch.tensor(eager), torch.tensor(graph), rtol=2e-2, atol=1e-3), (eager, graph)
-    assert eager[0] != eager[1]
+    assert eager[0] != eager[1]                     # the replays saw new inputs and new weights
