@@ -259,7 +259,8 @@ GPU_ENC = dict(img_size=48, patch_size=4, dim=64, depth=4, cluster_size=4)
 def test_mae_vil_fast_path_matches_plain_path_on_gpu():
     """The fused ViL blocks (Triton mLSTM, compiled regions) on per-sample visible-token orders, in bf16."""
     torch.manual_seed(0)
-    obj = ObjectiveConfig(kind="mae", decoder=DecoderConfig(depth=1, dim=32, num_heads=4), mask=MaskConfig("patch", 0.75))
+    obj = ObjectiveConfig(kind="mae", decoder=DecoderConfig(depth=1, dim=32, num_heads=4),
+                          mask=MaskConfig("patch", 0.75))
     plain = MAEPretrain(EncoderConfig(**GPU_ENC, mlstm_backend="torch"), obj).cuda()
     fast = MAEPretrain(EncoderConfig(**GPU_ENC), obj).cuda()
     fast.load_state_dict(plain.state_dict())
