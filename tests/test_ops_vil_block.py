@@ -461,7 +461,7 @@ def test_training_reorder_inside_the_kernels_equals_gather_first_bitwise(kind, c
 def test_v_formed_by_the_post_kernel_is_the_pre_kernels_v_up_to_float32_rounding():
     """`block_grad.kernel.post_grad` forms the cell's v (`VFromPost`) with the pre-step kernel's
     arithmetic; the two kernels may sum the four products of a 4x4 block in another order, so after rounding
-    to bf16 a few elements (of ViL-B's step: 3e-5 of 8e7 in the measurement, docs/kernels.md) differ in the last
+    to bf16 a few elements (of ViL-B's step: 3e-5 of 8e7 in the measurement, docs/fast_path.md) differ in the last
     bits, by float32 rounding of the products."""
     from mal.ops.block_grad import kernel as block_grad_triton
     from mal.ops.qkv import kernel as qkv_triton

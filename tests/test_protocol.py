@@ -161,3 +161,29 @@ def test_sweep_baseline_rows_use_the_baselines_configs():
         assert (pre.model.arch, pre.objective.kind, ft.model.arch) == (arch, kind, arch), setting
     sup = load_run_config(REPO / rows["supervised ViT"].configs()["supervised"])
     assert sup.task == "supervised" and sup.model.arch == "vit"
+
+
+def test_holdout_is_evaluated_during_training_and_the_val_folder_once(image_folder, tmp_path, pretrained):
+    out, summary = _finetune(image_folder, tmp_path, pretrained, "data.holdout=0.25", "ema_decay=0.99")
+    assert summary["eval_set"] == "holdout"
+    assert {"holdout_top1", "holdout_ema_top1", "val_top1", "val_ema_top1"} <= set(summary)
+    from mal.engine.build import build_datasets
+    cfg = load_run_config(REPO / "configs/cifar10_finetune.yaml", [f"data.dataset={image_folder}", "init=x",
+                                                                   "data.holdout=0.25", "data.cache=false"])
+    data = build_datasets(cfg, progress=False)
+    assert len(data.train) + len(data.eval) == 192 and len(data.eval) == 48                # 16 of 64 per class
+    assert not set(data.train.indices) & set(data.eval.indices)
+    assert torch.equal(data.eval[0][0], data.eval[0][0])                      # held-out part: eval transform
+    assert not torch.equal(data.train[0][0], data.train[0][0])                # training part: augmented
+
+
+def test_pretraining_probes_report_their_pooling_and_the_holdout(image_folder, tmp_path):
+    out = tmp_path / "pre"
+    assert main(["pretrain", "--config", str(REPO / "configs/cifar10_pretrain.yaml"), "--output", str(out),
+                 "--no-progress", f"data.dataset={image_folder}", *TINY, "objective.decoder.depth=1",
+                 "objective.decoder.dim=32", "objective.decoder.num_heads=4", "max_steps=2", "data.holdout=0.25",
+                 "optim.warmup_epochs=0.5"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["probe_pool"] == "mean"
+    assert {"knn_top1", "linprobe_top1", "holdout_knn_top1", "holdout_linprobe_top1"} <= set(s)
+    assert s["masked_input_fraction"] == 0.25                                  # 2 of 8 input clusters

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -168,17 +169,21 @@ def test_torchrun_two_processes_match_one(image_folder, tmp_path):
     _assert_same_weights(_weights(one), _weights(acc), atol=2e-5)
 
 
-def test_probe_set_shares_the_decoded_cache_and_uses_the_eval_transform(image_folder, tmp_path):
+def test_probe_set_shares_the_decoded_cache_and_uses_the_eval_transform(image_folder, tmp_path, monkeypatch):
     from mal.engine.build import build_datasets
     cfg = load_run_config(REPO / "configs/cifar10_pretrain.yaml", [f"data.dataset={image_folder}",
                                                                     f"data.cache_dir={tmp_path / 'c'}"])
-    train, val, train_eval = build_datasets(cfg, progress=False)
-    assert train_eval._cache is train._cache and train._cache is not None     # decoded once
-    assert not train.cache_loaded_from_disk and len(list((tmp_path / "c").glob("*.npy"))) == 2   # train + test
-    again, _, _ = build_datasets(cfg, progress=False)
-    assert again.cache_loaded_from_disk and torch.equal(again._cache, train._cache)  # a later run reuses it
-    assert train_eval.samples == train.samples and train_eval.transform is not train.transform
+    data = build_datasets(cfg, progress=False)
+    train, val, train_eval = data.train, data.val, data.train_eval
+    assert train_eval.dataset is train and len(list((tmp_path / "c").glob("*.npy"))) == 2   # decoded once: train + test
+    assert train_eval.transform is not train.transform
+
+    def no_decoding(*a, **k):
+        raise AssertionError("a later run decodes again instead of reusing the stored cache")
+    monkeypatch.setattr("mal.data.folder.load_rgb_image", no_decoding)
+    again = build_datasets(cfg, progress=False).train                         # a later run reuses the stored cache
+    assert np.array_equal(np.asarray(again.read(0)), np.asarray(train.read(0)))
     a, b = train_eval[0][0], train_eval[0][0]
     assert torch.equal(a, b) and a.shape == (3, 48, 48)                        # deterministic eval transform
-    assert torch.equal(a, val.transform(train._get_rgb(0)))                    # the val set's eval transform
+    assert torch.equal(a, val.transform(train.read(0)))                        # the val set's eval transform
     assert not torch.equal(train[0][0], train[0][0])                           # training set: random crops

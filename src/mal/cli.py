@@ -69,6 +69,15 @@ def parser() -> argparse.ArgumentParser:
                    help="probe features (default: the run's probe_pool, mean of the last layer's tokens)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--json", help="also write the metrics to this JSON file")
+    r = p.add_argument_group("robustness (ImageNet-C corruptions; needs pip install 'mal[robustness]', "
+                             "docs/robustness.md)")
+    r.add_argument("--corruptions", help="'all', a group (noise, blur, weather, digital) or a comma list, "
+                                         "e.g. gaussian_noise,fog")
+    r.add_argument("--severities", help="severities 1..5 as a range or a list (default 1-5), e.g. 1-5 or 1,3,5")
+    r.add_argument("--baseline", help="the baseline model's run folder or robustness.json: adds mCE and relative mCE")
+    r.add_argument("--cache-dir", help="cache of the corrupted images (default ~/.cache/mal/corruptions)")
+    r.add_argument("--workers", type=int, help="processes that make the corrupted images (default: the CPU cores)")
+    r.add_argument("--out", help="folder for robustness.json/.csv/.png (default: RUN/robustness beside the checkpoint)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.num_workers=2")
     p = sub.add_parser("demo", help="offline first run on the embedded digits (a few minutes on a CPU)")
     p.add_argument("--output", default="runs/demo", help="folder for the two runs (default runs/demo)")
@@ -141,6 +150,7 @@ def cmd_eval(args) -> dict:
     ckpt = Path(args.checkpoint)
     meta = read_meta(ckpt)
     cfg = _eval_config(meta, args.overrides)
+    robust = _robustness_options(args, ckpt, meta, cfg)
     info = init_distributed()
     device = device_for(info)
     dataset = args.data or cfg.data.dataset
@@ -156,7 +166,10 @@ def cmd_eval(args) -> dict:
         if list(getattr(test_set, "classes", classes)) != classes:
             raise ValueError(f"the classes of {dataset}/{split} differ from the checkpoint's {classes[:5]}...; "
                              f"evaluate on a dataset with the same class folders")
-        out.update(evaluate_classifier(model, loader(test_set), device, cfg.amp, progress=info.is_main))
+        if robust is None:
+            out.update(evaluate_classifier(model, loader(test_set), device, cfg.amp, progress=info.is_main))
+        else:                                       # the clean numbers come with the corrupted ones
+            out.update(_robustness(model, cfg, dataset, split, ckpt, device, info, robust, loader))
     elif not (args.knn or args.linprobe):
         raise ValueError(f"{ckpt} is a pretraining checkpoint: it has no classifier head; use --knn and/or "
                          f"--linprobe, or fine-tune it first with `mal finetune --init {ckpt}`")
@@ -170,6 +183,32 @@ def cmd_eval(args) -> dict:
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2))
     return out
+
+
+def _robustness_options(args, ckpt: Path, meta: dict, cfg: RunConfig):
+    """The checked --corruptions options (None without --corruptions): their mistakes fail before any work."""
+    extra = [f"--{k.replace('_', '-')}" for k in ("severities", "baseline", "cache_dir", "workers", "out")
+             if getattr(args, k) is not None]
+    if not args.corruptions:
+        if extra:
+            raise ValueError(f"{', '.join(extra)} only apply with --corruptions (e.g. --corruptions all)")
+        return None
+    if meta["task"] == "pretrain":
+        raise ValueError(f"{ckpt} is a pretraining checkpoint: --corruptions needs a classifier; fine-tune it first "
+                         f"with `mal finetune --init {ckpt}`")
+    from .robustness.evaluate import options_from_args
+    return options_from_args(args, ckpt, cfg.model.img_size)
+
+
+def _robustness(model, cfg, dataset, split, ckpt, device, info, opts, loader) -> dict:
+    """Clean and corrupted top-1 (files in opts.out_dir); the compact numbers for the printed summary."""
+    from .robustness.evaluate import run_robustness
+    if info.enabled:
+        raise ValueError("mal eval --corruptions runs in one process: start it with `mal eval`, not torchrun")
+    doc = run_robustness(model, cfg, dataset, split, ckpt, device, opts, loader)
+    return {**{k: doc["clean"][k] for k in ("top1", "top5", "loss")},
+            **{k: doc[k] for k in ("mean_corruption_top1", "mce", "relative_mce")},
+            "robustness": doc["files"]}
 
 
 def cmd_demo(args) -> dict:

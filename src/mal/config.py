@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .serialization import FIXED_ORDERS, MASK_UNITS, SCAN_ORDERS, check_mask, check_scan_order, grid_size
 
 # ----------------------------------------------------------------------------- model
@@ -42,15 +43,15 @@ class EncoderConfig:
     expansion: int = 2               # up-projection D -> expansion*D for each of the x and z branches
     qkv_block_size: int = 4          # block-diagonal q/k/v projections with blocks of this size
     conv_kernel_size: int = 4        # causal depthwise conv along each layer's sequence
-    drop_path_rate: float = 0.0      # stochastic depth: ViL the same rate in every block (as ViL); ViT linear
-                                     # from 0 to this rate over the blocks (as timm / MAE)
+    drop_path_rate: float = 0.0      # stochastic depth. ViL: the same rate in every block (as the official ViL);
+                                     # ViT: linear from 0 to this rate over the blocks (as timm / MAE)
     cluster_size: int = 4            # k: clusters of k x k patches
     scan_order: str = "alternating"  # row_fwd, col_fwd, row_bwd, col_bwd, random or alternating (ViT: only the
                                      # cluster sequence matters, in MAL pretraining and with bidirectional=false)
     bidirectional: bool = True       # fine-tuning/inference. ViL: every other layer runs its sequence reversed;
-                                     # false = causal along the scan order. ViT: full attention; false = block-
-                                     # causal attention over the clusters of the scan order's cluster sequence
-                                     # ((a)'s for alternating and random), as MAL pretrains it
+                                     # false = causal along the scan order. ViT: full attention; false =
+                                     # block-causal attention over the clusters of the scan order's cluster
+                                     # sequence ((a)'s for alternating and random), as MAL pretrains it
     mlstm_backend: str = "auto"      # ViL: mLSTM kernel; "auto" picks the fastest available
 
     def __post_init__(self):
@@ -157,8 +158,6 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 # ----------------------------------------------------------------------------- training
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _in_range(name: str, value: float, low: float, high: float, high_open: bool = False) -> None:
@@ -179,7 +178,7 @@ class DataConfig:
                                        # at the end
     holdout_seed: int = 0              # which images are held out (fixed across run seeds)
     mean: tuple[float, float, float] = IMAGENET_MEAN   # per-channel normalization of [0, 1] pixels
-    std: tuple[float, float, float] = IMAGENET_STD
+    std: tuple[float, float, float] = IMAGENET_STD     # per-channel standard deviation of [0, 1] pixels
     num_workers: int = -1              # loader worker processes; -1 = what the machine has (at most 8)
     cache: bool = False                # decode all images once into a uint8 tensor (small images)
     cache_dir: str = ""                # where cache=true also stores the decoded array (.npy), reused by later

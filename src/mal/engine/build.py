@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,8 +51,8 @@ def build_datasets(cfg: RunConfig, progress: bool = True) -> RunData:
     kw = dict(strict=d.strict, cache=d.cache)
     if d.dataset != "default":
         kw.update(progress=progress, **({"cache_dir": d.cache_dir} if d.cache_dir else {}))
-    full = mdata.build_dataset(d.dataset, d.train_split, train_tf, **kw)
-    val = mdata.build_dataset(d.dataset, d.val_split, eval_tf, **kw) if d.val_split else None
+    full = mdata.build_dataset(d.dataset, d.train_split, train_tf, key="data.train_split", **kw)
+    val = mdata.build_dataset(d.dataset, d.val_split, eval_tf, key="data.val_split", **kw) if d.val_split else None
     keep, held = list(range(len(full))), []
     if d.holdout > 0:
         keep, held = mdata.holdout_split(full.targets, d.holdout, d.holdout_seed)
@@ -67,11 +66,8 @@ def build_datasets(cfg: RunConfig, progress: bool = True) -> RunData:
 
 
 def loader_workers(n: int) -> int:
-    """data.num_workers, with -1 = what the machine has (its CPUs less one for the main process, at most 8)."""
-    if n >= 0:
-        return n
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cpus - 1))
+    """data.num_workers, with -1 = what the machine has (`mal.data.default_num_workers`), capped at its CPUs."""
+    return mdata.default_num_workers() if n < 0 else mdata.cap_num_workers(n)
 
 
 def eval_loader(ds: Dataset, cfg: RunConfig, info: DistInfo, distributed: bool,

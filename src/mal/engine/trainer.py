@@ -335,9 +335,8 @@ class Trainer:
         """Close the logs; summary.json, loss.png and, after pretraining, the predictions and probes."""
         self.bar.close()
         self.metrics.close()
-        report = getattr(self.train_set, "report", None)
-        if report is not None and self.info.is_main and getattr(self.train_set, "num_bad", 0):
-            log.warning(report())
+        if self.info.is_main and self.train_set.num_bad:
+            log.warning(self.train_set.report())
         summary: dict[str, Any] = {"task": self.cfg.task, "steps": self.step, "epochs": self.step / self.steps_per_epoch,
                                    "skipped_steps": self.skipped, "train_time_s": time.perf_counter() - self.start_time,
                                    "final_loss": self.loss_val, "run_dir": str(self.run_dir)}
@@ -348,8 +347,7 @@ class Trainer:
             summary.update({f"{self.data.eval_name}_{k}": v for k, v in self.last_eval.items()})
             if self.data.eval_name == "holdout" and self.data.val is not None:     # the val folder, once
                 summary.update({f"val_{k}": v for k, v in self.scores(self.data.val).items()})
-        bad = getattr(self.train_set, "num_bad", 0)
-        summary.update(bad_images=bad, bad_files=[str(f) for f in getattr(self.train_set, "bad_files", [])][:100])
+        summary.update(num_bad=self.train_set.num_bad, bad_files=[str(f) for f in self.train_set.bad_files])
         if self.info.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             if (self.run_dir / "metrics.csv").exists():

@@ -446,7 +446,7 @@ _BWD_DKDV_CFG = {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128
 # Register cap (ptx .maxnreg) of the dq kernel per padded head dim, 2-byte inputs. At 512 (DH 384) it uses 186
 # registers, so 2 programs fit an SM; capped at 168, 3 do. H100, B=128 S=197, cell fwd+bwd GPU time: DH 384
 # 1.115-1.122 vs 1.171-1.181 ms (ViL-B training +1 %), DH 96 (cap 128) 0.385 vs 0.405 ms; at DH 192 every cap
-# was slower, and so were caps on the other kernels (`benchmarks/results/maxnreg_h100.log`).
+# was slower, and so were caps on the other kernels (docs/fast_path.md, "Launch configurations").
 _DQ_MAXNREG = {128: 128, 512: 168}
 _MIN_TILE = 16
 

@@ -34,7 +34,7 @@ class FastPath:
     recompute_qkv: in training the mLSTM cell's q, k, v are not kept for the backward but recomputed from xz
         there (`RecomputeQKV`): 8 of 24 saved bytes per token and model dim (v alone is re-formed anyway, by the
         post-region's backward kernel) for one more pre-region forward per block (about 6 % of a step,
-        docs/benchmarks.md). Not used with checkpoint (which recomputes everything).
+        docs/performance.md). Not used with checkpoint (which recomputes everything).
     """
     compile: bool = True
     mode: str | None = None
