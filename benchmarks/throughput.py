@@ -14,11 +14,17 @@ Rows (all bf16 autocast, 224 px, 1000 classes, one process, one GPU, measured si
   ref_compile  the same reference, every residual block torch.compile'd (regional compilation)
   deit         timm DeiT-T/S/B (pretrained=False), eager
 Measured: inference img/s (batch 256, no grad), training img/s and peak memory (batch 128, forward + backward
-+ AdamW step), and the MAL pretraining step at 192 px (MALPretrain, default ObjectiveConfig, batches 64 and
-256; rows fast and plain). Times are medians of per-iteration CUDA events after warm-up.
++ AdamW step), and the pretraining step at 192 px (12x12 grid, the small protocols' sequence shapes; batches 64
+and 256; rows fast, fast_nocg, plain, ...) of each --pretrain-models objective, side by side through the same
+code: mal_vil (MALPretrain on MAL-T/S/B, default ObjectiveConfig), mae_vil (MAEPretrain on the same ViL, 8x512
+decoder, 75 % of the patches masked), mae_vit and mal_vit (the same objectives on ViT-T/S/B, `VisionTransformer`:
+its fast path is the block stack under torch.compile; plain = eager). Times are medians of per-iteration CUDA
+events after warm-up.
 
     PYTHONPATH=src python benchmarks/throughput.py --sizes T,S,B --rows fast,fast_nocg,plain,ref,ref_compile,deit \
         --pretrain B --json results.json
+    PYTHONPATH=src python benchmarks/throughput.py --sizes '' --pretrain T,B --pretrain-rows fast,plain \
+        --pretrain-models mal_vil,mae_vil,mae_vit,mal_vit --json pretrain.json
 
 Prints JSON, then markdown tables with the ratios and the DESIGN §6 goals.
 """
@@ -37,6 +43,9 @@ import torch.nn.functional as F
 
 SIZES = {"T": ("mal_tiny", 192, "deit_tiny_patch16_224"), "S": ("mal_small", 384, "deit_small_patch16_224"),
          "B": ("mal_base", 768, "deit_base_patch16_224")}
+VIT_PRESETS = {"T": "vit_tiny", "S": "vit_small", "B": "vit_base"}
+PRETRAIN_MODELS = {"mal_vil": ("vil", "mal"), "mae_vil": ("vil", "mae"), "mae_vit": ("vit", "mae"),
+                   "mal_vit": ("vit", "mal")}                              # name: (model.arch, objective.kind)
 ROWS = ("fast", "fast_nocg", "fast_ckpt", "fast_ckpt_nocg", "fast_recompute", "plain", "ref", "ref_compile", "deit")
 IMG, NUM_CLASSES, DEPTH = 224, 1000, 24
 GIB = 2**30
@@ -214,13 +223,22 @@ def measure_encoder(row: str, size: str, res: dict) -> None:
             res["train_profile"] = top_kernels(step)
 
 
-def measure_pretrain(row: str, size: str, batch: int, res: dict) -> None:
-    from mal import MALPretrain
-    from mal.config import MODEL_PRESETS, EncoderConfig, ObjectiveConfig
-    preset = SIZES[size][0]
-    enc = EncoderConfig(**{**MODEL_PRESETS[preset], "img_size": 192,
-                           "mlstm_backend": "torch" if row == "plain" else "auto"})
-    model = MALPretrain(enc, ObjectiveConfig()).cuda()
+def pretrain_objective(name: str, row: str, size: str) -> nn.Module:
+    """The pretraining model of a --pretrain-models entry at 192 px: MAL or MAE (8x512 decoder, 75 % of the patches
+    masked) on the ViL (MAL-T/S/B; plain row: mlstm_backend torch) or the ViT (ViT-T/S/B) of that size."""
+    from mal import create_objective
+    from mal.config import MODEL_PRESETS, EncoderConfig, MaskConfig, ObjectiveConfig
+    arch, kind = PRETRAIN_MODELS[name]
+    enc = {**MODEL_PRESETS[SIZES[size][0] if arch == "vil" else VIT_PRESETS[size]], "img_size": 192}
+    if arch == "vil":
+        enc["mlstm_backend"] = "torch" if row == "plain" else "auto"
+    obj = ObjectiveConfig() if kind == "mal" else ObjectiveConfig(kind="mae", mask=MaskConfig("patch", 0.75))
+    return create_objective(EncoderConfig(**enc), obj)
+
+
+def measure_pretrain(name: str, row: str, size: str, batch: int, res: dict) -> None:
+    model = pretrain_objective(name, row, size).cuda()
+    res["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     cg = uses_graphs(row)
     if row.startswith("fast"):
         fast_path(model, row)
@@ -301,7 +319,8 @@ def goals(enc: dict, pre: dict) -> list[dict]:
         for key, target, name in (("infer_img_s", 2.5, "inference vs ref compiled"), ("train_img_s", 2.0, "training vs ref compiled")):
             v = ratio(f.get(key), rc.get(key))
             out.append({"size": size, "goal": f"{name} >= {target}x", "measured": v, "met": v is not None and v >= target})
-    for size, rows in pre.items():
+    for size, models in pre.items():
+        rows = models.get("mal_vil", {})
         fast = rows.get("fast", {}) if any("img_s" in v for v in rows.get("fast", {}).values()) else rows.get("fast_nocg", {})
         best = max((v.get("img_s") or 0) for v in fast.values()) if fast else None
         out.append({"size": size, "goal": "pretraining >= 3000 img/s (better batch)", "measured": best,
@@ -332,13 +351,16 @@ def markdown(enc: dict, pre: dict, gl: list[dict]) -> str:
             lines.append(f"| {size} | {row} | " + " | ".join("-" if c is None else str(c)[:70].replace("\n", " ")
                                                              for c in cells) + " |")
     if pre:
-        lines += ["", "| pretrain size | row | batch | img/s | peak GiB | peak GB |", "|---|---|---|---|---|---|"]
-        for size, rows in pre.items():
-            for row, bs in rows.items():
-                for b, v in bs.items():
-                    val = str(v.get('img_s', v.get('error', v.get('skipped'))))[:70].replace("\n", " ")
-                    lines.append(f"| {size} | {row} | {b} | {val} | "
-                                 f"{v.get('peak_gib', '-')} | {v.get('peak_gb', '-')} |")
+        lines += ["", "| pretrain size | model | row | batch | img/s | peak GiB | peak GB | / mal_vil |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for size, models in pre.items():
+            for name, rows in models.items():
+                for row, bs in rows.items():
+                    for b, v in bs.items():
+                        val = str(v.get('img_s', v.get('error', v.get('skipped'))))[:70].replace("\n", " ")
+                        mal = models.get("mal_vil", {}).get(row, {}).get(b, {})
+                        lines.append(f"| {size} | {name} | {row} | {b} | {val} | {v.get('peak_gib', '-')} | "
+                                     f"{v.get('peak_gb', '-')} | {ratio(v.get('img_s'), mal.get('img_s')) or '-'} |")
     lines += ["", "| size | goal | measured | met |", "|---|---|---|---|"]
     verdict = lambda g: "not measured" if g["measured"] is None else ("yes" if g["met"] else "NO")
     lines += [f"| {g['size']} | {g['goal']} | {'-' if g['measured'] is None else g['measured']} | {verdict(g)} |"
@@ -354,7 +376,9 @@ def main(argv=None) -> dict:
     p.add_argument("--modes", default="infer,train", help="encoder measurements: infer, train")
     p.add_argument("--no-ref-compile", default="", help="sizes to skip ref_compile for (its compile is slow), e.g. B")
     p.add_argument("--pretrain", default="B", help="sizes for the pretraining step ('' = none)")
-    p.add_argument("--pretrain-rows", default="fast,fast_nocg,plain", help="also: fast_recompute")
+    p.add_argument("--pretrain-rows", default="fast,fast_nocg,plain", help="also: fast_recompute (ViL only)")
+    p.add_argument("--pretrain-models", default=",".join(PRETRAIN_MODELS),
+                   help=f"objectives on encoders, side by side: {', '.join(PRETRAIN_MODELS)}")
     p.add_argument("--pretrain-batches", default="64,256")
     p.add_argument("--infer-batch", type=int, default=256)
     p.add_argument("--train-batch", type=int, default=128)
@@ -393,9 +417,10 @@ def main(argv=None) -> dict:
     pre: dict = {}
     for size in filter(None, ARGS.pretrain.split(",")):
         pre[size] = {}
-        for row in filter(None, ARGS.pretrain_rows.split(",")):
-            pre[size][row] = {b: guarded(measure_pretrain, row, size, int(b))
-                              for b in filter(None, ARGS.pretrain_batches.split(","))}
+        for name in filter(None, ARGS.pretrain_models.split(",")):
+            pre[size][name] = {row: {b: guarded(measure_pretrain, name, row, size, int(b))
+                                     for b in filter(None, ARGS.pretrain_batches.split(","))}
+                               for row in filter(None, ARGS.pretrain_rows.split(","))}
     gl = goals(enc, pre)
     result = {"device": info, "encoder": enc, "pretrain": pre, "goals": gl,
               "settings": {k: v for k, v in vars(ARGS).items() if k != "json"},

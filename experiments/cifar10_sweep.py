@@ -1,4 +1,5 @@
-"""The small-scale reproduction of the paper's ablations on CIFAR-10 (48 px, patch 4, 12x12 grid, MAL-T).
+"""The small-scale reproduction of the paper's ablations on CIFAR-10 (48 px, patch 4, 12x12 grid, MAL-T), and
+its Tables 4/9 baselines (MAE-ViL, MAE-ViT, MAL-ViT, supervised ViT-T: the `table4_*` rows).
 
 Each experiment is a pretraining run followed by fine-tuning (or one supervised run); every finished
 experiment appends one row to OUT/results.jsonl and OUT/results.csv with the exact commands that made it.
@@ -31,9 +32,19 @@ class Experiment:
     name: str
     table: str                      # which paper table the row belongs to
     setting: str                    # the value of the ablated variable
-    pretrain: list[str] | None = None   # overrides of configs/cifar10_pretrain.yaml; None = supervised
+    pretrain: list[str] | None = None   # overrides of the pretraining config; None = supervised
     finetune: list[str] = field(default_factory=list)
     seed: int = 0
+    model: str = ""                 # "" = MAL-ViL's configs; "mae_vil", "mae_vit", "mal_vit" or "vit" (supervised):
+                                    # the baselines' configs (configs/cifar10_<model>.yaml and its ViT fine-tuning)
+
+    def configs(self) -> dict[str, str]:
+        """The config of each stage: supervised, or pretrain and finetune."""
+        vit = "_vit" if self.model.endswith("vit") else ""
+        if self.pretrain is None:
+            return {"supervised": f"configs/cifar10_supervised{vit}.yaml"}
+        return {"pretrain": f"configs/cifar10_{self.model}.yaml" if self.model else "configs/cifar10_pretrain.yaml",
+                "finetune": f"configs/cifar10_finetune{vit}.yaml"}
 
 
 def experiments(seeds: list[int]) -> list[Experiment]:
@@ -59,6 +70,12 @@ def experiments(seeds: list[int]) -> list[Experiment]:
     # depth 8 / width 512 is the default row
     exps.append(Experiment("table13_xlstm", "table13", "xLSTM decoder",
                            ["objective.decoder.kind=xlstm", "objective.decoder.depth=2"]))
+    # paper Tables 4 / 9: MAE vs MAL on ViL and ViT, and the supervised ViT (MAL-ViL and supervised ViL: rows 1-2)
+    for s in seeds:
+        exps.append(Experiment(f"table4_mae_vil_s{s}", "table4", "MAE-ViL", [], seed=s, model="mae_vil"))
+        exps.append(Experiment(f"table4_mae_vit_s{s}", "table4", "MAE-ViT", [], seed=s, model="mae_vit"))
+        exps.append(Experiment(f"table4_mal_vit_s{s}", "table4", "MAL-ViT", [], seed=s, model="mal_vit"))
+        exps.append(Experiment(f"table4_supervised_vit_s{s}", "table4", "supervised ViT", None, seed=s, model="vit"))
     return exps
 
 
@@ -80,13 +97,14 @@ def execute(exp: Experiment, args, gpus: queue.Queue) -> dict:
     """Run (or resume, or skip if done) the stages of one experiment on a free GPU slot; return its results row."""
     base = Path(args.out) / exp.name
     common = [f"data.dataset={args.data}", f"seed={exp.seed}", f"data.num_workers={args.workers}", *args.set]
+    cfgs = exp.configs()
     if exp.pretrain is None:
-        stages = [("supervised", "configs/cifar10_supervised.yaml", base / "supervised",
+        stages = [("supervised", cfgs["supervised"], base / "supervised",
                    [*common, f"optim.epochs={args.pre_epochs + args.ft_epochs}"])]
     else:
-        stages = [("pretrain", "configs/cifar10_pretrain.yaml", base / "pretrain",
+        stages = [("pretrain", cfgs["pretrain"], base / "pretrain",
                    [*common, f"optim.epochs={args.pre_epochs}", *exp.pretrain]),
-                  ("finetune", "configs/cifar10_finetune.yaml", base / "finetune",
+                  ("finetune", cfgs["finetune"], base / "finetune",
                    [*common, f"optim.epochs={args.ft_epochs}", f"init={base / 'pretrain/ckpt_last'}", *exp.finetune])]
     summaries = {}
     for task, cfg, out, overrides in stages:

@@ -43,14 +43,39 @@ def test_layer_decay_counts_pairs_of_blocks_like_maes_twelve_layers():
     assert wd["pos_embed"] == 0 and wd["blocks.0.norm.weight"] == 0 and wd["blocks.0.layer.proj_up.weight"] == 0.05
 
 
-def test_supervised_and_finetune_recipes_differ_only_in_init_and_epochs():
-    ft = load_run_config(REPO / "configs/cifar10_finetune.yaml", ["init=x"])
-    sup = load_run_config(REPO / "configs/cifar10_supervised.yaml")
+@pytest.mark.parametrize("protocol", ["cifar10", "imagenette"])
+@pytest.mark.parametrize("arch", ["", "_vit"])
+def test_supervised_and_finetune_recipes_differ_only_in_init_and_epochs(protocol, arch):
+    ft = load_run_config(REPO / f"configs/{protocol}_finetune{arch}.yaml", ["init=x"])
+    sup = load_run_config(REPO / f"configs/{protocol}_supervised{arch}.yaml")
+    assert ft.model.arch == ("vit" if arch else "vil") and ft.optim.layer_decay_group == (1 if arch else 2)
     for section in ("model", "data", "aug"):
         assert getattr(ft, section) == getattr(sup, section), section
     diff = {k for k in vars(ft.optim) if getattr(ft.optim, k) != getattr(sup.optim, k)}
     assert diff == {"epochs"}
     assert (ft.ema_decay, ft.ema_warmup) == (sup.ema_decay, sup.ema_warmup)
+
+
+@pytest.mark.parametrize("protocol", ["cifar10", "imagenette"])
+def test_baseline_pretraining_configs_change_only_the_encoder_and_objective(protocol):
+    """MAL-ViL, MAE-ViL, MAE-ViT and MAL-ViT pretrain on the same data with the same recipe; each fine-tunes with
+    the recipe of its architecture, whose data is the pretraining data."""
+    ref = load_run_config(REPO / ("configs/cifar10_pretrain.yaml" if protocol == "cifar10" else
+                                  "configs/imagenette_pretrain.yaml"))
+    want = {"mae_vil": ("vil", "mae"), "mae_vit": ("vit", "mae"), "mal_vit": ("vit", "mal")}
+    for name, (arch, kind) in want.items():
+        cfg = load_run_config(REPO / f"configs/{protocol}_{name}.yaml")
+        assert (cfg.task, cfg.model.arch, cfg.objective.kind) == ("pretrain", arch, kind), name
+        assert (cfg.data, cfg.optim, cfg.model.img_size, cfg.model.patch_size) == (
+            ref.data, ref.optim, ref.model.img_size, ref.model.patch_size), name
+        assert cfg.objective.decoder == ref.objective.decoder, name
+        if kind == "mae":
+            assert (cfg.objective.mask.unit, cfg.objective.mask.ratio) == ("patch", 0.75)
+        else:
+            assert cfg.objective == ref.objective
+        ft = load_run_config(REPO / f"configs/{protocol}_finetune{'_vit' if arch == 'vit' else ''}.yaml", ["init=x"])
+        assert ft.model.arch == arch and ft.data.dataset == cfg.data.dataset and ft.model.grid == cfg.model.grid
+    assert ref.model.grid == (12, 12)
 
 
 def test_init_follows_the_official_vil():
@@ -121,6 +146,21 @@ def test_ema_warms_up_and_both_models_are_reported(image_folder, tmp_path, pretr
     assert (ema[key] - raw[key]).norm() < 0.5 * moved                        # closer to the weights than to init
     header = (out / "metrics.csv").read_text().splitlines()[0]
     assert "eval_top1" in header and "eval_ema_top1" in header
+
+
+def test_sweep_baseline_rows_use_the_baselines_configs():
+    import sys
+    sys.path.insert(0, str(REPO / "experiments"))
+    from cifar10_sweep import experiments
+    rows = {e.setting: e for e in experiments([0]) if e.table == "table4"}
+    assert set(rows) == {"MAE-ViL", "MAE-ViT", "MAL-ViT", "supervised ViT"}
+    want = {"MAE-ViL": ("vil", "mae"), "MAE-ViT": ("vit", "mae"), "MAL-ViT": ("vit", "mal")}
+    for setting, (arch, kind) in want.items():
+        cfgs = rows[setting].configs()
+        pre, ft = load_run_config(REPO / cfgs["pretrain"]), load_run_config(REPO / cfgs["finetune"], ["init=x"])
+        assert (pre.model.arch, pre.objective.kind, ft.model.arch) == (arch, kind, arch), setting
+    sup = load_run_config(REPO / rows["supervised ViT"].configs()["supervised"])
+    assert sup.task == "supervised" and sup.model.arch == "vit"
 
 
 def test_holdout_is_evaluated_during_training_and_the_val_folder_once(image_folder, tmp_path, pretrained):

@@ -37,10 +37,10 @@ def encoder_weights_from_pretrain(state: dict[str, torch.Tensor]) -> tuple[dict[
 
 
 def load_encoder(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
-    """Load encoder weights into a `VisionLSTM` classifier, strictly.
+    """Load encoder weights into an encoder (`VisionLSTM` or `VisionTransformer`, with or without head), strictly.
 
-    Accepts a pretraining state dict (encoder.* + decoder.* + mask_token) or a classifier's. The position
-    embedding is resampled (bicubic) to the model's grid. Only the decoder and mask token may be dropped and
+    Accepts a pretraining state dict (MAL's or MAE's: encoder.* + decoder.* + mask_token) or a classifier's. The
+    position embedding is resampled (bicubic) to the model's grid. Only the decoder and mask token may be dropped and
     only the head may be missing; anything else missing, unexpected or of another shape raises ValueError.
     """
     dropped: list[str] = []

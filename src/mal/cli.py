@@ -115,24 +115,37 @@ def _run(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, allow_ch
 
 
 def _eval_config(meta: dict, overrides: list[str]) -> RunConfig:
-    """The checkpoint's run config as an evaluation config (a pretraining encoder is probed as pretrained)."""
+    """The checkpoint's run config as an evaluation config (no init: the checkpoint's own weights are loaded)."""
     data = meta["config"]
-    data["task"] = "finetune" if meta["task"] == "pretrain" else meta["task"]
     data["init"] = ""
-    if meta["task"] == "pretrain":
-        data["model"]["bidirectional"] = False
     apply_overrides(data, overrides)
     return from_dict(RunConfig, data)
 
 
+def _eval_model(cfg: RunConfig, meta: dict, ckpt: Path):
+    """The model `mal eval` scores: a classifier checkpoint's classifier, or a pretraining checkpoint's encoder as
+    it was pretrained (its objective's `probe_encoder`). Both load strictly."""
+    from .checkpoint import load_encoder, load_weights
+    from .engine.build import build_model
+    if meta["task"] != "pretrain":
+        model = build_model(cfg, meta["num_classes"], load_init=False)
+        load_encoder(model, load_weights(ckpt))
+        return model
+    objective = build_model(cfg, 0)
+    try:
+        objective.load_state_dict(load_weights(ckpt))
+    except RuntimeError as e:                                               # missing / unexpected / shapes
+        raise ValueError(f"{ckpt} does not match its own config's objective: {str(e)[:600]}") from None
+    return objective.probe_encoder()
+
+
 def cmd_eval(args) -> dict:
     from . import data as mdata
-    from .checkpoint import load_encoder, load_weights, read_meta
+    from .checkpoint import read_meta
     from .distributed import device_for, init_distributed
     from .engine.build import eval_loader
     from .engine.evaluate import evaluate_classifier
     from .engine.probe import probe_encoder
-    from .models.vil import VisionLSTM
 
     ckpt = Path(args.checkpoint)
     meta = read_meta(ckpt)
@@ -146,9 +159,7 @@ def cmd_eval(args) -> dict:
     test_set = mdata.build_dataset(dataset, split, tf, strict=cfg.data.strict)
     classes = meta.get("classes") or list(getattr(test_set, "classes", []))
     is_classifier = meta["task"] != "pretrain"
-    model = VisionLSTM(cfg.model, num_classes=meta["num_classes"] if is_classifier else 0)
-    load_encoder(model, load_weights(ckpt))
-    model.to(device)
+    model = _eval_model(cfg, meta, ckpt).to(device)
     loader = lambda ds: eval_loader(ds, cfg, info, False, args.batch_size)
     out: dict = {"checkpoint": str(ckpt), "dataset": str(dataset), "split": split}
     if is_classifier:

@@ -25,41 +25,67 @@ from .serialization import FIXED_ORDERS, MASK_UNITS, SCAN_ORDERS, check_mask, ch
 # ----------------------------------------------------------------------------- model
 
 
+ARCHS = ("vil", "vit")
+VIL_ONLY_DEFAULTS = {"expansion": 2, "qkv_block_size": 4, "conv_kernel_size": 4, "mlstm_backend": "auto"}
+
+
 @dataclass
 class EncoderConfig:
-    """A Vision-LSTM encoder (DESIGN §3). Defaults are MAL-T at 192 px."""
+    """The encoder: a Vision-LSTM (DESIGN §3) or a ViT baseline. Defaults are MAL-T at 192 px."""
+    arch: str = "vil"                # "vil" (Vision-LSTM, mLSTM blocks) or "vit" (Transformer blocks, the baseline)
     img_size: int = 192              # image side in pixels (a multiple of patch_size)
     patch_size: int = 16             # patch side in pixels
     in_chans: int = 3                # image channels
     dim: int = 192                   # model width D (MAL-T/S/B: 192/384/768)
-    depth: int = 24                  # ViL blocks (two blocks are one Transformer-equivalent layer)
-    num_heads: int = 4               # mLSTM heads; head dim = expansion * dim / num_heads
+    depth: int = 24                  # ViL blocks (two blocks are one Transformer-equivalent layer); ViT blocks
+    num_heads: int = 4               # ViL: mLSTM heads, head dim = expansion * dim / num_heads; ViT: attention
+                                     # heads, head dim = dim / num_heads
     expansion: int = 2               # up-projection D -> expansion*D for each of the x and z branches
     qkv_block_size: int = 4          # block-diagonal q/k/v projections with blocks of this size
     conv_kernel_size: int = 4        # causal depthwise conv along each layer's sequence
-    drop_path_rate: float = 0.0      # stochastic depth, the same rate in every block (as ViL)
+    drop_path_rate: float = 0.0      # stochastic depth. ViL: the same rate in every block (as the official ViL);
+                                     # ViT: linear from 0 to this rate over the blocks (as timm / MAE)
     cluster_size: int = 4            # k: clusters of k x k patches
-    scan_order: str = "alternating"  # row_fwd, col_fwd, row_bwd, col_bwd, random or alternating
-    bidirectional: bool = True       # fine-tuning/inference: every other layer runs its sequence reversed
-    mlstm_backend: str = "auto"      # mLSTM kernel; "auto" picks the fastest available
+    scan_order: str = "alternating"  # row_fwd, col_fwd, row_bwd, col_bwd, random or alternating (ViT: only the
+                                     # cluster sequence matters, in MAL pretraining and with bidirectional=false)
+    bidirectional: bool = True       # fine-tuning/inference. ViL: every other layer runs its sequence reversed;
+                                     # false = causal along the scan order. ViT: full attention; false =
+                                     # block-causal attention over the clusters of the scan order's cluster
+                                     # sequence ((a)'s for alternating and random), as MAL pretrains it
+    mlstm_backend: str = "auto"      # ViL: mLSTM kernel; "auto" picks the fastest available
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"model.arch must be one of {list(ARCHS)}, got {self.arch!r}")
         grid_size(self.img_size, self.patch_size)
         check_scan_order(self.scan_order)
         for name in ("patch_size", "in_chans", "dim", "depth", "num_heads", "expansion", "qkv_block_size",
                      "conv_kernel_size", "cluster_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.arch == "vit":
+            self._check_vit()
+            return
         inner = self.expansion * self.dim
         if inner % self.num_heads or inner % self.qkv_block_size:
             raise ValueError(f"model.expansion*model.dim = {inner} must be divisible by num_heads "
                              f"({self.num_heads}) and qkv_block_size ({self.qkv_block_size})")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         from .ops import backends
         if self.mlstm_backend not in ("auto", *backends("mlstm")):
             raise ValueError(f"model.mlstm_backend={self.mlstm_backend!r} is not an mLSTM backend; choose one of "
                              f"{['auto', *backends('mlstm')]}")
+
+    def _check_vit(self) -> None:
+        """A ViT has no mLSTM layer: its ViL-only settings must keep their defaults (none may silently do nothing)."""
+        if self.dim % self.num_heads:
+            raise ValueError(f"model.dim {self.dim} must be divisible by model.num_heads {self.num_heads} (attention "
+                             f"heads of model.arch=vit)")
+        changed = [f"model.{k}={getattr(self, k)!r}" for k, v in VIL_ONLY_DEFAULTS.items() if getattr(self, k) != v]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} only applies to model.arch=vil (the mLSTM layer); a ViT has no "
+                             f"such setting: remove it or set model.arch=vil")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -94,18 +120,39 @@ class MaskConfig:
         check_mask(self.unit, self.ratio)
 
 
+OBJECTIVES = ("mal", "mae")
+
+
 @dataclass
 class ObjectiveConfig:
-    """Everything of the MAL pretraining objective beyond the encoder."""
+    """The pretraining objective beyond the encoder: MAL (next-cluster prediction) or the MAE baseline."""
+    kind: str = "mal"                # "mal" (cluster-masked autoregression) or "mae" (masked autoencoder baseline)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    mask: MaskConfig = field(default_factory=MaskConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)   # MAL: input masking; MAE: the masked patches (unit
+                                                           # patch, e.g. ratio 0.75)
     norm_pix_loss: bool = True       # targets normalized per patch (MAE)
+
+    def __post_init__(self):
+        if self.kind not in OBJECTIVES:
+            raise ValueError(f"objective.kind must be one of {list(OBJECTIVES)}, got {self.kind!r}")
+        if self.kind != "mae":
+            return
+        if self.mask.unit != "patch" or not 0.0 < self.mask.ratio < 1.0:
+            raise ValueError(f"objective.kind=mae masks random patches: set objective.mask.unit=patch and "
+                             f"objective.mask.ratio in (0, 1), e.g. 0.75 (got unit {self.mask.unit!r}, ratio "
+                             f"{self.mask.ratio})")
+        if self.decoder.kind != "transformer":
+            raise ValueError(f"objective.kind=mae uses MAE's bidirectional Transformer decoder: set "
+                             f"objective.decoder.kind=transformer (got {self.decoder.kind!r})")
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "mal_tiny": dict(dim=192, depth=24),
-    "mal_small": dict(dim=384, depth=24),
-    "mal_base": dict(dim=768, depth=24),
+    "mal_tiny": dict(arch="vil", dim=192, depth=24),
+    "mal_small": dict(arch="vil", dim=384, depth=24),
+    "mal_base": dict(arch="vil", dim=768, depth=24),
+    "vit_tiny": dict(arch="vit", dim=192, depth=12, num_heads=3),     # DeiT-T / ViT-Ti widths
+    "vit_small": dict(arch="vit", dim=384, depth=12, num_heads=6),
+    "vit_base": dict(arch="vit", dim=768, depth=12, num_heads=12),
 }
 
 
@@ -164,8 +211,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)   # AdamW betas
     clip_grad: float = 0.0             # max grad norm; 0 = off
     layer_decay: float = 1.0           # layer-wise lr decay (fine-tuning); 1 = off
-    layer_decay_group: int = 2         # ViL blocks per layer-decay group: 2 blocks = one Transformer layer, so
+    layer_decay_group: int = 2         # blocks per layer-decay group: 2 ViL blocks = one Transformer layer, so
                                        # MAE's 0.75 spans the same range over MAL's 24 blocks as over ViT's 12
+                                       # (ViT configs set 1: each ViT block is one layer)
 
     def __post_init__(self):
         if self.batch_size < 1 or self.accum_steps < 1 or self.epochs < 1 or self.layer_decay_group < 1:
@@ -241,9 +289,10 @@ class RunConfig:
     ema_warmup: bool = True            # EMA decay 1 - (1 + step)^(-2/3) early on (timm), so short runs forget
                                        # the initial weights; the raw and the EMA model are both evaluated
     amp: bool = True                   # bf16 autocast on CUDA
-    fast_path: bool = True             # CUDA: fused ViL blocks (compiled regions + Triton mLSTM); CPU: plain path
+    fast_path: bool = True             # CUDA: fused ViL blocks (compiled regions + Triton mLSTM), ViT blocks under
+                                       # torch.compile; CPU: plain path
     recompute: bool = False            # fast path: keep only block inputs, recompute blocks in the backward
-                                       # (~18 % slower training, ~4-5x less activation memory)
+                                       # (ViL: ~18 % slower training, ~4-5x less activation memory)
     recompute_qkv: bool = False        # fast path: recompute the mLSTM cell's q, k, v in the backward
                                        # (~6 % slower training, ~1/4 less training memory)
     cuda_graph: bool = True            # one GPU: replay each micro-batch's forward + backward from CUDA graphs
@@ -270,13 +319,16 @@ class RunConfig:
             raise ValueError(f"probe_pool must be one of {list(PROBE_POOLS)}, got {self.probe_pool!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema_decay must be in [0, 1)")
-        if self.task == "pretrain":
+        if self.task == "pretrain" and self.objective.kind == "mal":
             from .serialization import check_divides
             check_divides(*self.model.grid, self.model.cluster_size)
         if self.recompute and not self.fast_path:
             raise ValueError("recompute=true needs fast_path=true (it is a mode of the fused block)")
         if self.recompute_qkv and not self.fast_path:
             raise ValueError("recompute_qkv=true needs fast_path=true (it is a mode of the fused block)")
+        if self.recompute_qkv and self.model.arch != "vil":
+            raise ValueError("recompute_qkv=true recomputes the mLSTM cell's q, k, v of the fused ViL block; "
+                             "model.arch=vit has none: use recompute=true (activation checkpointing of each block)")
         if self.save_every < 1 or self.log_every < 1 or self.eval_every < 1 or self.knn_k < 1:
             raise ValueError("save_every, log_every, eval_every and knn_k must be >= 1")
         if self.max_steps < 0 or self.keep_every < 0:
@@ -291,7 +343,7 @@ class RunConfig:
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """YAML file (optional) + overrides -> validated RunConfig. A `preset:` key picks MAL-T/S/B dims."""
+    """YAML file (optional) + overrides -> validated RunConfig. A `preset:` key picks MAL-T/S/B or ViT-T/S/B dims."""
     data = load_yaml(path) if path else {}
     apply_overrides(data, overrides or [])
     preset = data.pop("preset", None)
@@ -302,7 +354,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     return from_dict(RunConfig, data)
 
 
-__all__ = ["RunConfig", "DataConfig", "OptimConfig", "AugConfig", "load_run_config", "EncoderConfig", "DecoderConfig", "MaskConfig", "ObjectiveConfig", "MODEL_PRESETS",
+__all__ = ["RunConfig", "DataConfig", "OptimConfig", "AugConfig", "load_run_config", "EncoderConfig", "DecoderConfig",
+           "MaskConfig", "ObjectiveConfig", "MODEL_PRESETS", "ARCHS", "OBJECTIVES",
            "FIXED_ORDERS", "MASK_UNITS", "SCAN_ORDERS", "from_dict", "to_dict", "apply_overrides", "load_yaml"]
 
 

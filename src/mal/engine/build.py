@@ -14,8 +14,8 @@ from .. import data as mdata
 from ..checkpoint import load_encoder, load_weights, read_meta
 from ..config import RunConfig
 from ..distributed import DistInfo
-from ..models.vil import VisionLSTM
-from ..objectives.mal import MALPretrain
+from ..models import create_encoder
+from ..objectives import create_objective
 from ..serialization import grid_size, unseen_input_patches
 
 log = logging.getLogger("mal")
@@ -89,11 +89,11 @@ def check_compatible(cfg: RunConfig, meta: dict[str, Any], source: str) -> None:
 
 
 def build_model(cfg: RunConfig, num_classes: int, load_init: bool = True) -> nn.Module:
-    """The pretraining objective, or a classifier (fine-tuning loads the pretrained encoder strictly unless
-    `load_init` is False, as when a resumed run loads its own weights)."""
+    """The pretraining objective of `objective.kind`, or a classifier of `model.arch` (fine-tuning loads the
+    pretrained encoder strictly unless `load_init` is False, as when a resumed run loads its own weights)."""
     if cfg.task == "pretrain":
-        return MALPretrain(cfg.model, cfg.objective)
-    model = VisionLSTM(cfg.model, num_classes=num_classes)
+        return create_objective(cfg.model, cfg.objective)
+    model = create_encoder(cfg.model, num_classes=num_classes)
     if cfg.task == "finetune" and load_init:
         if not cfg.init:
             raise ValueError("fine-tuning needs a pretraining checkpoint: pass --init runs/NAME/ckpt_last "
@@ -101,8 +101,14 @@ def build_model(cfg: RunConfig, num_classes: int, load_init: bool = True) -> nn.
         state = load_weights(Path(cfg.init))
         if Path(cfg.init).is_dir():
             meta = read_meta(Path(cfg.init))
+            pre = meta.get("config", {})
+            arch = pre.get("model", {}).get("arch", "vil")                  # checkpoints before the ViT: ViL
+            if arch != cfg.model.arch:
+                raise ValueError(f"incompatible checkpoint {cfg.init}: its encoder is model.arch={arch}, the config "
+                                 f"has model.arch={cfg.model.arch}; fine-tune it with a {arch} config")
             check_compatible(cfg, meta, cfg.init)
-            fill_unseen_positions(state, meta.get("config", {}).get("model", {}))
+            if pre.get("objective", {}).get("kind", "mal") == "mal":        # MAE trains every position
+                fill_unseen_positions(state, pre.get("model", {}))
         report = load_encoder(model, state)
         log.info("loaded %s: dropped %d pretraining-only tensors, new %s", cfg.init, len(report["dropped"]),
                  report["new"])

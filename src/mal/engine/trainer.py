@@ -9,7 +9,6 @@ number of processes, the gradient accumulation or on being killed and resumed.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -27,7 +26,6 @@ from ..checkpoint import load_train_state, load_weights, read_meta, save_checkpo
 from ..config import RunConfig, to_dict
 from ..distributed import DistInfo, all_reduce_sum, barrier, device_for, gather_objects
 from ..errors import GPUOutOfMemoryError, Interrupted
-from ..models.vil import VisionLSTM
 from ..viz import plot_curves, save_prediction_grid
 from .build import build_criterion, build_datasets, build_model, check_compatible, eval_loader, loader_workers
 from .evaluate import autocast_for, evaluate_classifier
@@ -370,9 +368,7 @@ class Trainer:
             out["prediction_png"] = str(self.save_predictions(src))
         if not (cfg.probe and data.train_eval is not None):
             return out
-        # probe the encoder as it was pretrained: causal, no reversed layers
-        enc = VisionLSTM(dataclasses.replace(cfg.model, bidirectional=False), num_classes=0).to(self.device)
-        enc.load_state_dict(self.model.encoder.state_dict())
+        enc = self.model.probe_encoder().to(self.device)                 # the encoder as it was pretrained
         if cfg.fast_path:
             enable_fast_path(enc, self.device)
         for name, test in (("holdout_", data.eval if data.eval_name == "holdout" else None), ("", data.val)):

@@ -17,7 +17,8 @@ from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from ..config import MODEL_PRESETS, EncoderConfig
 from ..ops import mlstm
 from ..scan import RandomScanPlan, ScanPlan
-from ..serialization import gather_tokens, grid_size, layer_orders
+from ..serialization import (cluster_grid, gather_tokens, grid_size, inverse, layer_orders, order_from_clusters,
+                             pretrain_layer_patterns, slot_perm)
 
 if TYPE_CHECKING:
     from ..ops.vil_block import FastPath
@@ -161,6 +162,8 @@ class VisionLSTM(nn.Module):
 
     def __init__(self, cfg: EncoderConfig, num_classes: int = 1000):
         super().__init__()
+        if cfg.arch != "vil":
+            raise ValueError(f"VisionLSTM needs model.arch=vil, got {cfg.arch!r} (mal.models.create_encoder picks)")
         self.cfg, self.num_classes = cfg, num_classes
         h, w = cfg.grid
         D = cfg.dim
@@ -173,7 +176,8 @@ class VisionLSTM(nn.Module):
             for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(2 * D, num_classes) if num_classes > 0 else nn.Identity()
-        self._plans: dict[tuple[int, int], ScanPlan] = {}
+        self._plans: dict[tuple, ScanPlan | list[torch.Tensor]] = {}   # scan plans per grid (and MAL's slots),
+                                                                         # MAE's visible-scan ranks per device
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -255,6 +259,43 @@ class VisionLSTM(nn.Module):
         t = self.patchify_embed(x) + self.pos_embed_for(h, w)               # (B, hw, D)
         t = self.scan_plan(h, w).run(self.blocks, t, canonical=raster)      # (B, hw, D)
         return self.norm(t)
+
+    def forward_clusters(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """MAL: tokens in the slot layout (B, S*k*k, D) -> normalized (B, S*k*k, D), causal across slots: every
+        layer reads the slots in order, each slot's k*k tokens in the layer's inner pattern (`pretrain_layer_patterns`
+        of the scan order). The plan is built once per (S, k)."""
+        key = ("slots", x.shape[1] // (k * k), k)
+        if key not in self._plans:
+            patterns = pretrain_layer_patterns(self.cfg.scan_order, self.cfg.depth)
+            self._plans[key] = ScanPlan([slot_perm(key[1], k, pat) for pat in patterns])
+        return self.norm(self._plans[key].run(self.blocks, x))             # (B, S*k*k, D) slot layout
+
+    def layer_ranks(self, batch: int, device: torch.device) -> list[torch.Tensor]:
+        """Fine-tuning scan orders on the config's grid as ranks: per layer, the sequence position of every raster
+        patch, (h*w,) shared or (B, h*w) per sample (random order: cluster sequences drawn on the device)."""
+        (h, w), c = self.cfg.grid, self.cfg
+        if c.scan_order != "random":
+            key = ("ranks", h, w, str(device))
+            if key not in self._plans:
+                self._plans[key] = [inverse(p).to(device) for p in
+                                    layer_orders(c.scan_order, c.depth, h, w, c.cluster_size, c.bidirectional)]
+            return self._plans[key]
+        n = math.prod(cluster_grid(h, w, c.cluster_size))
+        clusters = torch.rand(batch, n, device=device, dtype=torch.float64).argsort(-1)  # (B, n) as RandomScanPlan
+        rank = inverse(order_from_clusters(h, w, c.cluster_size, clusters))  # (B, hw)
+        return [h * w - 1 - rank if c.bidirectional and layer % 2 else rank for layer in range(c.depth)]
+
+    def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """MAE: the visible tokens (B, V, D) (with position) of the raster patches ids_keep (B, V), in any order ->
+        normalized (B, V, D) in the same layout. Every layer scans them in its fine-tuning order restricted to
+        the visible patches; the per-sample gathers are composed on the device (no host sync: CUDA-graph safe)."""
+        prev = None
+        for blk, rank in zip(self.blocks, self.layer_ranks(x.shape[0], x.device)):
+            seen = rank[ids_keep] if rank.dim() == 1 else torch.gather(rank, 1, ids_keep)   # (B, V)
+            order = seen.argsort(-1)                                         # (B, V) visible tokens in scan order
+            x = blk(x, order if prev is None else torch.gather(prev, 1, order))  # (B, V, D) in this layer's order
+            prev = inverse(order)                                            # (B, V) back to the visible layout
+        return self.norm(gather_tokens(x, prev))                             # (B, V, D)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Bilateral pooling (first and last token of the sequence) + linear head."""

@@ -13,6 +13,7 @@ from timm.layers import Mlp, trunc_normal_
 
 from ..config import DecoderConfig
 from ..models.vil import ViLBlock
+from ..models.vit import block_causal_mask
 from ..scan import ScanPlan
 from ..serialization import gather_tokens, slot_perm
 
@@ -79,8 +80,7 @@ class Decoder(nn.Module):
         """(M, M) block-causal mask: a token of slot s sees all tokens of slots <= s."""
         key = (num_tokens, str(device))
         if key not in self._masks:
-            slot = torch.arange(num_tokens, device=device) // (self.k * self.k)   # (M,)
-            self._masks[key] = slot.unsqueeze(1) >= slot.unsqueeze(0)
+            self._masks[key] = block_causal_mask(torch.arange(num_tokens, device=device) // (self.k * self.k))
         return self._masks[key]
 
     def _plan(self, num_tokens: int) -> ScanPlan:

@@ -9,14 +9,15 @@ the cluster sequence, so the prediction of cluster c+1 depends on clusters <= c 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 
 from ..config import EncoderConfig, ObjectiveConfig
-from ..models.vil import VisionLSTM
-from ..scan import ScanPlan
+from ..models import copy_encoder, create_encoder
 from ..serialization import (cluster_patch_table, gather_tokens, masked_count, patchify, pretrain_cluster_orders,
-                             pretrain_layer_patterns, sample_mask, slot_perm, unpatchify)
+                             pretrain_layer_patterns, sample_mask, unpatchify)
 from .decoder import Decoder
 
 NORM_PIX_EPS = 1e-6
@@ -30,8 +31,28 @@ def normalized_targets(target: torch.Tensor, norm_pix: bool) -> torch.Tensor:
     return (target - mean) / (var + NORM_PIX_EPS).sqrt()
 
 
+def denormalized(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+    """Predictions (..., p²C) drawn as pixels: mapped back with each target patch's own mean and std when norm_pix."""
+    if not norm_pix:
+        return pred
+    return pred * (target.var(-1, keepdim=True) + NORM_PIX_EPS).sqrt() + target.mean(-1, keepdim=True)
+
+
+def patch_pixels(mask: torch.Tensor, p: int, h: int, w: int) -> torch.Tensor:
+    """A patch mask (B, h*w) as a pixel mask (B, 1, h*p, w*p)."""
+    return unpatchify(mask[..., None].expand(-1, -1, p * p).float(), p, h, w).bool()
+
+
+def check_pretraining_size(encoder: nn.Module, cfg: EncoderConfig, imgs: torch.Tensor) -> None:
+    """Pretraining runs on the config's grid: a clear error for images of another size."""
+    if encoder.grid_of(imgs) != cfg.grid:
+        raise ValueError(f"pretraining images must be {cfg.img_size} px (got {tuple(imgs.shape[2:])}); "
+                         f"resize them or set model.img_size")
+
+
 class MALPretrain(nn.Module):
-    """Encoder (a `VisionLSTM` without head) + mask token + decoder, trained with next-cluster pixel MSE."""
+    """Encoder (a `VisionLSTM` or `VisionTransformer` without head) + mask token + decoder, trained with
+    next-cluster pixel MSE. The encoder's `forward_clusters` keeps it causal across clusters."""
 
     def __init__(self, enc_cfg: EncoderConfig, obj_cfg: ObjectiveConfig | None = None):
         super().__init__()
@@ -45,12 +66,10 @@ class MALPretrain(nn.Module):
             raise ValueError(f"cluster size {k} leaves a single cluster on the {h}x{w} grid; nothing to predict: "
                              f"use a smaller cluster_size")
         p, C = enc_cfg.patch_size, enc_cfg.in_chans
-        self.encoder = VisionLSTM(enc_cfg, num_classes=0)
+        self.encoder = create_encoder(enc_cfg, num_classes=0)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, enc_cfg.dim))
         self.decoder = Decoder(obj_cfg.decoder, enc_cfg.dim, h * w, p * p * C, k,
                                layer_patterns=pretrain_layer_patterns(enc_cfg.scan_order, obj_cfg.decoder.depth))
-        patterns = pretrain_layer_patterns(enc_cfg.scan_order, enc_cfg.depth)
-        self.plan = ScanPlan([slot_perm(self.n - 1, k, pat) for pat in patterns])   # over the slot layout
         self._tables: dict[str, torch.Tensor] = {}
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -64,6 +83,12 @@ class MALPretrain(nn.Module):
         self.encoder.fast_path(enabled, **kwargs)
         self.decoder.fast_path(enabled, **kwargs)
         return self
+
+    def probe_encoder(self) -> nn.Module:
+        """The encoder as it was pretrained, for the frozen-feature probes: causal along one scan order
+        (`bidirectional=False`: ViL without reversed layers; ViT block-causal over the clusters of the scan
+        order's cluster sequence, (a)'s for alternating and random)."""
+        return copy_encoder(self.encoder, dataclasses.replace(self.enc_cfg, bidirectional=False))
 
     def masked_input_fraction(self) -> float:
         """The fraction of the encoder's input (patches, or pixels for the pixel unit) masked in every sample."""
@@ -101,10 +126,8 @@ class MALPretrain(nn.Module):
 
     def encode(self, tokens: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         """The encoder on clusters 0..n-2 of each sequence -> (B, (n-1)k², D) in the slot layout."""
-        kk = self.k * self.k
-        x = gather_tokens(tokens, seq[:, :-kk])                              # (B, (n-1)k², D) clusters 0..n-2
-        x = self.plan.run(self.encoder.blocks, x)                            # (B, (n-1)k², D) slot layout
-        return self.encoder.norm(x)
+        x = gather_tokens(tokens, seq[:, :-self.k * self.k])                 # (B, (n-1)k², D) clusters 0..n-2
+        return self.encoder.forward_clusters(x, self.k)                      # (B, (n-1)k², D) slot layout
 
     def targets(self, imgs: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
         """Pixels of the predicted patches (B, M, p²C), normalized per patch when norm_pix_loss."""
@@ -114,10 +137,7 @@ class MALPretrain(nn.Module):
     def forward(self, imgs: torch.Tensor, clusters: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """imgs (B, C, H, W) normalized. Returns loss, pred/target (B, (n-1)k², p²C) and target_idx (B, (n-1)k²)."""
-        h, w = self.encoder.grid_of(imgs)
-        if (h, w) != self.enc_cfg.grid:
-            raise ValueError(f"pretraining images must be {self.enc_cfg.img_size} px (got {tuple(imgs.shape[2:])}); "
-                             f"resize them or set model.img_size")
+        check_pretraining_size(self.encoder, self.enc_cfg, imgs)
         if clusters is None:
             clusters, *rest = self.sample_inputs(imgs.shape[0], generator, imgs.device)
             mask = rest[0] if rest else None
@@ -138,10 +158,8 @@ class MALPretrain(nn.Module):
         p = self.enc_cfg.patch_size
         h, w = self.enc_cfg.grid
         patches = patchify(imgs, p)                                          # (B, hw, p²C)
-        pred = out["pred"].to(patches.dtype)
-        if self.obj_cfg.norm_pix_loss:
-            tgt = gather_tokens(patches, out["target_idx"])
-            pred = pred * (tgt.var(-1, keepdim=True) + NORM_PIX_EPS).sqrt() + tgt.mean(-1, keepdim=True)
+        tgt = gather_tokens(patches, out["target_idx"])                     # (B, M, p²C)
+        pred = denormalized(out["pred"].to(patches.dtype), tgt, self.obj_cfg.norm_pix_loss)
         idx = out["target_idx"].unsqueeze(-1).expand(-1, -1, patches.shape[-1])
         return unpatchify(patches.scatter(1, idx, pred), p, h, w)           # (B, C, H, W)
 
@@ -156,8 +174,7 @@ class MALPretrain(nn.Module):
         if mask is not None and mask.dim() == 3:                             # pixel unit (B, H, W)
             pixels = mask.unsqueeze(1)                                       # (B, 1, H, W)
         elif mask is not None:                                               # patch / cluster unit (B, hw)
-            p, (h, w) = self.enc_cfg.patch_size, self.enc_cfg.grid
-            pixels = unpatchify(mask[..., None].expand(-1, -1, p * p).float(), p, h, w).bool()   # (B, 1, H, W)
+            pixels = patch_pixels(mask, self.enc_cfg.patch_size, *self.enc_cfg.grid)   # (B, 1, H, W)
         if mask is not None:
             seen = torch.where(pixels, torch.as_tensor(fill, dtype=seen.dtype, device=seen.device), seen)
         out = {k: v.float() if v.is_floating_point() else v for k, v in res.items()}

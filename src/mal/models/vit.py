@@ -1,0 +1,204 @@
+"""ViT encoder: the Transformer baseline of the paper's Tables 4 and 9, with `VisionLSTM`'s API.
+
+timm's pre-LN ViT block (MAE's settings: qkv bias, LayerNorm eps 1e-6, MLP ratio 4) over the patch tokens with a
+learned position embedding and no class token; classification pools the mean of the final-norm tokens. The same
+class serves supervised training, fine-tuning, MAE (`forward_visible`: the visible tokens as a set) and MAL
+(`forward_clusters`: block-causal attention over the cluster slots, so the MAL objective runs unchanged). With
+`bidirectional=false` the classifier attends block-causally over the clusters of its scan order's cluster
+sequence, as MAL pretrains it (the MAL-ViT probe encoder).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+from timm.models.vision_transformer import Block
+
+from ..config import MODEL_PRESETS, EncoderConfig
+from ..serialization import FIXED_ORDERS, gather_tokens, inverse, scan_order
+from .vil import VisionLSTM
+
+MLP_RATIO = 4.0
+LN_EPS = 1e-6                                                               # MAE's / timm's ViT LayerNorm
+CAUSAL_DEFAULT_ORDER = "row_fwd"                                            # (a): for alternating and random
+
+
+def vit_block(dim: int, num_heads: int, drop_path: float = 0.0, mlp_ratio: float = MLP_RATIO) -> Block:
+    """A pre-LN timm ViT block as MAE builds it; `blk(x, attn_mask)` takes a boolean (N, N) visibility mask."""
+    return Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=drop_path,
+                 norm_layer=partial(nn.LayerNorm, eps=LN_EPS))
+
+
+def xavier_init_(module: nn.Module) -> None:
+    """MAE's init of Transformer weights: xavier-uniform Linear weights, zero biases, LayerNorm weight 1, bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def block_causal_mask(groups: torch.Tensor) -> torch.Tensor:
+    """(N, N) bool from the group (cluster slot) of each token (N,), non-decreasing: token i sees token j iff
+    group[j] <= group[i] (its own group and the earlier ones)."""
+    return groups.unsqueeze(1) >= groups.unsqueeze(0)
+
+
+def blocks_forward(blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor | None, checkpoint: bool
+                   ) -> torch.Tensor:
+    """The blocks in turn on x (B, N, D) under the attention mask (N, N) or None -> (B, N, D). checkpoint: each
+    block keeps only its input for the backward and recomputes its forward there."""
+    for blk in blocks:
+        if checkpoint:
+            x = torch.utils.checkpoint.checkpoint(blk, x, mask, use_reentrant=False)   # (B, N, D)
+        else:
+            x = blk(x, mask)                                                 # (B, N, D)
+    return x
+
+
+_COMPILED: dict = {}
+
+
+def compiled_blocks_forward(mode: str | None):
+    """One torch.compile of `blocks_forward` per mode (static shapes), shared by every ViT: the whole stack is one
+    graph, so per-block constants (the drop-path rates) cost no recompiles."""
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(blocks_forward, dynamic=False, mode=mode)
+    return _COMPILED[mode]
+
+
+@dataclass(frozen=True)
+class ViTFast:
+    """How the blocks run on the fast path: torch.compile(mode) or eager; activation checkpointing in training."""
+    compile: bool = True
+    mode: str | None = None
+    checkpoint: bool = False
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder + optional classification head (mean pooling + linear), parameters `patch_embed`, `pos_embed`
+    (1, h*w, D), `blocks`, `norm`, `head` as `VisionLSTM`, whose embedding, weight-decay and layer-map methods it
+    shares verbatim. Tokens stay in raster order (attention does not scan), except for a causal ViT."""
+
+    grid_of = VisionLSTM.grid_of
+    pos_embed_for = VisionLSTM.pos_embed_for
+    patchify_embed = VisionLSTM.patchify_embed
+    no_weight_decay = VisionLSTM.no_weight_decay
+    group_matcher = VisionLSTM.group_matcher
+    _init_embeddings_and_head = VisionLSTM.init_weights
+
+    def __init__(self, cfg: EncoderConfig, num_classes: int = 1000):
+        super().__init__()
+        if cfg.arch != "vit":
+            raise ValueError(f"VisionTransformer needs model.arch=vit, got {cfg.arch!r}")
+        self.cfg, self.num_classes = cfg, num_classes
+        h, w = cfg.grid
+        D = cfg.dim
+        self.patch_embed = nn.Conv2d(cfg.in_chans, D, cfg.patch_size, cfg.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, h * w, D))
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()   # stochastic depth, linear (timm)
+        self.blocks = nn.ModuleList([vit_block(D, cfg.num_heads, r) for r in rates])
+        self.norm = nn.LayerNorm(D, eps=LN_EPS)
+        self.head = nn.Linear(D, num_classes) if num_classes > 0 else nn.Identity()
+        self.fast: ViTFast | None = None
+        self._masks: dict[tuple, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """MAE: xavier Transformer weights; position trunc-normal 0.02, patch embedding xavier, head std 2e-5."""
+        xavier_init_(self)
+        self._init_embeddings_and_head()
+
+    def fast_path(self, enabled: bool = True, compile: bool = True, mode: str | None = None,
+                  checkpoint: bool = False, recompute_qkv: bool = False) -> "VisionTransformer":
+        """compile=True: the block stack under torch.compile(mode); checkpoint=True: in training each block keeps
+        only its input and recomputes its forward in the backward. recompute_qkv is ViL's (the mLSTM cell's
+        q, k, v) and is rejected. Parameters and state dict are unchanged."""
+        if recompute_qkv:
+            raise ValueError("recompute_qkv recomputes the mLSTM cell's q, k, v of the fused ViL block; a ViT has "
+                             "none: use checkpoint=True (recompute=true in a run config)")
+        self.fast = ViTFast(compile, mode, checkpoint) if enabled else None
+        return self
+
+    # ---------------------------------------------------------------- blocks
+    def run_blocks(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The block stack on x (B, N, D) under the attention mask (N, N) (None: every token sees every token)."""
+        f = self.fast
+        if f is None:
+            return blocks_forward(self.blocks, x, mask, False)
+        run = compiled_blocks_forward(f.mode) if f.compile else blocks_forward
+        return run(self.blocks, x, mask, f.checkpoint and torch.is_grad_enabled())
+
+    def slot_mask(self, num_tokens: int, k: int, device: torch.device) -> torch.Tensor:
+        """(M, M) block-causal mask over the slot layout (k*k tokens per slot); cached per (M, k, device)."""
+        key = ("slots", num_tokens, k, str(device))
+        if key not in self._masks:
+            self._masks[key] = block_causal_mask(torch.arange(num_tokens, device=device) // (k * k))
+        return self._masks[key]
+
+    def causal_order(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A causal ViT on an h x w grid: its scan order (h*w,) (the config's fixed order, (a) for alternating and
+        random) and the block-causal mask (h*w, h*w) over that sequence's clusters (edge clusters may be smaller)."""
+        key = ("causal", h, w, str(device))
+        if key not in self._masks:
+            k, name = self.cfg.cluster_size, self.cfg.scan_order
+            perm = scan_order(h, w, k, name if name in FIXED_ORDERS else CAUSAL_DEFAULT_ORDER)      # (hw,)
+            cluster = (perm // w) // k * ((w + k - 1) // k) + (perm % w) // k                      # (hw,)
+            slot = torch.cat([cluster.new_zeros(1), (cluster[1:] != cluster[:-1]).long()]).cumsum(0)  # (hw,)
+            self._masks[key] = perm.to(device), block_causal_mask(slot).to(device)
+        return self._masks[key]
+
+    # ---------------------------------------------------------------- forward
+    def forward_clusters(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """MAL: tokens in the slot layout (B, S*k*k, D) -> normalized (B, S*k*k, D); a token sees its own slot and
+        the earlier ones."""
+        return self.norm(self.run_blocks(x, self.slot_mask(x.shape[1], k, x.device)))
+
+    def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """MAE: the visible tokens (B, V, D) (with position) -> normalized (B, V, D); attention treats them as a set,
+        so `ids_keep` (their raster patches, VisionLSTM's scan needs them) is not used."""
+        return self.norm(self.run_blocks(x))
+
+    def forward_features(self, x: torch.Tensor, raster: bool = False) -> torch.Tensor:
+        """Images -> normalized tokens (B, N, D) in raster order; a causal ViT (bidirectional=false) returns them in
+        its scan order unless raster=True."""
+        h, w = self.grid_of(x)
+        t = self.patchify_embed(x) + self.pos_embed_for(h, w)               # (B, hw, D) raster
+        if self.cfg.bidirectional:
+            return self.norm(self.run_blocks(t))
+        perm, mask = self.causal_order(h, w, t.device)
+        t = self.norm(self.run_blocks(gather_tokens(t, perm), mask))        # (B, hw, D) in the scan order
+        return gather_tokens(t, inverse(perm)) if raster else t
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Mean pooling of the tokens + linear head."""
+        x = x.mean(1)                                                        # (B, D)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _build(preset: str, num_classes: int, **overrides) -> VisionTransformer:
+    return VisionTransformer(EncoderConfig(**{**MODEL_PRESETS[preset], **overrides}), num_classes=num_classes)
+
+
+def vit_tiny(num_classes: int = 1000, **overrides) -> VisionTransformer:
+    """ViT-T: dim 192, 12 blocks, 3 heads (~5.7 M parameters at 192 px with a 1000-class head)."""
+    return _build("vit_tiny", num_classes, **overrides)
+
+
+def vit_small(num_classes: int = 1000, **overrides) -> VisionTransformer:
+    """ViT-S: dim 384, 12 blocks, 6 heads (~22.0 M parameters)."""
+    return _build("vit_small", num_classes, **overrides)
+
+
+def vit_base(num_classes: int = 1000, **overrides) -> VisionTransformer:
+    """ViT-B: dim 768, 12 blocks, 12 heads (~86.5 M parameters)."""
+    return _build("vit_base", num_classes, **overrides)
