@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import throughput  # noqa: E402
 from throughput import top_kernels, warm_up  # noqa: E402
 
 from mal.config import load_run_config  # noqa: E402
@@ -64,7 +65,7 @@ def time_step(step, warmup: int, iters: int) -> tuple[float, float]:
 def bench_loader(cfg, workers: int, batches: int) -> float:
     """img/s of the run's training DataLoader (after its first batch)."""
     from torch.utils.data import DataLoader
-    train, _, _ = build_datasets(cfg)
+    train = build_datasets(cfg).train
     B = cfg.optim.batch_size
     sampler = StepSampler(len(train), B, 1, 0, cfg.seed)
     loader = DataLoader(SeededDataset(train, cfg.seed), batch_size=B, sampler=sampler, num_workers=workers,
@@ -107,7 +108,8 @@ def main() -> None:
                 res.update(img_s=round(c.optim.batch_size / sec, 1), ms=round(sec * 1e3, 2), warmup_s=round(warm, 1),
                            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
                 if row == "step_graph":
-                    prof = top_kernels(step, n=12)
+                    throughput.ARGS = argparse.Namespace(profile_top=12)
+                    prof = top_kernels(step)
                     res["gpu_ms"] = prof[0]["total_gpu_ms"]
                     res["profile"] = prof
                 del step
