@@ -265,3 +265,24 @@ def test_linear_probe_is_deterministic():
     a = linear_probe_accuracy(x[:40], y[:40], x[40:], y[40:], epochs=3)
     torch.manual_seed(2)
     assert linear_probe_accuracy(x[:40], y[:40], x[40:], y[40:], epochs=3) == a
+
+
+def test_prediction_figure_draws_masked_units_black_one_image_per_class(image_folder, tmp_path):
+    from mal.config import EncoderConfig, ObjectiveConfig
+    from mal.engine.trainer import one_per_class
+    assert one_per_class([0, 0, 1, 1, 2, 2], 4) == [0, 2, 4, 1]              # each class first, then in order
+    torch.manual_seed(0)
+    model = MALPretrain(EncoderConfig(img_size=16, patch_size=4, dim=16, depth=2, cluster_size=2),
+                        ObjectiveConfig()).eval()
+    imgs = torch.randn(3, 3, 16, 16)
+    clusters, mask = model.sample_inputs(3, torch.Generator().manual_seed(0))
+    mean, std = torch.tensor([0.5, 0.4, 0.3]).view(-1, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(-1, 1, 1)
+    seen, pred, target = model.prediction_rows(imgs, clusters, mask, fill=-mean / std)
+    pixels = mask.view(3, 4, 4).repeat_interleave(4, 1).repeat_interleave(4, 2)   # (3, 16, 16)
+    black = seen * std + mean                                                # what the figure shows
+    assert pixels.any() and torch.allclose(black.permute(0, 2, 3, 1)[pixels], torch.zeros(1, 3), atol=1e-6)
+    assert torch.equal(seen.permute(0, 2, 3, 1)[~pixels], imgs.permute(0, 2, 3, 1)[~pixels])
+    assert torch.equal(target, imgs) and pred.shape == imgs.shape
+    out = tmp_path / "run"
+    assert main(_args(image_folder, out, "max_steps=1", "viz_samples=3")) == 0
+    assert (out / "predictions.png").stat().st_size > 0

@@ -391,12 +391,7 @@ class Trainer:
         with torch.no_grad(), autocast_for(self.device, cfg.amp):
             rows = self.model.prediction_rows(imgs, *draws, fill=-mean / std)      # masked units black
         return save_prediction_grid(self.run_dir / "predictions.png", rows, cfg.data.mean, cfg.data.std,
-                                    PREDICTION_ROWS)
-
-
-PREDICTION_ROWS = ("input as the encoder sees it (masked units black)",
-                   "first cluster, then each next-cluster prediction (drawn with the target patch's mean and std)",
-                   "target")
+                                    self.model.PREDICTION_TITLES)
 
 
 def one_per_class(targets, n: int) -> list[int]:

@@ -43,6 +43,10 @@ class MAEPretrain(nn.Module):
     """Encoder (a `VisionLSTM` or `VisionTransformer` without head) + MAE decoder, trained to reconstruct the
     pixels of the masked patches. The same engine-facing API as `MALPretrain`."""
 
+    PREDICTION_TITLES = ("input as the encoder sees it (masked patches black)",
+                         "visible patches as given, masked patches as predicted (drawn with the target patch's mean and std)",
+                         "target")
+
     def __init__(self, enc_cfg: EncoderConfig, obj_cfg: ObjectiveConfig | None = None):
         super().__init__()
         obj_cfg = obj_cfg or ObjectiveConfig(kind="mae", mask=MaskConfig(unit="patch", ratio=0.75))

@@ -54,6 +54,10 @@ class MALPretrain(nn.Module):
     """Encoder (a `VisionLSTM` or `VisionTransformer` without head) + mask token + decoder, trained with
     next-cluster pixel MSE. The encoder's `forward_clusters` keeps it causal across clusters."""
 
+    PREDICTION_TITLES = ("input as the encoder sees it (masked units black)",
+                         "first cluster, then each next-cluster prediction (drawn with the target patch's mean and std)",
+                         "target")
+
     def __init__(self, enc_cfg: EncoderConfig, obj_cfg: ObjectiveConfig | None = None):
         super().__init__()
         obj_cfg = obj_cfg or ObjectiveConfig()
