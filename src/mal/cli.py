@@ -5,6 +5,7 @@
     mal eval       --checkpoint runs/cifar_ft/ckpt_last --data DATA/cifar10 [--knn --linprobe]
     mal demo       # offline first run on the embedded digits: pretrain, fine-tune, evaluate, PNG
     mal config     list | show FILE [key=value ...] | check FILE | reference
+    mal export     runs/cifar_ft --to mal-tiny-cifar10 [--ema]   # a from_pretrained / timm "local-dir:" folder
 Multi-GPU: `torchrun --nproc_per_node 8 -m mal pretrain --config ...` (global batch stays optim.batch_size).
 """
 from __future__ import annotations
@@ -86,6 +87,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo", help="folder for the two runs (default runs/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for both runs")
+    p = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face / timm folder (config.json, "
+                                      "model.safetensors, README.md model card)")
+    p.add_argument("run", help="run folder (runs/NAME) or checkpoint folder (runs/NAME/ckpt_last)")
+    p.add_argument("--to", required=True, help="the folder to write (from_pretrained(DIR), timm 'local-dir:DIR')")
+    p.add_argument("--ema", action="store_true", help="the run's EMA weights (ckpt_ema/) instead of the raw ones")
+    p.add_argument("--objective", action="store_true",
+                   help="pretraining runs: the whole pretraining model (MALPretrain / MAEPretrain), not the encoder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p = sub.add_parser("config", help="list the shipped configs, show or check a config, or print the reference of "
                                       "every key")
     p.add_argument("action", choices=["list", "show", "check", "reference"])
@@ -232,6 +241,15 @@ def cmd_demo(args) -> dict:
     return {"pretrain": s1, "finetune": s2}
 
 
+def cmd_export(args) -> Path:
+    """`mal export RUN --to DIR`: the run's model as a save_pretrained folder with a model card."""
+    from .hub import export_run
+    out = export_run(args.run, args.to, ema=args.ema, objective=args.objective, overwrite=args.overwrite)
+    print(f"wrote {out}/: config.json, model.safetensors and README.md, the model card (how to load it: "
+          f"from_pretrained, timm 'local-dir:{out}'; the data, metrics and recipe)")
+    return out
+
+
 def cmd_config(args) -> None:
     if args.action == "reference":
         print(reference_markdown(), end="")
@@ -268,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_demo(args)
         elif args.command == "config":
             cmd_config(args)
+        elif args.command == "export":
+            cmd_export(args)
         else:
             _run(_resolve(args, args.command), args.resume, args.overwrite, not args.no_progress, args.allow_changes)
     except Interrupted as e:
