@@ -70,6 +70,8 @@ def compiled_blocks_forward(mode: str | None):
     """One torch.compile of `blocks_forward` per mode (static shapes), shared by every ViT: the whole stack is one
     graph, so per-block constants (the drop-path rates) cost no recompiles."""
     if mode not in _COMPILED:
+        from ..ops.vil_block.regions import allow_recompiles
+        allow_recompiles()                                                   # one compile per input shape
         _COMPILED[mode] = torch.compile(blocks_forward, dynamic=False, mode=mode)
     return _COMPILED[mode]
 
