@@ -483,8 +483,10 @@ def config_path(name: str | Path) -> Path | Traversable:
         shipped = SHIPPED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
         if shipped.is_file():
             return shipped
-    raise FileNotFoundError(f"config file {name} not found; pass a YAML file or the name of a config shipped with "
-                            f"MAL ({', '.join(shipped_configs())}; `mal config list` describes them)")
+    close = difflib.get_close_matches(path.stem, shipped_configs(), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise FileNotFoundError(f"config file {name} not found; {hint}pass a YAML file or the name of a config shipped "
+                            f"with MAL ({', '.join(shipped_configs())}; `mal config list` describes them)")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
