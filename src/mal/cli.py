@@ -1,4 +1,4 @@
-"""`mal` command line: pretrain, finetune, supervised, eval, demo, config.
+"""`mal` command line: pretrain, finetune, supervised, eval, demo, export, config.
 
     mal pretrain   --config cifar10_pretrain [key=value ...]     (a shipped config's name, or a YAML file)
     mal finetune   --config cifar10_finetune --init runs/cifar_pre/ckpt_last
