@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--per-gpu-batch", type=int, default=256)
     ap.add_argument("--data", default="data/cifar10")
-    ap.add_argument("--config", default="configs/cifar10_pretrain.yaml")
+    ap.add_argument("--config", default="cifar10_pretrain")
     ap.add_argument("--out", default="runs/ddp_scaling")
     ap.add_argument("--workers", type=int, default=6)
     ap.add_argument("--log-every", type=int, default=10)

@@ -99,10 +99,10 @@ def uses_graphs(row: str) -> bool:
 
 
 def build(row: str, size: str) -> nn.Module:
-    from mal.models import vil as vision_lstm
+    from mal.models import create_model
     preset, dim, deit = SIZES[size]
     if row.startswith("fast") or row == "plain":
-        model = getattr(vision_lstm, preset)(NUM_CLASSES, img_size=IMG, mlstm_backend="torch" if row == "plain" else "auto")
+        model = create_model(preset, NUM_CLASSES, img_size=IMG, mlstm_backend="torch" if row == "plain" else "auto")
         if row != "plain":
             fast_path(model, row)
     elif row in ("ref", "ref_compile"):

@@ -80,7 +80,7 @@ def bench_loader(cfg, workers: int, batches: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="configs/cifar10_pretrain.yaml,configs/cifar10_supervised.yaml")
+    p.add_argument("--configs", default="cifar10_pretrain,cifar10_supervised")
     p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every config")
     p.add_argument("--rows", default="step_graph,step_eager,step_plain")
     p.add_argument("--data", default="", help="ImageFolder root for the loader rows ('' = skip them)")

@@ -36,15 +36,15 @@ class Experiment:
     finetune: list[str] = field(default_factory=list)
     seed: int = 0
     model: str = ""                 # "" = MAL-ViL's configs; "mae_vil", "mae_vit", "mal_vit" or "vit" (supervised):
-                                    # the baselines' configs (configs/cifar10_<model>.yaml and its ViT fine-tuning)
+                                    # the baselines' configs (cifar10_<model> and its ViT fine-tuning)
 
     def configs(self) -> dict[str, str]:
-        """The config of each stage: supervised, or pretrain and finetune."""
+        """The config of each stage (the name of a config shipped with MAL): supervised, or pretrain and finetune."""
         vit = "_vit" if self.model.endswith("vit") else ""
         if self.pretrain is None:
-            return {"supervised": f"configs/cifar10_supervised{vit}.yaml"}
-        return {"pretrain": f"configs/cifar10_{self.model}.yaml" if self.model else "configs/cifar10_pretrain.yaml",
-                "finetune": f"configs/cifar10_finetune{vit}.yaml"}
+            return {"supervised": f"cifar10_supervised{vit}"}
+        return {"pretrain": f"cifar10_{self.model}" if self.model else "cifar10_pretrain",
+                "finetune": f"cifar10_finetune{vit}"}
 
 
 def experiments(seeds: list[int]) -> list[Experiment]:
@@ -52,7 +52,7 @@ def experiments(seeds: list[int]) -> list[Experiment]:
     for s in seeds:   # rows 1-2 with several seeds
         exps.append(Experiment(f"supervised_s{s}", "baseline", "supervised", None, seed=s))
         exps.append(Experiment(f"default_s{s}", "baseline", "MAL default", [], seed=s))
-    # every variant is fine-tuned with the same architecture (configs/cifar10_finetune.yaml: alternating, k=4,
+    # every variant is fine-tuned with the same architecture (the cifar10_finetune config: alternating, k=4,
     # bidirectional): only the pretraining differs
     for k in (1, 2, 3, 6):                       # k=4 is the default row
         exps.append(Experiment(f"table6_k{k}", "table6", f"k={k}", [f"model.cluster_size={k}"]))

@@ -35,8 +35,8 @@ def test_options_after_overrides(tmp_path):
 
 
 def test_config_show_and_check(capsys):
-    assert main(["config", "show", str(REPO / "configs/cifar10_pretrain.yaml"), "optim.epochs=3"]) == 0
+    assert main(["config", "show", "cifar10_pretrain", "optim.epochs=3"]) == 0
     assert "epochs: 3" in capsys.readouterr().out
-    assert main(["config", "check", str(REPO / "configs/cifar10_finetune.yaml")]) == 0
-    assert main(["config", "check", str(REPO / "configs/cifar10_finetune.yaml"), "optim.epoch=3"]) == 2
+    assert main(["config", "check", "cifar10_finetune"]) == 0
+    assert main(["config", "check", "cifar10_finetune", "optim.epoch=3"]) == 2
     assert "did you mean 'optim.epochs'" in capsys.readouterr().err

@@ -66,7 +66,7 @@ def test_sweep_rows_resume_and_tables(image_folder, tmp_path):
 
 def test_ablations_fine_tune_one_fixed_architecture():
     """Cluster-size and scan-order ablations change only the pretraining: fine-tuning keeps the default
-    architecture of configs/cifar10_finetune.yaml (alternating, k=4, bidirectional)."""
+    architecture of the cifar10_finetune config (alternating, k=4, bidirectional)."""
     sys.path.insert(0, str(REPO / "experiments"))
     from cifar10_sweep import experiments
     exps = experiments([0])

@@ -3,7 +3,6 @@ masked patch, ViL's restricted scan orders, strict transfer, configs, and tiny C
 eval)."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ from mal.objectives import create_objective
 from mal.serialization import SCAN_ORDERS, gather_tokens, layer_orders
 from test_model import _perturb
 
-REPO = Path(__file__).resolve().parents[1]
 VIL = dict(img_size=16, patch_size=4, dim=16, depth=4, cluster_size=2)                         # 4x4 grid
 VIT = dict(arch="vit", img_size=16, patch_size=4, dim=16, depth=3, num_heads=2, cluster_size=2)
 ENCODERS = {"vil": VIL, "vit": VIT}
@@ -193,15 +191,15 @@ def test_mae_config_errors_are_clear():
     with pytest.raises(ValueError, match=r"objective.mask.ratio in \(0, 1\)"):
         load_run_config(None, ["objective.kind=mae", "objective.mask.unit=patch", "objective.mask.ratio=0"])
     with pytest.raises(ValueError, match="objective.decoder.kind=transformer"):
-        load_run_config(REPO / "configs/cifar10_mae_vil.yaml", ["objective.decoder.kind=xlstm"])
+        load_run_config("cifar10_mae_vil", ["objective.decoder.kind=xlstm"])
     with pytest.raises(ValueError, match="keeps 0 of the 16 patches"):
         _mae(ratio=0.99)
     with pytest.raises(ValueError, match="needs objective.kind=mae"):
         MAEPretrain(EncoderConfig(**VIL), ObjectiveConfig())
-    cfg = load_run_config(REPO / "configs/cifar10_mae_vit.yaml", ["model.cluster_size=5"])   # MAE needs no clusters
+    cfg = load_run_config("cifar10_mae_vit", ["model.cluster_size=5"])   # MAE needs no clusters
     assert cfg.objective.kind == "mae"
     with pytest.raises(ValueError, match="cluster size 5 does not divide"):
-        load_run_config(REPO / "configs/cifar10_mal_vit.yaml", ["model.cluster_size=5"])
+        load_run_config("cifar10_mal_vit", ["model.cluster_size=5"])
     with pytest.raises(ValueError, match="pretraining images must be 16 px"):
         _mae()(torch.randn(1, 3, 24, 24, dtype=torch.float64))
 
@@ -212,14 +210,14 @@ DEC = ["objective.decoder.depth=1", "objective.decoder.dim=32", "objective.decod
 
 
 def _pretrain(config, data, out, *extra):
-    args = ["pretrain", "--config", str(REPO / "configs" / config), "--output", str(out), "--no-progress",
+    args = ["pretrain", "--config", config, "--output", str(out), "--no-progress",
             f"data.dataset={data}", *TINY, *DEC, *extra]
     assert main(args) == 0
     return json.loads((out / "summary.json").read_text())
 
 
 def _finetune(config, data, init, out, *extra):
-    assert main(["finetune", "--config", str(REPO / "configs" / config), "--init", str(init), "--output", str(out),
+    assert main(["finetune", "--config", config, "--init", str(init), "--output", str(out),
                  "--no-progress", f"data.dataset={data}", *TINY, "optim.epochs=1", *extra]) == 0
     return json.loads((out / "summary.json").read_text())
 
@@ -243,8 +241,8 @@ def test_mae_vil_fine_tunes_with_every_position_as_pretrained(image_folder, tmp_
     cluster's positions untrained, which fine-tuning fills: not here)."""
     pre = tmp_path / "pre"
     _pretrain("cifar10_mae_vil.yaml", image_folder, pre, "max_steps=2", "probe=false", "model.scan_order=row_fwd")
-    cfg = load_run_config(REPO / "configs/cifar10_finetune.yaml", [f"init={pre / 'ckpt_last'}", *TINY[:2],
-                                                                   "model.scan_order=row_fwd"])
+    cfg = load_run_config("cifar10_finetune", [f"init={pre / 'ckpt_last'}", *TINY[:2],
+                                               "model.scan_order=row_fwd"])
     model = build_model(cfg, num_classes=3)
     assert torch.equal(model.pos_embed, load_weights(pre / "ckpt_last")["encoder.pos_embed"])
     ft = _finetune("cifar10_finetune.yaml", image_folder, pre / "ckpt_last", tmp_path / "ft")

@@ -5,7 +5,7 @@ import torch
 from mal import DecoderConfig, EncoderConfig, MALPretrain, MaskConfig, ObjectiveConfig, VisionLSTM
 from mal.checkpoint import load_encoder
 from mal.serialization import MASK_UNITS, SCAN_ORDERS, cluster_patch_table
-from mal.models.vil import mal_base, mal_small, mal_tiny
+from mal.models import mal_base, mal_small, mal_tiny
 
 TINY = dict(img_size=16, patch_size=4, dim=16, depth=4, cluster_size=2)   # 4x4 grid, 4 clusters of 2x2
 

@@ -46,8 +46,8 @@ def test_layer_decay_counts_pairs_of_blocks_like_maes_twelve_layers():
 @pytest.mark.parametrize("protocol", ["cifar10", "imagenette"])
 @pytest.mark.parametrize("arch", ["", "_vit"])
 def test_supervised_and_finetune_recipes_differ_only_in_init_and_epochs(protocol, arch):
-    ft = load_run_config(REPO / f"configs/{protocol}_finetune{arch}.yaml", ["init=x"])
-    sup = load_run_config(REPO / f"configs/{protocol}_supervised{arch}.yaml")
+    ft = load_run_config(f"{protocol}_finetune{arch}", ["init=x"])
+    sup = load_run_config(f"{protocol}_supervised{arch}")
     assert ft.model.arch == ("vit" if arch else "vil") and ft.optim.layer_decay_group == (1 if arch else 2)
     for section in ("model", "data", "aug"):
         assert getattr(ft, section) == getattr(sup, section), section
@@ -60,11 +60,10 @@ def test_supervised_and_finetune_recipes_differ_only_in_init_and_epochs(protocol
 def test_baseline_pretraining_configs_change_only_the_encoder_and_objective(protocol):
     """MAL-ViL, MAE-ViL, MAE-ViT and MAL-ViT pretrain on the same data with the same recipe; each fine-tunes with
     the recipe of its architecture, whose data is the pretraining data."""
-    ref = load_run_config(REPO / ("configs/cifar10_pretrain.yaml" if protocol == "cifar10" else
-                                  "configs/imagenette_pretrain.yaml"))
+    ref = load_run_config(f"{protocol}_pretrain")
     want = {"mae_vil": ("vil", "mae"), "mae_vit": ("vit", "mae"), "mal_vit": ("vit", "mal")}
     for name, (arch, kind) in want.items():
-        cfg = load_run_config(REPO / f"configs/{protocol}_{name}.yaml")
+        cfg = load_run_config(f"{protocol}_{name}")
         assert (cfg.task, cfg.model.arch, cfg.objective.kind) == ("pretrain", arch, kind), name
         assert (cfg.data, cfg.optim, cfg.model.img_size, cfg.model.patch_size) == (
             ref.data, ref.optim, ref.model.img_size, ref.model.patch_size), name
@@ -73,7 +72,7 @@ def test_baseline_pretraining_configs_change_only_the_encoder_and_objective(prot
             assert (cfg.objective.mask.unit, cfg.objective.mask.ratio) == ("patch", 0.75)
         else:
             assert cfg.objective == ref.objective
-        ft = load_run_config(REPO / f"configs/{protocol}_finetune{'_vit' if arch == 'vit' else ''}.yaml", ["init=x"])
+        ft = load_run_config(f"{protocol}_finetune{'_vit' if arch == 'vit' else ''}", ["init=x"])
         assert ft.model.arch == arch and ft.data.dataset == cfg.data.dataset and ft.model.grid == cfg.model.grid
     assert ref.model.grid == (12, 12)
 
@@ -116,7 +115,7 @@ def test_fixed_order_pretraining_leaves_one_cluster_untrained_and_finetuning_fil
 
 def _finetune(image_folder, tmp_path, init, *extra):
     out = tmp_path / "ft"
-    args = ["finetune", "--config", str(REPO / "configs/cifar10_finetune.yaml"), "--init", str(init), "--output",
+    args = ["finetune", "--config", "cifar10_finetune", "--init", str(init), "--output",
             str(out), "--no-progress", f"data.dataset={image_folder}", *TINY, "optim.epochs=2",
             "optim.warmup_epochs=0.5", *extra]
     assert main(args) == 0
@@ -126,7 +125,7 @@ def _finetune(image_folder, tmp_path, init, *extra):
 @pytest.fixture(scope="module")
 def pretrained(image_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("pre") / "pre"
-    assert main(["pretrain", "--config", str(REPO / "configs/cifar10_pretrain.yaml"), "--output", str(out),
+    assert main(["pretrain", "--config", "cifar10_pretrain", "--output", str(out),
                  "--no-progress", f"data.dataset={image_folder}", *TINY, "objective.decoder.depth=1",
                  "objective.decoder.dim=32", "objective.decoder.num_heads=4", "max_steps=2", "probe=false",
                  "model.scan_order=row_fwd"]) == 0
@@ -157,9 +156,9 @@ def test_sweep_baseline_rows_use_the_baselines_configs():
     want = {"MAE-ViL": ("vil", "mae"), "MAE-ViT": ("vit", "mae"), "MAL-ViT": ("vit", "mal")}
     for setting, (arch, kind) in want.items():
         cfgs = rows[setting].configs()
-        pre, ft = load_run_config(REPO / cfgs["pretrain"]), load_run_config(REPO / cfgs["finetune"], ["init=x"])
+        pre, ft = load_run_config(cfgs["pretrain"]), load_run_config(cfgs["finetune"], ["init=x"])
         assert (pre.model.arch, pre.objective.kind, ft.model.arch) == (arch, kind, arch), setting
-    sup = load_run_config(REPO / rows["supervised ViT"].configs()["supervised"])
+    sup = load_run_config(rows["supervised ViT"].configs()["supervised"])
     assert sup.task == "supervised" and sup.model.arch == "vit"
 
 
@@ -168,8 +167,8 @@ def test_holdout_is_evaluated_during_training_and_the_val_folder_once(image_fold
     assert summary["eval_set"] == "holdout"
     assert {"holdout_top1", "holdout_ema_top1", "val_top1", "val_ema_top1"} <= set(summary)
     from mal.engine.build import build_datasets
-    cfg = load_run_config(REPO / "configs/cifar10_finetune.yaml", [f"data.dataset={image_folder}", "init=x",
-                                                                   "data.holdout=0.25", "data.cache=false"])
+    cfg = load_run_config("cifar10_finetune", [f"data.dataset={image_folder}", "init=x",
+                                               "data.holdout=0.25", "data.cache=false"])
     data = build_datasets(cfg, progress=False)
     assert len(data.train) + len(data.eval) == 192 and len(data.eval) == 48                # 16 of 64 per class
     assert not set(data.train.indices) & set(data.eval.indices)
@@ -179,7 +178,7 @@ def test_holdout_is_evaluated_during_training_and_the_val_folder_once(image_fold
 
 def test_pretraining_probes_report_their_pooling_and_the_holdout(image_folder, tmp_path):
     out = tmp_path / "pre"
-    assert main(["pretrain", "--config", str(REPO / "configs/cifar10_pretrain.yaml"), "--output", str(out),
+    assert main(["pretrain", "--config", "cifar10_pretrain", "--output", str(out),
                  "--no-progress", f"data.dataset={image_folder}", *TINY, "objective.decoder.depth=1",
                  "objective.decoder.dim=32", "objective.decoder.num_heads=4", "max_steps=2", "data.holdout=0.25",
                  "optim.warmup_epochs=0.5"]) == 0

@@ -21,7 +21,7 @@ TINY = ["model.dim=32", "model.depth=2", "objective.decoder.depth=1", "objective
 
 
 def _args(data, out, *extra):
-    return ["pretrain", "--config", str(REPO / "configs/cifar10_pretrain.yaml"), "--output", str(out), "--no-progress",
+    return ["pretrain", "--config", "cifar10_pretrain", "--output", str(out), "--no-progress",
             f"data.dataset={data}", *TINY, *extra]
 
 
@@ -129,7 +129,7 @@ def test_rejected_resume_leaves_the_run_folder_untouched(image_folder, tmp_path,
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert main(_args(image_folder, out, "max_steps=4", "model.dim=48", "--resume")) == 2
     assert "model.dim: checkpoint 32 vs config 48" in capsys.readouterr().err
-    ft = ["finetune", "--config", str(REPO / "configs/cifar10_finetune.yaml"), "--output", str(out), "--resume",
+    ft = ["finetune", "--config", "cifar10_finetune", "--output", str(out), "--resume",
           "--no-progress", f"data.dataset={image_folder}", "init=x", *TINY]
     assert main(ft) == 2
     assert "is a pretrain run" in capsys.readouterr().err
@@ -177,7 +177,7 @@ def test_damaged_weights_give_one_line_naming_the_file(image_folder, tmp_path, c
     f.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "random": bytes(range(256)) * 8}[damage])
     for args in (_args(image_folder, out, "max_steps=1", "--resume"),
                  ["eval", "--checkpoint", str(out / "ckpt_last"), "--knn", "data.num_workers=0"],
-                 ["finetune", "--config", str(REPO / "configs/cifar10_finetune.yaml"), "--init",
+                 ["finetune", "--config", "cifar10_finetune", "--init",
                   str(out / "ckpt_last"), "--output", str(tmp_path / "ft"), f"data.dataset={image_folder}", *TINY]):
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
@@ -199,7 +199,7 @@ def test_bad_config_values_are_rejected_before_any_work(image_folder, tmp_path, 
     out = tmp_path / "run"
     for bad in ("aug.auto_augment=bogus", "aug.label_smoothing=1.5", "optim.blr=-1", "optim.weight_decay=-0.1",
                 "optim.clip_grad=-1", "aug.reprob=2", "aug.mixup=-1", "data.std=[0,1,1]", "model.mlstm_backend=foo"):
-        assert main(["supervised", "--config", str(REPO / "configs/cifar10_supervised.yaml"), "--output", str(out),
+        assert main(["supervised", "--config", "cifar10_supervised", "--output", str(out),
                      f"data.dataset={image_folder}", bad]) == 2, bad
         err = capsys.readouterr().err
         assert bad.split("=")[0].split(".")[-1] in err and "Traceback" not in err, (bad, err)

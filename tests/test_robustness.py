@@ -15,7 +15,6 @@ from mal.cli import main
 from mal.robustness import cache, corruptions as C, report
 from mal.robustness.metrics import summarize
 
-REPO = Path(__file__).resolve().parents[1]
 HAS_BACKEND = importlib.util.find_spec("imagecorruptions") is not None
 needs_backend = pytest.mark.skipif(not HAS_BACKEND,
                                    reason="needs imagecorruptions-imaug: pip install 'mal[robustness]'")
@@ -190,7 +189,7 @@ def tiny_classifiers(image_folder, tmp_path_factory):
     from safetensors.torch import load_file, save_file
     runs = tmp_path_factory.mktemp("runs")
     model, base = runs / "model", runs / "base"
-    assert main(["supervised", "--config", str(REPO / "configs/cifar10_supervised.yaml"), "--output", str(model),
+    assert main(["supervised", "--config", "cifar10_supervised", "--output", str(model),
                  "--no-progress", f"data.dataset={image_folder}", "optim.batch_size=16", "max_steps=2",
                  "model.dim=32", "model.depth=2", "data.num_workers=0", "data.cache=false"]) == 0
     shutil.copytree(model / "ckpt_last", base / "ckpt_last")

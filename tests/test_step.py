@@ -1,7 +1,6 @@
 """The training step: the loss module the CUDA graphs capture, when graphs are used, the optimizer's
 device portability, and (on a GPU) graphed steps == eager steps, also through the trainer with accumulation."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ from mal.engine.optim import adapt_loaded_optimizer, make_optimizer
 from mal.engine.step import LossStep, StepRunner, graphs_usable
 from mal.models.vil import VisionLSTM
 
-REPO = Path(__file__).resolve().parents[1]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ENC = dict(img_size=24, patch_size=4, dim=32, depth=2, cluster_size=2)
 DEC = DecoderConfig(depth=1, dim=32, num_heads=4)
@@ -39,7 +37,7 @@ def test_loss_step_is_the_model_loss():
     runner = StepRunner(LossStep(pre), torch.device("cpu"), amp=True, graphs=False)
     assert torch.equal(runner(imgs, *draws), pre(imgs, *draws)["loss"])
 
-    cfg = load_run_config(REPO / "configs/cifar10_supervised.yaml", ["aug.mixup=0", "aug.cutmix=0"])
+    cfg = load_run_config("cifar10_supervised", ["aug.mixup=0", "aug.cutmix=0"])
     crit, mixup = build_criterion(cfg, 10)
     assert mixup is None
     clf = VisionLSTM(EncoderConfig(**ENC), num_classes=10)
@@ -153,7 +151,7 @@ def test_graphed_classification_step_with_mixup_targets_matches_eager():
     b.load_state_dict(a.state_dict())
     for m in (a, b):
         m.fast_path()
-    cfg = load_run_config(REPO / "configs/cifar10_supervised.yaml")
+    cfg = load_run_config("cifar10_supervised")
     crit, mixup = build_criterion(cfg, 10)
     batches = []
     for _ in range(3):
@@ -188,7 +186,7 @@ def test_graphed_step_draws_new_random_scan_orders_at_each_replay():
 @cuda
 def test_training_run_with_graphs_and_accumulation_matches_eager(image_folder, tmp_path):
     """`mal pretrain` with cuda_graph on/off and accum_steps 2: same losses and weights within bf16 noise."""
-    common = ["--config", str(REPO / "configs/cifar10_pretrain.yaml"), "--no-progress", f"data.dataset={image_folder}",
+    common = ["--config", "cifar10_pretrain", "--no-progress", f"data.dataset={image_folder}",
               "optim.batch_size=32", "optim.accum_steps=2", "max_steps=4", "probe=false", "model.dim=32",
               "model.depth=2", "objective.decoder.depth=1", "objective.decoder.dim=32", "objective.decoder.num_heads=4",
               "data.num_workers=0", "data.cache=false", "log_every=1"]

@@ -28,7 +28,7 @@ def _env():
 
 
 def _pretrain_args(data, out, *extra):
-    return ["pretrain", "--config", str(REPO / "configs/cifar10_pretrain.yaml"), "--output", str(out), "--no-progress",
+    return ["pretrain", "--config", "cifar10_pretrain", "--output", str(out), "--no-progress",
             f"data.dataset={data}", "optim.batch_size=16", "optim.epochs=2", "optim.warmup_epochs=0.5", *TINY, *extra]
 
 
@@ -45,7 +45,7 @@ def test_pretrain_finetune_eval_end_to_end(image_folder, tmp_path, capsys):
     weights = load_file(str(pre / "ckpt_last/model.safetensors"))
     assert "mask_token" in weights and any(k.startswith("decoder.") for k in weights)
 
-    assert main(["finetune", "--config", str(REPO / "configs/cifar10_finetune.yaml"), "--init", str(pre / "ckpt_last"),
+    assert main(["finetune", "--config", "cifar10_finetune", "--init", str(pre / "ckpt_last"),
                  "--output", str(ft), "--no-progress", f"data.dataset={image_folder}", "optim.batch_size=16",
                  "optim.epochs=1", "ema_decay=0.9", "model.dim=32", "model.depth=2", "data.num_workers=0",
                  "data.cache=false"]) == 0
@@ -73,13 +73,13 @@ def test_run_folder_is_never_overwritten_unless_asked(image_folder, tmp_path, ca
 
 def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="did you mean 'optim.epochs'"):
-        load_run_config(REPO / "configs/cifar10_pretrain.yaml", ["optim.epoch=3"])
+        load_run_config("cifar10_pretrain", ["optim.epoch=3"])
     with pytest.raises(ValueError, match="model.depth: expected an integer"):
         load_run_config(None, ["model.depth=deep"])
     with pytest.raises(ValueError, match="cluster size 5 does not divide the 12x12 patch grid"):
-        load_run_config(REPO / "configs/cifar10_pretrain.yaml", ["model.cluster_size=5"])
+        load_run_config("cifar10_pretrain", ["model.cluster_size=5"])
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
-        load_run_config(REPO / "configs/cifar10_finetune.yaml", ["model.img_size=50"])
+        load_run_config("cifar10_finetune", ["model.img_size=50"])
     with pytest.raises(ValueError, match="recompute_qkv=true needs fast_path=true"):
         load_run_config(None, ["fast_path=false", "recompute_qkv=true"])
     assert load_run_config(None, ["recompute_qkv=true"]).recompute_qkv
@@ -91,7 +91,7 @@ def test_config_errors_are_clear():
 def test_finetune_rejects_incompatible_checkpoint(image_folder, tmp_path, capsys):
     pre = tmp_path / "pre"
     assert main(_pretrain_args(image_folder, pre, "max_steps=1", "probe=false")) == 0
-    code = main(["finetune", "--config", str(REPO / "configs/cifar10_finetune.yaml"), "--init", str(pre / "ckpt_last"),
+    code = main(["finetune", "--config", "cifar10_finetune", "--init", str(pre / "ckpt_last"),
                  "--output", str(tmp_path / "ft"), f"data.dataset={image_folder}", "model.dim=48", "model.depth=2",
                  "data.num_workers=0"])
     assert code == 2
@@ -171,8 +171,8 @@ def test_torchrun_two_processes_match_one(image_folder, tmp_path):
 
 def test_probe_set_shares_the_decoded_cache_and_uses_the_eval_transform(image_folder, tmp_path, monkeypatch):
     from mal.engine.build import build_datasets
-    cfg = load_run_config(REPO / "configs/cifar10_pretrain.yaml", [f"data.dataset={image_folder}",
-                                                                    f"data.cache_dir={tmp_path / 'c'}"])
+    cfg = load_run_config("cifar10_pretrain", [f"data.dataset={image_folder}",
+                                               f"data.cache_dir={tmp_path / 'c'}"])
     data = build_datasets(cfg, progress=False)
     train, val, train_eval = data.train, data.val, data.train_eval
     assert train_eval.dataset is train and len(list((tmp_path / "c").glob("*.npy"))) == 2   # decoded once: train + test

@@ -2,7 +2,6 @@
 fast path, strict transfer, configs, and a tiny MAL-ViT pretrain + fine-tune through the CLI."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import timm
@@ -19,7 +18,6 @@ from mal.serialization import MASK_UNITS, SCAN_ORDERS, cluster_patch_table, gath
 from test_model import _perturb
 from test_ops_vil_block import _eager_fullgraph_compile
 
-REPO = Path(__file__).resolve().parents[1]
 VIT = dict(arch="vit", img_size=16, patch_size=4, dim=16, depth=3, num_heads=2, cluster_size=2)   # 4x4 grid
 
 
@@ -194,20 +192,20 @@ TINY = ["model.dim=32", "model.depth=2", "model.num_heads=2", "objective.decoder
 
 def test_mal_vit_pretrain_then_finetune_through_the_cli(image_folder, tmp_path):
     pre, ft = tmp_path / "pre", tmp_path / "ft"
-    assert main(["pretrain", "--config", str(REPO / "configs/cifar10_mal_vit.yaml"), "--output", str(pre),
+    assert main(["pretrain", "--config", "cifar10_mal_vit", "--output", str(pre),
                  "--no-progress", f"data.dataset={image_folder}", *TINY, "max_steps=3"]) == 0
     summary = json.loads((pre / "summary.json").read_text())
     assert math.isfinite(summary["final_loss"]) and 0 <= summary["knn_top1"] <= 100
     meta = json.loads((pre / "ckpt_last/meta.json").read_text())
     assert meta["config"]["model"]["arch"] == "vit" and meta["config"]["objective"]["kind"] == "mal"
-    assert main(["finetune", "--config", str(REPO / "configs/cifar10_finetune_vit.yaml"), "--init",
+    assert main(["finetune", "--config", "cifar10_finetune_vit", "--init",
                  str(pre / "ckpt_last"), "--output", str(ft), "--no-progress", f"data.dataset={image_folder}",
                  *TINY[:3], "data.num_workers=0", "data.cache=false", "optim.batch_size=16", "optim.epochs=1"]) == 0
     assert 0 <= json.loads((ft / "summary.json").read_text())["val_top1"] <= 100
     weights, init = load_weights(ft / "ckpt_last"), load_weights(pre / "ckpt_last")
     assert weights.keys() == {k[len("encoder."):] for k in init if k.startswith("encoder.")} | {"head.weight",
                                                                                                "head.bias"}
-    code = main(["finetune", "--config", str(REPO / "configs/cifar10_finetune.yaml"), "--init", str(pre / "ckpt_last"),
+    code = main(["finetune", "--config", "cifar10_finetune", "--init", str(pre / "ckpt_last"),
                  "--output", str(tmp_path / "bad"), f"data.dataset={image_folder}", "model.dim=32", "model.depth=2",
                  "data.num_workers=0"])
     assert code == 2                                                         # a ViT checkpoint into a ViL config

@@ -1,10 +1,11 @@
-"""`mal` command line: pretrain, finetune, supervised, eval, demo, config.
+"""`mal` command line: pretrain, finetune, supervised, eval, demo, export, config.
 
-    mal pretrain   --config configs/cifar10_pretrain.yaml [key=value ...]
-    mal finetune   --config configs/cifar10_finetune.yaml --init runs/cifar_pre/ckpt_last
+    mal pretrain   --config cifar10_pretrain [key=value ...]     (a shipped config's name, or a YAML file)
+    mal finetune   --config cifar10_finetune --init runs/cifar_pre/ckpt_last
     mal eval       --checkpoint runs/cifar_ft/ckpt_last --data DATA/cifar10 [--knn --linprobe]
     mal demo       # offline first run on the embedded digits: pretrain, fine-tune, evaluate, PNG
-    mal config     show FILE [key=value ...] | check FILE | reference
+    mal config     list | show FILE [key=value ...] | check FILE | reference
+    mal export     runs/cifar_ft --to mal-tiny-cifar10 [--ema]   # a from_pretrained / timm "local-dir:" folder
 Multi-GPU: `torchrun --nproc_per_node 8 -m mal pretrain --config ...` (global batch stays optim.batch_size).
 """
 from __future__ import annotations
@@ -17,11 +18,12 @@ from pathlib import Path
 
 import yaml
 
-from .config import RunConfig, apply_overrides, from_dict, load_run_config, reference_markdown, to_dict
+from . import __version__
+from .config import (RunConfig, apply_overrides, config_path, from_dict, load_run_config, reference_markdown,
+                     shipped_configs, to_dict)
 from .data import BadImageError
 from .errors import Interrupted, MALError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, BadImageError, MALError)
 
 
@@ -40,7 +42,8 @@ class _IntermixedParser(argparse.ArgumentParser):
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (see configs/); omitted keys take the defaults of mal.config")
+    p.add_argument("--config", help="YAML file, or the name of a config shipped with MAL (`mal config list`), e.g. "
+                                    "cifar10_pretrain; omitted keys take the defaults of mal.config")
     p.add_argument("--output", help="run folder (default: output_dir of the config)")
     p.add_argument("--resume", action="store_true", help="continue the run in the run folder from ckpt_last")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder and start over")
@@ -53,6 +56,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mal", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
     _add_run_args(sub.add_parser("pretrain", help="cluster-masked autoregressive pretraining"))
     p = sub.add_parser("finetune", help="fine-tune a pretrained encoder for classification")
@@ -83,9 +87,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo", help="folder for the two runs (default runs/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for both runs")
-    p = sub.add_parser("config", help="show or check a config, or print the reference of every key")
-    p.add_argument("action", choices=["show", "check", "reference"])
-    p.add_argument("file", nargs="?", help="YAML config (show/check)")
+    p = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face / timm folder (config.json, "
+                                      "model.safetensors, README.md model card)")
+    p.add_argument("run", help="run folder (runs/NAME) or checkpoint folder (runs/NAME/ckpt_last)")
+    p.add_argument("--to", required=True, help="the folder to write (from_pretrained(DIR), timm 'local-dir:DIR')")
+    p.add_argument("--ema", action="store_true", help="the run's EMA weights (ckpt_ema/) instead of the raw ones")
+    p.add_argument("--objective", action="store_true",
+                   help="pretraining runs: the whole pretraining model (MALPretrain / MAEPretrain), not the encoder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p = sub.add_parser("config", help="list the shipped configs, show or check a config, or print the reference of "
+                                      "every key")
+    p.add_argument("action", choices=["list", "show", "check", "reference"])
+    p.add_argument("file", nargs="?", help="YAML file or shipped config name (show/check)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return ap
 
@@ -215,10 +228,9 @@ def cmd_demo(args) -> dict:
     """Pretrain a tiny MAL on the embedded digits, fine-tune it, evaluate, write the prediction PNG."""
     out = Path(args.output)
     pre_dir, ft_dir = out / "pretrain", out / "finetune"
-    pre = load_run_config(CONFIG_DIR / "demo_pretrain.yaml", [f"output_dir={pre_dir}", *args.overrides])
+    pre = load_run_config("demo_pretrain", [f"output_dir={pre_dir}", *args.overrides])
     s1 = _run(pre, False, args.overwrite, True)
-    ft = load_run_config(CONFIG_DIR / "demo_finetune.yaml", [f"output_dir={ft_dir}", f"init={pre_dir / 'ckpt_last'}",
-                                                           *args.overrides])
+    ft = load_run_config("demo_finetune", [f"output_dir={ft_dir}", f"init={pre_dir / 'ckpt_last'}", *args.overrides])
     s2 = _run(ft, False, args.overwrite, True)
     print("\n=== MAL demo (embedded MNIST digits, 4,000 train / 1,000 test) ===")
     print(f"pretraining: final loss {s1['final_loss']:.4f}; frozen encoder k-NN {s1.get('knn_top1', float('nan')):.1f} %,"
@@ -229,17 +241,39 @@ def cmd_demo(args) -> dict:
     return {"pretrain": s1, "finetune": s2}
 
 
+def cmd_export(args) -> Path:
+    """`mal export RUN --to DIR`: the run's model as a save_pretrained folder with a model card."""
+    from .hub import export_run
+    out = export_run(args.run, args.to, ema=args.ema, objective=args.objective, overwrite=args.overwrite)
+    print(f"wrote {out}/: config.json, model.safetensors and README.md, the model card (how to load it: "
+          f"from_pretrained, timm 'local-dir:{out}'; the data, metrics and recipe)")
+    return out
+
+
 def cmd_config(args) -> None:
     if args.action == "reference":
         print(reference_markdown(), end="")
         return
+    if args.action == "list":
+        for name in shipped_configs():
+            print(f"{name:28s} {_summary_line(name)}")
+        return
     if not args.file:
-        raise ValueError(f"mal config {args.action} needs a config file, e.g. configs/cifar10_pretrain.yaml")
+        raise ValueError(f"mal config {args.action} needs a config file or name, e.g. cifar10_pretrain "
+                         f"(`mal config list` names the shipped ones)")
     cfg = load_run_config(args.file, args.overrides)
     if args.action == "show":
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     else:
         print(f"{args.file}: ok ({cfg.task})")
+
+
+def _summary_line(name: str) -> str:
+    """The first comment line of a shipped config (what it is)."""
+    for line in config_path(name).read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_demo(args)
         elif args.command == "config":
             cmd_config(args)
+        elif args.command == "export":
+            cmd_export(args)
         else:
             _run(_resolve(args, args.command), args.resume, args.overwrite, not args.no_progress, args.allow_changes)
     except Interrupted as e:

@@ -14,13 +14,19 @@ import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .serialization import FIXED_ORDERS, MASK_UNITS, SCAN_ORDERS, check_mask, check_scan_order, grid_size
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+SHIPPED_CONFIGS: Traversable = files(__package__) / "configs"   # package data: one YAML per paper setting, the demo
 
 # ----------------------------------------------------------------------------- model
 
@@ -343,7 +349,8 @@ class RunConfig:
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """YAML file (optional) + overrides -> validated RunConfig. A `preset:` key picks MAL-T/S/B or ViT-T/S/B dims."""
+    """YAML file or shipped config name (optional, `config_path`) + overrides -> validated RunConfig. A `preset:` key
+    picks MAL-T/S/B or ViT-T/S/B dims."""
     data = load_yaml(path) if path else {}
     apply_overrides(data, overrides or [])
     preset = data.pop("preset", None)
@@ -356,7 +363,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
 
 __all__ = ["RunConfig", "DataConfig", "OptimConfig", "AugConfig", "load_run_config", "EncoderConfig", "DecoderConfig",
            "MaskConfig", "ObjectiveConfig", "MODEL_PRESETS", "ARCHS", "OBJECTIVES",
-           "FIXED_ORDERS", "MASK_UNITS", "SCAN_ORDERS", "from_dict", "to_dict", "apply_overrides", "load_yaml"]
+           "FIXED_ORDERS", "MASK_UNITS", "SCAN_ORDERS", "from_dict", "to_dict", "apply_overrides", "load_yaml",
+           "config_path", "shipped_configs", "SHIPPED_CONFIGS"]
 
 
 # ----------------------------------------------------------------------------- generic loading
@@ -458,12 +466,33 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def shipped_configs() -> list[str]:
+    """The names of the configs shipped inside the package (`mal/configs/NAME.yaml`), sorted."""
+    return sorted(f.name[:-len(".yaml")] for f in SHIPPED_CONFIGS.iterdir() if f.name.endswith(".yaml"))
+
+
+def config_path(name: str | Path) -> Path | Traversable:
+    """The config file `name`: an existing file, else the config of that name shipped with MAL ("cifar10_pretrain",
+    "cifar10_pretrain.yaml", or "configs/cifar10_pretrain.yaml", the checkout path of releases before 0.2).
+
+    Shipped configs are package data (`importlib.resources`), so they are found in any installation."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.parent in (Path("."), Path("configs")):
+        shipped = SHIPPED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+        if shipped.is_file():
+            return shipped
+    close = difflib.get_close_matches(path.stem, shipped_configs(), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise FileNotFoundError(f"config file {name} not found; {hint}pass a YAML file or the name of a config shipped "
+                            f"with MAL ({', '.join(shipped_configs())}; `mal config list` describes them)")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found; see configs/ for the shipped ones")
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    """The mapping of config file `path` (a file, or a shipped config's name: `config_path`)."""
+    src = config_path(path)
+    data = yaml.safe_load(src.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
     return data

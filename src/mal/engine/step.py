@@ -87,10 +87,22 @@ class StepRunner:
 
     def capture(self, args: tuple[torch.Tensor, ...]) -> Callable:
         """Warm up (compiles the fast path) and capture forward + backward for inputs shaped like `args`."""
+        quiet_graphed_backward()
         static = tuple(a.detach().clone() for a in args)
         with autocast_for(self.device, self.amp, cache=False):
             return torch.cuda.make_graphed_callables(self.loss_step, static, num_warmup_iters=self.warmup,
                                                      allow_unused_input=True)
 
 
-__all__ = ["LossStep", "StepRunner", "graphs_usable"]
+def quiet_graphed_backward() -> None:
+    """Silence autograd's AccumulateGrad stream-mismatch warning (torch >= 2.10) for the rest of the process.
+    `make_graphed_callables` warms up on a side stream, where the parameters' AccumulateGrad nodes are created, and
+    the graphed backward then hands them gradients made on another stream. Autograd synchronizes the two streams (the
+    graphed steps equal the eager ones: tests/test_step.py), so the mismatch is expected, and the warning, which
+    names this switch for that case, would otherwise print once in every graphed run."""
+    switch = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+    if switch is not None:
+        switch(False)
+
+
+__all__ = ["LossStep", "StepRunner", "graphs_usable", "quiet_graphed_backward"]

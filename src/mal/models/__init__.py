@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..config import EncoderConfig
-from .vil import ViLBlock, VisionLSTM, mal_base, mal_small, mal_tiny
-from .vit import VisionTransformer, vit_base, vit_small, vit_tiny
-
-ENCODERS = {"vil": VisionLSTM, "vit": VisionTransformer}
+from .registry import ENCODERS, create_model, mal_base, mal_small, mal_tiny, vit_base, vit_small, vit_tiny
+from .vil import ViLBlock, VisionLSTM
+from .vit import VisionTransformer
 
 
 def create_encoder(cfg: EncoderConfig, num_classes: int = 0) -> nn.Module:
@@ -23,5 +22,5 @@ def copy_encoder(encoder: nn.Module, cfg: EncoderConfig) -> nn.Module:
     return out.to(next(encoder.parameters()).device).eval()
 
 
-__all__ = ["ENCODERS", "create_encoder", "copy_encoder", "ViLBlock", "VisionLSTM", "VisionTransformer", "mal_tiny",
-           "mal_small", "mal_base", "vit_tiny", "vit_small", "vit_base"]
+__all__ = ["ENCODERS", "create_encoder", "copy_encoder", "create_model", "ViLBlock", "VisionLSTM", "VisionTransformer",
+           "mal_tiny", "mal_small", "mal_base", "vit_tiny", "vit_small", "vit_base"]

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 
-from ..config import MODEL_PRESETS, EncoderConfig
+from ..config import EncoderConfig
+from ..hub import HubMixin
 from ..ops import mlstm
 from ..scan import RandomScanPlan, ScanPlan
 from ..serialization import (cluster_grid, gather_tokens, grid_size, inverse, layer_orders, order_from_clusters,
@@ -153,12 +154,15 @@ class ViLBlock(nn.Module):
         return x + self.drop_path(self.layer(self.norm(x)))                  # (B, S, D)
 
 
-class VisionLSTM(nn.Module):
+class VisionLSTM(nn.Module, HubMixin, tags=["vision-lstm"]):
     """ViL encoder + optional classification head (bilateral pooling: first and last token of the sequence).
 
     The timm model API: `forward_features` (tokens), `forward_head` (pooling + head), `no_weight_decay`,
-    `group_matcher` (the layer map of layer-wise lr decay), `fast_path()` (the fused GPU blocks).
+    `group_matcher` (the layer map of layer-wise lr decay), `get_classifier` / `reset_classifier`, `num_features`,
+    `pretrained_cfg` (the data config); `fast_path()` (the fused GPU blocks); `save_pretrained` / `from_pretrained`
+    (`mal.hub`). timm names: `mal.models.registry`.
     """
+    global_pool = "first_last"           # timm's name of the pooling: forward_head joins the first and last token
 
     def __init__(self, cfg: EncoderConfig, num_classes: int = 1000):
         super().__init__()
@@ -185,11 +189,53 @@ class VisionLSTM(nn.Module):
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
+        self.init_head()
+
+    def init_head(self) -> None:
         if isinstance(self.head, nn.Linear):                                 # MAE / ViL fine-tuning head init
             trunc_normal_(self.head.weight, std=2e-5)
             nn.init.zeros_(self.head.bias)
 
     # ---------------------------------------------------------------- timm-style API
+    @property
+    def num_features(self) -> int:
+        """Channels of the tokens of `forward_features` (timm)."""
+        return self.cfg.dim
+
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of the pooled features the head reads, `forward_head(x, pre_logits=True)` (timm)."""
+        return 2 * self.cfg.dim if self.global_pool == "first_last" else self.cfg.dim
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head for `num_classes` (0: none), initialized as for fine-tuning, on the model's device (timm)."""
+        if global_pool not in (None, self.global_pool):
+            raise ValueError(f"{type(self).__name__} pools with {self.global_pool!r}; global_pool={global_pool!r} is "
+                             f"not supported")
+        self.num_classes = num_classes
+        self.head = (nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()).to(
+            self.pos_embed.device, self.pos_embed.dtype)
+        self.init_head()
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm's data config of the model (`timm.data.resolve_data_config(model=model)`): the one timm.create_model,
+        from_pretrained or `mal export` set, else `mal.models.registry.pretrained_cfg_for` (ImageNet mean/std)."""
+        if "_pretrained_cfg" in self.__dict__:
+            return self.__dict__["_pretrained_cfg"]
+        from .registry import pretrained_cfg_for
+        return pretrained_cfg_for(self.cfg, self.num_classes)
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, value: dict) -> None:
+        self.__dict__["_pretrained_cfg"] = value
+
+    default_cfg = pretrained_cfg                                             # timm's earlier name
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Parameters trained without weight decay (besides biases and norms, which have ndim 1)."""
@@ -305,21 +351,3 @@ class VisionLSTM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-
-def _build(preset: str, num_classes: int, **overrides) -> VisionLSTM:
-    return VisionLSTM(EncoderConfig(**{**MODEL_PRESETS[preset], **overrides}), num_classes=num_classes)
-
-
-def mal_tiny(num_classes: int = 1000, **overrides) -> VisionLSTM:
-    """MAL-T: dim 192, 24 blocks (~6.3 M parameters at 192 px with a 1000-class head)."""
-    return _build("mal_tiny", num_classes, **overrides)
-
-
-def mal_small(num_classes: int = 1000, **overrides) -> VisionLSTM:
-    """MAL-S: dim 384, 24 blocks (~23.3 M parameters)."""
-    return _build("mal_small", num_classes, **overrides)
-
-
-def mal_base(num_classes: int = 1000, **overrides) -> VisionLSTM:
-    """MAL-B: dim 768, 24 blocks (~89.0 M parameters)."""
-    return _build("mal_base", num_classes, **overrides)

@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from timm.models.vision_transformer import Block
 
-from ..config import MODEL_PRESETS, EncoderConfig
+from ..config import EncoderConfig
+from ..hub import HubMixin
 from ..serialization import FIXED_ORDERS, gather_tokens, inverse, scan_order
 from .vil import VisionLSTM
 
@@ -69,6 +70,8 @@ def compiled_blocks_forward(mode: str | None):
     """One torch.compile of `blocks_forward` per mode (static shapes), shared by every ViT: the whole stack is one
     graph, so per-block constants (the drop-path rates) cost no recompiles."""
     if mode not in _COMPILED:
+        from ..ops.vil_block.regions import allow_recompiles
+        allow_recompiles()                                                   # one compile per input shape
         _COMPILED[mode] = torch.compile(blocks_forward, dynamic=False, mode=mode)
     return _COMPILED[mode]
 
@@ -81,17 +84,24 @@ class ViTFast:
     checkpoint: bool = False
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(nn.Module, HubMixin, tags=["vit"]):
     """ViT encoder + optional classification head (mean pooling + linear), parameters `patch_embed`, `pos_embed`
-    (1, h*w, D), `blocks`, `norm`, `head` as `VisionLSTM`, whose embedding, weight-decay and layer-map methods it
-    shares verbatim. Tokens stay in raster order (attention does not scan), except for a causal ViT."""
+    (1, h*w, D), `blocks`, `norm`, `head` as `VisionLSTM`, whose embedding, weight-decay, layer-map and timm/Hub
+    methods it shares verbatim. Tokens stay in raster order (attention does not scan), except for a causal ViT."""
 
+    global_pool = "avg"                  # timm's name of the pooling: forward_head averages the tokens
     grid_of = VisionLSTM.grid_of
     pos_embed_for = VisionLSTM.pos_embed_for
     patchify_embed = VisionLSTM.patchify_embed
     no_weight_decay = VisionLSTM.no_weight_decay
     group_matcher = VisionLSTM.group_matcher
     _init_embeddings_and_head = VisionLSTM.init_weights
+    init_head = VisionLSTM.init_head
+    num_features = VisionLSTM.num_features
+    head_hidden_size = VisionLSTM.head_hidden_size
+    get_classifier = VisionLSTM.get_classifier
+    reset_classifier = VisionLSTM.reset_classifier
+    pretrained_cfg = default_cfg = VisionLSTM.pretrained_cfg
 
     def __init__(self, cfg: EncoderConfig, num_classes: int = 1000):
         super().__init__()
@@ -184,21 +194,3 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-
-def _build(preset: str, num_classes: int, **overrides) -> VisionTransformer:
-    return VisionTransformer(EncoderConfig(**{**MODEL_PRESETS[preset], **overrides}), num_classes=num_classes)
-
-
-def vit_tiny(num_classes: int = 1000, **overrides) -> VisionTransformer:
-    """ViT-T: dim 192, 12 blocks, 3 heads (~5.7 M parameters at 192 px with a 1000-class head)."""
-    return _build("vit_tiny", num_classes, **overrides)
-
-
-def vit_small(num_classes: int = 1000, **overrides) -> VisionTransformer:
-    """ViT-S: dim 384, 12 blocks, 6 heads (~22.0 M parameters)."""
-    return _build("vit_small", num_classes, **overrides)
-
-
-def vit_base(num_classes: int = 1000, **overrides) -> VisionTransformer:
-    """ViT-B: dim 768, 12 blocks, 12 heads (~86.5 M parameters)."""
-    return _build("vit_base", num_classes, **overrides)

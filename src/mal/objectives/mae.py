@@ -15,6 +15,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 
 from ..config import DecoderConfig, EncoderConfig, MaskConfig, ObjectiveConfig
+from ..hub import HubMixin
 from ..models import copy_encoder, create_encoder
 from ..models.vit import LN_EPS, vit_block, xavier_init_
 from ..serialization import gather_tokens, patchify, unpatchify
@@ -39,7 +40,7 @@ class MAEDecoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
 
-class MAEPretrain(nn.Module):
+class MAEPretrain(nn.Module, HubMixin, tags=["pretraining"]):
     """Encoder (a `VisionLSTM` or `VisionTransformer` without head) + MAE decoder, trained to reconstruct the
     pixels of the masked patches. The same engine-facing API as `MALPretrain`."""
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..config import EncoderConfig, ObjectiveConfig
+from ..hub import HubMixin
 from ..models import copy_encoder, create_encoder
 from ..serialization import (cluster_patch_table, gather_tokens, masked_count, patchify, pretrain_cluster_orders,
                              pretrain_layer_patterns, sample_mask, unpatchify)
@@ -50,7 +51,7 @@ def check_pretraining_size(encoder: nn.Module, cfg: EncoderConfig, imgs: torch.T
                          f"resize them or set model.img_size")
 
 
-class MALPretrain(nn.Module):
+class MALPretrain(nn.Module, HubMixin, tags=["pretraining"]):
     """Encoder (a `VisionLSTM` or `VisionTransformer` without head) + mask token + decoder, trained with
     next-cluster pixel MSE. The encoder's `forward_clusters` keeps it causal across clusters."""
 

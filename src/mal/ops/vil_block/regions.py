@@ -17,6 +17,18 @@ _COMPILED: dict = {}
 # default: at 0 it would recompute the up-projection GEMM.
 MEMORY_BUDGET = {"block_up": 1.0, "block_pre": 0.0, "block_post": 0.0}
 
+# Compiled versions dynamo keeps of each function before it runs new inputs eagerly and warns ("hit
+# config.recompile_limit (8)"). Static shapes compile once per input shape and grad mode: the training step, the
+# evaluation batches, the last partial batch and the probes of one run already need more than 8.
+RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles() -> None:
+    """Raise dynamo's per-function recompile limit to at least `RECOMPILE_LIMIT` (process-wide)."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
+
 
 def compiled_region(fn, mode: str | None):
     """One torch.compile'd copy of `fn` per mode, shared by all blocks (static shapes), partitioned under
@@ -26,6 +38,7 @@ def compiled_region(fn, mode: str | None):
     it is traced (an import there would break the graph)."""
     key = (fn.__name__, mode)
     if key not in _COMPILED:
+        allow_recompiles()
         region, budget = torch.compile(fn, dynamic=False, mode=mode), MEMORY_BUDGET.get(fn.__name__)
 
         def call(*args, **kwargs):
@@ -40,4 +53,4 @@ def compiled_region(fn, mode: str | None):
     return _COMPILED[key]
 
 
-__all__ = ["MEMORY_BUDGET", "compiled_region"]
+__all__ = ["MEMORY_BUDGET", "RECOMPILE_LIMIT", "allow_recompiles", "compiled_region"]
