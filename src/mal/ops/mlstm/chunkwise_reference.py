@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from .reference import EPS
 
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]      # C (B, NH, DH, DH), n (B, NH, DH), m (B, NH)
+CHUNK_SIZE = 64            # this form's default chunk length (any length >= 1 computes the same function)
 
 
 def empty_state(B: int, NH: int, DH: int, dtype: torch.dtype, device) -> State:
@@ -82,13 +83,14 @@ def _chunk(q, k, v, lf, ig, state: State, eps: float):
 
 
 def mlstm_chunkwise_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
-                              eps: float = EPS, chunk_size: int = 64, initial_state: State | None = None,
+                              eps: float = EPS, chunk_size: int | None = None, initial_state: State | None = None,
                               return_state: bool = False):
     """Chunkwise mLSTM (module docstring), the same function as `mlstm_parallel`. q, k, v (B, NH, S, DH); i, f
     (B, NH, S). Arithmetic in float64 for float64 inputs, else float32. initial_state / the returned state:
     (C (B, NH, DH, DH), n (B, NH, DH), m (B, NH)), the recurrent form's state (k scaled by 1/sqrt(DH)).
     Returns h (B, NH, S, DH) in q's dtype, and (h, state) if return_state."""
     B, NH, S, DH = q.shape
+    chunk_size = CHUNK_SIZE if chunk_size is None else chunk_size
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     state = empty_state(B, NH, DH, acc, q.device) if initial_state is None else tuple(t.to(acc) for t in initial_state)
     lf, ig = F.logsigmoid(f.to(acc)), i.to(acc)                             # (B, NH, S) each
