@@ -181,7 +181,7 @@ def _out_kernel(
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
     NH, S, NC, DH, scale, eps,
     L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
-    BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D2P: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
     """One program = one query block of one chunk: h = (w q C_c + sum_intra C v) / (max(|s|, exp(-m)) + eps)."""
     pid_m = tl.program_id(0)
@@ -203,7 +203,7 @@ def _out_kernel(
     # inter-chunk: q C_c (BM, DH) in two column tiles, and q . n_c
     offs_d = tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                    # (BM, BD)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_D2 if BLOCK_D2 > 0 else 16], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_D2P], dtype=tl.float32)
     qn = tl.zeros([BLOCK_M], dtype=tl.float32)                              # (BM,)
     for kb in range(0, DH, BLOCK_K):
         offs_kb = kb + tl.arange(0, BLOCK_K)                                # (BK,)
@@ -257,7 +257,7 @@ def _dq_kernel(
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdob, sdoh, sdos, sdod,
     NH, S, NC, DH, scale,
     L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
-    BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D2P: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
     """One program = one query block of one chunk: delta, dN, gN = dN sign(s), dq, and the log-gradients of
     the row's weights: Omega_t of w_t (the inter-chunk part) and the intra-chunk row sums of dP P without the
@@ -280,10 +280,25 @@ def _dq_kernel(
     sgn = tl.load(Sgn + vec + offs_m, mask=row_ok, other=0.0)               # (BM,)
     w = tl.exp((g_row + tl.load(MS + st)) - m_row)                          # (BM,)
 
-    # inter-chunk: X = dh C_c^T (BM, DH) in q's two column tiles
+    q = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, 0, BLOCK_D)       # (BM, BD)
+    do = _load_cols(do_base, offs_m, row_ok, sdos, sdod, DH, 0, BLOCK_D)   # (BM, BD)
+    q2, do2 = q, do
+    if BLOCK_D2 > 0:
+        q2 = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, BLOCK_D, BLOCK_D2)      # (BM, BD2)
+        do2 = _load_cols(do_base, offs_m, row_ok, sdos, sdod, DH, BLOCK_D, BLOCK_D2)  # (BM, BD2)
+
+    # intra-chunk part of delta_t / r_t = sum_j (dh_t . v_j) C_tj, from the float32 tiles
+    hi = (pid_m + 1) * BLOCK_M
+    u = tl.zeros([BLOCK_M], dtype=tl.float32)                               # (BM,)
+    for start_n in range(c0, hi, BLOCK_N):
+        k, k2, p, dov, decay = _dq_tile(q, q2, do, do2, k_base, v_base, G, IG, vec, offs_m, row_ok, g_row, m_row,
+                                        start_n, S, DH, sks, skd, svs, svd, scale, BLOCK_N, BLOCK_D, BLOCK_D2, IEEE)
+        u += tl.sum(dov * p * decay, axis=1)
+
+    # inter-chunk: X = dh C_c^T (BM, DH) in q's two column tiles; q . X and q . n_c
     offs_d = tl.arange(0, BLOCK_D)
     x = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                      # (BM, BD)
-    x2 = tl.zeros([BLOCK_M, BLOCK_D2 if BLOCK_D2 > 0 else 16], dtype=tl.float32)
+    x2 = tl.zeros([BLOCK_M, BLOCK_D2P], dtype=tl.float32)
     for vb in range(0, DH, BLOCK_K):
         offs_vb = vb + tl.arange(0, BLOCK_K)                                # (BK,)
         vb_ok = offs_vb < DH
@@ -293,27 +308,15 @@ def _dq_kernel(
             offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
             x2 = _dot_state_t(dob, _tile(CS + st * DH * DH, offs_d2, offs_d2 < DH, DH, offs_vb, vb_ok, 1), x2,
                               IEEE)
-    q = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, 0, BLOCK_D)       # (BM, BD)
-    do = _load_cols(do_base, offs_m, row_ok, sdos, sdod, DH, 0, BLOCK_D)   # (BM, BD)
     n_c = tl.load(NS + st * DH + offs_d, mask=offs_d < DH, other=0.0)      # (BD,)
     qx = tl.sum(q.to(tl.float32) * x, axis=1)                               # (BM,) q . X
     qn = tl.sum(q.to(tl.float32) * n_c[None, :], axis=1)                    # (BM,) q . n_c
-    q2, do2, n_c2 = q, do, n_c
+    n_c2 = n_c
     if BLOCK_D2 > 0:
         offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-        q2 = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, BLOCK_D, BLOCK_D2)      # (BM, BD2)
-        do2 = _load_cols(do_base, offs_m, row_ok, sdos, sdod, DH, BLOCK_D, BLOCK_D2)  # (BM, BD2)
         n_c2 = tl.load(NS + st * DH + offs_d2, mask=offs_d2 < DH, other=0.0)          # (BD2,)
         qx += tl.sum(q2.to(tl.float32) * x2, axis=1)
         qn += tl.sum(q2.to(tl.float32) * n_c2[None, :], axis=1)
-
-    # delta_t = r_t (w_t q . X + sum_intra (dh . v_j) C_tj), from the float32 tiles
-    hi = (pid_m + 1) * BLOCK_M
-    u = tl.zeros([BLOCK_M], dtype=tl.float32)                               # (BM,)
-    for start_n in range(c0, hi, BLOCK_N):
-        k, k2, p, dov, decay = _dq_tile(q, q2, do, do2, k_base, v_base, G, IG, vec, offs_m, row_ok, g_row, m_row,
-                                        start_n, S, DH, sks, skd, svs, svd, scale, BLOCK_N, BLOCK_D, BLOCK_D2, IEEE)
-        u += tl.sum(dov * p * decay, axis=1)
     delta = r * (w * qx + u)                                                # (BM,)
     dn = -delta * r                                                         # (BM,) dL/dN
     gn = dn * sgn                                                           # (BM,)
@@ -399,7 +402,7 @@ def _dkdv_kernel(
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdob, sdoh, sdos, sdod,
     NH, S, NC, DH, scale,
     L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
-    BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D2P: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
     """One program = one key block of one chunk: dk, dv (later chunks through dC_c, dn_c; the chunk's own
     queries as tiles), and the log-gradients of the key's weights: eps_j of e_j (the inter-chunk part) and the
@@ -427,8 +430,8 @@ def _dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)                     # (BN, BD)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)                     # (BN, BD)
-    dk2 = tl.zeros([BLOCK_N, BLOCK_D2 if BLOCK_D2 > 0 else 16], dtype=tl.float32)
-    dv2 = tl.zeros([BLOCK_N, BLOCK_D2 if BLOCK_D2 > 0 else 16], dtype=tl.float32)
+    dk2 = tl.zeros([BLOCK_N, BLOCK_D2P], dtype=tl.float32)
+    dv2 = tl.zeros([BLOCK_N, BLOCK_D2P], dtype=tl.float32)
     dcs = DCS + st * DH * DH
     for b in range(0, DH, BLOCK_K):
         offs_b = b + tl.arange(0, BLOCK_K)                                  # (BK,)
@@ -494,16 +497,18 @@ def _dkdv_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 CHUNK_SIZE = 128           # tokens per chunk L (a power of two, >= 16; shorter rows use the next power of two)
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, 2-byte inputs (float32 halves the tiles); the
-# parallel kernel's tables (kernel.py) as the starting point. BLOCK_M tiles queries, BLOCK_N keys, both <= L.
-_OUT_CFG = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 4, 2),
-            256: (64, 32, 4, 2), 512: (32, 32, 4, 2)}
-_DQ_CFG = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 4, 2),
-           256: (64, 32, 4, 2), 512: (16, 32, 4, 2)}
-_DKDV_CFG = {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 4, 2),
-             256: (64, 32, 4, 2), 512: (32, 16, 4, 2)}
-_STATE_TILE, _STATE_WARPS, _STATE_STAGES = 64, 4, 2   # (C tile edge, warps, stages) of the two state loops
-_INNER_K = 32              # head-dim block of the q C, dh C^T, v dC^T, k dC products
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, 2-byte inputs (float32 halves the tiles);
+# BLOCK_M tiles queries, BLOCK_N keys, both <= L. Chosen without a GPU: the parallel kernel's tiles, with the
+# warps and tiles at which `ptxas -v` (sm_90a, triton 3.8) reports few or no register spills (4 warps spilled
+# 0.2-2.8 kB per thread here). To be swept on the GPU: `benchmarks/mlstm_kernel.py --long --sweep`.
+_OUT_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 8, 2),
+            256: (64, 32, 8, 2), 512: (32, 32, 8, 2)}
+_DQ_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 8, 2),
+           256: (32, 32, 8, 2), 512: (16, 32, 8, 2)}
+_DKDV_CFG = {16: (32, 64, 8, 2), 32: (32, 64, 8, 2), 64: (32, 64, 8, 2), 128: (32, 64, 8, 2),
+             256: (32, 32, 8, 2), 512: (32, 16, 8, 2)}
+_STATE_TILE, _STATE_WARPS, _STATE_STAGES = 64, 8, 2   # (C tile edge, warps, stages) of the two state loops
+_INNER_K = 32              # head-dim block of the q C, dh C^T, v dC^T, k dC products (float32 halves it at DH > 128)
 
 
 def _cfg(table: dict, DH: int, dtype: torch.dtype, L: int) -> tuple[int, int, int, int]:
@@ -511,6 +516,19 @@ def _cfg(table: dict, DH: int, dtype: torch.dtype, L: int) -> tuple[int, int, in
     if dtype == torch.float32 and _block_d(DH) >= 128:   # 4-byte tiles: halve them to stay inside shared memory
         bm, bn, stages = max(16, bm // 2), max(16, bn // 2), 1
     return min(bm, L), min(bn, L), warps, stages
+
+
+def _launch(table: dict, DH: int, dtype: torch.dtype, L: int) -> dict:
+    """The constexpr and launch arguments of the query/key-block kernels (_out, _dq, _dkdv)."""
+    bd, bd2 = _d_chunks(DH)
+    bm, bn, warps, stages = _cfg(table, DH, dtype, L)
+    return dict(L=L, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_D2=bd2, BLOCK_D2P=max(bd2, 16),
+                BLOCK_K=_inner_k(DH, dtype), IEEE=dtype == torch.float32, num_warps=warps, num_stages=stages)
+
+
+def _inner_k(DH: int, dtype: torch.dtype) -> int:
+    """Head-dim block of the state products: their (BLOCK_K, DH) float32 state tiles stay within shared memory."""
+    return 16 if dtype == torch.float32 and _block_d(DH) >= 256 else _INNER_K
 
 
 def _state_tile(DH: int) -> int:
@@ -561,14 +579,12 @@ def _run_out(q, k, v, g, ig, m, cs, ns, ms, L: int, eps: float):
     B, NH, S, DH = q.shape
     out = torch.empty((B, NH, S, DH), dtype=q.dtype, device=q.device)     # (B, NH, S, DH)
     r, sgn = _f32((B, NH, S), q), _f32((B, NH, S), q)
-    bd, bd2 = _d_chunks(DH)
-    bm, bn, warps, stages = _cfg(_OUT_CFG, DH, q.dtype, L)
-    _out_kernel[(triton.cdiv(S, bm), B * NH)](
+    cfg = _launch(_OUT_CFG, DH, q.dtype, L)
+    _out_kernel[(triton.cdiv(S, cfg["BLOCK_M"]), B * NH)](
         q, k, v, g, ig, m, cs, ns, ms, out, r, sgn,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         NH, S, triton.cdiv(S, L), DH, 1.0 / math.sqrt(DH), eps,
-        L=L, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_D2=bd2, BLOCK_K=_INNER_K, IEEE=q.dtype == torch.float32,
-        num_warps=warps, num_stages=stages)
+        **cfg)
     return out, r, sgn
 
 
@@ -578,14 +594,12 @@ def _run_dq(q, k, v, dout, g, ig, m, arg, r, sgn, cs, ns, ms, L: int):
     B, NH, S, DH = q.shape
     dq = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device)
     dn, gn, omega, row_g = (_f32((B, NH, S), q) for _ in range(4))
-    bd, bd2 = _d_chunks(DH)
-    bm, bn, warps, stages = _cfg(_DQ_CFG, DH, q.dtype, L)
-    _dq_kernel[(triton.cdiv(S, bm), B * NH)](
+    cfg = _launch(_DQ_CFG, DH, q.dtype, L)
+    _dq_kernel[(triton.cdiv(S, cfg["BLOCK_M"]), B * NH)](
         q, k, v, dout, g, ig, m, arg, r, sgn, cs, ns, ms, dq, dn, gn, omega, row_g,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
         NH, S, triton.cdiv(S, L), DH, 1.0 / math.sqrt(DH),
-        L=L, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_D2=bd2, BLOCK_K=_INNER_K, IEEE=q.dtype == torch.float32,
-        num_warps=warps, num_stages=stages)
+        **cfg)
     return dq, dn, gn, omega, row_g
 
 
@@ -610,14 +624,12 @@ def _run_dkdv(q, k, v, dout, g, ig, m, arg, r, gn, ms, dcs, dns, L: int):
     B, NH, S, DH = q.shape
     dk, dv = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in (k, v))
     eps_k, col_g = _f32((B, NH, S), q), _f32((B, NH, S), q)
-    bd, bd2 = _d_chunks(DH)
-    bm, bn, warps, stages = _cfg(_DKDV_CFG, DH, q.dtype, L)
-    _dkdv_kernel[(triton.cdiv(S, bn), B * NH)](
+    cfg = _launch(_DKDV_CFG, DH, q.dtype, L)
+    _dkdv_kernel[(triton.cdiv(S, cfg["BLOCK_N"]), B * NH)](
         q, k, v, dout, g, ig, m, arg, r, gn, ms, dcs, dns, dk, dv, eps_k, col_g,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
         NH, S, triton.cdiv(S, L), DH, 1.0 / math.sqrt(DH),
-        L=L, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_D2=bd2, BLOCK_K=_INNER_K, IEEE=q.dtype == torch.float32,
-        num_warps=warps, num_stages=stages)
+        **cfg)
     return dk, dv, eps_k, col_g
 
 
