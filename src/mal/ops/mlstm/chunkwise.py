@@ -472,7 +472,7 @@ def _dkdv_kernel(
         r = tl.load(Rinv + vec + offs_m, mask=row_ok, other=0.0)            # (BM,)
         gn = tl.load(GN + vec + offs_m, mask=row_ok, other=0.0)             # (BM,)
         arg = tl.load(Arg + vec + offs_m, mask=row_ok, other=-1)            # (BM,)
-        causal = (offs_n[:, None] <= offs_m[None, :]) & row_ok[None, :]     # (BN, BM)
+        causal = (offs_n[:, None] <= offs_m[None, :]) & row_ok[None, :] & col_ok[:, None]  # (BN, BM)
         decay = _decay(causal, g_row[None, :], g_col[:, None], i_col[:, None], m_row[None, :])  # (BN, BM)
         dpt = (r[None, :] * dovt + gn[None, :]) * decay                     # (BN, BM) dL/dP^T
         col_g += tl.sum(tl.where(offs_n[:, None] == arg[None, :], 0.0, dpt * pt), axis=1)
