@@ -25,7 +25,7 @@ GIB = 2**30
 
 def build(backend: str, img: int) -> torch.nn.Module:
     """MAL-S at `img` px with the given mLSTM backend, on the fused fast path."""
-    from mal.models.vil import mal_small
+    from mal import mal_small
     model = mal_small(1000, img_size=img, mlstm_backend=backend).cuda()
     return model.fast_path(compile=True)
 
