@@ -7,10 +7,23 @@ Prints JSON, then a markdown table.
 
     PYTHONPATH=src python benchmarks/mlstm_kernel.py [--dh 96 192 384] [--batch 128] [--sweep] [--profile]
         [--delta-ablation] [--split-ablation] [--maxnreg-ablation]
+    PYTHONPATH=src python benchmarks/mlstm_kernel.py --long [--seqs 196 1024 4096 16384] [--dh 96 192 384]
+        [--tokens 131072 | --batch B] [--chunk 128] [--chunk-ablation] [--sweep] [--json long.json]
 
 `--sweep` also times (GPU kernel time) candidate tile configurations of each Triton kernel and prints the
 fastest per head dim; `--profile` prints the per-kernel GPU times of the Triton forward+backward; the
 ablations time the kernels with one of their module settings off (EXACT_DELTA, SPLIT_HEAD_DIM, _DQ_MAXNREG).
+
+`--long`: long sequences, in one run: ours parallel ("triton"), ours chunkwise ("chunkwise"), causal SDPA and,
+when the `mlstm_kernels` package is importable, NX-AI's TFLA kernel `chunkwise--triton_xl_chunk` ("tfla",
+its chunk 128; a length it does not take is zero-padded at the end to a multiple of 128 (causal: the first S
+outputs are unchanged) and timed padded, `tfla_S`). Every length has B = tokens // S sequences (B * S
+constant; --batch fixes B instead), 4 heads, bf16 q, k, v and gates. Per backend: forward and forward+backward
+(eager and GPU kernel time), the peak extra memory of one forward+backward, and per token (memory linear in S
+is a constant column). Ratios: TFLA / chunkwise and parallel / chunkwise GPU forward+backward (> 1: chunkwise is
+faster). With --sweep, the chunkwise kernels' tile configurations are swept first (GPU kernel time, per head dim
+at the longest S); with --chunk-ablation, the chunk length (64, 128, 256) and SAVE_STATES are timed too. The
+shortest S where chunkwise beats parallel is where `mal.ops.mlstm.CHUNKWISE_MIN_SEQ` belongs.
 """
 from __future__ import annotations
 
@@ -184,10 +197,201 @@ def ablation(inputs, dh, name: str, off=False) -> dict:
         setattr(mt, name, keep)
 
 
+# ----------------------------------------------------------------------------------------------- --long
+LONG_SEQS = (196, 1024, 4096, 16384)
+TFLA_CHUNK = 128
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of the chunkwise block kernels; state-loop candidates
+# (C tile edge, num_warps, num_stages). Tiles larger than the chunk are skipped.
+CHUNK_BLOCK_CANDIDATES = [(64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2), (64, 64, 8, 2),
+                          (32, 64, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2),
+                          (64, 16, 4, 2), (128, 32, 8, 2)]
+CHUNK_STATE_CANDIDATES = [(64, 4, 2), (64, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 1), (128, 8, 2)]
+
+
+def long_inputs(B, NH, S, DH, dtype=torch.bfloat16):
+    """q, k, v, i, f (all `dtype`, gates as the fused block hands them over) with grad, and dh."""
+    q, k, v = (torch.randn(B, NH, S, DH, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    i = torch.randn(B, NH, S, device="cuda", dtype=dtype, requires_grad=True)
+    f = (torch.randn(B, NH, S, device="cuda") + 3.0).to(dtype).requires_grad_()
+    return (q, k, v, i, f), torch.randn(B, NH, S, DH, device="cuda", dtype=dtype)
+
+
+def tfla_fn():
+    """NX-AI's TFLA chunkwise kernel (mlstm_kernels' `chunkwise--triton_xl_chunk`), or None if not importable."""
+    try:
+        from mlstm_kernels.torch import get_mlstm_kernel
+        kernel = get_mlstm_kernel("chunkwise--triton_xl_chunk")
+    except Exception as exc:  # noqa: BLE001 - optional baseline: any import failure means "skip it"
+        print(f"TFLA skipped: mlstm_kernels is not importable ({type(exc).__name__}: {exc})")
+        return None
+
+    def call(q, k, v, i, f):
+        S = q.shape[2]
+        pad = (-S) % TFLA_CHUNK if S >= TFLA_CHUNK or S & (S - 1) else 0   # it takes 16..64 (powers) or k * 128
+        if pad:
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+            i, f = (F.pad(t, (0, pad)) for t in (i, f))
+        h = kernel(q, k, v, i, f, chunk_size=TFLA_CHUNK)
+        return h[:, :, :S] if pad else h
+    return call
+
+
+def long_backends():
+    """(name, fn) of every backend of the --long rows."""
+    from mal.ops.mlstm.chunkwise import mlstm_chunkwise_triton
+    from mal.ops.mlstm.kernel import mlstm_triton
+    rows = [("triton", mlstm_triton), ("chunkwise", mlstm_chunkwise_triton)]
+    tfla = tfla_fn()
+    if tfla is not None:
+        rows.append(("tfla", tfla))
+    return rows + [(n, f) for f, n in sdpa_fn()]
+
+
+def long_row(B, NH, S, DH, fns) -> dict:
+    """One --long row: every backend timed on the same inputs; the ratios."""
+    inputs, dh = long_inputs(B, NH, S, DH)
+    row = {"device": torch.cuda.get_device_name(), "B": B, "NH": NH, "S": S, "DH": DH, "dtype": "bf16"}
+    if "tfla" in dict(fns):
+        row["tfla_S"] = S + ((-S) % TFLA_CHUNK if S >= TFLA_CHUNK or S & (S - 1) else 0)
+    for name, fn in fns:
+        if name == "sdpa-mem-eff" and "sdpa-flash" in row:
+            continue
+        try:
+            row[name] = time_backend(fn, inputs, dh)
+            row[name]["peak_bytes_per_token"] = row[name]["peak_mib"] * 2**20 / (B * S)
+        except (RuntimeError, AssertionError) as exc:   # flash above DH 256, TFLA's shape limits, OOM
+            print(f"{name} S={S} DH={DH}: {str(exc).splitlines()[0][:160]}", flush=True)
+        torch.cuda.empty_cache()
+    row["sdpa"] = "sdpa-flash" if "sdpa-flash" in row else "sdpa-mem-eff"
+    chk = row.get("chunkwise")
+    for other in ("triton", "tfla", row["sdpa"]):
+        if chk and other in row:
+            row[f"{other}_over_chunkwise_gpu_fwd_bwd"] = row[other]["gpu_fwd_bwd_ms"] / chk["gpu_fwd_bwd_ms"]
+            row[f"{other}_over_chunkwise_gpu_fwd"] = row[other]["gpu_fwd_ms"] / chk["gpu_fwd_ms"]
+    return row
+
+
+def chunk_ablation(B, NH, S, DH) -> dict:
+    """GPU fwd+bwd ms of the chunkwise kernel per chunk length and with SAVE_STATES (the others at defaults)."""
+    from mal.ops.mlstm import chunkwise as ck
+    inputs, dh = long_inputs(B, NH, S, DH)
+    out = {}
+    for L in (64, 128, 256):
+        for save in (False, True):
+            ck.SAVE_STATES = save
+            try:
+                fn = lambda *a: ck.mlstm_chunkwise_triton(*a, chunk_size=L)  # noqa: E731
+                out[f"L{L}{'_saved' if save else ''}"] = gpu_ms(
+                    lambda: torch.autograd.grad(fn(*inputs), inputs, dh))
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+                out[f"L{L}{'_saved' if save else ''}"] = f"{type(exc).__name__}"
+            finally:
+                ck.SAVE_STATES = False
+            torch.cuda.empty_cache()
+    return out
+
+
+def _timed_or_wrong(results, expect, timing, tol):
+    """GPU ms of timing(), or inf (printed) when results() differs from expect by more than tol (relative)."""
+    err = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+              for a, b in zip(results(), expect))
+    if not err <= tol:
+        print(f"  wrong results (rel. difference {err:.3g})")
+        return math.inf
+    return gpu_ms(timing)
+
+
+def sweep_chunkwise(B, NH, S, DH, tol=2e-2) -> dict:
+    """Time candidate configurations of each chunkwise kernel (the others at their current entries), checking
+    the results against the current configuration's; returns the fastest per table (not written back)."""
+    from mal.ops.mlstm import chunkwise as ck
+    inputs, dh = long_inputs(B, NH, S, DH)
+    detached = [t.detach() for t in inputs]
+    L = ck.chunk_size_for(S)
+
+    def results(with_bwd):
+        out = ck.mlstm_chunkwise_triton(*inputs)
+        return [out.detach()] + (list(torch.autograd.grad(out, inputs, dh)) if with_bwd else [])
+
+    def timing(with_bwd):
+        if with_bwd:
+            return lambda: torch.autograd.grad(ck.mlstm_chunkwise_triton(*inputs), inputs, dh)
+        return lambda: ck.mlstm_chunkwise_triton(*detached)
+    best, bd = {}, ck._block_d(DH)
+    tables = [("out", ck._OUT_CFG, False), ("dq", ck._DQ_CFG, True), ("dkdv", ck._DKDV_CFG, True)]
+    for name, table, with_bwd in tables:
+        keep, expect, timed = table[bd], results(with_bwd), []
+        for cfg in (c for c in CHUNK_BLOCK_CANDIDATES if c[0] <= L and c[1] <= L):
+            table[bd] = cfg
+            try:
+                timed.append((_timed_or_wrong(lambda: results(with_bwd), expect, timing(with_bwd), tol), cfg))
+            except Exception as exc:  # noqa: BLE001 - out-of-resources configs are expected
+                timed.append((math.inf, cfg))
+                print(f"  DH={DH} {name} {cfg}: {type(exc).__name__}")
+        table[bd] = keep
+        timed.sort()
+        best[name] = timed[0][1]
+        print(f"chunkwise sweep DH={DH} {name}: " + ", ".join(f"{c}={ms:.3f}" for ms, c in timed[:5]), flush=True)
+    keep, expect, timed = (ck._STATE_TILE, ck._STATE_WARPS, ck._STATE_STAGES), results(True), []
+    for cfg in CHUNK_STATE_CANDIDATES:
+        ck._STATE_TILE, ck._STATE_WARPS, ck._STATE_STAGES = cfg
+        try:
+            timed.append((_timed_or_wrong(lambda: results(True), expect, timing(True), tol), cfg))
+        except Exception as exc:  # noqa: BLE001
+            timed.append((math.inf, cfg))
+            print(f"  DH={DH} states {cfg}: {type(exc).__name__}")
+    ck._STATE_TILE, ck._STATE_WARPS, ck._STATE_STAGES = keep
+    timed.sort()
+    best["states"] = timed[0][1]
+    print(f"chunkwise sweep DH={DH} states (fwd+bwd): " + ", ".join(f"{c}={ms:.3f}" for ms, c in timed[:5]), flush=True)
+    return best
+
+
+def long_table(rows) -> None:
+    """Markdown: GPU kernel ms (fwd / fwd+bwd) per backend, the ratios, peak bytes per token."""
+    names = [n for n in ("triton", "chunkwise", "tfla") if any(n in r for r in rows)]
+    print(f"\n{rows[0]['device']}, NH={rows[0]['NH']}, bf16, GPU kernel ms (profiler) fwd / fwd+bwd; "
+          "ratios: other / chunkwise fwd+bwd (> 1: chunkwise faster); peak extra bytes per token of one fwd+bwd\n")
+    head = " | ".join([f"{n} fwd / f+b" for n in names] + ["sdpa fwd / f+b"])
+    ratios = " | ".join(f"{n} / chunkwise" for n in names if n != "chunkwise")
+    peaks = " / ".join(names + ["sdpa"])
+    print(f"| S | DH | B | {head} | {ratios} | peak B/token {peaks} |")
+    print("|" + "---|" * (3 + len(names) + 1 + len(names) - 1 + 1))
+    for r in rows:
+        cell = lambda x: f"{x['gpu_fwd_ms']:.3f} / {x['gpu_fwd_bwd_ms']:.3f}" if x else "-"  # noqa: E731
+        cols = [cell(r.get(n)) for n in names] + [cell(r.get(r["sdpa"]))]
+        rat = [f"{r[k]:.2f}x" if (k := f"{n}_over_chunkwise_gpu_fwd_bwd") in r else "-" for n in names if n != "chunkwise"]
+        pk = " / ".join(f"{r[n]['peak_bytes_per_token']:.0f}" if n in r else "-" for n in names + [r["sdpa"]])
+        print(f"| {r['S']} | {r['DH']} | {r['B']} | " + " | ".join(cols + rat) + f" | {pk} |")
+
+
+def long_main(args) -> None:
+    """--long: every backend at every (S, DH), in one run; JSON lines, then the markdown table."""
+    fns = long_backends()
+    rows = []
+    for DH in args.dh:
+        if args.sweep:
+            S = max(args.seqs)
+            print(json.dumps({"DH": DH, "chunkwise_best": sweep_chunkwise(
+                args.batch or max(1, args.tokens // S), args.heads, S, DH)}), flush=True)
+        for S in args.seqs:
+            B = args.batch or max(1, args.tokens // S)
+            row = long_row(B, args.heads, S, DH, fns)
+            if args.chunk_ablation:
+                row["chunk_ablation_gpu_fwd_bwd_ms"] = chunk_ablation(B, args.heads, S, DH)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    long_table(rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dh", type=int, nargs="+", default=[96, 192, 384])
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=None, help="sequences per call (default 128; --long: tokens // S)")
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seq", type=int, default=197)
     ap.add_argument("--sweep", action="store_true")
@@ -199,7 +403,18 @@ def main():
     ap.add_argument("--maxnreg-ablation", action="store_true",
                     help="also time the kernels without the dq kernel's register cap (_DQ_MAXNREG={})")
     ap.add_argument("--json", default=None, help="also write the JSON results here")
+    ap.add_argument("--long", action="store_true", help="long sequences: parallel vs chunkwise vs TFLA vs SDPA")
+    ap.add_argument("--seqs", type=int, nargs="+", default=list(LONG_SEQS), help="--long: sequence lengths")
+    ap.add_argument("--tokens", type=int, default=128 * 1024, help="--long: B * S per call (B = tokens // S)")
+    ap.add_argument("--chunk", type=int, default=None, help="--long: the chunkwise kernel's chunk length")
+    ap.add_argument("--chunk-ablation", action="store_true", help="--long: also time chunk 64/128/256, SAVE_STATES")
     args = ap.parse_args()
+    if args.long:
+        if args.chunk is not None:
+            from mal.ops.mlstm import chunkwise as ck
+            ck.CHUNK_SIZE = args.chunk
+        return long_main(args)
+    args.batch = args.batch or 128
 
     from mal.ops.mlstm.kernel import mlstm_triton
     from mal.ops.mlstm.reference import mlstm_parallel

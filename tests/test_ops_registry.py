@@ -81,7 +81,7 @@ def test_dispatch_traces_as_one_graph():
 
 def test_the_ops_backends_and_their_cpu_fallbacks():
     from mal.ops import backends, resolve
-    assert backends("mlstm") == ["torch", "recurrent", "triton"]
+    assert backends("mlstm") == ["torch", "recurrent", "triton", "chunkwise"]
     for op in ("headwise", "qkv", "norm", "block_grad"):
         assert backends(op) == ["torch", "triton"], op
     q, i = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5)
@@ -93,7 +93,7 @@ def test_the_ops_backends_and_their_cpu_fallbacks():
     assert resolve("norm", x, None, torch.bfloat16).reference
     assert resolve("block_grad", xz, 2, conv_w, wq, 4).reference
     with pytest.raises(ValueError, match=r"unknown mlstm backend 'foo'; choose one of "
-                                         r"\['auto', 'torch', 'recurrent', 'triton'\]"):
+                                         r"\['auto', 'torch', 'recurrent', 'triton', 'chunkwise'\]"):
         resolve("mlstm", q, q, q, i, i, backend="foo")
     with pytest.raises(ValueError, match="mlstm backend 'triton' does not support .* on cpu: it runs on cuda"):
         resolve("mlstm", q, q, q, i, i, backend="triton")
@@ -115,7 +115,7 @@ def cpu_model_without_triton() -> None:
     out = model(x)
     out.sum().backward()
     assert torch.allclose(out, ref, atol=1e-5)
-    assert backends("mlstm") == ["torch", "recurrent", "triton"]
+    assert backends("mlstm") == ["torch", "recurrent", "triton", "chunkwise"]
     q = torch.randn(1, 2, 5, 16)
     assert resolve("mlstm", q, q, q, q[..., 0], q[..., 0]).name == "torch"
     kernels = [m for m in sys.modules if m.startswith("mal.ops") and m.endswith(".kernel")]
