@@ -11,16 +11,15 @@ ReLU; the norm is GroupNorm (mmseg uses SyncBN) so that the result does not depe
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, or the largest divisor of `channels` below that."""
-    groups = math.gcd(32, channels)
+    """GroupNorm with up to 32 groups of at least 2 channels each (a group of one channel on PPM's 1x1 bin would
+    normalize a single value): the most groups <= 32 that divide `channels` that way."""
+    groups = max((g for g in range(1, 33) if channels % g == 0 and channels // g >= 2), default=1)
     return nn.GroupNorm(groups, channels)
 
 
