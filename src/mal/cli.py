@@ -1,8 +1,11 @@
-"""`mal` command line: pretrain, finetune, supervised, eval, demo, export, config.
+"""`mal` command line: pretrain, finetune, supervised, eval, segment, demo, export, config.
 
     mal pretrain   --config cifar10_pretrain [key=value ...]     (a shipped config's name, or a YAML file)
     mal finetune   --config cifar10_finetune --init runs/cifar_pre/ckpt_last
     mal eval       --checkpoint runs/cifar_ft/ckpt_last --data DATA/cifar10 [--knn --linprobe]
+    mal segment    train --config camvid_segment [--init runs/pre/ckpt_last] [key=value ...]
+    mal segment    eval --checkpoint runs/camvid_segment/ckpt_last [--split test] [--inference slide]
+    mal segment    predict --checkpoint runs/camvid_segment/ckpt_last --input IMAGE_OR_FOLDER --out DIR
     mal demo       # offline first run on the embedded digits: pretrain, fine-tune, evaluate, PNG
     mal config     list | show FILE [key=value ...] | check FILE | reference
     mal export     runs/cifar_ft --to mal-tiny-cifar10 [--ema]   # a from_pretrained / timm "local-dir:" folder
@@ -32,7 +35,7 @@ class _IntermixedParser(argparse.ArgumentParser):
     _inside = False
 
     def parse_known_args(self, args=None, namespace=None):
-        if self._inside:
+        if self._inside or self._subparsers is not None:                   # `mal segment <action>`: plain parsing
             return super().parse_known_args(args, namespace)
         self._inside = True
         try:
@@ -83,6 +86,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, help="processes that make the corrupted images (default: the CPU cores)")
     r.add_argument("--out", help="folder for robustness.json/.csv/.png (default: RUN/robustness beside the checkpoint)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.num_workers=2")
+    _add_segment_parser(sub.add_parser("segment", help="semantic segmentation with a pretrained encoder: train, "
+                                                       "eval, predict (docs/segmentation.md)"))
     p = sub.add_parser("demo", help="offline first run on the embedded digits (a few minutes on a CPU)")
     p.add_argument("--output", default="runs/demo", help="folder for the two runs (default runs/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo")
@@ -101,6 +106,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?", help="YAML file or shipped config name (show/check)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return ap
+
+
+def _add_segment_parser(seg: argparse.ArgumentParser) -> None:
+    acts = seg.add_subparsers(dest="action", required=True, parser_class=_IntermixedParser)
+    p = acts.add_parser("train", help="train a Segmenter (encoder + UperNet) on image/mask pairs")
+    _add_run_args(p)
+    p.add_argument("--init", help="encoder checkpoint: a MAL / MAE pretraining or a classifier run's ckpt_last "
+                                  "(default: the config's init; none = from scratch)")
+    for name, text in (("eval", "mIoU / mDice / per-class IoU of a segment checkpoint on a split"),
+                       ("predict", "predicted masks (PNG) and overlays of images")):
+        p = acts.add_parser(name, help=text)
+        p.add_argument("--checkpoint", required=True, help="segment checkpoint folder (runs/NAME/ckpt_last, ckpt_ema)")
+        p.add_argument("--inference", choices=["whole", "slide"], help="default: the run's seg.inference")
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seg.stride=[96,96]")
+    p = acts.choices["eval"]
+    p.add_argument("--data", help="dataset root (default: the run's data.dataset)")
+    p.add_argument("--split", help="split to evaluate (default: the run's data.val_split)")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--png", help="also write the image / ground truth / prediction figure to this PNG")
+    p = acts.choices["predict"]
+    p.add_argument("--input", required=True, help="an image file or a folder of images")
+    p.add_argument("--out", required=True, help="folder for <stem>.png masks (class indices) and overlays.png")
 
 
 def _resolve(args, task: str) -> RunConfig:
@@ -162,6 +190,8 @@ def cmd_eval(args) -> dict:
 
     ckpt = Path(args.checkpoint)
     meta = read_meta(ckpt)
+    if meta.get("task") == "segment":
+        raise ValueError(f"{ckpt} is a segmentation checkpoint: evaluate it with `mal segment eval --checkpoint {ckpt}`")
     cfg = _eval_config(meta, args.overrides)
     robust = _robustness_options(args, ckpt, meta, cfg)
     info = init_distributed()
@@ -222,6 +252,91 @@ def _robustness(model, cfg, dataset, split, ckpt, device, info, opts, loader) ->
     return {**{k: doc["clean"][k] for k in ("top1", "top5", "loss")},
             **{k: doc[k] for k in ("mean_corruption_top1", "mce", "relative_mce")},
             "robustness": doc["files"]}
+
+
+def _segment_checkpoint(args):
+    """(config, meta, Segmenter with the checkpoint's weights, evaluator) of `mal segment eval/predict`."""
+    from .checkpoint import load_weights, read_meta
+    from .engine.build import build_evaluator, build_model
+    ckpt = Path(args.checkpoint)
+    meta = read_meta(ckpt)
+    if meta.get("task") != "segment":
+        raise ValueError(f"{ckpt} is a {meta.get('task')} checkpoint, not a segmentation run; train one with "
+                         f"`mal segment train --init {ckpt}`" + ("" if meta.get("task") == "pretrain" else
+                                                                  ", or use `mal eval` for a classifier"))
+    cfg = _eval_config(meta, [*args.overrides, *([f"seg.inference={args.inference}"] if args.inference else [])])
+    model = build_model(cfg, meta["num_classes"], load_init=False)
+    try:
+        model.load_state_dict(load_weights(ckpt))
+    except RuntimeError as e:                                               # missing / unexpected / shapes
+        raise ValueError(f"{ckpt} does not match its own config's Segmenter: {str(e)[:600]}") from None
+    return cfg, meta, model, build_evaluator(cfg, meta["classes"])
+
+
+def cmd_segment_eval(args) -> dict:
+    from . import data as mdata
+    from .distributed import device_for, init_distributed
+    from .engine.build import eval_loader
+    from .engine.evaluate import save_segmentation_predictions
+    cfg, meta, model, evaluator = _segment_checkpoint(args)
+    info = init_distributed()
+    device = device_for(info)
+    s, root = cfg.seg, args.data or cfg.data.dataset
+    split = args.split or cfg.data.val_split or "test"
+    pairs = mdata.split_pairs(Path(root), split, s.image_dir, s.mask_dir, s.split_sizes, s.split_seed)
+    test_set = mdata.SegmentationFolder(pairs, meta["num_classes"], s.ignore_index,
+                                        mdata.seg_eval_transform(cfg.data.mean, cfg.data.std, s.ignore_index),
+                                        meta["classes"], cfg.data.strict, root=root)
+    model = model.to(device)
+    loader = eval_loader(test_set, cfg, info, True, args.batch_size, evaluator.collate)
+    out: dict = {"checkpoint": args.checkpoint, "dataset": str(root), "split": split, "images": len(test_set),
+                 "inference": s.inference, **evaluator(model, loader, device, cfg.amp, progress=info.is_main)}
+    if info.is_main:
+        if args.png:
+            out["prediction_png"] = str(save_segmentation_predictions(
+                model, test_set, evaluator, Path(args.png), device, cfg.data.mean, cfg.data.std, cfg.viz_samples,
+                cfg.amp))
+        print(json.dumps(out, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+    return out
+
+
+def cmd_segment_predict(args) -> dict:
+    """Masks (PNG of class indices, `<stem>.png`) and overlays.png for an image or a folder of images."""
+    import torch
+    from PIL import Image
+    from . import data as mdata
+    from .distributed import device_for, init_distributed
+    from .engine.evaluate import autocast_for
+    from .viz import save_segmentation_grid
+    cfg, meta, model, evaluator = _segment_checkpoint(args)
+    src, out_dir = Path(args.input), Path(args.out)
+    files = [src] if src.is_file() else sorted(f for f in src.iterdir() if f.suffix.lower() in mdata.IMG_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"--input {src}: no image files ({', '.join(mdata.IMG_EXTENSIONS)})")
+    device = device_for(init_distributed())
+    model = model.to(device).eval()
+    tf = mdata.seg_eval_transform(cfg.data.mean, cfg.data.std, cfg.seg.ignore_index)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shown: list = []
+    for f in files:
+        img = tf(mdata.load_rgb_image(f), Image.new("L", (1, 1)))[0]      # (3, H, W); the mask is not used
+        with torch.no_grad(), autocast_for(device, cfg.amp):
+            pred = model.predict(img[None].to(device), evaluator.mode, evaluator.crop, evaluator.stride).argmax(1)
+        Image.fromarray(pred[0].to(torch.uint8).cpu().numpy()).save(out_dir / f"{f.stem}.png")
+        if len(shown) < cfg.viz_samples and (not shown or shown[0][0].shape == img.shape):
+            shown.append((img, pred[0].cpu()))
+    png = save_segmentation_grid(out_dir / "overlays.png", torch.stack([i for i, _ in shown]), None,
+                                 torch.stack([p for _, p in shown]), cfg.data.mean, cfg.data.std, meta["classes"])
+    print(f"wrote {len(files)} masks (class indices) to {out_dir}; overlays: {png}")
+    return {"masks": len(files), "out": str(out_dir), "overlays": str(png)}
+
+
+def cmd_segment(args) -> dict | None:
+    if args.action == "train":
+        return _run(_resolve(args, "segment"), args.resume, args.overwrite, not args.no_progress, args.allow_changes)
+    return cmd_segment_eval(args) if args.action == "eval" else cmd_segment_predict(args)
 
 
 def cmd_demo(args) -> dict:
@@ -288,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_config(args)
         elif args.command == "export":
             cmd_export(args)
+        elif args.command == "segment":
+            cmd_segment(args)
         else:
             _run(_resolve(args, args.command), args.resume, args.overwrite, not args.no_progress, args.allow_changes)
     except Interrupted as e:

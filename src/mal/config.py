@@ -276,21 +276,99 @@ def check_auto_augment(policy: str) -> None:
                          f"rand-m9-mstd0.5-inc1, augmix-m5-w3, v0, original, or '' for none") from None
 
 
-TASKS = ("pretrain", "finetune", "supervised")
+SEG_LOSSES = ("ce", "ce_dice")
+SEG_INFERENCE = ("whole", "slide")
+FEATURE_SCALES = (4.0, 2.0, 1.0, 0.5, 0.25)
+
+
+@dataclass
+class SegConfig:
+    """Semantic segmentation (task: segment): masks, the UperNet head, the loss, augmentation, inference."""
+    class_names: list[str] = field(default_factory=list)   # one name per class for the per-class metrics and the
+                                                           # figure ([] = "0", "1", ...); num_classes counts them
+    ignore_index: int = -1             # mask value ignored by the loss and the metrics (CamVid's void: 11; -1 =
+                                       # none in the masks), also given to padding; outside [0, num_classes)
+    image_dir: str = "{split}"         # image folder under data.dataset; "{split}" is replaced by the split name
+    mask_dir: str = "{split}annot"     # mask folder (PNG of class indices, same file stem as the image)
+    split_sizes: list[int] = field(default_factory=list)   # folders without "{split}": a seeded split of the
+                                                           # pairs into [train, val, test] counts (Kvasir: 800, 98,
+                                                           # 100); the split names pick the parts
+    split_seed: int = 0                # which pairs go to which part of split_sizes
+    eval_split: str = ""               # split evaluated during training (e.g. val); "" = the data.holdout part,
+                                       # else data.val_split, as for classification
+    out_indices: list[int] = field(default_factory=list)   # the 4 encoder blocks feeding the head ([] = the last
+                                                           # block of each quarter of the depth: 5, 11, 17, 23 of 24)
+    feature_scales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])  # each level's size relative
+                                       # to the patch grid (deconvolutions up, max-pooling down; ViT-UperNet's
+                                       # 4, 2, 1, 0.5 = strides 4-32 px at patch 16)
+    norm_features: bool = True         # pass every level through the encoder's final LayerNorm
+    channels: int = 256                # UperNet width (PPM, FPN and the fused map)
+    pool_scales: list[int] = field(default_factory=lambda: [1, 2, 3, 6])   # PPM bins on the coarsest level
+    dropout: float = 0.1               # before the 1x1 classifier
+    loss: str = "ce"                   # "ce" (cross-entropy averaged over all pixels, ignored ones count 0) or
+                                       # "ce_dice" (+ soft Dice of the classes other than 0, per image)
+    dice_weight: float = 1.0           # weight of the Dice term of ce_dice
+    crop_size: tuple[int, int] = (192, 192)      # training crop (height, width), multiples of model.patch_size
+    scale_range: tuple[float, float] = (0.5, 2.0)   # training: resize by a random factor of the image size,
+                                       # then crop (padded with the ignore index where the image is smaller)
+    hflip: bool = True                 # training: random horizontal flip
+    vflip: bool = False                # training: random vertical flip (endoscopy, aerial images)
+    photometric: bool = True           # training: brightness / contrast / saturation / hue jitter, image only
+    inference: str = "whole"           # evaluation: "whole" (padded to the patch grid) or "slide" (crop_size
+                                       # windows, logits averaged where they overlap)
+    stride: tuple[int, int] = (128, 128)   # slide inference: window step (height, width)
+
+    def __post_init__(self):
+        if self.loss not in SEG_LOSSES:
+            raise ValueError(f"seg.loss must be one of {list(SEG_LOSSES)}, got {self.loss!r}")
+        if self.inference not in SEG_INFERENCE:
+            raise ValueError(f"seg.inference must be one of {list(SEG_INFERENCE)}, got {self.inference!r}")
+        if len(self.feature_scales) != 4 or any(float(f) not in FEATURE_SCALES for f in self.feature_scales):
+            raise ValueError(f"seg.feature_scales needs 4 levels among {list(FEATURE_SCALES)}, got "
+                             f"{list(self.feature_scales)}")
+        if self.out_indices and len(self.out_indices) != 4:
+            raise ValueError(f"seg.out_indices needs 4 block indices (one per level) or [], got {self.out_indices}")
+        if self.split_sizes and (len(self.split_sizes) != 3 or min(self.split_sizes) < 0):
+            raise ValueError(f"seg.split_sizes needs 3 counts >= 0 [train, val, test], got {self.split_sizes}")
+        if min(*self.crop_size, *self.stride, self.channels) < 1 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError("seg.crop_size, seg.stride and seg.channels must be >= 1 and seg.scale_range must be "
+                             "0 < low <= high")
+        _in_range("seg.dropout", self.dropout, 0.0, 1.0, high_open=True)
+        if self.dice_weight < 0 or min(self.pool_scales, default=1) < 1:
+            raise ValueError("seg.dice_weight must be >= 0 and seg.pool_scales >= 1")
+
+    def check(self, num_classes: int, patch_size: int) -> None:
+        """What depends on the run: the number of classes and the patch size."""
+        if not 2 <= num_classes <= 255:
+            raise ValueError(f"task=segment needs num_classes in [2, 255] (the mask's classes, without the ignored value; "
+                             f"2 for a binary mask), got {num_classes}")
+        if 0 <= self.ignore_index < num_classes:
+            raise ValueError(f"seg.ignore_index={self.ignore_index} is one of the {num_classes} classes; use a value "
+                             f"outside [0, {num_classes}) (e.g. 255)")
+        if self.class_names and len(self.class_names) != num_classes:
+            raise ValueError(f"seg.class_names has {len(self.class_names)} names for num_classes={num_classes}")
+        if self.crop_size[0] % patch_size or self.crop_size[1] % patch_size:
+            raise ValueError(f"seg.crop_size {list(self.crop_size)} must be multiples of model.patch_size "
+                             f"{patch_size}")
+
+
+TASKS = ("pretrain", "finetune", "supervised", "segment")
 PROBE_POOLS = ("mean", "last", "first_last")
 
 
 @dataclass
 class RunConfig:
     """One training run: pretraining, fine-tuning from a pretraining checkpoint, or supervised from scratch."""
-    task: str = "pretrain"             # pretrain, finetune (needs init) or supervised
+    task: str = "pretrain"             # pretrain, finetune (needs init), supervised or segment (init optional)
     model: EncoderConfig = field(default_factory=EncoderConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     aug: AugConfig = field(default_factory=AugConfig)
-    init: str = ""                     # fine-tuning: pretraining checkpoint folder or .safetensors
-    num_classes: int = 0               # 0 = number of class folders of the dataset
+    seg: SegConfig = field(default_factory=SegConfig)
+    init: str = ""                     # fine-tuning: pretraining checkpoint folder or .safetensors; segment: a
+                                       # pretraining or classifier checkpoint for the encoder ("" = from scratch)
+    num_classes: int = 0               # 0 = number of class folders of the dataset; segment: the mask's classes
     ema_decay: float = 0.0             # model EMA for fine-tuning; 0 = off
     ema_warmup: bool = True            # EMA decay 1 - (1 + step)^(-2/3) early on (timm), so short runs forget
                                        # the initial weights; the raw and the EMA model are both evaluated
@@ -325,6 +403,8 @@ class RunConfig:
             raise ValueError(f"probe_pool must be one of {list(PROBE_POOLS)}, got {self.probe_pool!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema_decay must be in [0, 1)")
+        if self.task == "segment":
+            self.seg.check(self.num_classes, self.model.patch_size)
         if self.task == "pretrain" and self.objective.kind == "mal":
             from .serialization import check_divides
             check_divides(*self.model.grid, self.model.cluster_size)
@@ -361,7 +441,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     return from_dict(RunConfig, data)
 
 
-__all__ = ["RunConfig", "DataConfig", "OptimConfig", "AugConfig", "load_run_config", "EncoderConfig", "DecoderConfig",
+__all__ = ["RunConfig", "DataConfig", "OptimConfig", "AugConfig", "SegConfig", "load_run_config", "EncoderConfig", "DecoderConfig",
            "MaskConfig", "ObjectiveConfig", "MODEL_PRESETS", "ARCHS", "OBJECTIVES",
            "FIXED_ORDERS", "MASK_UNITS", "SCAN_ORDERS", "from_dict", "to_dict", "apply_overrides", "load_yaml",
            "config_path", "shipped_configs", "SHIPPED_CONFIGS"]

@@ -5,6 +5,7 @@ folder      ImageFolderDataset (bad files skipped)        badfiles   BadImageErr
 cache       the decoded uint8 cache of a small folder     default    the embedded MNIST digits
 splits      holdout_split, IndexedView                    transforms MAE's pretrain / fine-tune / eval transforms
 loaders     in-order evaluation loaders, worker counts    resolve    build_dataset: "default" or ROOT/<split>
+segmentation  image/mask pairs (SegmentationFolder), their seeded splits and joint v2 transforms
 """
 from .badfiles import BadImageError
 from .default import ArrayImageDataset, default_dataset
@@ -12,6 +13,8 @@ from .folder import ImageFolderDataset
 from .images import IMG_EXTENSIONS, load_rgb_image, to_rgb8
 from .loaders import build_loader, cap_num_workers, default_num_workers
 from .resolve import build_dataset
+from .segmentation import (BadMaskError, PadCollate, SegmentationFolder, SegmentationView, seg_eval_transform,
+                           seg_train_transform, split_pairs)
 from .splits import IndexedView, holdout_split
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, finetune_transform, pretrain_transform
 
@@ -23,4 +26,6 @@ __all__ = [
     "holdout_split", "IndexedView",
     "pretrain_transform", "finetune_transform", "eval_transform",
     "build_loader", "default_num_workers", "cap_num_workers",
+    "BadMaskError", "SegmentationFolder", "SegmentationView", "split_pairs", "seg_train_transform",
+    "seg_eval_transform", "PadCollate",
 ]

@@ -58,10 +58,10 @@ class ShardedEvalSampler(Sampler[int]):
 
 
 def build_loader(dataset: Dataset, batch_size: int, *, num_workers: int, distributed: bool = False,
-                 persistent_workers: bool = False, train: bool = False) -> DataLoader:
+                 persistent_workers: bool = False, train: bool = False, collate_fn=None) -> DataLoader:
     """An in-order evaluation loader over every sample (this process's shard when ``distributed``, which needs
     torch.distributed initialised). ``num_workers`` is capped at the machine's CPUs. ``train`` must stay False:
-    training loaders are the engine's."""
+    training loaders are the engine's. ``collate_fn``: the DataLoader's (None: the default)."""
     if train:
         raise ValueError("build_loader makes in-order evaluation loaders; training batches come from "
                          "mal.engine.sampling.StepSampler")
@@ -73,7 +73,7 @@ def build_loader(dataset: Dataset, batch_size: int, *, num_workers: int, distrib
     num_workers = cap_num_workers(num_workers)
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardedEvalSampler(len(dataset), world, rank),
                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=persistent_workers and num_workers > 0)
+                      persistent_workers=persistent_workers and num_workers > 0, collate_fn=collate_fn)
 
 
 __all__ = ["build_loader", "default_num_workers", "cap_num_workers", "available_cpus", "ShardedEvalSampler"]

@@ -80,10 +80,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 class MetricsLog:
     """CSV + TensorBoard scalars, written by the main process only."""
 
-    FIELDS = ["step", "epoch", "loss", "lr", "img_per_s", "time", "eval_top1", "eval_top5", "eval_loss",
-              "eval_ema_top1", "eval_ema_top5", "eval_ema_loss"]
+    TRAIN_FIELDS = ["step", "epoch", "loss", "lr", "img_per_s", "time"]
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0):
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0,
+                 eval_fields: tuple[str, ...] = ("top1", "top5", "loss")):
+        """`eval_fields`: the evaluator's scores, logged as eval_<name> and eval_ema_<name> columns."""
+        self.FIELDS = self.TRAIN_FIELDS + [f"eval_{f}" for f in eval_fields] + [f"eval_ema_{f}" for f in eval_fields]
         self.enabled, self.path, self.tb = enabled, run_dir / "metrics.csv", None
         if not enabled:
             return

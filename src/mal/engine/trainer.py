@@ -1,4 +1,6 @@
-"""The training engine: MAL pretraining, fine-tuning and supervised training, on one process or many (DDP).
+"""The training engine: MAL pretraining, fine-tuning, supervised training and segmentation, on one process or many
+(DDP). What differs between the tasks is built from the config (engine/build.py): datasets, model, loss and the
+evaluator (engine/evaluate.py).
 
     Trainer(cfg, run_dir, info).fit()  =  set up -> [resume] -> epochs of steps (log, save, evaluate) -> finish
 
@@ -27,8 +29,9 @@ from ..config import RunConfig, to_dict
 from ..distributed import DistInfo, all_reduce_sum, barrier, device_for, gather_objects
 from ..errors import GPUOutOfMemoryError, Interrupted
 from ..viz import plot_curves, save_prediction_grid
-from .build import build_criterion, build_datasets, build_model, check_compatible, eval_loader, loader_workers
-from .evaluate import autocast_for, evaluate_classifier
+from .build import (build_criterion, build_datasets, build_evaluator, build_model, check_compatible, eval_loader,
+                    loader_workers)
+from .evaluate import autocast_for, save_segmentation_predictions
 from .optim import adapt_loaded_optimizer, cosine_lr, make_optimizer, param_groups, set_lr
 from .probe import probe_encoder
 from .run_dir import MetricsLog, RunDir, Throughput
@@ -41,7 +44,8 @@ log = logging.getLogger("mal")
 # keys that may differ on --resume without changing what the run computes
 RESUMABLE_KEYS = {"output_dir", "data.num_workers", "data.cache", "data.cache_dir", "data.strict", "data.dataset",
                   "log_every", "save_every", "keep_every", "eval_every", "fast_path", "cuda_graph", "recompute",
-                  "recompute_qkv", "probe", "probe_pool", "knn_k", "viz_samples", "model.mlstm_backend"}
+                  "recompute_qkv", "probe", "probe_pool", "knn_k", "viz_samples", "model.mlstm_backend",
+                  "seg.inference", "seg.stride"}
 
 
 def recipe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -84,6 +88,7 @@ class Trainer:
         self.train_set = self.data.train
         self.classes = self.data.classes
         self.num_classes = cfg.num_classes or len(self.classes)
+        self.evaluator = build_evaluator(cfg, self.classes)
         self.model = build_model(cfg, self.num_classes, load_init=self.folder.checkpoint is None).to(self.device)
         self._schedule()
         o = cfg.optim
@@ -159,7 +164,7 @@ class Trainer:
         self.runner = StepRunner(LossStep(self.ddp, criterion), self.device, cfg.amp,
                                  graphs_usable(cfg.cuda_graph, self.device, self.info), cfg.optim.accum_steps)
         self.runner.zero_grad(self.optimizer)
-        self.metrics = MetricsLog(self.run_dir, self.info.is_main, self.step)
+        self.metrics = MetricsLog(self.run_dir, self.info.is_main, self.step, self.evaluator.fields)
         self.sampler = StepSampler(len(self.train_set), cfg.optim.batch_size, self.info.world_size, self.info.rank,
                                    cfg.seed)
 
@@ -313,11 +318,12 @@ class Trainer:
                 (s % (self.steps_per_epoch * self.cfg.eval_every) == 0 or s == self.total_steps))
 
     def scores(self, dataset) -> dict[str, float]:
-        """top1 / top5 / loss of the raw model, and ema_top1 / ... of the EMA model, on `dataset`."""
-        loader = eval_loader(dataset, self.cfg, self.info, True)
-        out = evaluate_classifier(self.model, loader, self.device, self.cfg.amp)
+        """The evaluator's scores (top1 / top5 / loss, or miou / mdice / acc / loss / per class) of the raw model, and
+        ema_top1 / ... of the EMA model, on `dataset`."""
+        loader = eval_loader(dataset, self.cfg, self.info, True, collate_fn=self.evaluator.collate)
+        out = self.evaluator(self.model, loader, self.device, self.cfg.amp)
         if self.ema is not None:
-            ema = evaluate_classifier(self.ema.module, loader, self.device, self.cfg.amp)
+            ema = self.evaluator(self.ema.module, loader, self.device, self.cfg.amp)
             out.update({f"ema_{k}": v for k, v in ema.items()})
         return out
 
@@ -327,8 +333,9 @@ class Trainer:
         self.metrics.write(self.step, epoch=self.step / self.steps_per_epoch,
                            **{f"eval_{k}": v for k, v in res.items() if f"eval_{k}" in self.metrics.FIELDS})
         if self.info.is_main:
-            ema = f"  (EMA {res['ema_top1']:.2f} %)" if "ema_top1" in res else ""
-            self.bar.write(f"step {self.step}: {self.data.eval_name} top-1 {res['top1']:.2f} %{ema}")
+            ema = {k[4:]: v for k, v in res.items() if k.startswith("ema_")}
+            ema_text = f"  (EMA: {self.evaluator.describe(ema)})" if ema else ""
+            self.bar.write(f"step {self.step}: {self.data.eval_name} {self.evaluator.describe(res)}{ema_text}")
 
     # ---------------------------------------------------------------- the end
     def finish(self) -> dict[str, Any]:
@@ -345,8 +352,12 @@ class Trainer:
         elif self.last_eval:
             summary["eval_set"] = self.data.eval_name
             summary.update({f"{self.data.eval_name}_{k}": v for k, v in self.last_eval.items()})
-            if self.data.eval_name == "holdout" and self.data.val is not None:     # the val folder, once
+            if self.data.eval_name != "val" and self.data.val is not None:        # the val folder, once
                 summary.update({f"val_{k}": v for k, v in self.scores(self.data.val).items()})
+        if self.cfg.task == "segment" and self.info.is_main:
+            src = self.data.val if self.data.val is not None else self.data.eval
+            if src is not None:
+                summary["prediction_png"] = str(self.save_segmentations(src))
         summary.update(num_bad=self.train_set.num_bad, bad_files=[str(f) for f in self.train_set.bad_files])
         if self.info.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -380,6 +391,12 @@ class Trainer:
                 log.info("frozen encoder (%s, %s pooling): k-NN %.2f %%, linear probe %.2f %%",
                          name.rstrip("_") or "val", cfg.probe_pool, res["knn_top1"], res["linprobe_top1"])
         return out
+
+    def save_segmentations(self, dataset) -> Path:
+        """predictions.png of a segment run: images of `dataset`, their ground truth and the raw model's prediction."""
+        cfg = self.cfg
+        return save_segmentation_predictions(self.model, dataset, self.evaluator, self.run_dir / "predictions.png",
+                                             self.device, cfg.data.mean, cfg.data.std, cfg.viz_samples, cfg.amp)
 
     def save_predictions(self, dataset) -> Path:
         """predictions.png: the input as seen, the next-cluster predictions, the target, one image per class."""

@@ -6,8 +6,9 @@ checkpoints load strictly.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn as nn
@@ -34,6 +35,52 @@ def down_init_(weight: torch.Tensor, dim: int) -> None:
     """N(0, std 2 / sqrt(dim)): the down-projection of each residual branch, as the official ViL
     (`vision_lstm2.py`: `wang_init_(..., num_blocks=1)`); docs/method.md, "Initialization"."""
     nn.init.normal_(weight, mean=0.0, std=2 / math.sqrt(dim))
+
+
+def take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """timm's `feature_take_indices`: None = every block, an int n = the last n blocks, a list = those blocks
+    (negative ones count from the end). Returns (sorted-as-given absolute indices, the largest)."""
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"last-n indices={indices} is out of range (1 to {num_blocks})")
+        take = list(range(num_blocks - indices, num_blocks))
+    else:
+        take = [num_blocks + i if i < 0 else i for i in indices]
+        bad = [i for i in take if not 0 <= i < num_blocks]
+        if bad or not take:
+            raise ValueError(f"block indices {list(indices)} are out of range (0 to {num_blocks - 1}, or negative "
+                             f"from the end)")
+    return take, max(take)
+
+
+def to_output_fmt(tokens: list[torch.Tensor], h: int, w: int, output_fmt: str) -> list[torch.Tensor]:
+    """Raster tokens (B, h*w, D) as timm's intermediates: NCHW (B, D, h, w) or NLC (B, h*w, D)."""
+    if output_fmt == "NLC":
+        return tokens
+    return [t.reshape(t.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for t in tokens]
+
+
+def check_output_fmt(output_fmt: str) -> None:
+    if output_fmt not in ("NCHW", "NLC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+
+
+def prune_blocks(model: nn.Module, indices: int | Sequence[int], prune_norm: bool, prune_head: bool) -> list[int]:
+    """timm's `prune_intermediate_layers` for `VisionLSTM` / `VisionTransformer`: keep the blocks up to the last one
+    taken (model.cfg.depth follows, cached plans are dropped), optionally the final norm and the head."""
+    take, last = take_indices(len(model.blocks), indices)
+    model.blocks = model.blocks[:last + 1]
+    model.cfg = dataclasses.replace(model.cfg, depth=last + 1)
+    for cache in ("_plans", "_masks"):
+        if hasattr(model, cache):
+            getattr(model, cache).clear()
+    if prune_norm:
+        model.norm = nn.Identity()
+    if prune_head:
+        model.head, model.num_classes = nn.Identity(), 0
+    return take
 
 
 class LinearHeadwise(nn.Module):
@@ -305,6 +352,29 @@ class VisionLSTM(nn.Module, HubMixin, tags=["vision-lstm"]):
         t = self.patchify_embed(x) + self.pos_embed_for(h, w)               # (B, hw, D)
         t = self.scan_plan(h, w).run(self.blocks, t, canonical=raster)      # (B, hw, D)
         return self.norm(t)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's multi-level features: the outputs of the blocks `indices` (int n: the last n; a list: those blocks,
+        negative from the end; None: all), each gathered back to raster order whatever the block's scan order, and
+        (norm=True) through the final LayerNorm; NCHW (B, D, h, w) or NLC (B, h*w, D). Returns the intermediates
+        (intermediates_only) or (the final-norm tokens (B, h*w, D) in raster order, intermediates); with stop_early
+        the blocks after the last one taken do not run (the tokens are then those of that block)."""
+        check_output_fmt(output_fmt)
+        take, last = take_indices(len(self.blocks), indices)
+        h, w = self.grid_of(x)
+        t = self.patchify_embed(x) + self.pos_embed_for(h, w)               # (B, hw, D) raster
+        blocks = self.blocks[:last + 1] if stop_early or intermediates_only else self.blocks
+        t, taken = self.scan_plan(h, w).run_taking(blocks, t, set(take))   # (B, hw, D) raster, each (B, hw, D)
+        taken = [taken[sorted(set(take)).index(i)] for i in take]           # in the order asked
+        inter = to_output_fmt([self.norm(y) if norm else y for y in taken], h, w, output_fmt)
+        return inter if intermediates_only else (self.norm(t), inter)
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last one of `indices` (and the final norm / the head); returns the indices."""
+        return prune_blocks(self, indices, prune_norm, prune_head)
 
     def forward_clusters(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """MAL: tokens in the slot layout (B, S*k*k, D) -> normalized (B, S*k*k, D), causal across slots: every

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -20,7 +21,7 @@ from timm.models.vision_transformer import Block
 from ..config import EncoderConfig
 from ..hub import HubMixin
 from ..serialization import FIXED_ORDERS, gather_tokens, inverse, scan_order
-from .vil import VisionLSTM
+from .vil import VisionLSTM, check_output_fmt, prune_blocks, take_indices, to_output_fmt
 
 MLP_RATIO = 4.0
 LN_EPS = 1e-6                                                               # MAE's / timm's ViT LayerNorm
@@ -185,6 +186,37 @@ class VisionTransformer(nn.Module, HubMixin, tags=["vit"]):
         perm, mask = self.causal_order(h, w, t.device)
         t = self.norm(self.run_blocks(gather_tokens(t, perm), mask))        # (B, hw, D) in the scan order
         return gather_tokens(t, inverse(perm)) if raster else t
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's multi-level features, as `VisionLSTM.forward_intermediates`: the outputs of the blocks `indices`
+        in raster order (a causal ViT's are gathered back from its scan order), through the final norm when
+        norm=True, NCHW or NLC; the blocks run one at a time (activation checkpointing in training on the fast path
+        with recompute, no torch.compile of the stack)."""
+        check_output_fmt(output_fmt)
+        take, last = take_indices(len(self.blocks), indices)
+        h, w = self.grid_of(x)
+        t = self.patchify_embed(x) + self.pos_embed_for(h, w)               # (B, hw, D) raster
+        perm = mask = back = None
+        if not self.cfg.bidirectional:
+            perm, mask = self.causal_order(h, w, t.device)
+            t, back = gather_tokens(t, perm), inverse(perm)                 # (B, hw, D) in the scan order
+        raster = (lambda y: y) if back is None else (lambda y: gather_tokens(y, back))
+        ckpt = self.fast is not None and self.fast.checkpoint and torch.is_grad_enabled()
+        blocks = self.blocks[:last + 1] if stop_early or intermediates_only else self.blocks
+        taken = {}
+        for i, blk in enumerate(blocks):
+            t = torch.utils.checkpoint.checkpoint(blk, t, mask, use_reentrant=False) if ckpt else blk(t, mask)
+            if i in take:
+                taken[i] = raster(self.norm(t) if norm else t)              # (B, hw, D) raster
+        inter = to_output_fmt([taken[i] for i in take], h, w, output_fmt)
+        return inter if intermediates_only else (raster(self.norm(t)), inter)
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last one of `indices` (and the final norm / the head); returns the indices."""
+        return prune_blocks(self, indices, prune_norm, prune_head)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Mean pooling of the tokens + linear head."""
