@@ -126,4 +126,25 @@ class BadFiles:
         return f"{self.root}: {len(bad)} of {n} files unreadable, each replaced by the next readable file: {shown}"
 
 
-__all__ = ["BadImageError", "BadFiles", "warn_main_rank"]
+class RecordsBadFiles:
+    """`num_bad`, `bad_files` and `report()` of a dataset that records its unreadable files in `self.bad`
+    (a `BadFiles`)."""
+
+    bad: BadFiles
+
+    @property
+    def num_bad(self) -> int:
+        """How many files were found unreadable so far, in any process."""
+        return self.bad.count
+
+    @property
+    def bad_files(self) -> list[str]:
+        """The paths of the files found unreadable so far, in any process."""
+        return self.bad.files()
+
+    def report(self) -> str:
+        """One line on the unreadable files (for the end of a run)."""
+        return self.bad.report()
+
+
+__all__ = ["BadImageError", "BadFiles", "RecordsBadFiles", "warn_main_rank"]

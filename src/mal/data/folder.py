@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from PIL import Image
 
-from .badfiles import BadFiles, warn_main_rank
+from .badfiles import BadFiles, RecordsBadFiles, warn_main_rank
 from .base import ImageDataset
 from .cache import decoded_images
 from .images import IMG_EXTENSIONS, load_rgb_image
@@ -62,7 +62,7 @@ def scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, samples
 
 
-class ImageFolderDataset(ImageDataset):
+class ImageFolderDataset(RecordsBadFiles, ImageDataset):
     """``root/<class>/<image>`` as ``(transform(rgb_pil_image), label)``; labels follow the sorted class names.
 
     Args:
@@ -114,20 +114,6 @@ class ImageFolderDataset(ImageDataset):
             return None
         self.bad.decoded_one()
         return img
-
-    @property
-    def num_bad(self) -> int:
-        """How many files were found unreadable so far, in any process."""
-        return self.bad.count
-
-    @property
-    def bad_files(self) -> list[str]:
-        """The paths of the files found unreadable so far, in any process."""
-        return self.bad.files()
-
-    def report(self) -> str:
-        """One line on the unreadable files (for the end of a run)."""
-        return self.bad.report()
 
 
 __all__ = ["ImageFolderDataset", "scan_folder", "subfolders"]

@@ -26,7 +26,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .badfiles import BadFiles, BadImageError, warn_main_rank
+from .badfiles import BadFiles, BadImageError, RecordsBadFiles, warn_main_rank
 from .images import IMG_EXTENSIONS, load_rgb_image
 from .splits import _Composed
 
@@ -134,7 +134,7 @@ def check_labels(mask: Image.Image, path: str, num_classes: int, ignore_index: i
 
 
 # ----------------------------------------------------------------------------- the dataset
-class SegmentationFolder(Dataset):
+class SegmentationFolder(RecordsBadFiles, Dataset):
     """Image/mask pairs as ``transform(rgb_image, mask)``; see the module doc.
 
     Args:
@@ -191,17 +191,6 @@ class SegmentationFolder(Dataset):
                                f"{img.size[0]}×{img.size[1]} (width×height); masks must have their image's size")
         check_labels(mask, mask_path, self.num_classes, self.ignore_index)
         return img, mask
-
-    @property
-    def num_bad(self) -> int:
-        return self.bad.count
-
-    @property
-    def bad_files(self) -> list[str]:
-        return self.bad.files()
-
-    def report(self) -> str:
-        return self.bad.report()
 
 
 class SegmentationView(Dataset):

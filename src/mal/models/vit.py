@@ -19,9 +19,8 @@ import torch.utils.checkpoint
 from timm.models.vision_transformer import Block
 
 from ..config import EncoderConfig
-from ..hub import HubMixin
 from ..serialization import FIXED_ORDERS, gather_tokens, inverse, scan_order
-from .vil import VisionLSTM, check_output_fmt, prune_blocks, take_indices, to_output_fmt
+from .base import PatchEncoder, check_output_fmt, take_indices, to_output_fmt
 
 MLP_RATIO = 4.0
 LN_EPS = 1e-6                                                               # MAE's / timm's ViT LayerNorm
@@ -85,38 +84,22 @@ class ViTFast:
     checkpoint: bool = False
 
 
-class VisionTransformer(nn.Module, HubMixin, tags=["vit"]):
-    """ViT encoder + optional classification head (mean pooling + linear), parameters `patch_embed`, `pos_embed`
-    (1, h*w, D), `blocks`, `norm`, `head` as `VisionLSTM`, whose embedding, weight-decay, layer-map and timm/Hub
-    methods it shares verbatim. Tokens stay in raster order (attention does not scan), except for a causal ViT."""
+class VisionTransformer(PatchEncoder, tags=["vit"]):
+    """ViT encoder + optional classification head (mean pooling + linear), with `VisionLSTM`'s parameter names and
+    API (`PatchEncoder`). Tokens stay in raster order (attention does not scan), except for a causal ViT."""
 
     global_pool = "avg"                  # timm's name of the pooling: forward_head averages the tokens
-    grid_of = VisionLSTM.grid_of
-    pos_embed_for = VisionLSTM.pos_embed_for
-    patchify_embed = VisionLSTM.patchify_embed
-    no_weight_decay = VisionLSTM.no_weight_decay
-    group_matcher = VisionLSTM.group_matcher
-    _init_embeddings_and_head = VisionLSTM.init_weights
-    init_head = VisionLSTM.init_head
-    num_features = VisionLSTM.num_features
-    head_hidden_size = VisionLSTM.head_hidden_size
-    get_classifier = VisionLSTM.get_classifier
-    reset_classifier = VisionLSTM.reset_classifier
-    pretrained_cfg = default_cfg = VisionLSTM.pretrained_cfg
 
     def __init__(self, cfg: EncoderConfig, num_classes: int = 1000):
         super().__init__()
         if cfg.arch != "vit":
             raise ValueError(f"VisionTransformer needs model.arch=vit, got {cfg.arch!r}")
-        self.cfg, self.num_classes = cfg, num_classes
-        h, w = cfg.grid
+        self.embed_patches(cfg, num_classes)
         D = cfg.dim
-        self.patch_embed = nn.Conv2d(cfg.in_chans, D, cfg.patch_size, cfg.patch_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, h * w, D))
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()   # stochastic depth, linear (timm)
         self.blocks = nn.ModuleList([vit_block(D, cfg.num_heads, r) for r in rates])
         self.norm = nn.LayerNorm(D, eps=LN_EPS)
-        self.head = nn.Linear(D, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = self.new_head(num_classes)
         self.fast: ViTFast | None = None
         self._masks: dict[tuple, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
         self.init_weights()
@@ -124,7 +107,7 @@ class VisionTransformer(nn.Module, HubMixin, tags=["vit"]):
     def init_weights(self) -> None:
         """MAE: xavier Transformer weights; position trunc-normal 0.02, patch embedding xavier, head std 2e-5."""
         xavier_init_(self)
-        self._init_embeddings_and_head()
+        self.init_embeddings()
 
     def fast_path(self, enabled: bool = True, compile: bool = True, mode: str | None = None,
                   checkpoint: bool = False, recompute_qkv: bool = False) -> "VisionTransformer":
@@ -212,11 +195,6 @@ class VisionTransformer(nn.Module, HubMixin, tags=["vit"]):
                 taken[i] = raster(self.norm(t) if norm else t)              # (B, hw, D) raster
         inter = to_output_fmt([taken[i] for i in take], h, w, output_fmt)
         return inter if intermediates_only else (raster(self.norm(t)), inter)
-
-    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Drop the blocks after the last one of `indices` (and the final norm / the head); returns the indices."""
-        return prune_blocks(self, indices, prune_norm, prune_head)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Mean pooling of the tokens + linear head."""
