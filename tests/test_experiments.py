@@ -12,7 +12,7 @@ TINY = ["model.dim=32", "model.depth=2", "objective.decoder.depth=1", "objective
 
 
 def _sweep(data, out, *extra):
-    cmd = [sys.executable, "experiments/cifar10_sweep.py", "--data", str(data), "--out", str(out), "--workers", "0",
+    cmd = [sys.executable, "experiments/sweep.py", "--data", str(data), "--out", str(out), "--workers", "0",
            "--pre-epochs", "1", "--ft-epochs", "1", "--only", "^(supervised|default)_s0$", *extra, "--set", *TINY]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
@@ -51,13 +51,13 @@ def test_sweep_rows_resume_and_tables(image_folder, tmp_path):
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
 
     doc = tmp_path / "results.md"
-    doc.write_text("# head\n<!-- tables:begin (experiments/make_results.py) -->\nold\n<!-- tables:end -->\ntail\n")
+    doc.write_text("# head\n<!-- tables:begin (experiments/make_results.py) -->\nOLD-TABLES\n<!-- tables:end -->\ntail\n")
     res = subprocess.run([sys.executable, "experiments/make_results.py", "--results", str(out / "results.jsonl"),
                           "--doc", str(doc), "--figures", str(tmp_path / "fig")], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     text = doc.read_text()
-    assert text.startswith("# head") and text.rstrip().endswith("tail") and "old" not in text
+    assert text.startswith("# head") and text.rstrip().endswith("tail") and "OLD-TABLES" not in text
     assert text.count("| supervised |") == 1 and text.count("| MAL default |") == 1   # re-run rows not doubled
     assert f"{sup['top1']:.2f}" in text and "84.3" in text                            # ours next to the paper's
     assert {p.name for p in (tmp_path / "fig").iterdir()} >= {"results_pretrain_loss.png", "results_val_curves.png",
@@ -68,10 +68,24 @@ def test_ablations_fine_tune_one_fixed_architecture():
     """Cluster-size and scan-order ablations change only the pretraining: fine-tuning keeps the default
     architecture of the cifar10_finetune config (alternating, k=4, bidirectional)."""
     sys.path.insert(0, str(REPO / "experiments"))
-    from cifar10_sweep import experiments
+    from sweep import experiments
     exps = experiments([0])
     ablations = [e for e in exps if e.table in ("table6", "table7")]
     assert len(ablations) == 9
     for e in ablations:
         assert e.pretrain and not e.finetune, e.name
         assert not any(o.startswith("model.") for o in e.finetune)
+
+
+def test_paired_difference_matches_a_hand_computation():
+    sys.path.insert(0, str(REPO / "experiments"))
+    from make_results import paired_difference
+    rows = [{"table": "baseline", "setting": s, "seed": seed, "top1": v}
+            for s, vals in (("MAL default", (70.0, 72.0, 71.0)), ("supervised", (68.0, 71.0, 68.0)))
+            for seed, v in enumerate(vals)]
+    res = paired_difference(rows, "MAL default", "supervised")
+    # differences 2, 1, 3: mean 2, sample std 1, half-width t(0.975, 2) * 1 / sqrt(3) = 4.303 / 1.732 = 2.484
+    assert res["diffs"] == [2.0, 1.0, 3.0] and res["mean"] == 2.0
+    assert abs(res["ci"][0] - (2 - 2.4843)) < 1e-3 and abs(res["ci"][1] - (2 + 2.4843)) < 1e-3
+    assert paired_difference(rows[:1] + rows[3:4], "MAL default", "supervised")["ci"] is None   # one seed
+    assert paired_difference(rows, "MAL default", "nobody") is None

@@ -150,7 +150,7 @@ def test_ema_warms_up_and_both_models_are_reported(image_folder, tmp_path, pretr
 def test_sweep_baseline_rows_use_the_baselines_configs():
     import sys
     sys.path.insert(0, str(REPO / "experiments"))
-    from cifar10_sweep import experiments
+    from sweep import experiments
     rows = {e.setting: e for e in experiments([0]) if e.table == "table4"}
     assert set(rows) == {"MAE-ViL", "MAE-ViT", "MAL-ViT", "supervised ViT"}
     want = {"MAE-ViL": ("vil", "mae"), "MAE-ViT": ("vit", "mae"), "MAL-ViT": ("vit", "mal")}

@@ -1,13 +1,15 @@
-"""The small-scale reproduction of the paper's ablations on CIFAR-10 (48 px, patch 4, 12x12 grid, MAL-T), and
-its Tables 4/9 baselines (MAE-ViL, MAE-ViT, MAL-ViT, supervised ViT-T: the `table4_*` rows).
+"""The small-scale reproduction of the paper's claims on one of the small protocols (the 12x12 grid of the
+paper's 192 px / patch 16 shapes, MAL-T): `--protocol imagenette` (96 px, patch 8) or `cifar10` (48 px, patch 4).
 
-Each experiment is a pretraining run followed by fine-tuning (or one supervised run); every finished
-experiment appends one row to OUT/results.jsonl and OUT/results.csv with the exact commands that made it.
-Several experiments may share a GPU (--parallel), spread over the GPUs named by --gpus. Finished stages
-are skipped, killed ones resumed; rows are written as experiments finish.
+Rows: MAL (pretraining + fine-tuning) against supervised training at the same labelled epochs
+(`supervised_ft_*`) and at the same total epochs (`supervised_*`); the Tables 4/9 baselines (MAE-ViL, MAE-ViT,
+MAL-ViT, supervised ViT-T: `table4_*`); the ablations of Tables 5, 6, 7, 12, 13 (every variant fine-tuned with
+the same architecture). Each experiment appends one row to OUT/results.jsonl and OUT/results.csv with its
+held-out and val numbers, GPU minutes and the exact commands. Several experiments may share a GPU
+(--parallel), spread over the GPUs named by --gpus; finished stages are skipped, killed ones resumed.
 
-    python experiments/cifar10_sweep.py --data data/cifar10 --out runs/sweep --parallel 3 \
-        --pre-epochs 30 --ft-epochs 30 --only 'default|table6'
+    python experiments/sweep.py --protocol imagenette --data data/imagenette-96 --out runs/in --holdout 0.1 \
+        --parallel 3 --pre-epochs 100 --ft-epochs 50 --seeds 0,1,2 --only '^(default|supervised)'
 """
 from __future__ import annotations
 
@@ -36,21 +38,24 @@ class Experiment:
     finetune: list[str] = field(default_factory=list)
     seed: int = 0
     model: str = ""                 # "" = MAL-ViL's configs; "mae_vil", "mae_vit", "mal_vit" or "vit" (supervised):
-                                    # the baselines' configs (cifar10_<model> and its ViT fine-tuning)
+                                    # the baselines' configs (<protocol>_<model> and its ViT fine-tuning)
+    labelled_only: bool = False     # supervised: as many epochs as the fine-tuning (not pretraining + fine-tuning)
 
-    def configs(self) -> dict[str, str]:
+    def configs(self, protocol: str) -> dict[str, str]:
         """The config of each stage (the name of a config shipped with MAL): supervised, or pretrain and finetune."""
         vit = "_vit" if self.model.endswith("vit") else ""
         if self.pretrain is None:
-            return {"supervised": f"cifar10_supervised{vit}"}
-        return {"pretrain": f"cifar10_{self.model}" if self.model else "cifar10_pretrain",
-                "finetune": f"cifar10_finetune{vit}"}
+            return {"supervised": f"{protocol}_supervised{vit}"}
+        return {"pretrain": f"{protocol}_{self.model}" if self.model else f"{protocol}_pretrain",
+                "finetune": f"{protocol}_finetune{vit}"}
 
 
 def experiments(seeds: list[int]) -> list[Experiment]:
     exps: list[Experiment] = []
     for s in seeds:   # rows 1-2 with several seeds
         exps.append(Experiment(f"supervised_s{s}", "baseline", "supervised", None, seed=s))
+        exps.append(Experiment(f"supervised_ft_s{s}", "baseline", "supervised, labelled epochs", None, seed=s,
+                               labelled_only=True))
         exps.append(Experiment(f"default_s{s}", "baseline", "MAL default", [], seed=s))
     # every variant is fine-tuned with the same architecture (the cifar10_finetune config: alternating, k=4,
     # bidirectional): only the pretraining differs
@@ -96,11 +101,12 @@ def stage_cmd(task: str, cfg: str, out: Path, overrides: list[str], resume: bool
 def execute(exp: Experiment, args, gpus: queue.Queue) -> dict:
     """Run (or resume, or skip if done) the stages of one experiment on a free GPU slot; return its results row."""
     base = Path(args.out) / exp.name
-    common = [f"data.dataset={args.data}", f"seed={exp.seed}", f"data.num_workers={args.workers}", *args.set]
-    cfgs = exp.configs()
+    common = [f"data.dataset={args.data}", f"seed={exp.seed}", f"data.num_workers={args.workers}",
+              f"data.holdout={args.holdout}", *args.set]
+    cfgs = exp.configs(args.protocol)
     if exp.pretrain is None:
-        stages = [("supervised", cfgs["supervised"], base / "supervised",
-                   [*common, f"optim.epochs={args.pre_epochs + args.ft_epochs}"])]
+        epochs = args.ft_epochs if exp.labelled_only else args.pre_epochs + args.ft_epochs
+        stages = [("supervised", cfgs["supervised"], base / "supervised", [*common, f"optim.epochs={epochs}"])]
     else:
         stages = [("pretrain", cfgs["pretrain"], base / "pretrain",
                    [*common, f"optim.epochs={args.pre_epochs}", *exp.pretrain]),
@@ -117,17 +123,30 @@ def execute(exp: Experiment, args, gpus: queue.Queue) -> dict:
             finally:
                 gpus.put(gpu)
         summaries[task] = json.loads((out / "summary.json").read_text())
+    return result_row(exp, summaries, stages)
+
+
+def result_row(exp: Experiment, summaries: dict[str, dict], stages: list) -> dict:
+    """One results row: the val folder's numbers (scored once, at the end), the held-out split's (every recipe
+    choice), the probes, the GPU minutes of every stage and the commands."""
     pre, last = summaries.get("pretrain", {}), summaries[stages[-1][0]]
     return {"name": exp.name, "table": exp.table, "setting": exp.setting, "seed": exp.seed,
             "pretrain_loss": pre.get("final_loss"), "knn": pre.get("knn_top1"), "linprobe": pre.get("linprobe_top1"),
+            "holdout_knn": pre.get("holdout_knn_top1"), "holdout_linprobe": pre.get("holdout_linprobe_top1"),
             "top1": last.get("val_top1"), "top5": last.get("val_top5"), "ema_top1": last.get("val_ema_top1"),
+            "holdout_top1": last.get("holdout_top1"), "holdout_ema_top1": last.get("holdout_ema_top1"),
             "train_s": round(sum(v.get("train_time_s", 0) for v in summaries.values()), 1),
+            "gpu_min": round(sum(v.get("train_time_s", 0) for v in summaries.values()) / 60, 2),
             "commands": [shlex.join(["mal", *stage_cmd(t, c, o, ov, False)[3:]]) for t, c, o, ov in stages]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--protocol", default="cifar10", choices=["cifar10", "imagenette"],
+                    help="which shipped configs: <protocol>_pretrain, <protocol>_finetune, ...")
     ap.add_argument("--data", default="data/cifar10")
+    ap.add_argument("--holdout", type=float, default=0.0,
+                    help="data.holdout of every run: a fraction of each class of the training split for recipe choices")
     ap.add_argument("--out", default="runs/sweep")
     ap.add_argument("--parallel", type=int, default=1, help="experiments running at once (over all GPUs)")
     ap.add_argument("--gpus", default="", help="comma-separated GPU ids to spread the runs over (default: as visible)")
@@ -165,8 +184,8 @@ def main() -> None:
             with open(out / "results.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
     rows = [json.loads(line) for line in open(out / "results.jsonl")]
-    keys = ["name", "table", "setting", "seed", "pretrain_loss", "knn", "linprobe", "top1", "ema_top1", "top5",
-            "train_s"]
+    keys = ["name", "table", "setting", "seed", "pretrain_loss", "knn", "linprobe", "holdout_knn", "holdout_linprobe",
+            "top1", "ema_top1", "top5", "holdout_top1", "holdout_ema_top1", "gpu_min"]
     with open(out / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, keys, extrasaction="ignore")
         w.writeheader()
