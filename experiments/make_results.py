@@ -1,4 +1,4 @@
-"""Render the sweep's results (results.jsonl from cifar10_sweep.py) as tables in the paper's format next to
+"""Render the sweep's results (results.jsonl from sweep.py) as tables in the paper's format next to
 the paper's ImageNet numbers, written into the tables section of docs/results.md, plus plots (accuracy vs
 cluster size, pretraining loss curves, validation curves of rows 1-2).
 

@@ -154,12 +154,16 @@ def test_sweep_baseline_rows_use_the_baselines_configs():
     rows = {e.setting: e for e in experiments([0]) if e.table == "table4"}
     assert set(rows) == {"MAE-ViL", "MAE-ViT", "MAL-ViT", "supervised ViT"}
     want = {"MAE-ViL": ("vil", "mae"), "MAE-ViT": ("vit", "mae"), "MAL-ViT": ("vit", "mal")}
-    for setting, (arch, kind) in want.items():
-        cfgs = rows[setting].configs()
-        pre, ft = load_run_config(cfgs["pretrain"]), load_run_config(cfgs["finetune"], ["init=x"])
-        assert (pre.model.arch, pre.objective.kind, ft.model.arch) == (arch, kind, arch), setting
-    sup = load_run_config(rows["supervised ViT"].configs()["supervised"])
-    assert sup.task == "supervised" and sup.model.arch == "vit"
+    for protocol in ("cifar10", "imagenette"):
+        for setting, (arch, kind) in want.items():
+            cfgs = rows[setting].configs(protocol)
+            pre, ft = load_run_config(cfgs["pretrain"]), load_run_config(cfgs["finetune"], ["init=x"])
+            assert (pre.model.arch, pre.objective.kind, ft.model.arch) == (arch, kind, arch), setting
+            assert pre.model.img_size == {"cifar10": 48, "imagenette": 96}[protocol]
+        sup = load_run_config(rows["supervised ViT"].configs(protocol)["supervised"])
+        assert sup.task == "supervised" and sup.model.arch == "vit"
+    labelled = [e for e in experiments([0]) if e.name == "supervised_ft_s0"]
+    assert len(labelled) == 1 and labelled[0].labelled_only and labelled[0].pretrain is None
 
 
 def test_holdout_is_evaluated_during_training_and_the_val_folder_once(image_folder, tmp_path, pretrained):
