@@ -40,6 +40,7 @@ class Experiment:
     model: str = ""                 # "" = MAL-ViL's configs; "mae_vil", "mae_vit", "mal_vit" or "vit" (supervised):
                                     # the baselines' configs (<protocol>_<model> and its ViT fine-tuning)
     labelled_only: bool = False     # supervised: as many epochs as the fine-tuning (not pretraining + fine-tuning)
+    probe_only: bool = False        # pretraining only, probed on the held-out part every 10 epochs (diagnosis)
 
     def configs(self, protocol: str) -> dict[str, str]:
         """The config of each stage (the name of a config shipped with MAL): supervised, or pretrain and finetune."""
@@ -84,6 +85,41 @@ def experiments(seeds: list[int]) -> list[Experiment]:
     return exps
 
 
+def diagnosis() -> list[Experiment]:
+    """Step 1 of the reproduction, on the held-out split: which pretraining recipe makes the frozen MAL-T encoder
+    probe best (lr, decoder size, pixel targets; MAE-ViL as the positive control; the encoder at initialization as
+    the floor), and which layer decay the supervised baseline trains best with. `--recipe-from` reads the winners."""
+    exps = [Experiment("diag_random", "diag", "initialization (1 step at lr 0)", ["max_steps=1"], probe_only=True)]
+    for blr in ("1.5e-4", "5e-4", "1.5e-3", "3e-3"):
+        exps.append(Experiment(f"diag_blr{blr}", "diag", f"blr {blr}", [f"optim.blr={blr}"], probe_only=True))
+    exps.append(Experiment("diag_blr1.5e-3_dec4x256", "diag", "blr 1.5e-3, decoder 4x256",
+                           ["optim.blr=1.5e-3", "objective.decoder.depth=4", "objective.decoder.dim=256",
+                            "objective.decoder.num_heads=8"], probe_only=True))
+    exps.append(Experiment("diag_blr1.5e-3_rawpix", "diag", "blr 1.5e-3, raw pixel targets",
+                           ["optim.blr=1.5e-3", "objective.norm_pix_loss=false"], probe_only=True))
+    exps.append(Experiment("diag_mae_vil_blr1.5e-3", "diag", "MAE-ViL, blr 1.5e-3", ["optim.blr=1.5e-3"],
+                           model="mae_vil", probe_only=True))
+    for ld in ("0.75", "1.0"):
+        exps.append(Experiment(f"diag_supervised_ld{ld}", "diag", f"supervised, layer decay {ld}", None,
+                               [f"optim.layer_decay={ld}"], labelled_only=True))
+    return exps
+
+
+def chosen_recipe(results: Path) -> tuple[list[str], list[str]]:
+    """The diagnosis's winners on the held-out split: the MAL-ViL pretraining overrides with the best linear probe
+    and the supervised overrides with the best top-1 (from a sweep's results.jsonl)."""
+    rows = [json.loads(line) for line in open(results)]
+    mal = [r for r in rows if r["name"].startswith("diag_blr") and r.get("holdout_linprobe") is not None]
+    sup = [r for r in rows if r["name"].startswith("diag_supervised") and r.get("holdout_top1") is not None]
+    if not (mal and sup):
+        sys.exit(f"{results} has no finished diagnosis rows (diag_blr*, diag_supervised*): run --only '^diag_' first")
+    best_mal = max(mal, key=lambda r: r["holdout_linprobe"])
+    best_sup = max(sup, key=lambda r: r["holdout_top1"])
+    print(f"recipe from {results}: pretraining {best_mal['name']} (held-out probe {best_mal['holdout_linprobe']:.2f}), "
+          f"supervised {best_sup['name']} (held-out top-1 {best_sup['holdout_top1']:.2f})", flush=True)
+    return best_mal["recipe"]["pretrain"], best_sup["recipe"]["labelled"]
+
+
 def run_stage(cmd: list[str], log: Path, gpu: str | None) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     env = os.environ if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
@@ -104,14 +140,21 @@ def execute(exp: Experiment, args, gpus: queue.Queue) -> dict:
     common = [f"data.dataset={args.data}", f"seed={exp.seed}", f"data.num_workers={args.workers}",
               f"data.holdout={args.holdout}", *args.set]
     cfgs = exp.configs(args.protocol)
+    vil = not exp.model.endswith("vit")
     if exp.pretrain is None:
         epochs = args.ft_epochs if exp.labelled_only else args.pre_epochs + args.ft_epochs
-        stages = [("supervised", cfgs["supervised"], base / "supervised", [*common, f"optim.epochs={epochs}"])]
+        recipe = args.supervised_recipe if vil and not exp.name.startswith("diag_") else []
+        stages = [("supervised", cfgs["supervised"], base / "supervised",
+                   [*common, f"optim.epochs={epochs}", *recipe, *exp.finetune])]
     else:
+        recipe = args.pretrain_recipe if exp.model == "" and not exp.name.startswith("diag_") else []
         stages = [("pretrain", cfgs["pretrain"], base / "pretrain",
-                   [*common, f"optim.epochs={args.pre_epochs}", *exp.pretrain]),
-                  ("finetune", cfgs["finetune"], base / "finetune",
-                   [*common, f"optim.epochs={args.ft_epochs}", f"init={base / 'pretrain/ckpt_last'}", *exp.finetune])]
+                   [*common, f"optim.epochs={args.pre_epochs}", *recipe, *exp.pretrain,
+                    *(["probe_every=10"] if exp.probe_only else [])])]
+        if not exp.probe_only:
+            stages.append(("finetune", cfgs["finetune"], base / "finetune",
+                           [*common, f"optim.epochs={args.ft_epochs}", f"init={base / 'pretrain/ckpt_last'}",
+                            *exp.finetune]))
     summaries = {}
     for task, cfg, out, overrides in stages:
         if not (out / "summary.json").exists():
@@ -131,6 +174,7 @@ def result_row(exp: Experiment, summaries: dict[str, dict], stages: list) -> dic
     choice), the probes, the GPU minutes of every stage and the commands."""
     pre, last = summaries.get("pretrain", {}), summaries[stages[-1][0]]
     return {"name": exp.name, "table": exp.table, "setting": exp.setting, "seed": exp.seed,
+            "recipe": {"pretrain": exp.pretrain, "labelled": exp.finetune},   # the experiment's own overrides
             "pretrain_loss": pre.get("final_loss"), "knn": pre.get("knn_top1"), "linprobe": pre.get("linprobe_top1"),
             "holdout_knn": pre.get("holdout_knn_top1"), "holdout_linprobe": pre.get("holdout_linprobe_top1"),
             "top1": last.get("val_top1"), "top5": last.get("val_top5"), "ema_top1": last.get("val_ema_top1"),
@@ -156,9 +200,16 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--only", default="", help="regex on experiment names")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every run (smoke tests)")
+    ap.add_argument("--recipe-from", default="", metavar="RESULTS",
+                    help="a diagnosis sweep's results.jsonl: its best held-out pretraining recipe goes into every "
+                         "MAL-ViL pretraining, its best supervised recipe into every supervised ViL run")
     ap.add_argument("--list", action="store_true", help="print the experiments and exit")
     args = ap.parse_args()
-    exps = [e for e in experiments([int(s) for s in args.seeds.split(",")]) if re.search(args.only, e.name)]
+    args.pretrain_recipe, args.supervised_recipe = [], []
+    if args.recipe_from:
+        args.pretrain_recipe, args.supervised_recipe = chosen_recipe(Path(args.recipe_from))
+    exps = [e for e in experiments([int(s) for s in args.seeds.split(",")]) + diagnosis()
+            if re.search(args.only, e.name)]
     if args.list:
         for e in exps:
             print(f"{e.name:24s} {e.table:9s} {e.setting}")

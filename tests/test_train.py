@@ -187,3 +187,31 @@ def test_probe_set_shares_the_decoded_cache_and_uses_the_eval_transform(image_fo
     assert torch.equal(a, b) and a.shape == (3, 48, 48)                        # deterministic eval transform
     assert torch.equal(a, val.transform(train.read(0)))                        # the val set's eval transform
     assert not torch.equal(train[0][0], train[0][0])                           # training set: random crops
+
+
+def test_demo_prints_the_from_scratch_baseline_beside_the_fine_tuned_number(tmp_path, capsys):
+    """`mal demo` (steps capped): pretraining, fine-tuning and the same classifier trained from scratch with the
+    same recipe and labelled steps, reported side by side."""
+    assert main(["demo", "--output", str(tmp_path / "demo"), "max_steps=2", "data.num_workers=0"]) == 0
+    out = capsys.readouterr().out
+    assert "fine-tuned from the pretrained encoder: test top-1" in out
+    assert "trained from scratch, same recipe and labelled epochs: test top-1" in out and "points" in out
+    scratch = json.loads((tmp_path / "demo/scratch/summary.json").read_text())
+    tuned = json.loads((tmp_path / "demo/finetune/summary.json").read_text())
+    assert scratch["task"] == "supervised" and scratch["steps"] == tuned["steps"] == 2
+
+
+def test_probe_every_logs_probe_curves_without_changing_the_run(image_folder, tmp_path):
+    """probe_every=1 probes the held-out part after each epoch but the last (finish probes that one) and
+    leaves the training itself untouched: the same weights as a run without probes."""
+    common = ["data.holdout=0.25", "optim.epochs=3"]
+    assert main(_pretrain_args(image_folder, tmp_path / "plain", *common)) == 0
+    assert main(_pretrain_args(image_folder, tmp_path / "probed", *common, "probe_every=1")) == 0
+    _assert_same_weights(_weights(tmp_path / "plain"), _weights(tmp_path / "probed"))
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "probed/metrics.csv")))
+    probed = [r for r in rows if r["eval_knn_top1"]]
+    spe = json.loads((tmp_path / "probed/summary.json").read_text())["steps"] // 3
+    assert [int(r["step"]) for r in probed] == [spe, 2 * spe]
+    assert all(0 <= float(r["eval_knn_top1"]) <= 100 and 0 <= float(r["eval_linprobe_top1"]) <= 100 for r in probed)
+    assert not any(r["eval_knn_top1"] for r in csv.DictReader(open(tmp_path / "plain/metrics.csv")))

@@ -389,6 +389,9 @@ class RunConfig:
     nan_policy: str = "stop"           # "stop": abort keeping the last good checkpoint; "skip": skip the step
     max_steps: int = 0                 # stop after this many optimizer steps (0 = all epochs)
     probe: bool = True                 # pretraining: k-NN and linear probe of the frozen encoder at the end
+    probe_every: int = 0               # pretraining: also probe the evaluation set (data.holdout's part, else the
+                                       # val folder) every N epochs, logged as eval_knn_top1 / eval_linprobe_top1
+                                       # in metrics.csv; 0 = only at the end
     probe_pool: str = "mean"           # probe features: mean of the last layer's tokens, the last token, or the
                                        # first and last token concatenated (first_last)
     knn_k: int = 20                    # neighbours of the k-NN probe
@@ -417,6 +420,9 @@ class RunConfig:
                              "model.arch=vit has none: use recompute=true (activation checkpointing of each block)")
         if self.save_every < 1 or self.log_every < 1 or self.eval_every < 1 or self.knn_k < 1:
             raise ValueError("save_every, log_every, eval_every and knn_k must be >= 1")
+        if self.probe_every < 0:
+            raise ValueError(f"probe_every must be >= 0 (epochs between probes; 0 = only at the end), "
+                             f"got {self.probe_every}")
         if self.max_steps < 0 or self.keep_every < 0:
             raise ValueError("max_steps and keep_every must be >= 0 (0 = off)")
 

@@ -16,6 +16,7 @@ PROBE_EPOCHS = 100
 PROBE_LR = 1e-3
 PROBE_WD = 1e-4
 PROBE_BATCH = 256
+PROBE_FIELDS = ("knn_top1", "linprobe_top1")   # what a probe scores, logged as eval_<name> during pretraining
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:

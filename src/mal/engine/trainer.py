@@ -33,7 +33,7 @@ from .build import (build_criterion, build_datasets, build_evaluator, build_mode
                     loader_workers)
 from .evaluate import autocast_for, save_segmentation_predictions
 from .optim import adapt_loaded_optimizer, cosine_lr, make_optimizer, param_groups, set_lr
-from .probe import probe_encoder
+from .probe import PROBE_FIELDS, probe_encoder
 from .run_dir import MetricsLog, RunDir, Throughput
 from .sampling import SeededDataset, StepSampler, rng_state, seed_everything, set_rng_state
 from .step import LossStep, StepRunner, graphs_usable
@@ -44,7 +44,7 @@ log = logging.getLogger("mal")
 # keys that may differ on --resume without changing what the run computes
 RESUMABLE_KEYS = {"output_dir", "data.num_workers", "data.cache", "data.cache_dir", "data.strict", "data.dataset",
                   "log_every", "save_every", "keep_every", "eval_every", "fast_path", "cuda_graph", "recompute",
-                  "recompute_qkv", "probe", "probe_pool", "knn_k", "viz_samples", "model.mlstm_backend",
+                  "recompute_qkv", "probe", "probe_every", "probe_pool", "knn_k", "viz_samples", "model.mlstm_backend",
                   "seg.inference", "seg.stride"}
 
 
@@ -164,7 +164,8 @@ class Trainer:
         self.runner = StepRunner(LossStep(self.ddp, criterion), self.device, cfg.amp,
                                  graphs_usable(cfg.cuda_graph, self.device, self.info), cfg.optim.accum_steps)
         self.runner.zero_grad(self.optimizer)
-        self.metrics = MetricsLog(self.run_dir, self.info.is_main, self.step, self.evaluator.fields)
+        fields = PROBE_FIELDS if cfg.task == "pretrain" else self.evaluator.fields
+        self.metrics = MetricsLog(self.run_dir, self.info.is_main, self.step, fields)
         self.sampler = StepSampler(len(self.train_set), cfg.optim.batch_size, self.info.world_size, self.info.rank,
                                    cfg.seed)
 
@@ -291,6 +292,8 @@ class Trainer:
             self.save(final=s == self.total_steps)
         if self._eval_due(s):
             self.evaluate()
+        if self._probe_due(s):
+            self.probe_during_training()
 
     # ---------------------------------------------------------------- checkpoints and evaluation
     def save(self, final: bool = False) -> None:
@@ -316,6 +319,35 @@ class Trainer:
     def _eval_due(self, s: int) -> bool:
         return (self.cfg.task != "pretrain" and self.data.eval is not None and
                 (s % (self.steps_per_epoch * self.cfg.eval_every) == 0 or s == self.total_steps))
+
+    def _probe_due(self, s: int) -> bool:
+        """Pretraining with probe_every: a probe every probe_every epochs (the last step's is finish's)."""
+        every = self.cfg.probe_every * self.steps_per_epoch
+        return (self.cfg.task == "pretrain" and every > 0 and s % every == 0 and s < self.total_steps and
+                self.cfg.probe and self.data.train_eval is not None and self.data.eval is not None)
+
+    def probe_during_training(self) -> None:
+        """k-NN and linear probe of a copy of the encoder on the evaluation set, logged in metrics.csv; the global
+        RNGs are restored after, so a run with probes draws what a run without them draws."""
+        if not self.info.is_main:
+            return
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            res = self.probe_frozen(self.data.eval)
+        self.metrics.write(self.step, epoch=self.step / self.steps_per_epoch,
+                           **{f"eval_{k}": res[k] for k in PROBE_FIELDS})
+        self.bar.write(f"step {self.step}: {self.data.eval_name} k-NN {res['knn_top1']:.2f} %, "
+                       f"linear probe {res['linprobe_top1']:.2f} %")
+
+    def probe_frozen(self, test) -> dict[str, Any]:
+        """k-NN and linear-probe top-1 (%) of the encoder as it was pretrained (a copy), features of the training
+        split as memory / probe training set, `test` scored."""
+        cfg = self.cfg
+        enc = self.model.probe_encoder().to(self.device)
+        if cfg.fast_path:
+            enable_fast_path(enc, self.device)
+        return probe_encoder(enc, lambda ds: eval_loader(ds, cfg, self.info, False), self.data.train_eval, test,
+                             self.device, cfg.amp, knn_k=cfg.knn_k, num_classes=self.num_classes,
+                             pool=cfg.probe_pool, seed=cfg.seed)
 
     def scores(self, dataset) -> dict[str, float]:
         """The evaluator's scores (top1 / top5 / loss, or miou / mdice / acc / loss / per class) of the raw model, and
@@ -379,14 +411,9 @@ class Trainer:
             out["prediction_png"] = str(self.save_predictions(src))
         if not (cfg.probe and data.train_eval is not None):
             return out
-        enc = self.model.probe_encoder().to(self.device)                 # the encoder as it was pretrained
-        if cfg.fast_path:
-            enable_fast_path(enc, self.device)
         for name, test in (("holdout_", data.eval if data.eval_name == "holdout" else None), ("", data.val)):
             if test is not None:
-                res = probe_encoder(enc, lambda ds: eval_loader(ds, cfg, self.info, False), data.train_eval, test,
-                                    self.device, cfg.amp, knn_k=cfg.knn_k, num_classes=self.num_classes,
-                                    pool=cfg.probe_pool, seed=cfg.seed)
+                res = self.probe_frozen(test)
                 out.update({("" if k == "probe_pool" else name) + k: v for k, v in res.items()})
                 log.info("frozen encoder (%s, %s pooling): k-NN %.2f %%, linear probe %.2f %%",
                          name.rstrip("_") or "val", cfg.probe_pool, res["knn_top1"], res["linprobe_top1"])
