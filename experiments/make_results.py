@@ -80,7 +80,7 @@ def tables(rows: list[dict]) -> str:
     for t, alias in DEFAULT_ALIASES.items():        # the default run is one row of every ablation table that ran
         if t in by:
             by[t][alias] += by["baseline"].get("MAL default", [])
-    out = paired_table(rows)
+    out = diagnosis_table(rows) + paired_table(rows)
     for t in ("baseline", "table6", "table7", "table5", "table12", "table13"):
         if t not in by:
             continue
@@ -93,6 +93,63 @@ def tables(rows: list[dict]) -> str:
                        f"{', '.join(r['name'] for r in rs)} |")
         out.append("")
     return "\n".join(out)
+
+
+DIAG_COLUMNS = ("| setting | pretraining loss (end) | held-out k-NN | held-out linear probe | held-out top-1, "
+                "fine-tuned 15 ep | val top-1 | wall min | runs |", "|---|---|---|---|---|---|---|---|")
+
+
+DIAG_ORDER = ["diag_random", "diag_blr1.5e-4", "diag_blr5e-4", "diag_blr1.5e-3", "diag_blr3e-3",
+              "diag_blr1.5e-3_dec4x256", "diag_blr1.5e-3_rawpix", "diag_mae_vil_blr1.5e-3", "diag_supervised_ld0.75",
+              "diag_supervised_ld1.0"]
+
+
+def diagnosis_table(rows: list[dict]) -> list[str]:
+    """Markdown rows of the held-out diagnosis (sweep.py's diag_* rows), one per setting, seeds pooled."""
+    by = defaultdict(list)
+    for r in rows:
+        if r["table"] == "diag":
+            by[r["setting"]].append(r)
+    if not by:
+        return []
+    first = {s: min(DIAG_ORDER.index(r["name"].rsplit("_s", 1)[0]) if r["name"].rsplit("_s", 1)[0] in DIAG_ORDER
+                    else len(DIAG_ORDER) for r in rs) for s, rs in by.items()}
+    by = dict(sorted(by.items(), key=lambda kv: first[kv[0]]))
+    out = ["#### Diagnosis on the held-out split (Imagenette-96, MAL-T, 30 pretraining epochs)", "", *DIAG_COLUMNS]
+    for setting, rs in by.items():
+        loss = fmt([r.get("pretrain_loss") for r in rs]) if rs[0].get("knn") is not None else "–"
+        gpu = sum(r.get("gpu_min") or 0 for r in rs)
+        out.append(f"| {setting} | {loss} | {fmt([r.get('holdout_knn') for r in rs])} | "
+                   f"{fmt([r.get('holdout_linprobe') for r in rs])} | {fmt([r.get('holdout_top1') for r in rs])} | "
+                   f"{fmt([r.get('top1') for r in rs])} | {gpu:.1f} | {', '.join(r['name'] for r in rs)} |")
+    return out + [""]
+
+
+def diagnosis_plot(rows: list[dict], runs_dir: Path, save) -> None:
+    """diagnosis_curves.png: the held-out linear probe against pretraining epochs (the encoder at initialization
+    as the floor) and the held-out top-1 of the short fine-tunes and the supervised runs against epochs."""
+    import matplotlib.pyplot as plt
+    diag = [r for r in rows if r["table"] == "diag"]
+    if not diag:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for r in diag:
+        probe = read_metrics(runs_dir / r["name"] / "pretrain/metrics.csv", "eval_linprobe_top1")
+        if r["name"] == "diag_random":
+            a.axhline(r["holdout_linprobe"], color="gray", ls=":", label="initialization")
+        elif r.get("holdout_linprobe") is not None:            # the end of the run is probed by its summary
+            end = read_metrics(runs_dir / r["name"] / "pretrain/metrics.csv", "loss")[-1][0]
+            a.plot(*zip(*probe, (end, r["holdout_linprobe"])), marker="o", ms=3, label=r["setting"])
+        stage = "supervised" if r.get("knn") is None else "finetune"
+        curve = read_metrics(runs_dir / r["name"] / stage / "metrics.csv", "eval_top1")
+        if curve:
+            b.plot(*zip(*curve), lw=0.9, ls="--" if stage == "supervised" else "-", label=f"{r['setting']} (s{r['seed']})")
+    a.set(xlabel="pretraining epoch", ylabel="held-out linear probe top-1 (%)")
+    b.set(xlabel="labelled epoch (fine-tuning or supervised)", ylabel="held-out top-1 (%)")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    save(fig, "diagnosis_curves.png")
 
 
 def read_metrics(path: Path, key: str) -> list[tuple[float, float]]:
@@ -183,10 +240,12 @@ def plots(rows: list[dict], runs_dir: Path, out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         save(fig, "results_val_curves.png")
+    diagnosis_plot(rows, runs_dir, save)
     return made
 
 
-BEGIN, END = "<!-- tables:begin (experiments/make_results.py) -->", "<!-- tables:end -->"
+def markers(section: str) -> tuple[str, str]:
+    return f"<!-- {section}:begin (experiments/make_results.py) -->", f"<!-- {section}:end -->"
 
 
 def main() -> None:
@@ -194,7 +253,9 @@ def main() -> None:
     ap.add_argument("--results", default="docs/results/cifar10_sweep/results.jsonl")
     ap.add_argument("--doc", default="docs/results.md", help="markdown file whose tables section is replaced")
     ap.add_argument("--figures", default="docs/results")
+    ap.add_argument("--section", default="tables", help="which marked section of --doc to fill")
     args = ap.parse_args()
+    BEGIN, END = markers(args.section)
     rows = {}
     for line in open(args.results):            # one row per experiment: a re-run replaces the earlier row
         if line.strip():

@@ -40,7 +40,7 @@ class Experiment:
     model: str = ""                 # "" = MAL-ViL's configs; "mae_vil", "mae_vit", "mal_vit" or "vit" (supervised):
                                     # the baselines' configs (<protocol>_<model> and its ViT fine-tuning)
     labelled_only: bool = False     # supervised: as many epochs as the fine-tuning (not pretraining + fine-tuning)
-    probe_only: bool = False        # pretraining only, probed on the held-out part every 10 epochs (diagnosis)
+    probe_only: bool = False        # pretraining only (no fine-tuning stage)
 
     def configs(self, protocol: str) -> dict[str, str]:
         """The config of each stage (the name of a config shipped with MAL): supervised, or pretrain and finetune."""
@@ -86,19 +86,19 @@ def experiments(seeds: list[int]) -> list[Experiment]:
 
 
 def diagnosis() -> list[Experiment]:
-    """Step 1 of the reproduction, on the held-out split: which pretraining recipe makes the frozen MAL-T encoder
-    probe best (lr, decoder size, pixel targets; MAE-ViL as the positive control; the encoder at initialization as
-    the floor), and which layer decay the supervised baseline trains best with. `--recipe-from` reads the winners."""
+    """Step 1 of the reproduction, on the held-out split: which pretraining recipe makes MAL-T learn (lr, decoder
+    size, pixel targets; MAE-ViL as the positive control; the encoder at initialization as the floor), scored by the
+    frozen encoder's probes (every 10 epochs) and a short fine-tune; and which layer decay the supervised baseline
+    trains best with. `--recipe-from` reads the winners."""
     exps = [Experiment("diag_random", "diag", "initialization (1 step at lr 0)", ["max_steps=1"], probe_only=True)]
-    for blr in ("1.5e-4", "5e-4", "1.5e-3", "3e-3"):
-        exps.append(Experiment(f"diag_blr{blr}", "diag", f"blr {blr}", [f"optim.blr={blr}"], probe_only=True))
-    exps.append(Experiment("diag_blr1.5e-3_dec4x256", "diag", "blr 1.5e-3, decoder 4x256",
-                           ["optim.blr=1.5e-3", "objective.decoder.depth=4", "objective.decoder.dim=256",
-                            "objective.decoder.num_heads=8"], probe_only=True))
-    exps.append(Experiment("diag_blr1.5e-3_rawpix", "diag", "blr 1.5e-3, raw pixel targets",
-                           ["optim.blr=1.5e-3", "objective.norm_pix_loss=false"], probe_only=True))
+    variants = [(f"blr{b}", f"blr {b}", [f"optim.blr={b}"]) for b in ("1.5e-4", "5e-4", "1.5e-3", "3e-3")]
+    variants += [("blr1.5e-3_dec4x256", "blr 1.5e-3, decoder 4x256", ["optim.blr=1.5e-3", "objective.decoder.depth=4",
+                  "objective.decoder.dim=256", "objective.decoder.num_heads=8"]),
+                 ("blr1.5e-3_rawpix", "blr 1.5e-3, raw pixel targets", ["optim.blr=1.5e-3",
+                                                                        "objective.norm_pix_loss=false"])]
+    exps += [Experiment(f"diag_{name}", "diag", setting, ov) for name, setting, ov in variants]
     exps.append(Experiment("diag_mae_vil_blr1.5e-3", "diag", "MAE-ViL, blr 1.5e-3", ["optim.blr=1.5e-3"],
-                           model="mae_vil", probe_only=True))
+                           model="mae_vil"))
     for ld in ("0.75", "1.0"):
         exps.append(Experiment(f"diag_supervised_ld{ld}", "diag", f"supervised, layer decay {ld}", None,
                                [f"optim.layer_decay={ld}"], labelled_only=True))
@@ -106,16 +106,19 @@ def diagnosis() -> list[Experiment]:
 
 
 def chosen_recipe(results: Path) -> tuple[list[str], list[str]]:
-    """The diagnosis's winners on the held-out split: the MAL-ViL pretraining overrides with the best linear probe
-    and the supervised overrides with the best top-1 (from a sweep's results.jsonl)."""
+    """The diagnosis's winners on the held-out split (from a sweep's results.jsonl): the MAL-ViL pretraining overrides
+    whose short fine-tune scores best (the linear probe where no fine-tune ran), and the supervised overrides with
+    the best top-1."""
     rows = [json.loads(line) for line in open(results)]
-    mal = [r for r in rows if r["name"].startswith("diag_blr") and r.get("holdout_linprobe") is not None]
+    mal = [r for r in rows if r["name"].startswith("diag_blr")
+           and (r.get("holdout_top1") or r.get("holdout_linprobe")) is not None]
     sup = [r for r in rows if r["name"].startswith("diag_supervised") and r.get("holdout_top1") is not None]
     if not (mal and sup):
         sys.exit(f"{results} has no finished diagnosis rows (diag_blr*, diag_supervised*): run --only '^diag_' first")
-    best_mal = max(mal, key=lambda r: r["holdout_linprobe"])
+    key = "holdout_top1" if all(r.get("holdout_top1") is not None for r in mal) else "holdout_linprobe"
+    best_mal = max(mal, key=lambda r: r[key])
     best_sup = max(sup, key=lambda r: r["holdout_top1"])
-    print(f"recipe from {results}: pretraining {best_mal['name']} (held-out probe {best_mal['holdout_linprobe']:.2f}), "
+    print(f"recipe from {results}: pretraining {best_mal['name']} (held-out {key} {best_mal[key]:.2f}), "
           f"supervised {best_sup['name']} (held-out top-1 {best_sup['holdout_top1']:.2f})", flush=True)
     return best_mal["recipe"]["pretrain"], best_sup["recipe"]["labelled"]
 
@@ -150,7 +153,7 @@ def execute(exp: Experiment, args, gpus: queue.Queue) -> dict:
         recipe = args.pretrain_recipe if exp.model == "" and not exp.name.startswith("diag_") else []
         stages = [("pretrain", cfgs["pretrain"], base / "pretrain",
                    [*common, f"optim.epochs={args.pre_epochs}", *recipe, *exp.pretrain,
-                    *(["probe_every=10"] if exp.probe_only else [])])]
+                    *(["probe_every=10"] if exp.table == "diag" else [])])]
         if not exp.probe_only:
             stages.append(("finetune", cfgs["finetune"], base / "finetune",
                            [*common, f"optim.epochs={args.ft_epochs}", f"init={base / 'pretrain/ckpt_last'}",

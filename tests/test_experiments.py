@@ -92,22 +92,22 @@ def test_paired_difference_matches_a_hand_computation():
 
 
 def test_diagnosis_picks_the_recipe_on_the_held_out_split(image_folder, tmp_path):
-    """The diagnosis rows are probed on the held-out part (pretraining only); --recipe-from takes the pretraining
-    overrides with the best held-out probe and the supervised ones with the best held-out top-1 into later runs."""
+    """The diagnosis rows are probed and fine-tuned on the held-out part; --recipe-from takes the pretraining
+    overrides with the best held-out fine-tune and the supervised ones with the best held-out top-1 into later runs."""
     diag = tmp_path / "diag"
     res = _sweep(image_folder, diag, "--holdout", "0.25", "--only", "^diag_(blr1.5e-4|blr3e-3|supervised_ld1.0)$")
     assert res.returncode == 0, res.stdout + res.stderr
     rows = {r["name"]: r for r in map(json.loads, (diag / "results.jsonl").read_text().splitlines())}
     assert set(rows) == {"diag_blr1.5e-4", "diag_blr3e-3", "diag_supervised_ld1.0"}
     for name in ("diag_blr1.5e-4", "diag_blr3e-3"):
-        assert 0 <= rows[name]["holdout_linprobe"] <= 100 and rows[name]["top1"] is None
-        assert len(rows[name]["commands"]) == 1 and "probe_every=10" in rows[name]["commands"][0]
+        assert 0 <= rows[name]["holdout_linprobe"] <= 100 and 0 <= rows[name]["holdout_top1"] <= 100
+        assert len(rows[name]["commands"]) == 2 and "probe_every=10" in rows[name]["commands"][0]
     assert 0 <= rows["diag_supervised_ld1.0"]["holdout_top1"] <= 100
 
     # a hand-made diagnosis with known winners decides the recipe of the next sweep
     made = tmp_path / "made.jsonl"
     made.write_text("".join(json.dumps({**rows[n], "holdout_linprobe": p, "holdout_top1": t}) + "\n" for n, p, t in
-                            [("diag_blr1.5e-4", 40.0, None), ("diag_blr3e-3", 50.0, None),
+                            [("diag_blr1.5e-4", 60.0, 40.0), ("diag_blr3e-3", 50.0, 45.0),
                              ("diag_supervised_ld1.0", None, 60.0)]))
     res = _sweep(image_folder, tmp_path / "next", "--recipe-from", str(made))
     assert res.returncode == 0, res.stdout + res.stderr
