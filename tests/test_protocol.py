@@ -45,14 +45,16 @@ def test_layer_decay_counts_pairs_of_blocks_like_maes_twelve_layers():
 
 @pytest.mark.parametrize("protocol", ["cifar10", "imagenette"])
 @pytest.mark.parametrize("arch", ["", "_vit"])
-def test_supervised_and_finetune_recipes_differ_only_in_init_and_epochs(protocol, arch):
+def test_supervised_and_finetune_recipes_differ_only_in_init_epochs_and_layer_decay(protocol, arch):
+    """The supervised baseline is the fine-tuning recipe from a random initialization, without layer decay
+    (a device for pretrained encoders: from scratch it starves the patch embedding)."""
     ft = load_run_config(f"{protocol}_finetune{arch}", ["init=x"])
     sup = load_run_config(f"{protocol}_supervised{arch}")
     assert ft.model.arch == ("vit" if arch else "vil") and ft.optim.layer_decay_group == (1 if arch else 2)
     for section in ("model", "data", "aug"):
         assert getattr(ft, section) == getattr(sup, section), section
     diff = {k for k in vars(ft.optim) if getattr(ft.optim, k) != getattr(sup.optim, k)}
-    assert diff == {"epochs"}
+    assert diff == {"epochs", "layer_decay"} and (ft.optim.layer_decay, sup.optim.layer_decay) == (0.75, 1.0)
     assert (ft.ema_decay, ft.ema_warmup) == (sup.ema_decay, sup.ema_warmup)
 
 
