@@ -191,7 +191,7 @@ def test_probe_set_shares_the_decoded_cache_and_uses_the_eval_transform(image_fo
 
 def test_demo_prints_the_from_scratch_baseline_beside_the_fine_tuned_number(tmp_path, capsys):
     """`mal demo` (steps capped): pretraining, fine-tuning and the same classifier trained from scratch with the
-    same recipe and labelled steps, reported side by side."""
+    same recipe (without layer decay) and labelled steps, reported side by side."""
     assert main(["demo", "--output", str(tmp_path / "demo"), "max_steps=2", "data.num_workers=0"]) == 0
     out = capsys.readouterr().out
     assert "fine-tuned from the pretrained encoder: test top-1" in out
@@ -199,6 +199,8 @@ def test_demo_prints_the_from_scratch_baseline_beside_the_fine_tuned_number(tmp_
     scratch = json.loads((tmp_path / "demo/scratch/summary.json").read_text())
     tuned = json.loads((tmp_path / "demo/finetune/summary.json").read_text())
     assert scratch["task"] == "supervised" and scratch["steps"] == tuned["steps"] == 2
+    cfg = load_run_config(str(tmp_path / "demo/scratch/config.yaml"))
+    assert cfg.optim.layer_decay == 1.0 and cfg.init == ""                # from scratch: no layer decay
 
 
 def test_probe_every_logs_probe_curves_without_changing_the_run(image_folder, tmp_path):

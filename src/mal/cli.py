@@ -89,9 +89,9 @@ def parser() -> argparse.ArgumentParser:
     _add_segment_parser(sub.add_parser("segment", help="semantic segmentation with a pretrained encoder: train, "
                                                        "eval, predict (docs/segmentation.md)"))
     p = sub.add_parser("demo", help="offline first run on the embedded digits (a few minutes on a CPU)")
-    p.add_argument("--output", default="runs/demo", help="folder for the two runs (default runs/demo)")
+    p.add_argument("--output", default="runs/demo", help="folder for the three runs (default runs/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for both runs")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every run")
     p = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face / timm folder (config.json, "
                                       "model.safetensors, README.md model card)")
     p.add_argument("run", help="run folder (runs/NAME) or checkpoint folder (runs/NAME/ckpt_last)")
@@ -341,7 +341,8 @@ def cmd_segment(args) -> dict | None:
 
 def cmd_demo(args) -> dict:
     """Pretrain a tiny MAL on the embedded digits, fine-tune it, train the same classifier from scratch with the
-    same recipe and labelled epochs (the baseline the fine-tuning must beat), evaluate, write the prediction PNG."""
+    same recipe (without layer decay, as every supervised config) and labelled epochs (the baseline the
+    fine-tuning must beat), evaluate, write the prediction PNG."""
     out = Path(args.output)
     dirs = {name: out / name for name in ("pretrain", "finetune", "scratch")}
     pre = load_run_config("demo_pretrain", [f"output_dir={dirs['pretrain']}", *args.overrides])
@@ -350,7 +351,7 @@ def cmd_demo(args) -> dict:
                                            f"init={dirs['pretrain'] / 'ckpt_last'}", *args.overrides])
     s2 = _run(ft, False, args.overwrite, True)
     sup = load_run_config("demo_finetune", [f"output_dir={dirs['scratch']}", "task=supervised", "init=",
-                                            *args.overrides])
+                                            "optim.layer_decay=1.0", *args.overrides])
     s3 = _run(sup, False, args.overwrite, True)
     gain = s2["val_top1"] - s3["val_top1"]
     print("\n=== MAL demo (embedded MNIST digits, 4,000 train / 1,000 test) ===")
