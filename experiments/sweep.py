@@ -73,6 +73,9 @@ def experiments(seeds: list[int]) -> list[Experiment]:
             exps.append(Experiment(f"table5_{unit}_{int(ratio * 100)}", "table5", f"{unit} {int(ratio * 100)}%",
                                    [f"objective.mask.unit={unit}", f"objective.mask.ratio={ratio}"]))
     exps.append(Experiment("table12_d4", "table12", "depth 4, width 512", ["objective.decoder.depth=4"]))
+    for width in (384, 1024):                   # 16 heads at every width, as the default 512
+        exps.append(Experiment(f"table12_w{width}", "table12", f"depth 8, width {width}",
+                               [f"objective.decoder.dim={width}"]))
     # depth 8 / width 512 is the default row
     exps.append(Experiment("table13_xlstm", "table13", "xLSTM decoder",
                            ["objective.decoder.kind=xlstm", "objective.decoder.depth=2"]))
