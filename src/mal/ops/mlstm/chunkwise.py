@@ -48,8 +48,8 @@ import triton  # imported by the ops' registry only for CUDA inputs; without tri
 import triton.language as tl
 
 from .chunkwise_reference import State
-from .kernel import (MAX_HEAD_DIM, MIN_HEAD_DIM, SUPPORTED_DTYPES, _block_d, _d_chunks, _decay, _dot_acc, _dot_nt,
-                     _dq_tile, _head, _load_cols, _store_cols, _strides, _tile_products)
+from .kernel import (_block_d, _d_chunks, _decay, _dot_acc, _dot_nt, _dq_tile, _head, _load_cols,
+                     _store_cols2, _store_dkdv, _store_out, _strides, _tile_products, cuda_cell_inputs)
 from .reference import EPS
 
 # Keep the states of the forward for the backward (B * NH * (S / L) * DH^2 floats until the backward) instead
@@ -241,14 +241,8 @@ def _out_kernel(
         if BLOCK_D2 > 0:
             acc2 = _dot_acc(c, _load_cols(v_base, offs_n, col_ok, svs, svd, DH, BLOCK_D, BLOCK_D2), acc2, IEEE)
 
-    floor = tl.exp(-m_row)
-    norm = tl.maximum(tl.abs(row_sum), floor) + eps                         # (BM,) N_t
-    _store_cols(o_base, acc / norm[:, None], offs_m, row_ok, sos, sod, DH, 0, BLOCK_D)
-    if BLOCK_D2 > 0:
-        _store_cols(o_base, acc2 / norm[:, None], offs_m, row_ok, sos, sod, DH, BLOCK_D, BLOCK_D2)
-    sgn = tl.where(row_sum > 0, 1.0, tl.where(row_sum < 0, -1.0, 0.0))
-    tl.store(Rinv + vec + offs_m, 1.0 / norm, mask=row_ok)
-    tl.store(Sgn + vec + offs_m, tl.where(tl.abs(row_sum) > floor, sgn, 0.0), mask=row_ok)
+    _store_out(o_base, Rinv, Sgn, vec, acc, acc2, row_sum, m_row, offs_m, row_ok, sos, sod, DH, eps, BLOCK_D,
+               BLOCK_D2)
 
 
 @triton.jit(do_not_specialize=["S", "NC"])
@@ -340,10 +334,8 @@ def _dq_kernel(
         dq = _dot_acc(dp, k, dq, IEEE)
         if BLOCK_D2 > 0:
             dq2 = _dot_acc(dp, k2, dq2, IEEE)
-    dq_base = _head(DQ, pid_bh, NH, sqb, sqh)                               # dq has q's strides
-    _store_cols(dq_base, dq * scale, offs_m, row_ok, sqs, sqd, DH, 0, BLOCK_D)
-    if BLOCK_D2 > 0:
-        _store_cols(dq_base, dq2 * scale, offs_m, row_ok, sqs, sqd, DH, BLOCK_D, BLOCK_D2)
+    _store_cols2(_head(DQ, pid_bh, NH, sqb, sqh), dq * scale, dq2 * scale, offs_m, row_ok, sqs, sqd, DH, BLOCK_D,
+                 BLOCK_D2)                                                    # dq has q's strides
     tl.store(RowG + vec + offs_m, row_g, mask=row_ok)
 
 
@@ -482,13 +474,8 @@ def _dkdv_kernel(
         if BLOCK_D2 > 0:
             dv2 = _dot_acc(ct, do2, dv2, IEEE)
             dk2 = _dot_acc(dpt, q2, dk2, IEEE)
-    dk_base = _head(DK, pid_bh, NH, skb, skh)                               # dk, dv: k's, v's strides
-    dv_base = _head(DV, pid_bh, NH, svb, svh)
-    _store_cols(dk_base, dk * scale, offs_n, col_ok, sks, skd, DH, 0, BLOCK_D)
-    _store_cols(dv_base, dv, offs_n, col_ok, svs, svd, DH, 0, BLOCK_D)
-    if BLOCK_D2 > 0:
-        _store_cols(dk_base, dk2 * scale, offs_n, col_ok, sks, skd, DH, BLOCK_D, BLOCK_D2)
-        _store_cols(dv_base, dv2, offs_n, col_ok, svs, svd, DH, BLOCK_D, BLOCK_D2)
+    _store_dkdv(DK, DV, pid_bh, NH, skb, skh, sks, skd, svb, svh, svs, svd, DH, scale, dk, dv, dk2, dv2, offs_n,
+                col_ok, BLOCK_D, BLOCK_D2)
     tl.store(ColG + vec + offs_n, col_g, mask=col_ok)
 
 
@@ -744,17 +731,10 @@ def mlstm_chunkwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i:
 
 def supports(q, k, v, i, f) -> bool:
     """True for CUDA tensors of one float dtype, 16 <= DH <= 512, S >= 1 and int32 per-head offsets."""
-    if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in (q, k, v, i, f)):
+    if not (cuda_cell_inputs(q, k, v, i, f) and q.shape[2] >= 1):
         return False
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        return False
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return False
-    B, NH, S, DH = q.shape
-    if i.shape != (B, NH, S) or f.shape != (B, NH, S) or not (i.is_floating_point() and f.is_floating_point()):
-        return False
-    span = max((S - 1) * t.stride(2) + (DH - 1) * t.stride(3) for t in (q, k, v))
-    return MIN_HEAD_DIM <= DH <= MAX_HEAD_DIM and S >= 1 and B * NH > 0 and span <= MAX_OFFSET
+    S, DH = q.shape[2:]
+    return max((S - 1) * t.stride(2) + (DH - 1) * t.stride(3) for t in (q, k, v)) <= MAX_OFFSET
 
 
 __all__ = ["mlstm_chunkwise_triton", "supports", "chunk_size_for", "CHUNK_SIZE"]

@@ -44,16 +44,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .reference import EPS
+from .reference import EPS, State, empty_state, mlstm_recurrent_state
 
-State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]      # C (B, NH, DH, DH), n (B, NH, DH), m (B, NH)
 CHUNK_SIZE = 64            # this form's default chunk length (any length >= 1 computes the same function)
-
-
-def empty_state(B: int, NH: int, DH: int, dtype: torch.dtype, device) -> State:
-    """The state before the first token: C = 0, n = 0, m = -inf."""
-    return (torch.zeros(B, NH, DH, DH, dtype=dtype, device=device), torch.zeros(B, NH, DH, dtype=dtype, device=device),
-            torch.full((B, NH), float("-inf"), dtype=dtype, device=device))
 
 
 def _chunk(q, k, v, lf, ig, state: State, eps: float):
@@ -102,30 +95,6 @@ def mlstm_chunkwise_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         outs.append(h)
     h = (torch.cat(outs, dim=-2) if outs else q.new_zeros(B, NH, 0, DH, dtype=acc)).to(q.dtype)  # (B, NH, S, DH)
     return (h, state) if return_state else h
-
-
-def mlstm_recurrent_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
-                          eps: float = EPS, initial_state: State | None = None) -> tuple[torch.Tensor, State]:
-    """The recurrent oracle (`reference.mlstm_recurrent`, step by step) with a state in and out: -> (h, (C, n, m))."""
-    B, NH, S, DH = q.shape
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q, k, v, i, f = (t.to(acc) for t in (q, k, v, i, f))
-    k = k / math.sqrt(DH)
-    C, n, m = empty_state(B, NH, DH, acc, q.device) if initial_state is None else (t.to(acc) for t in initial_state)
-    out = []
-    for t in range(S):
-        log_f = F.logsigmoid(f[..., t])                                     # (B, NH)
-        m_new = torch.maximum(log_f + m, i[..., t])                         # (B, NH)
-        f_act, i_act = torch.exp(log_f + m - m_new), torch.exp(i[..., t] - m_new)  # (B, NH)
-        kt, vt, qt = k[..., t, :], v[..., t, :], q[..., t, :]               # (B, NH, DH)
-        C = f_act[..., None, None] * C + i_act[..., None, None] * (kt.unsqueeze(-1) * vt.unsqueeze(-2))
-        n = f_act[..., None] * n + i_act[..., None] * kt                    # (B, NH, DH)
-        num = (qt.unsqueeze(-2) @ C).squeeze(-2)                            # (B, NH, DH)
-        den = torch.maximum((qt * n).sum(-1).abs(), torch.exp(-m_new))      # (B, NH)
-        out.append(num / (den[..., None] + eps))
-        m = m_new
-    h = torch.stack(out, dim=-2) if out else q.new_zeros(B, NH, 0, DH)      # (B, NH, S, DH)
-    return h, (C, n, m)
 
 
 __all__ = ["mlstm_chunkwise_reference", "mlstm_recurrent_state", "empty_state", "State"]

@@ -85,6 +85,38 @@ def _store_cols(base, x, offs_r, r_ok, sr, sd, DH, D0: tl.constexpr, BD: tl.cons
 
 
 @triton.jit
+def _store_cols2(base, x, x2, offs_r, r_ok, sr, sd, DH, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """Store the head dims [0, BLOCK_D) from x and, when BLOCK_D2 > 0, [BLOCK_D, BLOCK_D + BLOCK_D2) from x2."""
+    _store_cols(base, x, offs_r, r_ok, sr, sd, DH, 0, BLOCK_D)
+    if BLOCK_D2 > 0:
+        _store_cols(base, x2, offs_r, r_ok, sr, sd, DH, BLOCK_D, BLOCK_D2)
+
+
+@triton.jit
+def _store_out(o_base, Rinv, Sgn, vec, acc, acc2, row_sum, m_row, offs_m, row_ok, sos, sod, DH, eps,
+               BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """The end of a forward kernel: h = acc / N_t with N_t = max(|s_t|, exp(-m_t)) + eps (acc2: the head dims past
+    BLOCK_D); for the backward 1 / N_t, and sign(s_t) where |s_t| is the max (0 where the floor is)."""
+    floor = tl.exp(-m_row)
+    norm = tl.maximum(tl.abs(row_sum), floor) + eps                           # (BM,) N_t
+    _store_cols2(o_base, acc / norm[:, None], acc2 / norm[:, None], offs_m, row_ok, sos, sod, DH, BLOCK_D, BLOCK_D2)
+    sgn = tl.where(row_sum > 0, 1.0, tl.where(row_sum < 0, -1.0, 0.0))
+    tl.store(Rinv + vec + offs_m, 1.0 / norm, mask=row_ok)
+    tl.store(Sgn + vec + offs_m, tl.where(tl.abs(row_sum) > floor, sgn, 0.0), mask=row_ok)
+
+
+@triton.jit
+def _store_dkdv(DK, DV, pid_bh, NH, skb, skh, sks, skd, svb, svh, svs, svd, DH, scale, dk, dv, dk2, dv2, offs_n,
+                col_ok, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """The end of a dk / dv kernel: a key block's dk (times the key scale) and dv, in k's and v's strides; dk2 and
+    dv2 hold the head dims past BLOCK_D when BLOCK_D2 > 0."""
+    dk_base = _head(DK, pid_bh, NH, skb, skh)
+    dv_base = _head(DV, pid_bh, NH, svb, svh)
+    _store_cols2(dk_base, dk * scale, dk2 * scale, offs_n, col_ok, sks, skd, DH, BLOCK_D, BLOCK_D2)
+    _store_cols2(dv_base, dv, dv2, offs_n, col_ok, svs, svd, DH, BLOCK_D, BLOCK_D2)
+
+
+@triton.jit
 def _dot_nt(a, b, acc, IEEE: tl.constexpr):
     """acc + a (M, D) @ b (N, D)^T -> (M, N) in float32 (acc may be None)."""
     if IEEE:
@@ -156,6 +188,7 @@ def _mlstm_fwd_kernel(
     row_ok = offs_m < S
     q = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, 0, BLOCK_D)         # (BM, BD)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                      # (BM, BD) sum_j C v_j
+    acc2 = acc                                                                # unused without a second chunk
     if BLOCK_D2 > 0:
         q2 = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, BLOCK_D, BLOCK_D2)  # (BM, BD2)
         acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)               # (BM, BD2)
@@ -184,15 +217,8 @@ def _mlstm_fwd_kernel(
             v2 = _load_cols(v_base, offs_n, col_ok, svs, svd, DH, BLOCK_D, BLOCK_D2)  # (BN, BD2)
             acc2 = _dot_acc(c, v2, acc2, IEEE)
 
-    floor = tl.exp(-m_row)
-    norm = tl.maximum(tl.abs(row_sum), floor) + eps                           # (BM,) N_t
-    _store_cols(o_base, acc / norm[:, None], offs_m, row_ok, sos, sod, DH, 0, BLOCK_D)
-    if BLOCK_D2 > 0:
-        _store_cols(o_base, acc2 / norm[:, None], offs_m, row_ok, sos, sod, DH, BLOCK_D, BLOCK_D2)
-    # for the backward: 1 / N_t, and sign(s_t) where |s_t| is the max (0 where the floor is)
-    sgn = tl.where(row_sum > 0, 1.0, tl.where(row_sum < 0, -1.0, 0.0))
-    tl.store(Rinv + vec_base + offs_m, 1.0 / norm, mask=row_ok)
-    tl.store(Sgn + vec_base + offs_m, tl.where(tl.abs(row_sum) > floor, sgn, 0.0), mask=row_ok)
+    _store_out(o_base, Rinv, Sgn, vec_base, acc, acc2, row_sum, m_row, offs_m, row_ok, sos, sod, DH, eps, BLOCK_D,
+               BLOCK_D2)
 
 
 @triton.jit(do_not_specialize=["S"])
@@ -248,6 +274,7 @@ def _mlstm_bwd_dq_kernel(
     tl.store(DN + vec_base + offs_m, dn, mask=row_ok)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                       # (BM, BD)
+    dq2 = dq                                                                  # unused without a second chunk
     if BLOCK_D2 > 0:
         dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)                 # (BM, BD2)
     row_g = tl.zeros([BLOCK_M], dtype=tl.float32)                             # (BM,) row sums of dP * P
@@ -260,10 +287,8 @@ def _mlstm_bwd_dq_kernel(
         dq = _dot_acc(dp, k, dq, IEEE)
         if BLOCK_D2 > 0:
             dq2 = _dot_acc(dp, k2, dq2, IEEE)
-    dq_base = _head(DQ, pid_bh, NH, sqb, sqh)                                 # dq has q's strides
-    _store_cols(dq_base, dq * scale, offs_m, row_ok, sqs, sqd, DH, 0, BLOCK_D)
-    if BLOCK_D2 > 0:
-        _store_cols(dq_base, dq2 * scale, offs_m, row_ok, sqs, sqd, DH, BLOCK_D, BLOCK_D2)
+    _store_cols2(_head(DQ, pid_bh, NH, sqb, sqh), dq * scale, dq2 * scale, offs_m, row_ok, sqs, sqd, DH, BLOCK_D,
+                 BLOCK_D2)                                                    # dq has q's strides
     tl.store(RowG + vec_base + offs_m, row_g, mask=row_ok)
 
 
@@ -291,7 +316,7 @@ def _mlstm_bwd_dkdv_kernel(
     v = _load_cols(v_base, offs_n, col_ok, svs, svd, DH, 0, BLOCK_D)         # (BN, BD)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)                       # (BN, BD)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)                       # (BN, BD)
-    k2, v2 = k, v
+    k2, v2, dk2, dv2 = k, v, dk, dv                                           # unused without a second chunk
     if BLOCK_D2 > 0:
         k2 = _load_cols(k_base, offs_n, col_ok, sks, skd, DH, BLOCK_D, BLOCK_D2)  # (BN, BD2)
         v2 = _load_cols(v_base, offs_n, col_ok, svs, svd, DH, BLOCK_D, BLOCK_D2)  # (BN, BD2)
@@ -321,13 +346,8 @@ def _mlstm_bwd_dkdv_kernel(
         if BLOCK_D2 > 0:
             dv2 = _dot_acc(ct, do2, dv2, IEEE)
             dk2 = _dot_acc(dpt, q2, dk2, IEEE)
-    dk_base = _head(DK, pid_bh, NH, skb, skh)                                 # dk, dv: k's, v's strides
-    dv_base = _head(DV, pid_bh, NH, svb, svh)
-    _store_cols(dk_base, dk * scale, offs_n, col_ok, sks, skd, DH, 0, BLOCK_D)
-    _store_cols(dv_base, dv, offs_n, col_ok, svs, svd, DH, 0, BLOCK_D)
-    if BLOCK_D2 > 0:
-        _store_cols(dk_base, dk2 * scale, offs_n, col_ok, sks, skd, DH, BLOCK_D, BLOCK_D2)
-        _store_cols(dv_base, dv2, offs_n, col_ok, svs, svd, DH, BLOCK_D, BLOCK_D2)
+    _store_dkdv(DK, DV, pid_bh, NH, skb, skh, sks, skd, svb, svh, svs, svd, DH, scale, dk, dv, dk2, dv2, offs_n,
+                col_ok, BLOCK_D, BLOCK_D2)
     tl.store(ColG + vec_base + offs_n, col_g, mask=col_ok)
 
 
@@ -576,8 +596,9 @@ def mlstm_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Ten
     return _MlstmTriton.apply(q, k, v, i, f, eps)
 
 
-def supports(q, k, v, i, f) -> bool:
-    """True for CUDA tensors of one float dtype, 16 <= DH <= 512 and 1 <= S <= MAX_SEQ_LEN."""
+def cuda_cell_inputs(q, k, v, i, f) -> bool:
+    """True for CUDA tensors q, k, v (B, NH, S, DH) of one supported float dtype with 16 <= DH <= 512 and
+    B * NH > 0, and floating i, f (B, NH, S): what every Triton mLSTM kernel needs."""
     if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in (q, k, v, i, f)):
         return False
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
@@ -587,7 +608,12 @@ def supports(q, k, v, i, f) -> bool:
     B, NH, S, DH = q.shape
     if i.shape != (B, NH, S) or f.shape != (B, NH, S) or not (i.is_floating_point() and f.is_floating_point()):
         return False
-    return MIN_HEAD_DIM <= DH <= MAX_HEAD_DIM and 1 <= S <= MAX_SEQ_LEN and B * NH > 0
+    return MIN_HEAD_DIM <= DH <= MAX_HEAD_DIM and B * NH > 0
+
+
+def supports(q, k, v, i, f) -> bool:
+    """True for CUDA tensors of one float dtype, 16 <= DH <= 512 and 1 <= S <= MAX_SEQ_LEN."""
+    return cuda_cell_inputs(q, k, v, i, f) and 1 <= q.shape[2] <= MAX_SEQ_LEN
 
 
 __all__ = ["mlstm_triton", "supports"]

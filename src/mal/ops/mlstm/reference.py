@@ -37,27 +37,41 @@ def mlstm_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.T
     return h.to(q.dtype)
 
 
-def mlstm_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
-                    eps: float = EPS) -> torch.Tensor:
-    """Step-by-step stabilized mLSTM recurrence (the oracle). Matrix memory C_t = f C_{t-1} + i k_t v_t^T."""
+State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]      # C (B, NH, DH, DH), n (B, NH, DH), m (B, NH)
+
+
+def empty_state(B: int, NH: int, DH: int, dtype: torch.dtype, device) -> State:
+    """The state before the first token: C = 0, n = 0, m = -inf."""
+    return (torch.zeros(B, NH, DH, DH, dtype=dtype, device=device), torch.zeros(B, NH, DH, dtype=dtype, device=device),
+            torch.full((B, NH), float("-inf"), dtype=dtype, device=device))
+
+
+def mlstm_recurrent_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+                          eps: float = EPS, initial_state: State | None = None) -> tuple[torch.Tensor, State]:
+    """Step-by-step stabilized mLSTM recurrence (the oracle), C_t = f C_{t-1} + i k_t v_t^T, from a state (default:
+    empty) -> (h (B, NH, S, DH), the state (C, n, m) after the last token)."""
     B, NH, S, DH = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v, i, f = (t.to(acc) for t in (q, k, v, i, f))
     k = k / math.sqrt(DH)
-    c_state = q.new_zeros(B, NH, DH, DH)                                    # (B, NH, DH, DH)
-    n_state = q.new_zeros(B, NH, DH)                                        # (B, NH, DH)
-    m_state = q.new_full((B, NH), float("-inf"))                            # (B, NH)
+    C, n, m = empty_state(B, NH, DH, acc, q.device) if initial_state is None else (t.to(acc) for t in initial_state)
     out = []
     for t in range(S):
         log_f = F.logsigmoid(f[..., t])                                     # (B, NH)
-        m_new = torch.maximum(log_f + m_state, i[..., t])                   # (B, NH)
-        f_act = torch.exp(log_f + m_state - m_new)                          # (B, NH)
-        i_act = torch.exp(i[..., t] - m_new)                                # (B, NH)
+        m_new = torch.maximum(log_f + m, i[..., t])                         # (B, NH)
+        f_act, i_act = torch.exp(log_f + m - m_new), torch.exp(i[..., t] - m_new)  # (B, NH)
         kt, vt, qt = k[..., t, :], v[..., t, :], q[..., t, :]               # (B, NH, DH)
-        c_state = f_act[..., None, None] * c_state + i_act[..., None, None] * (kt.unsqueeze(-1) * vt.unsqueeze(-2))
-        n_state = f_act[..., None] * n_state + i_act[..., None] * kt        # (B, NH, DH)
-        num = (qt.unsqueeze(-2) @ c_state).squeeze(-2)                      # (B, NH, DH)
-        den = torch.maximum((qt * n_state).sum(-1).abs(), torch.exp(-m_new))  # (B, NH)
+        C = f_act[..., None, None] * C + i_act[..., None, None] * (kt.unsqueeze(-1) * vt.unsqueeze(-2))
+        n = f_act[..., None] * n + i_act[..., None] * kt                    # (B, NH, DH)
+        num = (qt.unsqueeze(-2) @ C).squeeze(-2)                            # (B, NH, DH)
+        den = torch.maximum((qt * n).sum(-1).abs(), torch.exp(-m_new))      # (B, NH)
         out.append(num / (den[..., None] + eps))
-        m_state = m_new
-    return torch.stack(out, dim=-2)                                         # (B, NH, S, DH)
+        m = m_new
+    h = torch.stack(out, dim=-2) if out else q.new_zeros(B, NH, 0, DH)      # (B, NH, S, DH)
+    return h, (C, n, m)
+
+
+def mlstm_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+                    eps: float = EPS) -> torch.Tensor:
+    """The recurrent oracle from the empty state: h (B, NH, S, DH)."""
+    return mlstm_recurrent_state(q, k, v, i, f, eps)[0]
