@@ -48,8 +48,9 @@ import triton  # imported by the ops' registry only for CUDA inputs; without tri
 import triton.language as tl
 
 from .chunkwise_reference import State
-from .kernel import (_block_d, _d_chunks, _decay, _dot_acc, _dot_nt, _dq_tile, _head, _load_cols,
-                     _store_cols2, _store_dkdv, _store_out, _strides, _tile_products, cuda_cell_inputs)
+from .kernel import (_acc_dkdv, _block_d, _d_chunks, _decay, _dot_acc, _dot_acc2, _dot_nt, _dq_tile, _head,
+                     _load_cols, _load_cols2, _qkv_heads, _store_cols2, _store_dkdv, _store_out, _strides,
+                     _tile_products, cuda_cell_inputs)
 from .reference import EPS
 
 # Keep the states of the forward for the backward (B * NH * (S / L) * DH^2 floats until the backward) instead
@@ -105,6 +106,15 @@ def _last(x, loc, last):
     return tl.sum(tl.where(loc == last, x, tl.zeros_like(x)), axis=0)
 
 
+@triton.jit
+def _tile_of_state(pid_t, NVB, BK: tl.constexpr, BV: tl.constexpr, DH):
+    """The rows (k) and columns (v) of program pid_t's (BK, BV) tile of a DH x DH state, their masks, and whether
+    the tile is the first of its row of tiles."""
+    offs_k = (pid_t // NVB) * BK + tl.arange(0, BK)                         # (BK,)
+    offs_v = (pid_t % NVB) * BV + tl.arange(0, BV)                          # (BV,)
+    return offs_k, offs_v, offs_k < DH, offs_v < DH, pid_t % NVB == 0
+
+
 @triton.jit(do_not_specialize=["S", "NC"])
 def _states_kernel(
     K, V, LF, IG, C0, N0, M0, CS, NS, MS, Gout, Mout, Aout,
@@ -119,10 +129,7 @@ def _states_kernel(
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
     bh = pid_bh.to(tl.int64)
-    offs_k = (pid_t // NVB) * BK + tl.arange(0, BK)                         # (BK,)
-    offs_v = (pid_t % NVB) * BV + tl.arange(0, BV)                          # (BV,)
-    k_ok, v_ok = offs_k < DH, offs_v < DH
-    first_v = pid_t % NVB == 0
+    offs_k, offs_v, k_ok, v_ok, first_v = _tile_of_state(pid_t, NVB, BK, BV, DH)   # (BK,), (BV,)
     k_base = _head(K, pid_bh, NH, skb, skh)
     v_base = _head(V, pid_bh, NH, svb, svh)
     vec = bh * S
@@ -187,9 +194,7 @@ def _out_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bh = pid_bh.to(tl.int64)
-    q_base = _head(Q, pid_bh, NH, sqb, sqh)
-    k_base = _head(K, pid_bh, NH, skb, skh)
-    v_base = _head(V, pid_bh, NH, svb, svh)
+    q_base, k_base, v_base = _qkv_heads(Q, K, V, pid_bh, NH, sqb, sqh, skb, skh, svb, svh)
     o_base = _head(O, pid_bh, NH, sob, soh)
     vec = bh * S
     c0 = (pid_m * BLOCK_M // L) * L                                         # the chunk's first token
@@ -259,9 +264,7 @@ def _dq_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bh = pid_bh.to(tl.int64)
-    q_base = _head(Q, pid_bh, NH, sqb, sqh)
-    k_base = _head(K, pid_bh, NH, skb, skh)
-    v_base = _head(V, pid_bh, NH, svb, svh)
+    q_base, k_base, v_base = _qkv_heads(Q, K, V, pid_bh, NH, sqb, sqh, skb, skh, svb, svh)
     do_base = _head(DO, pid_bh, NH, sdob, sdoh)
     vec = bh * S
     c0 = (pid_m * BLOCK_M // L) * L
@@ -274,12 +277,8 @@ def _dq_kernel(
     sgn = tl.load(Sgn + vec + offs_m, mask=row_ok, other=0.0)               # (BM,)
     w = tl.exp((g_row + tl.load(MS + st)) - m_row)                          # (BM,)
 
-    q = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, 0, BLOCK_D)       # (BM, BD)
-    do = _load_cols(do_base, offs_m, row_ok, sdos, sdod, DH, 0, BLOCK_D)   # (BM, BD)
-    q2, do2 = q, do
-    if BLOCK_D2 > 0:
-        q2 = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, BLOCK_D, BLOCK_D2)      # (BM, BD2)
-        do2 = _load_cols(do_base, offs_m, row_ok, sdos, sdod, DH, BLOCK_D, BLOCK_D2)  # (BM, BD2)
+    q, q2 = _load_cols2(q_base, offs_m, row_ok, sqs, sqd, DH, BLOCK_D, BLOCK_D2)      # (BM, BD), (BM, BD2)
+    do, do2 = _load_cols2(do_base, offs_m, row_ok, sdos, sdod, DH, BLOCK_D, BLOCK_D2)
 
     # intra-chunk part of delta_t / r_t = sum_j (dh_t . v_j) C_tj, from the float32 tiles
     hi = (pid_m + 1) * BLOCK_M
@@ -331,9 +330,7 @@ def _dq_kernel(
         dp = (r[:, None] * dov + gn[:, None]) * decay                       # (BM, BN) dL/dP
         offs_n = start_n + tl.arange(0, BLOCK_N)                            # (BN,)
         row_g += tl.sum(tl.where(offs_n[None, :] == arg[:, None], 0.0, dp * p), axis=1)
-        dq = _dot_acc(dp, k, dq, IEEE)
-        if BLOCK_D2 > 0:
-            dq2 = _dot_acc(dp, k2, dq2, IEEE)
+        dq, dq2 = _dot_acc2(dp, k, k2, dq, dq2, BLOCK_D2, IEEE)
     _store_cols2(_head(DQ, pid_bh, NH, sqb, sqh), dq * scale, dq2 * scale, offs_m, row_ok, sqs, sqd, DH, BLOCK_D,
                  BLOCK_D2)                                                    # dq has q's strides
     tl.store(RowG + vec + offs_m, row_g, mask=row_ok)
@@ -353,10 +350,7 @@ def _dstates_kernel(
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
     bh = pid_bh.to(tl.int64)
-    offs_k = (pid_t // NVB) * BK + tl.arange(0, BK)                         # (BK,)
-    offs_v = (pid_t % NVB) * BV + tl.arange(0, BV)                          # (BV,)
-    k_ok, v_ok = offs_k < DH, offs_v < DH
-    first_v = pid_t % NVB == 0
+    offs_k, offs_v, k_ok, v_ok, first_v = _tile_of_state(pid_t, NVB, BK, BV, DH)   # (BK,), (BV,)
     q_base = _head(Q, pid_bh, NH, sqb, sqh)
     do_base = _head(DO, pid_bh, NH, sdob, sdoh)
     vec = bh * S
@@ -402,9 +396,7 @@ def _dkdv_kernel(
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bh = pid_bh.to(tl.int64)
-    q_base = _head(Q, pid_bh, NH, sqb, sqh)
-    k_base = _head(K, pid_bh, NH, skb, skh)
-    v_base = _head(V, pid_bh, NH, svb, svh)
+    q_base, k_base, v_base = _qkv_heads(Q, K, V, pid_bh, NH, sqb, sqh, skb, skh, svb, svh)
     do_base = _head(DO, pid_bh, NH, sdob, sdoh)
     vec = bh * S
     start_n = pid_n * BLOCK_N
@@ -469,11 +461,7 @@ def _dkdv_kernel(
         dpt = (r[None, :] * dovt + gn[None, :]) * decay                     # (BN, BM) dL/dP^T
         col_g += tl.sum(tl.where(offs_n[:, None] == arg[None, :], 0.0, dpt * pt), axis=1)
         ct = pt * decay * r[None, :]                                        # (BN, BM) (C / N)^T
-        dv = _dot_acc(ct, do, dv, IEEE)
-        dk = _dot_acc(dpt, q, dk, IEEE)
-        if BLOCK_D2 > 0:
-            dv2 = _dot_acc(ct, do2, dv2, IEEE)
-            dk2 = _dot_acc(dpt, q2, dk2, IEEE)
+        dk, dv, dk2, dv2 = _acc_dkdv(ct, dpt, q, q2, do, do2, dk, dv, dk2, dv2, BLOCK_D2, IEEE)
     _store_dkdv(DK, DV, pid_bh, NH, skb, skh, sks, skd, svb, svh, svs, svd, DH, scale, dk, dv, dk2, dv2, offs_n,
                 col_ok, BLOCK_D, BLOCK_D2)
     tl.store(ColG + vec + offs_n, col_g, mask=col_ok)

@@ -69,11 +69,28 @@ def _head(X, pid_bh, NH, sb, sh):
 
 
 @triton.jit
+def _qkv_heads(Q, K, V, pid_bh, NH, sqb, sqh, skb, skh, svb, svh):
+    """Pointers to one (batch, head) of q, k and v."""
+    return _head(Q, pid_bh, NH, sqb, sqh), _head(K, pid_bh, NH, skb, skh), _head(V, pid_bh, NH, svb, svh)
+
+
+@triton.jit
 def _load_cols(base, offs_r, r_ok, sr, sd, DH, D0: tl.constexpr, BD: tl.constexpr):
     """Rows offs_r, head-dim columns [D0, D0 + BD) of one head (columns past DH read as 0)."""
     offs_d = D0 + tl.arange(0, BD)                                            # (BD,)
     return tl.load(base + offs_r[:, None] * sr + offs_d[None, :] * sd,
                    mask=r_ok[:, None] & (offs_d < DH)[None, :], other=0.0)    # (R, BD)
+
+
+@triton.jit
+def _load_cols2(base, offs_r, r_ok, sr, sd, DH, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """Rows of the head dims [0, BLOCK_D) and, when BLOCK_D2 > 0, [BLOCK_D, BLOCK_D + BLOCK_D2) (else the first
+    tile again, unused): (R, BLOCK_D), (R, BLOCK_D2)."""
+    x = _load_cols(base, offs_r, r_ok, sr, sd, DH, 0, BLOCK_D)
+    x2 = x
+    if BLOCK_D2 > 0:
+        x2 = _load_cols(base, offs_r, r_ok, sr, sd, DH, BLOCK_D, BLOCK_D2)
+    return x, x2
 
 
 @triton.jit
@@ -103,6 +120,23 @@ def _store_out(o_base, Rinv, Sgn, vec, acc, acc2, row_sum, m_row, offs_m, row_ok
     sgn = tl.where(row_sum > 0, 1.0, tl.where(row_sum < 0, -1.0, 0.0))
     tl.store(Rinv + vec + offs_m, 1.0 / norm, mask=row_ok)
     tl.store(Sgn + vec + offs_m, tl.where(tl.abs(row_sum) > floor, sgn, 0.0), mask=row_ok)
+
+
+@triton.jit
+def _dot_acc2(c, x, x2, acc, acc2, BLOCK_D2: tl.constexpr, IEEE: tl.constexpr):
+    """acc += c @ x and, for the head dims past BLOCK_D, acc2 += c @ x2."""
+    acc = _dot_acc(c, x, acc, IEEE)
+    if BLOCK_D2 > 0:
+        acc2 = _dot_acc(c, x2, acc2, IEEE)
+    return acc, acc2
+
+
+@triton.jit
+def _acc_dkdv(ct, dpt, q, q2, do, do2, dk, dv, dk2, dv2, BLOCK_D2: tl.constexpr, IEEE: tl.constexpr):
+    """One tile's terms of a key block's gradients: dv += (C / N)^T dh, dk += dP^T q (both head-dim chunks)."""
+    dv, dv2 = _dot_acc2(ct, do, do2, dv, dv2, BLOCK_D2, IEEE)
+    dk, dk2 = _dot_acc2(dpt, q, q2, dk, dk2, BLOCK_D2, IEEE)
+    return dk, dv, dk2, dv2
 
 
 @triton.jit
@@ -178,9 +212,7 @@ def _mlstm_fwd_kernel(
     """One program = one query block of one (batch, head): h = (C @ V) / (max(|rowsum C|, exp(-m)) + eps)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    q_base = _head(Q, pid_bh, NH, sqb, sqh)
-    k_base = _head(K, pid_bh, NH, skb, skh)
-    v_base = _head(V, pid_bh, NH, svb, svh)
+    q_base, k_base, v_base = _qkv_heads(Q, K, V, pid_bh, NH, sqb, sqh, skb, skh, svb, svh)
     o_base = _head(O, pid_bh, NH, sob, soh)
     vec_base = pid_bh.to(tl.int64) * S                                      # (B, NH, S) vectors are contiguous
 
@@ -233,21 +265,15 @@ def _mlstm_bwd_dq_kernel(
     """One program = one query block: dq, the row sums of dlogD, and dN_t = -(dh_t . h_t) / N_t."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    q_base = _head(Q, pid_bh, NH, sqb, sqh)
-    k_base = _head(K, pid_bh, NH, skb, skh)
-    v_base = _head(V, pid_bh, NH, svb, svh)
+    q_base, k_base, v_base = _qkv_heads(Q, K, V, pid_bh, NH, sqb, sqh, skb, skh, svb, svh)
     o_base = _head(O, pid_bh, NH, sob, soh)
     do_base = _head(DO, pid_bh, NH, sdob, sdoh)
     vec_base = pid_bh.to(tl.int64) * S
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                          # (BM,)
     row_ok = offs_m < S
-    q = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, 0, BLOCK_D)         # (BM, BD)
-    do = _load_cols(do_base, offs_m, row_ok, sdos, sdod, DH, 0, BLOCK_D)     # (BM, BD)
-    q2, do2 = q, do
-    if BLOCK_D2 > 0:
-        q2 = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, BLOCK_D, BLOCK_D2)      # (BM, BD2)
-        do2 = _load_cols(do_base, offs_m, row_ok, sdos, sdod, DH, BLOCK_D, BLOCK_D2)  # (BM, BD2)
+    q, q2 = _load_cols2(q_base, offs_m, row_ok, sqs, sqd, DH, BLOCK_D, BLOCK_D2)      # (BM, BD), (BM, BD2)
+    do, do2 = _load_cols2(do_base, offs_m, row_ok, sdos, sdod, DH, BLOCK_D, BLOCK_D2)
     a_row = tl.load(A + vec_base + offs_m, mask=row_ok, other=0.0)            # (BM,)
     m_row = tl.load(Mlog + vec_base + offs_m, mask=row_ok, other=0.0)         # (BM,)
     r = tl.load(Rinv + vec_base + offs_m, mask=row_ok, other=0.0)             # (BM,) 1 / N_t
@@ -284,9 +310,7 @@ def _mlstm_bwd_dq_kernel(
                                         BLOCK_N, BLOCK_D, BLOCK_D2, IEEE)
         dp = (r[:, None] * dov + g[:, None]) * decay                          # (BM, BN) dL/dP
         row_g += tl.sum(dp * p, axis=1)
-        dq = _dot_acc(dp, k, dq, IEEE)
-        if BLOCK_D2 > 0:
-            dq2 = _dot_acc(dp, k2, dq2, IEEE)
+        dq, dq2 = _dot_acc2(dp, k, k2, dq, dq2, BLOCK_D2, IEEE)
     _store_cols2(_head(DQ, pid_bh, NH, sqb, sqh), dq * scale, dq2 * scale, offs_m, row_ok, sqs, sqd, DH, BLOCK_D,
                  BLOCK_D2)                                                    # dq has q's strides
     tl.store(RowG + vec_base + offs_m, row_g, mask=row_ok)
@@ -303,9 +327,7 @@ def _mlstm_bwd_dkdv_kernel(
     """One program = one key block: dk, dv and the column sums of dlogD, looping over later query blocks."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    q_base = _head(Q, pid_bh, NH, sqb, sqh)
-    k_base = _head(K, pid_bh, NH, skb, skh)
-    v_base = _head(V, pid_bh, NH, svb, svh)
+    q_base, k_base, v_base = _qkv_heads(Q, K, V, pid_bh, NH, sqb, sqh, skb, skh, svb, svh)
     do_base = _head(DO, pid_bh, NH, sdob, sdoh)
     vec_base = pid_bh.to(tl.int64) * S
 
@@ -341,11 +363,7 @@ def _mlstm_bwd_dkdv_kernel(
         ct = pt * decay * r[None, :]                                          # (BN, BM) (C / N)^T
         dpt = (r[None, :] * dovt + g[None, :]) * decay                        # (BN, BM) dL/dP^T
         col_g += tl.sum(dpt * pt, axis=1)
-        dv = _dot_acc(ct, do, dv, IEEE)
-        dk = _dot_acc(dpt, q, dk, IEEE)
-        if BLOCK_D2 > 0:
-            dv2 = _dot_acc(ct, do2, dv2, IEEE)
-            dk2 = _dot_acc(dpt, q2, dk2, IEEE)
+        dk, dv, dk2, dv2 = _acc_dkdv(ct, dpt, q, q2, do, do2, dk, dv, dk2, dv2, BLOCK_D2, IEEE)
     _store_dkdv(DK, DV, pid_bh, NH, skb, skh, sks, skd, svb, svh, svs, svd, DH, scale, dk, dv, dk2, dv2, offs_n,
                 col_ok, BLOCK_D, BLOCK_D2)
     tl.store(ColG + vec_base + offs_n, col_g, mask=col_ok)
