@@ -94,7 +94,10 @@ def diagnosis() -> list[Experiment]:
     frozen encoder's probes (every 10 epochs) and a short fine-tune; and which layer decay the supervised baseline
     trains best with. `--recipe-from` reads the winners."""
     exps = [Experiment("diag_random", "diag", "initialization (1 step at lr 0)", ["max_steps=1"], probe_only=True)]
-    variants = [(f"blr{b}", f"blr {b}", [f"optim.blr={b}"]) for b in ("1.5e-4", "5e-4", "1.5e-3", "3e-3")]
+    variants = [(f"blr{b}", f"blr {b}", [f"optim.blr={b}"]) for b in ("1.5e-4", "5e-4", "1.5e-3", "3e-3", "6e-3")]
+    variants += [("blr3e-3_bs512", "blr 3e-3, batch 512", ["optim.blr=3e-3", "optim.batch_size=512"]),
+                 ("blr3e-3_warm1", "blr 3e-3, 1 warm-up epoch", ["optim.blr=3e-3", "optim.warmup_epochs=1"]),
+                 ("blr3e-3_dec8x1024", "blr 3e-3, decoder 8x1024", ["optim.blr=3e-3", "objective.decoder.dim=1024"])]
     variants += [("blr1.5e-3_dec4x256", "blr 1.5e-3, decoder 4x256", ["optim.blr=1.5e-3", "objective.decoder.depth=4",
                   "objective.decoder.dim=256", "objective.decoder.num_heads=8"]),
                  ("blr1.5e-3_rawpix", "blr 1.5e-3, raw pixel targets", ["optim.blr=1.5e-3",
