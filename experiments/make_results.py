@@ -101,7 +101,8 @@ DIAG_COLUMNS = ("| setting | pretraining loss (end) | held-out k-NN | held-out l
 
 
 DIAG_ORDER = ["diag_random", "diag_blr1.5e-4", "diag_blr5e-4", "diag_blr1.5e-3", "diag_blr3e-3", "diag_blr6e-3",
-              "diag_blr3e-3_bs512", "diag_blr3e-3_warm1", "diag_blr3e-3_dec8x1024", "diag_blr1.5e-3_dec4x256", "diag_blr1.5e-3_rawpix", "diag_mae_vil_blr1.5e-3", "diag_supervised_ld0.75",
+              "diag_blr3e-3_bs512", "diag_blr3e-3_warm1", "diag_blr3e-3_dec8x1024", "diag_blr3e-3_400ep",
+              "diag_blr1.5e-3_dec4x256", "diag_blr1.5e-3_rawpix", "diag_mae_vil_blr1.5e-3", "diag_supervised_ld0.75",
               "diag_supervised_ld1.0"]
 
 

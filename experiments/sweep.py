@@ -97,7 +97,9 @@ def diagnosis() -> list[Experiment]:
     variants = [(f"blr{b}", f"blr {b}", [f"optim.blr={b}"]) for b in ("1.5e-4", "5e-4", "1.5e-3", "3e-3", "6e-3")]
     variants += [("blr3e-3_bs512", "blr 3e-3, batch 512", ["optim.blr=3e-3", "optim.batch_size=512"]),
                  ("blr3e-3_warm1", "blr 3e-3, 1 warm-up epoch", ["optim.blr=3e-3", "optim.warmup_epochs=1"]),
-                 ("blr3e-3_dec8x1024", "blr 3e-3, decoder 8x1024", ["optim.blr=3e-3", "objective.decoder.dim=1024"])]
+                 ("blr3e-3_dec8x1024", "blr 3e-3, decoder 8x1024", ["optim.blr=3e-3", "objective.decoder.dim=1024"]),
+                 ("blr3e-3_400ep", "blr 3e-3, 400 epochs (probed every 50)", ["optim.blr=3e-3", "optim.epochs=400",
+                                                                              "probe_every=50"])]
     variants += [("blr1.5e-3_dec4x256", "blr 1.5e-3, decoder 4x256", ["optim.blr=1.5e-3", "objective.decoder.depth=4",
                   "objective.decoder.dim=256", "objective.decoder.num_heads=8"]),
                  ("blr1.5e-3_rawpix", "blr 1.5e-3, raw pixel targets", ["optim.blr=1.5e-3",
@@ -113,11 +115,11 @@ def diagnosis() -> list[Experiment]:
 
 def chosen_recipe(results: Path) -> tuple[list[str], list[str]]:
     """The diagnosis's winners on the held-out split (from a sweep's results.jsonl): the MAL-ViL pretraining overrides
-    whose short fine-tune scores best (the linear probe where no fine-tune ran), and the supervised overrides with
-    the best top-1."""
+    whose short fine-tune scores best (the linear probe where no fine-tune ran; rows with their own schedule left
+    out), and the supervised overrides with the best top-1."""
     rows = [json.loads(line) for line in open(results)]
-    mal = [r for r in rows if r["name"].startswith("diag_blr")
-           and (r.get("holdout_top1") or r.get("holdout_linprobe")) is not None]
+    mal = [r for r in rows if r["name"].startswith("diag_blr") and (r.get("holdout_top1") or r.get("holdout_linprobe"))
+           is not None and not any(o.startswith("optim.epochs=") for o in r["recipe"]["pretrain"])]  # equal epochs
     sup = [r for r in rows if r["name"].startswith("diag_supervised") and r.get("holdout_top1") is not None]
     if not (mal and sup):
         sys.exit(f"{results} has no finished diagnosis rows (diag_blr*, diag_supervised*): run --only '^diag_' first")
@@ -158,8 +160,8 @@ def execute(exp: Experiment, args, gpus: queue.Queue) -> dict:
     else:
         recipe = args.pretrain_recipe if exp.model == "" and not exp.name.startswith("diag_") else []
         stages = [("pretrain", cfgs["pretrain"], base / "pretrain",
-                   [*common, f"optim.epochs={args.pre_epochs}", *recipe, *exp.pretrain,
-                    *(["probe_every=10"] if exp.table == "diag" else [])])]
+                   [*common, f"optim.epochs={args.pre_epochs}", *recipe,
+                    *(["probe_every=10"] if exp.table == "diag" else []), *exp.pretrain])]
         if not exp.probe_only:
             stages.append(("finetune", cfgs["finetune"], base / "finetune",
                            [*common, f"optim.epochs={args.ft_epochs}", f"init={base / 'pretrain/ckpt_last'}",
