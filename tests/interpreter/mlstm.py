@@ -59,12 +59,15 @@ def kernels_match_float64():
 
 
 def _head_views_get_gradients_in_their_layout():
+    """q, k, v as head views of (B, S, NH * DH) tensors: gradients in their strides, values within 2x
+    torch-float32's error + 2e-5 of the float64 oracle."""
     B, S, NH, DH = 2, 19, 2, 32
-    bases = [torch.randn(B, S, NH * DH) for _ in range(3)]
-    gates = [torch.randn(B, NH, S) for _ in range(2)]
-    dh = torch.randn(B, NH, S, DH)
+    g = torch.Generator().manual_seed(7)
+    bases = [torch.randn(B, S, NH * DH, generator=g) for _ in range(3)]
+    gates = [torch.randn(B, NH, S, generator=g) for _ in range(2)]
+    dh = torch.randn(B, NH, S, DH, generator=g)
     res = []
-    for fn, dt in ((mt.mlstm_triton, torch.float32), (mlstm_parallel, torch.float64)):
+    for fn, dt in ((mt.mlstm_triton, torch.float32), (mlstm_parallel, torch.float32), (mlstm_parallel, torch.float64)):
         leaves = [x.to(dt).requires_grad_() for x in bases + gates]
         heads = [t.view(B, S, NH, DH).transpose(1, 2) for t in leaves[:3]]
         out = fn(*heads, *leaves[3:])
@@ -73,5 +76,6 @@ def _head_views_get_gradients_in_their_layout():
             views = [t.detach().requires_grad_() for t in heads]
             grads = torch.autograd.grad(fn(*views, *leaves[3:]), views, dh)
             assert all(g.stride() == t.stride() for g, t in zip(grads, views))
-    for a, r in zip(*res):
-        assert ((a.double() - r).norm() / r.norm()).item() < 1e-4
+    for a, b, r in zip(*res):
+        e_tri, e_tor = (((x.double() - r).norm() / r.norm()).item() for x in (a, b))
+        assert e_tri <= 2.0 * e_tor + 2e-5, (e_tri, e_tor)

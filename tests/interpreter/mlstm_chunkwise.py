@@ -93,23 +93,24 @@ def _state_continues_a_sequence():
 
 def _head_views_get_gradients_in_their_layout():
     """q, k, v as head views of (B, S, NH * DH) tensors, as the fused block passes them: dq, dk, dv come back
-    with their strides, and the values are right."""
+    with their strides, and the values are right (float64 oracle; within 2x torch-float32's error + 2e-5)."""
     B, S, NH, DH = 2, 19, 2, 32
-    bases = [torch.randn(B, S, NH * DH) for _ in range(3)]
-    gates = [3 * torch.randn(B, NH, S) for _ in range(2)]
-    dh = torch.randn(B, NH, S, DH)
+    g = torch.Generator().manual_seed(7)
+    bases = [torch.randn(B, S, NH * DH, generator=g) for _ in range(3)]
+    gates = [3 * torch.randn(B, NH, S, generator=g) for _ in range(2)]
+    dh = torch.randn(B, NH, S, DH, generator=g)
     res = []
     for fn, dt in ((lambda *a: ck.mlstm_chunkwise_triton(*a, chunk_size=16), torch.float32),
-                   (mlstm_parallel, torch.float64)):
+                   (mlstm_parallel, torch.float32), (mlstm_parallel, torch.float64)):
         leaves = [x.to(dt).requires_grad_() for x in bases + gates]
         heads = [t.view(B, S, NH, DH).transpose(1, 2) for t in leaves[:3]]
         res.append(list(torch.autograd.grad(fn(*heads, *leaves[3:]), leaves, dh.to(dt))))
-        if dt == torch.float32:
+        if not res[1:]:
             views = [t.detach().requires_grad_() for t in heads]
             grads = torch.autograd.grad(fn(*views, *leaves[3:]), views, dh)
             assert all(g.stride() == t.stride() for g, t in zip(grads, views))
-    for a, r in zip(*res):
-        assert _rel(a, r) < 1e-4
+    for a, b, r in zip(*res):
+        assert _rel(a, r) <= 2 * _rel(b, r) + 2e-5, (_rel(a, r), _rel(b, r))
 
 
 def _saved_states_equal_recomputed():
