@@ -140,7 +140,8 @@ def diagnosis_plot(rows: list[dict], runs_dir: Path, save) -> None:
         if r["name"] == "diag_random":
             a.axhline(r["holdout_linprobe"], color="gray", ls=":", label="initialization")
         elif r.get("holdout_linprobe") is not None:            # the end of the run is probed by its summary
-            end = read_metrics(runs_dir / r["name"] / "pretrain/metrics.csv", "loss")[-1][0]
+            loss = read_metrics(runs_dir / r["name"] / "pretrain/metrics.csv", "loss")
+            end = loss[-1][0] if loss else 10.0 * (len(probe) + 1)
             a.plot(*zip(*probe, (end, r["holdout_linprobe"])), marker="o", ms=3, label=r["setting"])
         stage = "supervised" if r.get("knn") is None else "finetune"
         curve = read_metrics(runs_dir / r["name"] / stage / "metrics.csv", "eval_top1")

@@ -116,3 +116,22 @@ def test_diagnosis_picks_the_recipe_on_the_held_out_split(image_folder, tmp_path
     assert "optim.blr=3e-3" in rows["default_s0"]["commands"][0]
     assert "optim.blr" not in rows["default_s0"]["commands"][1]            # the fine-tuning recipe is fixed
     assert "optim.layer_decay=1.0" in rows["supervised_s0"]["commands"][0]
+
+
+def test_diagnosis_section_renders_the_committed_rows(tmp_path):
+    """make_results --section diagnosis fills only its own section: one row per setting in the study's order,
+    seeds pooled (mean ± std), and the probe / fine-tuning curves figure."""
+    doc = tmp_path / "results.md"
+    doc.write_text("# head\n<!-- tables:begin (experiments/make_results.py) -->\nKEEP\n<!-- tables:end -->\n"
+                   "<!-- diagnosis:begin (experiments/make_results.py) -->\nOLD\n<!-- diagnosis:end -->\ntail\n")
+    res = subprocess.run([sys.executable, "experiments/make_results.py", "--results",
+                          "docs/results/imagenette_diagnosis/results.jsonl", "--doc", str(doc), "--section", "diagnosis",
+                          "--figures", str(tmp_path / "fig")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    text = doc.read_text()
+    assert "KEEP" in text and "OLD" not in text and text.rstrip().endswith("tail")
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "diag_" in ln]
+    assert [r.split(" | ")[0][2:] for r in rows[:3]] == ["initialization (1 step at lr 0)", "blr 1.5e-4", "blr 5e-4"]
+    assert "| blr 3e-3 | 0.73 | 42.77 | 55.33 | 51.21 | 49.40 |" in text
+    assert "| supervised, layer decay 1.0 | – | – | – | 48.43 ± 0.76 (n=3) | 46.85 ± 0.86 (n=3) |" in text
+    assert (tmp_path / "fig/diagnosis_curves.png").stat().st_size > 0
