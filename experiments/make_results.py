@@ -117,7 +117,7 @@ def diagnosis_table(rows: list[dict]) -> list[str]:
     first = {s: min(DIAG_ORDER.index(r["name"].rsplit("_s", 1)[0]) if r["name"].rsplit("_s", 1)[0] in DIAG_ORDER
                     else len(DIAG_ORDER) for r in rs) for s, rs in by.items()}
     by = dict(sorted(by.items(), key=lambda kv: first[kv[0]]))
-    out = ["#### Diagnosis on the held-out split (Imagenette-96, MAL-T, 30 pretraining epochs)", "", *DIAG_COLUMNS]
+    out = ["#### Diagnosis on the held-out split", "", *DIAG_COLUMNS]
     for setting, rs in by.items():
         loss = fmt([r.get("pretrain_loss") for r in rs]) if rs[0].get("knn") is not None else "–"
         gpu = sum(r.get("gpu_min") or 0 for r in rs)
