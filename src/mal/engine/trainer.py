@@ -332,19 +332,23 @@ class Trainer:
         if not self.info.is_main:
             return
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            res = self.probe_frozen(self.data.eval)
+            res = self.probe_frozen(self.frozen_encoder(), self.data.eval)
         self.metrics.write(self.step, epoch=self.step / self.steps_per_epoch,
                            **{f"eval_{k}": res[k] for k in PROBE_FIELDS})
         self.bar.write(f"step {self.step}: {self.data.eval_name} k-NN {res['knn_top1']:.2f} %, "
                        f"linear probe {res['linprobe_top1']:.2f} %")
 
-    def probe_frozen(self, test) -> dict[str, Any]:
-        """k-NN and linear-probe top-1 (%) of the encoder as it was pretrained (a copy), features of the training
-        split as memory / probe training set, `test` scored."""
-        cfg = self.cfg
+    def frozen_encoder(self) -> nn.Module:
+        """A copy of the encoder as it was pretrained (causal, one scan order), on the device, for the probes."""
         enc = self.model.probe_encoder().to(self.device)
-        if cfg.fast_path:
+        if self.cfg.fast_path:
             enable_fast_path(enc, self.device)
+        return enc
+
+    def probe_frozen(self, enc: nn.Module, test) -> dict[str, Any]:
+        """k-NN and linear-probe top-1 (%) of the frozen encoder `enc`, features of the training split as memory /
+        probe training set, `test` scored."""
+        cfg = self.cfg
         return probe_encoder(enc, lambda ds: eval_loader(ds, cfg, self.info, False), self.data.train_eval, test,
                              self.device, cfg.amp, knn_k=cfg.knn_k, num_classes=self.num_classes,
                              pool=cfg.probe_pool, seed=cfg.seed)
@@ -411,9 +415,10 @@ class Trainer:
             out["prediction_png"] = str(self.save_predictions(src))
         if not (cfg.probe and data.train_eval is not None):
             return out
+        enc = self.frozen_encoder()
         for name, test in (("holdout_", data.eval if data.eval_name == "holdout" else None), ("", data.val)):
             if test is not None:
-                res = self.probe_frozen(test)
+                res = self.probe_frozen(enc, test)
                 out.update({("" if k == "probe_pool" else name) + k: v for k, v in res.items()})
                 log.info("frozen encoder (%s, %s pooling): k-NN %.2f %%, linear probe %.2f %%",
                          name.rstrip("_") or "val", cfg.probe_pool, res["knn_top1"], res["linprobe_top1"])
