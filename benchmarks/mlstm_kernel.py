@@ -129,42 +129,14 @@ def sweep(B, NH, S, DH, dtype, tol=2e-2):
     A config whose outputs (and gradients) differ from the current config's by more than `tol` (relative) is
     reported as wrong and never picked: a compiler fault in one tiling must not win the sweep."""
     from mal.ops.mlstm import kernel as mt
-    inputs, dh = make_inputs(B, NH, S, DH, dtype)
-    detached = [t.detach() for t in inputs]
-
-    def results(with_bwd):
-        out = mt.mlstm_triton(*inputs)
-        return [out.detach()] + (list(torch.autograd.grad(out, inputs, dh)) if with_bwd else [])
-
+    results, timing = results_and_timing(mt.mlstm_triton, *make_inputs(B, NH, S, DH, dtype))
     bd = mt._block_d(DH)
     best = {}
     for name, table, cands, with_bwd in (("fwd", mt._FWD_CFG, FWD_CANDIDATES, False),
                                          ("dq", mt._BWD_DQ_CFG, BWD_CANDIDATES, True),
                                          ("dkdv", mt._BWD_DKDV_CFG, BWD_CANDIDATES, True)):
-        keep = table[bd]
-        expect = results(with_bwd)
-        timed = []
-        for cfg in cands:
-            table[bd] = cfg
-            try:
-                err = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-                          for a, b in zip(results(with_bwd), expect))
-                if not err <= tol:
-                    print(f"  DH={DH} {name} {cfg}: wrong results (rel. difference {err:.3g})")
-                    timed.append((math.inf, cfg))
-                    continue
-                if with_bwd:
-                    ms = gpu_ms(lambda: torch.autograd.grad(mt.mlstm_triton(*inputs), inputs, dh))
-                else:
-                    ms = gpu_ms(lambda: mt.mlstm_triton(*detached))
-                timed.append((ms, cfg))
-            except Exception as exc:  # noqa: BLE001 - out-of-resources configs are expected
-                timed.append((math.inf, cfg))
-                print(f"  DH={DH} {name} {cfg}: {type(exc).__name__}")
-        table[bd] = keep
-        timed.sort()
-        best[name] = timed[0][1]
-        print(f"sweep DH={DH} {name}: " + ", ".join(f"{c}={ms:.3f}" for ms, c in timed[:5]), flush=True)
+        best[name] = sweep_configs(f"DH={DH} {name}", f"sweep DH={DH} {name}", lambda cfg: table.__setitem__(bd, cfg),
+                                   table[bd], cands, lambda: results(with_bwd), timing(with_bwd), tol)
     return best
 
 
@@ -291,59 +263,65 @@ def chunk_ablation(B, NH, S, DH) -> dict:
     return out
 
 
-def _timed_or_wrong(results, expect, timing, tol):
-    """GPU ms of timing(), or inf (printed) when results() differs from expect by more than tol (relative)."""
-    err = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-              for a, b in zip(results(), expect))
-    if not err <= tol:
-        print(f"  wrong results (rel. difference {err:.3g})")
-        return math.inf
-    return gpu_ms(timing)
+def results_and_timing(fn, inputs, dh):
+    """For a cell fn(q, k, v, i, f): results(with_bwd) -> its output (and input gradients for dh), and
+    timing(with_bwd) -> the call to time (forward on detached inputs, or forward + backward)."""
+    detached = [t.detach() for t in inputs]
+
+    def results(with_bwd):
+        out = fn(*inputs)
+        return [out.detach()] + (list(torch.autograd.grad(out, inputs, dh)) if with_bwd else [])
+
+    def timing(with_bwd):
+        if with_bwd:
+            return lambda: torch.autograd.grad(fn(*inputs), inputs, dh)
+        return lambda: fn(*detached)
+    return results, timing
+
+
+def sweep_configs(label, title, apply, keep, candidates, results, timing, tol):
+    """Time each candidate config (apply(cfg) installs it) with gpu_ms(timing); a config whose results() differ
+    from the current config's by more than tol (relative), or that fails, is reported and never picked (a compiler
+    fault in one tiling must not win the sweep). Reinstalls `keep`, prints the five fastest, returns the fastest."""
+    expect, timed = results(), []
+    for cfg in candidates:
+        apply(cfg)
+        try:
+            err = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+                      for a, b in zip(results(), expect))
+            if not err <= tol:
+                print(f"  {label} {cfg}: wrong results (rel. difference {err:.3g})")
+                timed.append((math.inf, cfg))
+                continue
+            timed.append((gpu_ms(timing), cfg))
+        except Exception as exc:  # noqa: BLE001 - out-of-resources configs are expected
+            timed.append((math.inf, cfg))
+            print(f"  {label} {cfg}: {type(exc).__name__}")
+    apply(keep)
+    timed.sort()
+    print(f"{title}: " + ", ".join(f"{c}={ms:.3f}" for ms, c in timed[:5]), flush=True)
+    return timed[0][1]
 
 
 def sweep_chunkwise(B, NH, S, DH, tol=2e-2) -> dict:
     """Time candidate configurations of each chunkwise kernel (the others at their current entries), checking
     the results against the current configuration's; returns the fastest per table (not written back)."""
     from mal.ops.mlstm import chunkwise as ck
-    inputs, dh = long_inputs(B, NH, S, DH)
-    detached = [t.detach() for t in inputs]
+    results, timing = results_and_timing(ck.mlstm_chunkwise_triton, *long_inputs(B, NH, S, DH))
     L = ck.chunk_size_for(S)
-
-    def results(with_bwd):
-        out = ck.mlstm_chunkwise_triton(*inputs)
-        return [out.detach()] + (list(torch.autograd.grad(out, inputs, dh)) if with_bwd else [])
-
-    def timing(with_bwd):
-        if with_bwd:
-            return lambda: torch.autograd.grad(ck.mlstm_chunkwise_triton(*inputs), inputs, dh)
-        return lambda: ck.mlstm_chunkwise_triton(*detached)
     best, bd = {}, ck._block_d(DH)
     tables = [("out", ck._OUT_CFG, False), ("dq", ck._DQ_CFG, True), ("dkdv", ck._DKDV_CFG, True)]
     for name, table, with_bwd in tables:
-        keep, expect, timed = table[bd], results(with_bwd), []
-        for cfg in (c for c in CHUNK_BLOCK_CANDIDATES if c[0] <= L and c[1] <= L):
-            table[bd] = cfg
-            try:
-                timed.append((_timed_or_wrong(lambda: results(with_bwd), expect, timing(with_bwd), tol), cfg))
-            except Exception as exc:  # noqa: BLE001 - out-of-resources configs are expected
-                timed.append((math.inf, cfg))
-                print(f"  DH={DH} {name} {cfg}: {type(exc).__name__}")
-        table[bd] = keep
-        timed.sort()
-        best[name] = timed[0][1]
-        print(f"chunkwise sweep DH={DH} {name}: " + ", ".join(f"{c}={ms:.3f}" for ms, c in timed[:5]), flush=True)
-    keep, expect, timed = (ck._STATE_TILE, ck._STATE_WARPS, ck._STATE_STAGES), results(True), []
-    for cfg in CHUNK_STATE_CANDIDATES:
+        best[name] = sweep_configs(
+            f"DH={DH} {name}", f"chunkwise sweep DH={DH} {name}", lambda cfg: table.__setitem__(bd, cfg), table[bd],
+            [c for c in CHUNK_BLOCK_CANDIDATES if c[0] <= L and c[1] <= L], lambda: results(with_bwd),
+            timing(with_bwd), tol)
+
+    def set_states(cfg):
         ck._STATE_TILE, ck._STATE_WARPS, ck._STATE_STAGES = cfg
-        try:
-            timed.append((_timed_or_wrong(lambda: results(True), expect, timing(True), tol), cfg))
-        except Exception as exc:  # noqa: BLE001
-            timed.append((math.inf, cfg))
-            print(f"  DH={DH} states {cfg}: {type(exc).__name__}")
-    ck._STATE_TILE, ck._STATE_WARPS, ck._STATE_STAGES = keep
-    timed.sort()
-    best["states"] = timed[0][1]
-    print(f"chunkwise sweep DH={DH} states (fwd+bwd): " + ", ".join(f"{c}={ms:.3f}" for ms, c in timed[:5]), flush=True)
+    best["states"] = sweep_configs(f"DH={DH} states", f"chunkwise sweep DH={DH} states (fwd+bwd)", set_states,
+                                   (ck._STATE_TILE, ck._STATE_WARPS, ck._STATE_STAGES), CHUNK_STATE_CANDIDATES,
+                                   lambda: results(True), timing(True), tol)
     return best
 
 

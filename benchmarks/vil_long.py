@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
+
+from throughput import cuda_times, warm_up  # benchmarks/ is this script's directory
 
 GIB = 2**30
 
@@ -48,19 +49,9 @@ def measure(backend: str, img: int, batch: int, warmup: int, iters: int) -> dict
     model = build(backend, img)
     model.train()
     step = step_fn(model, batch, img)
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    ms = statistics.median(times)
+    warm_up(step, warmup)
+    torch.cuda.reset_peak_memory_stats()                                    # the peak of the timed steps
+    ms, _ = cuda_times(step, 0, iters)
     grid = img // model.cfg.patch_size
     return {"backend": backend, "img": img, "tokens": grid * grid, "batch": batch, "fwd_bwd_ms": round(ms, 2),
             "img_s": round(batch / ms * 1e3, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2)}
