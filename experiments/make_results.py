@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+from sweep import diagnosis  # experiments/ is this script's directory
 
 # The paper's ImageNet-1K top-1 (MAL-B) for each ablation row (Tables 5, 6, 7, 12, 13).
 PAPER = {
@@ -100,12 +103,6 @@ DIAG_COLUMNS = ("| setting | pretraining loss (end) | held-out k-NN | held-out l
                 "fine-tuned 15 ep | val top-1 | wall min | runs |", "|---|---|---|---|---|---|---|---|")
 
 
-DIAG_ORDER = ["diag_random", "diag_blr1.5e-4", "diag_blr5e-4", "diag_blr1.5e-3", "diag_blr3e-3", "diag_blr6e-3",
-              "diag_blr3e-3_bs512", "diag_blr3e-3_warm1", "diag_blr3e-3_dec8x1024", "diag_blr3e-3_400ep",
-              "diag_blr1.5e-3_dec4x256", "diag_blr1.5e-3_rawpix", "diag_mae_vil_blr1.5e-3", "diag_supervised_ld0.75",
-              "diag_supervised_ld1.0"]
-
-
 def diagnosis_table(rows: list[dict]) -> list[str]:
     """Markdown rows of the held-out diagnosis (sweep.py's diag_* rows), one per setting, seeds pooled."""
     by = defaultdict(list)
@@ -114,9 +111,10 @@ def diagnosis_table(rows: list[dict]) -> list[str]:
             by[r["setting"]].append(r)
     if not by:
         return []
-    first = {s: min(DIAG_ORDER.index(r["name"].rsplit("_s", 1)[0]) if r["name"].rsplit("_s", 1)[0] in DIAG_ORDER
-                    else len(DIAG_ORDER) for r in rs) for s, rs in by.items()}
-    by = dict(sorted(by.items(), key=lambda kv: first[kv[0]]))
+    order = [e.name for e in diagnosis()]                                  # the sweep's order
+    rank = {s: min(order.index(n) if (n := re.sub(r"_s\d+$", "", r["name"])) in order else len(order) for r in rs)
+            for s, rs in by.items()}
+    by = dict(sorted(by.items(), key=lambda kv: rank[kv[0]]))
     out = ["#### Diagnosis on the held-out split", "", *DIAG_COLUMNS]
     for setting, rs in by.items():
         loss = fmt([r.get("pretrain_loss") for r in rs]) if rs[0].get("knn") is not None else "–"
