@@ -19,6 +19,7 @@ from sweep import diagnosis  # experiments/ is this script's directory
 # The paper's ImageNet-1K top-1 (MAL-B) for each ablation row (Tables 5, 6, 7, 12, 13).
 PAPER = {
     "baseline": {"supervised": 81.7, "supervised, labelled epochs": 81.7, "MAL default": 84.3},
+    "table4": {"MAE-ViL": 83.1, "supervised ViT": 77.9, "MAL-ViT": 80.6, "MAE-ViT": 79.1},
     "table6": {"k=1": 82.7, "k=2": 83.2, "k=3": 83.5, "k=4": 84.3, "k=6": 83.4},
     "table7": {"random": 81.4, "row_fwd": 83.6, "row_bwd": 83.4, "col_fwd": 83.6, "col_bwd": 83.5,
                "alternating": 84.3},
@@ -31,6 +32,9 @@ PAPER = {
 # The default run stands in for these rows of the ablation tables.
 DEFAULT_ALIASES = {"table6": "k=4", "table7": "alternating", "table5": "cluster 20%", "table12": "depth 8, width 512",
                    "table13": "Transformer decoder"}
+# The headline's arms, in the order of its table: (setting, model).
+ARMS = [("MAL default", "MAL-T"), ("supervised, labelled epochs", "ViL-T"), ("supervised", "ViL-T"),
+        ("MAE-ViL", "ViL-T"), ("MAE-ViT", "ViT-T"), ("MAL-ViT", "ViT-T"), ("supervised ViT", "ViT-T")]
 TITLES = {"baseline": "Supervised vs MAL (rows 1-2)", "table6": "Table 6: cluster size", "table7": "Table 7: scan order",
           "table5": "Table 5: masking unit and ratio", "table12": "Table 12: decoder depth and width",
           "table13": "Table 13: decoder type"}
@@ -77,18 +81,49 @@ def fmt(vals: list[float]) -> str:
     return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} (n={len(vals)})"
 
 
-def tables(rows: list[dict]) -> str:
+def stage_epochs(row: dict) -> tuple[int, int]:
+    """(pretraining, labelled) epochs of a results row, read from its stages' commands."""
+    epochs = [int(m.group(1)) if (m := re.search(r"optim\.epochs=(\d+)", c)) else 0 for c in row["commands"]]
+    return (epochs[0], epochs[1]) if len(epochs) == 2 else (0, epochs[0])
+
+
+def headline_table(rows: list[dict], dataset: str) -> list[str]:
+    """Markdown rows of the headline: each arm (MAL, both supervised arms, the baselines' objectives) with its
+    schedule, seeds pooled (mean ± std), wall minutes per run and the paper's ImageNet number."""
+    by = defaultdict(list)
+    for r in rows:
+        if r["table"] in ("baseline", "table4"):
+            by[r["setting"]].append(r)
+    if not by:
+        return []
+    paper = {**PAPER["baseline"], **PAPER["table4"]}
+    model = dict(ARMS)
+    out = ["#### MAL against supervised training and the other objectives", "",
+           f"| arm | encoder | pretraining epochs | labelled epochs | val top-1 ({dataset}) | held-out top-1 | "
+           "held-out linear probe | wall min per run | paper top-1 (ImageNet, base) | runs |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for setting in sorted(by, key=lambda s: [a for a, _ in ARMS].index(s) if s in model else 99):
+        rs = sorted(by[setting], key=lambda r: r["seed"])
+        pre, lab = stage_epochs(rs[0])
+        wall = statistics.mean(r.get("gpu_min") or 0 for r in rs)
+        out.append(f"| {setting} | {model.get(setting, '–')} | {pre or '–'} | {lab} | {fmt([r.get('top1') for r in rs])} | "
+                   f"{fmt([r.get('holdout_top1') for r in rs])} | {fmt([r.get('holdout_linprobe') for r in rs])} | "
+                   f"{wall:.1f} | {paper.get(setting, '–')} | {', '.join(r['name'] for r in rs)} |")
+    return out + [""]
+
+
+def tables(rows: list[dict], dataset: str = "CIFAR-10") -> str:
     by = defaultdict(lambda: defaultdict(list))
     for r in rows:
         by[r["table"]][r["setting"]].append(r)
     for t, alias in DEFAULT_ALIASES.items():        # the default run is one row of every ablation table that ran
         if t in by:
             by[t][alias] += by["baseline"].get("MAL default", [])
-    out = diagnosis_table(rows) + paired_table(rows)
-    for t in ("baseline", "table6", "table7", "table5", "table12", "table13"):
+    out = diagnosis_table(rows) + headline_table(rows, dataset) + paired_table(rows)
+    for t in ("table6", "table7", "table5", "table12", "table13"):
         if t not in by:
             continue
-        out += [f"#### {TITLES[t]}", "", "| setting | fine-tuned top-1 (ours, CIFAR-10) | k-NN | linear probe | "
+        out += [f"#### {TITLES[t]}", "", f"| setting | fine-tuned top-1 (ours, {dataset}) | k-NN | linear probe | "
                 "paper top-1 (ImageNet, MAL-B) | runs |", "|---|---|---|---|---|---|"]
         order = list(PAPER.get(t, {}))
         for setting, rs in sorted(by[t].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
@@ -153,6 +188,31 @@ def diagnosis_plot(rows: list[dict], runs_dir: Path, save) -> None:
     save(fig, "diagnosis_curves.png")
 
 
+def curves_plot(rows: list[dict], runs_dir: Path, save, dataset: str) -> None:
+    """results_val_curves.png: the evaluation-set top-1 of every headline run against total epochs (a fine-tune
+    starts after its pretraining epochs), one colour per arm, dashed without pretraining."""
+    import matplotlib.pyplot as plt
+    runs = [r for r in rows if r["table"] in ("baseline", "table4")]
+    if not runs:
+        return
+    order = [a for a, _ in ARMS]
+    settings = sorted({r["setting"] for r in runs}, key=lambda s: order.index(s) if s in order else 99)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for i, setting in enumerate(settings):
+        for j, r in enumerate(x for x in runs if x["setting"] == setting):
+            pre, _ = stage_epochs(r)
+            pts = read_metrics(runs_dir / r["name"] / ("finetune" if pre else "supervised") / "metrics.csv", "eval_top1")
+            if pts:
+                ax.plot(*zip(*[(e + pre, v) for e, v in pts]), lw=0.9, color=f"C{i}", ls="-" if pre else "--",
+                        label=None if j else setting)
+    held_out = any(r.get("holdout_top1") is not None for r in runs)
+    ax.set(xlabel="total epochs (pretraining + labelled)",
+           ylabel=f"{dataset} {'held-out' if held_out else 'val'} top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, "results_val_curves.png")
+
+
 def read_metrics(path: Path, key: str) -> list[tuple[float, float]]:
     """(epoch, value) points of one column of a run's metrics.csv."""
     if not path.exists():
@@ -164,7 +224,7 @@ def read_metrics(path: Path, key: str) -> list[tuple[float, float]]:
     return [(float(x["epoch"]), float(x[key])) for x in rows if x.get(key)]
 
 
-def plots(rows: list[dict], runs_dir: Path, out_dir: Path) -> list[Path]:
+def plots(rows: list[dict], runs_dir: Path, out_dir: Path, dataset: str = "CIFAR-10") -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -182,7 +242,7 @@ def plots(rows: list[dict], runs_dir: Path, out_dir: Path) -> list[Path]:
             by_k[int(r["setting"][2:])].append(r)
         elif r["setting"] == "MAL default":
             by_k[4].append(r)
-    if by_k:
+    if len(by_k) > 1:                                 # the default run and Table 6's
         fig, ax = plt.subplots(figsize=(5, 3.4))
         for key, label, m in (("top1", "fine-tuned top-1", "o"), ("linprobe", "linear probe", "s"), ("knn", "k-NN", "^")):
             ks = sorted(by_k)
@@ -191,7 +251,7 @@ def plots(rows: list[dict], runs_dir: Path, out_dir: Path) -> list[Path]:
             for k in ks:                                     # every run, not only the mean
                 ax.scatter([k] * len(by_k[k]), [r[key] for r in by_k[k]], s=8, color="gray", zorder=3)
         ax.set_xlabel("cluster size k (12x12 grid)")
-        ax.set_ylabel("CIFAR-10 top-1 (%)")
+        ax.set_ylabel(f"{dataset} top-1 (%)")
         ax.set_xticks(sorted(by_k))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -222,25 +282,7 @@ def plots(rows: list[dict], runs_dir: Path, out_dir: Path) -> list[Path]:
         for ax in axes[:, 0]:
             ax.set_ylabel("next-cluster loss (normalized MSE)")
         save(fig, "results_pretrain_loss.png")
-    vals = []
-    for r in rows:
-        if r["table"] == "baseline":
-            stage = "supervised" if r["setting"] == "supervised" else "finetune"
-            pts = read_metrics(runs_dir / r["name"] / stage / "metrics.csv", "eval_top1")
-            if r["setting"] != "supervised":          # fine-tuning starts after the pretraining epochs
-                pre = read_metrics(runs_dir / r["name"] / "pretrain/metrics.csv", "loss")
-                off = max((e for e, _ in pre), default=0.0)
-                pts = [(e + off, v) for e, v in pts]
-            vals.append((r["name"], pts))
-    if vals:
-        fig, ax = plt.subplots(figsize=(5, 3.4))
-        for name, pts in vals:
-            ax.plot(*zip(*pts), marker="o", ms=3, label=name, ls="--" if name.startswith("supervised") else "-")
-        ax.set_xlabel("total epochs (pretraining + fine-tuning)")
-        ax.set_ylabel("CIFAR-10 val top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        save(fig, "results_val_curves.png")
+    curves_plot(rows, runs_dir, save, dataset)
     diagnosis_plot(rows, runs_dir, save)
     return made
 
@@ -249,34 +291,39 @@ def markers(section: str) -> tuple[str, str]:
     return f"<!-- {section}:begin (experiments/make_results.py) -->", f"<!-- {section}:end -->"
 
 
+def fill_section(doc: Path, section: str, text: str) -> None:
+    """Replace what lies between the section's markers in `doc` (a missing doc is created with them)."""
+    begin, end = markers(section)
+    old = doc.read_text() if doc.exists() else f"{begin}\n{end}\n"
+    if begin not in old or end not in old:
+        raise SystemExit(f"{doc} has no {begin} ... {end} section to fill")
+    head, rest = old.split(begin, 1)
+    doc.write_text(head + begin + "\n" + text + rest[rest.index(end):])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default="docs/results/cifar10_sweep/results.jsonl")
     ap.add_argument("--doc", default="docs/results.md", help="markdown file whose tables section is replaced")
     ap.add_argument("--figures", default="docs/results")
     ap.add_argument("--section", default="tables", help="which marked section of --doc to fill")
+    ap.add_argument("--dataset", default="CIFAR-10", help="the data set's name in table headers and plot labels")
     args = ap.parse_args()
-    BEGIN, END = markers(args.section)
     rows = {}
     for line in open(args.results):            # one row per experiment: a re-run replaces the earlier row
         if line.strip():
             r = json.loads(line)
             rows[r["name"]] = r
-    rows = list(rows.values())
-    text = tables(rows)
+    rows = sorted(rows.values(), key=lambda r: r["name"])
+    text = tables(rows, args.dataset)
     text += "\n#### Commands\n\n" + "\n".join(f"- `{r['name']}`: " + " && ".join(f"`{c}`" for c in r["commands"])
                                               for r in rows) + "\n"
-    doc = Path(args.doc)
-    old = doc.read_text() if doc.exists() else f"{BEGIN}\n{END}\n"
-    if BEGIN not in old or END not in old:
-        raise SystemExit(f"{doc} has no {BEGIN} ... {END} section to fill")
-    head, rest = old.split(BEGIN, 1)
-    doc.write_text(head + BEGIN + "\n" + text + rest[rest.index(END):])
+    fill_section(Path(args.doc), args.section, text)
     figs = Path(args.figures)
     figs.mkdir(parents=True, exist_ok=True)
-    for p in plots(rows, Path(args.results).parent, figs):
+    for p in plots(rows, Path(args.results).parent, figs, args.dataset):
         print(p)
-    print(doc)
+    print(args.doc)
 
 
 if __name__ == "__main__":

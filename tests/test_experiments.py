@@ -135,3 +135,45 @@ def test_diagnosis_section_renders_the_committed_rows(tmp_path):
     assert "| blr 3e-3 | 0.73 | 42.77 | 55.33 | 51.21 | 49.40 |" in text
     assert "| supervised, layer decay 1.0 | – | – | – | 48.43 ± 0.76 (n=3) | 46.85 ± 0.86 (n=3) |" in text
     assert (tmp_path / "fig/diagnosis_curves.png").stat().st_size > 0
+
+
+def test_headline_section_renders_the_committed_rows(tmp_path):
+    """make_results --section headline: one row per arm with its schedule read from the commands, seeds pooled,
+    the paired MAL-minus-supervised intervals, and the curves of every run against total epochs."""
+    doc = tmp_path / "results.md"
+    doc.write_text("<!-- headline:begin (experiments/make_results.py) -->\nOLD\n<!-- headline:end -->\n")
+    res = subprocess.run([sys.executable, "experiments/make_results.py", "--results",
+                          "docs/results/imagenette_headline/results.jsonl", "--doc", str(doc), "--section", "headline",
+                          "--dataset", "Imagenette-96", "--figures", str(tmp_path / "fig")], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    text = doc.read_text()
+    arms = [ln.split(" | ")[0][2:] for ln in text.splitlines() if ln.startswith("| ") and "_s0" in ln]
+    assert arms == ["MAL default", "supervised, labelled epochs", "supervised", "MAE-ViL", "MAE-ViT", "MAL-ViT",
+                    "supervised ViT"]
+    # MAL: val 49.40, 49.76, 50.52 (mean 49.89, sample std 0.57); 30 + 15 epochs against 45 supervised
+    assert "| MAL default | MAL-T | 30 | 15 | 49.89 ± 0.57 (n=3) |" in text
+    assert "| supervised | ViL-T | – | 45 | 63.01 ± 0.52 (n=3) |" in text
+    assert "| MAL − supervised, labelled epochs | val top-1 | +3.04 | [+1.04, +5.04] | 3 |" in text
+    assert (tmp_path / "fig/results_val_curves.png").stat().st_size > 0
+
+
+def test_transfer_sections_render_the_committed_runs(tmp_path):
+    """make_transfer fills the segmentation and robustness sections from the committed summaries: one row per
+    encoder initialization / classifier, the test split's numbers, and the mCE against the named baseline."""
+    doc = tmp_path / "results.md"
+    doc.write_text("".join(f"<!-- {s}:begin (experiments/make_results.py) -->\nOLD\n<!-- {s}:end -->\n"
+                           for s in ("segmentation", "robustness")))
+    res = subprocess.run([sys.executable, "experiments/make_transfer.py", "--segmentation", "docs/results/camvid",
+                          "--robustness", "docs/results/robustness_imagenette", "--doc", str(doc)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    text = doc.read_text()
+    assert "OLD" not in text
+    summary = json.loads((REPO / "docs/results/camvid/scratch/summary.json").read_text())
+    assert f"| none (random) | – | {summary['eval_miou']:.2f} | {summary['val_miou']:.2f} |" in text
+    rob = json.loads((REPO / "docs/results/robustness_imagenette/default_s1/robustness.json").read_text())
+    drop = rob["clean"]["top1"] - rob["mean_corruption_top1"]
+    assert f"| `default_s1` | {rob['clean']['top1']:.2f} | {rob['mean_corruption_top1']:.2f} | {drop:.2f} | " \
+           f"{rob['mce']:.1f} | {rob['relative_mce']:.1f} |" in text
+    assert "| `supervised_s1` |" in text and text.count("| fog |") == 1

@@ -1,0 +1,73 @@
+"""Render the transfer studies into their marked sections of docs/results.md: CamVid segmentation from each
+encoder initialization (`mal segment train` runs' summary.json) and ImageNet-C robustness of the classifiers
+(`mal eval --corruptions` runs' robustness.json).
+
+    python experiments/make_transfer.py --segmentation docs/results/camvid --robustness docs/results/robustness_imagenette
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from make_results import fill_section  # experiments/ is this script's directory
+
+# What each run folder's encoder started from, in the table's order.
+INITS = {"scratch": "none (random)", "mal": "MAL pretraining", "mae": "MAE-ViL pretraining",
+         "supervised": "supervised classifier"}
+
+
+def segmentation_table(root: Path) -> list[str]:
+    """One row per initialization: the split used for choices (seg.eval_split) and the test split, scored once;
+    then the test IoU of every class."""
+    runs = {p.parent.name: (json.loads(p.read_text()), (p.parent / "config.yaml").read_text())
+            for p in sorted(root.glob("*/summary.json"))}
+    runs = dict(sorted(runs.items(), key=lambda kv: list(INITS).index(kv[0]) if kv[0] in INITS else 99))
+    out = ["| encoder initialization | init checkpoint | val mIoU | test mIoU | test mDice | test pixel acc. | "
+           "wall min | run |", "|---|---|---|---|---|---|---|---|"]
+    for name, (s, cfg) in runs.items():
+        init = next((ln.split(":", 1)[1].strip(" '\"") for ln in cfg.splitlines() if ln.startswith("init:")), "")
+        out.append(f"| {INITS.get(name, name)} | {init or '–'} | {s['eval_miou']:.2f} | {s['val_miou']:.2f} | "
+                   f"{s['val_mdice']:.2f} | {s['val_acc']:.2f} | {s['train_time_s'] / 60:.1f} | `{name}` |")
+    classes = [k.removeprefix("val_iou_") for k in next(iter(runs.values()))[0] if k.startswith("val_iou_")]
+    out += ["", "Test IoU per class:", "", "| class | " + " | ".join(INITS.get(n, n) for n in runs) + " |",
+            "|---|" + "---|" * len(runs)]
+    out += [f"| {c} | " + " | ".join(f"{s[f'val_iou_{c}']:.1f}" for s, _ in runs.values()) + " |" for c in classes]
+    return out + [""]
+
+
+def robustness_table(root: Path) -> list[str]:
+    """One row per classifier (clean and corrupted top-1, mCE against the baseline), then the top-1 of every
+    corruption averaged over its severities."""
+    docs = {p.parent.name: json.loads(p.read_text()) for p in sorted(root.glob("*/robustness.json"))}
+    base = {d["baseline"]["checkpoint"] for d in docs.values() if d.get("baseline")}
+    out = [f"Baseline of the CE columns: `{', '.join(sorted(base))}`.", "",
+           "| run | clean top-1 | mean corrupted top-1 | drop | mCE | relative mCE |", "|---|---|---|---|---|---|"]
+    for name, d in docs.items():
+        mce = "–" if d["mce"] is None else f"{d['mce']:.1f}"
+        rel = "–" if d["relative_mce"] is None else f"{d['relative_mce']:.1f}"
+        out.append(f"| `{name}` | {d['clean']['top1']:.2f} | {d['mean_corruption_top1']:.2f} | "
+                   f"{d['clean']['top1'] - d['mean_corruption_top1']:.2f} | {mce} | {rel} |")
+    corruptions = list(next(iter(docs.values()))["per_corruption"])
+    out += ["", "Top-1 per corruption (mean over severities 1-5):", "",
+            "| corruption | " + " | ".join(f"`{n}`" for n in docs) + " |", "|---|" + "---|" * len(docs)]
+    out += [f"| {c} | " + " | ".join(f"{d['per_corruption'][c]['top1']:.1f}" for d in docs.values()) + " |"
+            for c in corruptions]
+    return out + [""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--segmentation", default="", help="folder of segment runs (one folder per initialization)")
+    ap.add_argument("--robustness", default="", help="folder of robustness runs (one folder per classifier)")
+    ap.add_argument("--doc", default="docs/results.md")
+    args = ap.parse_args()
+    if args.segmentation:
+        fill_section(Path(args.doc), "segmentation", "\n".join(segmentation_table(Path(args.segmentation))))
+    if args.robustness:
+        fill_section(Path(args.doc), "robustness", "\n".join(robustness_table(Path(args.robustness))))
+    print(args.doc)
+
+
+if __name__ == "__main__":
+    main()
