@@ -1,6 +1,11 @@
 """The training step: the loss module the CUDA graphs capture, when graphs are used, the optimizer's
 device portability, and (on a GPU) graphed steps == eager steps, also through the trainer with accumulation."""
+import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,16 +21,20 @@ from mal.engine.optim import adapt_loaded_optimizer, make_optimizer
 from mal.engine.step import LossStep, StepRunner, graphs_usable
 from mal.models.vil import VisionLSTM
 
+REPO = Path(__file__).resolve().parents[1]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ENC = dict(img_size=24, patch_size=4, dim=32, depth=2, cluster_size=2)
 DEC = DecoderConfig(depth=1, dim=32, num_heads=4)
 
 
-def test_graphs_only_on_one_cuda_process():
+def test_graphs_on_cuda_and_under_ddp_only_without_its_hooks():
     assert graphs_usable(True, torch.device("cuda"), DistInfo())
     assert not graphs_usable(False, torch.device("cuda"), DistInfo())
     assert not graphs_usable(True, torch.device("cpu"), DistInfo())
-    assert not graphs_usable(True, torch.device("cuda"), DistInfo(rank=0, world_size=2))
+    two = DistInfo(rank=0, world_size=2)
+    assert graphs_usable(True, torch.device("cuda"), two) and graphs_usable(True, torch.device("cuda"), two, "flat")
+    assert not graphs_usable(True, torch.device("cuda"), two, "ddp")       # DDP's hooks cannot run in a replay
+    assert graphs_usable(True, torch.device("cuda"), DistInfo(), "ddp")     # one process: no hooks at all
 
 
 def test_loss_step_is_the_model_loss():
@@ -201,3 +210,34 @@ def test_training_run_with_graphs_and_accumulation_matches_eager(image_folder, t
     assert abs(s1["final_loss"] - s0["final_loss"]) < 2e-2 * abs(s0["final_loss"])
     for k in w0:
         assert torch.allclose(w1[k], w0[k], atol=3e-3), k
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_graphed_ddp_steps_match_one_process_and_eager_ddp(image_folder, tmp_path):
+    """Two GPUs (torchrun, NCCL): graphed steps with the flat gradient all-reduce (grad_sync=auto) give the losses
+    and weights of one graphed process and of eager DDP (grad_sync=ddp), within bf16 noise. The decoder's qkv
+    biases are left out of the weights: the key bias has a zero gradient (softmax ignores a shift), and Adam turns
+    its rounding noise into lr-sized steps."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    common = ["--config", "cifar10_pretrain", "--no-progress", f"data.dataset={image_folder}", "optim.batch_size=32",
+              "max_steps=4", "probe=false", "model.dim=32", "model.depth=2", "objective.decoder.depth=1",
+              "objective.decoder.dim=32", "objective.decoder.num_heads=4", "data.num_workers=0", "data.cache=false",
+              "optim.blr=0.05", "optim.warmup_epochs=0", "log_every=1"]        # steps that move the weights
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mal"]
+    runs = {}
+    for name, launcher, extra in (("one", [sys.executable, "-m", "mal"], []), ("flat", torchrun, []),
+                                  ("ddp", torchrun, ["grad_sync=ddp"])):
+        out = tmp_path / name
+        res = subprocess.run([*launcher, "pretrain", "--output", str(out), *common, *extra], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        with open(out / "metrics.csv") as fh:
+            losses = [float(r["loss"]) for r in csv.DictReader(fh) if r["loss"]]
+        runs[name] = (losses, load_file(str(out / "ckpt_last/model.safetensors")))
+    (l1, w1), (lf, wf), (ld, wd) = runs["one"], runs["flat"], runs["ddp"]
+    assert len(l1) == len(lf) == len(ld) == 4 and len(set(l1)) == 4
+    for a, b, c in zip(lf, l1, ld):
+        assert abs(a - b) < 2e-2 * abs(b) and abs(a - c) < 2e-2 * abs(c), (lf, l1, ld)
+    for k in w1:
+        if not k.endswith("qkv.bias"):
+            assert torch.allclose(wf[k], w1[k], atol=3e-3) and torch.allclose(wf[k], wd[k], atol=3e-3), k

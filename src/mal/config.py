@@ -379,7 +379,10 @@ class RunConfig:
                                        # (ViL: ~18 % slower training, ~4-5x less activation memory)
     recompute_qkv: bool = False        # fast path: recompute the mLSTM cell's q, k, v in the backward
                                        # (~6 % slower training, ~1/4 less training memory)
-    cuda_graph: bool = True            # one GPU: replay each micro-batch's forward + backward from CUDA graphs
+    cuda_graph: bool = True            # CUDA: replay each micro-batch's forward + backward from CUDA graphs
+    grad_sync: str = "auto"            # several processes: "ddp" = DDP's bucketed all-reduce during the
+                                       # backward (steps eager), "flat" = one all-reduce of all gradients after
+                                       # it (what graphed steps need), "auto" = flat when steps are graphed
     seed: int = 0                      # weights, data order, augmentation and draws
     output_dir: str = "runs/mal"       # the run folder (--output)
     save_every: int = 500              # checkpoint every N optimizer steps (and at the end)
@@ -402,6 +405,8 @@ class RunConfig:
             raise ValueError(f"task must be one of {list(TASKS)}, got {self.task!r}")
         if self.nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
+        if self.grad_sync not in ("auto", "ddp", "flat"):
+            raise ValueError(f"grad_sync must be 'auto', 'ddp' or 'flat', got {self.grad_sync!r}")
         if self.probe_pool not in PROBE_POOLS:
             raise ValueError(f"probe_pool must be one of {list(PROBE_POOLS)}, got {self.probe_pool!r}")
         if not 0 <= self.ema_decay < 1:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -66,3 +67,35 @@ def gather_objects(obj, info: DistInfo) -> list:
     out: list = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+class FlatGradSync:
+    """Data-parallel gradients without DDP's hooks: after a step's backward, every gradient is averaged over the
+    processes with one all-reduce per dtype, the gradients flattened into one buffer. A CUDA-graphed backward
+    cannot run DDP's per-bucket hooks, so graphed steps sync here, between the replay and the optimizer (no
+    overlap with the backward, one launch instead of one per bucket). Like DDP, it starts every process from
+    rank 0's parameters."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], world_size: int):
+        self.params = [p for p in params if p.requires_grad]
+        self.world_size = world_size
+        with torch.no_grad():
+            for p in self.params:
+                dist.broadcast(p, src=0)
+
+    def __call__(self) -> None:
+        """Average the gradients over the processes in place (a parameter without one gets the average too)."""
+        for dtype in {p.dtype for p in self.params}:
+            group = [p for p in self.params if p.dtype == dtype]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
+            flat = torch.cat([g.reshape(-1) for g in grads])                     # (sum of numel,)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat.div_(self.world_size)
+            offset = 0
+            for p, g in zip(group, grads):
+                avg = flat[offset:offset + g.numel()].view_as(g)
+                if p.grad is None:
+                    p.grad = avg.clone()
+                else:
+                    p.grad.copy_(avg)
+                offset += g.numel()

@@ -3,7 +3,8 @@
 On one GPU the forward and backward of a micro-batch are captured once in two CUDA graphs
 (`torch.cuda.make_graphed_callables`) and replayed every step: the host then launches two graphs
 instead of thousands of kernels, which is what bounds a small model's step (docs/fast_path.md). The
-optimizer, gradient clipping and EMA stay eager (a few fused kernels). The captured step is the same
+optimizer, gradient clipping and EMA stay eager (a few fused kernels); under DDP the gradients are averaged
+between the replay and the optimizer (`mal.distributed.FlatGradSync`). The captured step is the same
 computation as the eager one; the autocast weight cache is off so the casts are inside the graph.
 """
 from __future__ import annotations
@@ -37,16 +38,17 @@ class LossStep(nn.Module):
         return self.criterion(self.model(imgs).float(), extra[0])
 
 
-def graphs_usable(want: bool, device: torch.device, info: DistInfo) -> bool:
-    """CUDA graphs need a CUDA device and one process (DDP's all-reduce hooks run eagerly). A forward that
-    draws random scan orders is captured too: it draws them on the GPU, so every replay draws new ones."""
+def graphs_usable(want: bool, device: torch.device, info: DistInfo, grad_sync: str = "auto") -> bool:
+    """CUDA graphs need a CUDA device, and under DDP the flat gradient all-reduce (`grad_sync` auto or flat):
+    DDP's per-bucket hooks cannot run inside a replayed backward. A forward that draws random scan orders is
+    captured too: it draws them on the GPU, so every replay draws new ones."""
     if not want:
         return False
     if device.type != "cuda":
         log.info("cuda_graph: no CUDA device, steps run eagerly")
         return False
-    if info.enabled:
-        log.info("cuda_graph: off under DDP (%d processes); steps run eagerly", info.world_size)
+    if info.enabled and grad_sync == "ddp":
+        log.info("cuda_graph: off with grad_sync=ddp (%d processes): DDP's hooks run eagerly", info.world_size)
         return False
     return True
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_train_state, load_weights, read_meta, save_checkpoint
 from ..config import RunConfig, to_dict
-from ..distributed import DistInfo, all_reduce_sum, barrier, device_for, gather_objects
+from ..distributed import DistInfo, FlatGradSync, all_reduce_sum, barrier, device_for, gather_objects
 from ..errors import GPUOutOfMemoryError, Interrupted
 from ..viz import plot_curves, save_prediction_grid
 from .build import (build_criterion, build_datasets, build_evaluator, build_model, check_compatible, eval_loader,
@@ -43,7 +43,7 @@ log = logging.getLogger("mal")
 
 # keys that may differ on --resume without changing what the run computes
 RESUMABLE_KEYS = {"output_dir", "data.num_workers", "data.cache", "data.cache_dir", "data.strict", "data.dataset",
-                  "log_every", "save_every", "keep_every", "eval_every", "fast_path", "cuda_graph", "recompute",
+                  "log_every", "save_every", "keep_every", "eval_every", "fast_path", "cuda_graph", "grad_sync", "recompute",
                   "recompute_qkv", "probe", "probe_every", "probe_pool", "knn_k", "viz_samples", "model.mlstm_backend",
                   "seg.inference", "seg.stride"}
 
@@ -157,12 +157,14 @@ class Trainer:
         cfg = self.cfg
         if cfg.fast_path:
             enable_fast_path(self.model, self.device, checkpoint=cfg.recompute, recompute_qkv=cfg.recompute_qkv)
-        self.ddp = self.model
-        if self.info.enabled:
+        graphs = graphs_usable(cfg.cuda_graph, self.device, self.info, cfg.grad_sync)
+        self.ddp, self.grad_sync = self.model, None
+        if self.info.enabled and (cfg.grad_sync == "flat" or (cfg.grad_sync == "auto" and graphs)):
+            self.grad_sync = FlatGradSync(self.model.parameters(), self.info.world_size)
+        elif self.info.enabled:
             self.ddp = DDP(self.model, device_ids=[self.info.local_rank] if self.device.type == "cuda" else None)
         criterion, self.mixup = build_criterion(cfg, self.num_classes)
-        self.runner = StepRunner(LossStep(self.ddp, criterion), self.device, cfg.amp,
-                                 graphs_usable(cfg.cuda_graph, self.device, self.info), cfg.optim.accum_steps)
+        self.runner = StepRunner(LossStep(self.ddp, criterion), self.device, cfg.amp, graphs, cfg.optim.accum_steps)
         self.runner.zero_grad(self.optimizer)
         fields = PROBE_FIELDS if cfg.task == "pretrain" else self.evaluator.fields
         self.metrics = MetricsLog(self.run_dir, self.info.is_main, self.step, fields)
@@ -236,8 +238,8 @@ class Trainer:
         try:
             for a in range(o.accum_steps):
                 imgs, labels = (t.to(self.device, non_blocking=True) for t in next(batches))
-                last = a == o.accum_steps - 1 or not info.enabled
-                with self.ddp.no_sync() if (info.enabled and not last) else nullcontext():
+                hooks_wait = isinstance(self.ddp, DDP) and a < o.accum_steps - 1      # DDP syncs the last one
+                with self.ddp.no_sync() if hooks_wait else nullcontext():
                     if draws:      # this micro-batch holds global positions rank + W*j, j in [a*micro, (a+1)*micro)
                         rows = slice(info.rank + a * self.micro * info.world_size, None, info.world_size)
                         loss = self.runner(imgs, *(t[rows][:self.micro] for t in draws))
@@ -247,6 +249,8 @@ class Trainer:
                         loss = self.runner(imgs, labels)
                     (loss / o.accum_steps).backward()
                 loss_sum += loss.detach().float() / o.accum_steps
+            if self.grad_sync is not None:
+                self.grad_sync()
         except torch.cuda.OutOfMemoryError:
             raise GPUOutOfMemoryError(
                 f"out of GPU memory with a per-GPU micro-batch of {self.micro} images; lower optim.batch_size or "
