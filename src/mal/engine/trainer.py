@@ -43,9 +43,9 @@ log = logging.getLogger("mal")
 
 # keys that may differ on --resume without changing what the run computes
 RESUMABLE_KEYS = {"output_dir", "data.num_workers", "data.cache", "data.cache_dir", "data.strict", "data.dataset",
-                  "log_every", "save_every", "keep_every", "eval_every", "fast_path", "cuda_graph", "grad_sync", "recompute",
-                  "recompute_qkv", "probe", "probe_every", "probe_pool", "knn_k", "viz_samples", "model.mlstm_backend",
-                  "seg.inference", "seg.stride"}
+                  "log_every", "save_every", "keep_every", "eval_every", "fast_path", "cuda_graph", "grad_sync",
+                  "recompute", "recompute_qkv", "probe", "probe_every", "probe_pool", "knn_k", "viz_samples",
+                  "model.mlstm_backend", "seg.inference", "seg.stride"}
 
 
 def recipe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
