@@ -156,17 +156,23 @@ def _run(fn, inputs, dh, upcast=False):
 @pytest.mark.parametrize("DH", [96, 192, 384])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_matches_torch(dtype, DH, S, gate_scale):
+    """In float32 the yardstick is the larger error of torch's two float32 forms (parallel and chunkwise): at
+    gates of scale 10 the chunkwise algorithm itself loses accuracy in ill-conditioned rows (docs/fast_path.md)."""
     inputs, dh = _gpu_inputs(S, DH, dtype, gate_scale, seed=1000 * DH + S)
     ref = _run(mlstm_parallel, inputs, dh, upcast=True)
     tor = _run(mlstm_parallel, inputs, dh)
     chk = _run(lambda *a: mlstm(*a, backend="chunkwise"), inputs, dh)
-    for name, a, b, r in zip(NAMES, chk, tor, ref):
+    from mal.ops.mlstm.chunkwise import chunk_size_for                 # the kernel's chunk length for S
+    alt = _run(lambda *a: mlstm_chunkwise_reference(*a, chunk_size=chunk_size_for(S)), inputs, dh) \
+        if dtype == torch.float32 else tor
+    for name, a, b, c, r in zip(NAMES, chk, tor, alt, ref):
         assert torch.isfinite(a).all() and a.dtype == b.dtype, name
         if r.norm() == 0:                                                   # df at S = 1
             assert a.abs().max() == 0, name
             continue
         slack, floor = (FP32_REL_SLACK, FP32_REL_FLOOR) if dtype == torch.float32 else (BF16_REL_SLACK, BF16_REL_FLOOR)
-        assert _rel(a, r) <= slack * _rel(b, r) + floor, (name, _rel(a, r), _rel(b, r))
+        yardstick = max(_rel(b, r), _rel(c, r))
+        assert _rel(a, r) <= slack * yardstick + floor, (name, _rel(a, r), _rel(b, r), _rel(c, r))
 
 
 @pytest.mark.needs_gpu
