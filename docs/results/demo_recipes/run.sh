@@ -1,4 +1,5 @@
 # from the repository root; summaries of each run are beside this script
+mkdir -p runs/demo_recipes
 H="data.holdout=0.1"
 for b in 1e-3 3e-3; do
   python -m mal pretrain --config demo_pretrain --output runs/demo_recipes/pre_$b --overwrite --no-progress $H optim.blr=$b > runs/demo_recipes/pre_$b.log 2>&1
