@@ -194,11 +194,12 @@ def test_graphed_step_draws_new_random_scan_orders_at_each_replay():
 
 @cuda
 def test_training_run_with_graphs_and_accumulation_matches_eager(image_folder, tmp_path):
-    """`mal pretrain` with cuda_graph on/off and accum_steps 2: same losses and weights within bf16 noise."""
+    """`mal pretrain` with cuda_graph on/off and accum_steps 2: same losses and weights within bf16 noise, at an lr
+    that moves the weights (the decoder's qkv biases left out, as in the DDP test below)."""
     common = ["--config", "cifar10_pretrain", "--no-progress", f"data.dataset={image_folder}",
               "optim.batch_size=32", "optim.accum_steps=2", "max_steps=4", "probe=false", "model.dim=32",
               "model.depth=2", "objective.decoder.depth=1", "objective.decoder.dim=32", "objective.decoder.num_heads=4",
-              "data.num_workers=0", "data.cache=false", "log_every=1"]
+              "data.num_workers=0", "data.cache=false", "log_every=1", "optim.blr=0.05", "optim.warmup_epochs=0"]
     runs = {}
     for graph in (True, False):
         out = tmp_path / f"g{int(graph)}"
@@ -209,7 +210,7 @@ def test_training_run_with_graphs_and_accumulation_matches_eager(image_folder, t
     assert s1["steps"] == s0["steps"] == 4
     assert abs(s1["final_loss"] - s0["final_loss"]) < 2e-2 * abs(s0["final_loss"])
     for k in w0:
-        assert torch.allclose(w1[k], w0[k], atol=3e-3), k
+        assert k.endswith("qkv.bias") or torch.allclose(w1[k], w0[k], atol=3e-3), k
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
