@@ -1,4 +1,4 @@
-"""Render the transfer studies into their marked sections of docs/results.md: CamVid segmentation from each
+"""Render the transfer studies into their marked sections of docs/results.md: segmentation from each
 encoder initialization (`mal segment train` runs' summary.json) and ImageNet-C robustness of the classifiers
 (`mal eval --corruptions` runs' robustness.json).
 
@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
+from collections import defaultdict
 from pathlib import Path
 
-from make_results import fill_section  # experiments/ is this script's directory
+from make_results import fill_section, fmt  # experiments/ is this script's directory
 
 # What each run folder's encoder started from, in the table's order.
 INITS = {"scratch": "none (random)", "mal": "MAL pretraining", "mae": "MAE-ViL pretraining",
@@ -18,21 +21,27 @@ INITS = {"scratch": "none (random)", "mal": "MAL pretraining", "mae": "MAE-ViL p
 
 
 def segmentation_table(root: Path) -> list[str]:
-    """One row per initialization: the split used for choices (seg.eval_split) and the test split, scored once;
-    then the test IoU of every class."""
-    runs = {p.parent.name: (json.loads(p.read_text()), (p.parent / "config.yaml").read_text())
-            for p in sorted(root.glob("*/summary.json"))}
-    runs = dict(sorted(runs.items(), key=lambda kv: list(INITS).index(kv[0]) if kv[0] in INITS else 99))
-    out = ["| encoder initialization | init checkpoint | val mIoU | test mIoU | test mDice | test pixel acc. | "
-           "wall min | run |", "|---|---|---|---|---|---|---|---|"]
-    for name, (s, cfg) in runs.items():
+    """One row per initialization (run folders `<init>` or `<init>_s<seed>`, seeds pooled as mean ± std): the split
+    used for choices (seg.eval_split) and the test split, scored once; then the test IoU of every class."""
+    by: dict[str, list] = defaultdict(list)
+    for p in sorted(root.glob("*/summary.json")):
+        cfg = (p.parent / "config.yaml").read_text()
         init = next((ln.split(":", 1)[1].strip(" '\"") for ln in cfg.splitlines() if ln.startswith("init:")), "")
-        out.append(f"| {INITS.get(name, name)} | {init or '–'} | {s['eval_miou']:.2f} | {s['val_miou']:.2f} | "
-                   f"{s['val_mdice']:.2f} | {s['val_acc']:.2f} | {s['train_time_s'] / 60:.1f} | `{name}` |")
-    classes = [k.removeprefix("val_iou_") for k in next(iter(runs.values()))[0] if k.startswith("val_iou_")]
-    out += ["", "Test IoU per class:", "", "| class | " + " | ".join(INITS.get(n, n) for n in runs) + " |",
-            "|---|" + "---|" * len(runs)]
-    out += [f"| {c} | " + " | ".join(f"{s[f'val_iou_{c}']:.1f}" for s, _ in runs.values()) + " |" for c in classes]
+        by[re.sub(r"_s\d+$", "", p.parent.name)].append((p.parent.name, json.loads(p.read_text()), init))
+    by = dict(sorted(by.items(), key=lambda kv: list(INITS).index(kv[0]) if kv[0] in INITS else 99))
+    out = ["| encoder initialization | init checkpoint | val mIoU | test mIoU | test mDice | test pixel acc. | "
+           "wall min per run | runs |", "|---|---|---|---|---|---|---|---|"]
+    for name, rs in by.items():
+        col = lambda key: fmt([s[key] for _, s, _ in rs])                  # noqa: E731
+        wall = sum(s["train_time_s"] for _, s, _ in rs) / len(rs) / 60
+        out.append(f"| {INITS.get(name, name)} | {rs[0][2] or '–'} | {col('eval_miou')} | {col('val_miou')} | "
+                   f"{col('val_mdice')} | {col('val_acc')} | {wall:.1f} | {', '.join(f'`{n}`' for n, _, _ in rs)} |")
+    first = next(iter(by.values()))[0][1]
+    classes = [k.removeprefix("val_iou_") for k in first if k.startswith("val_iou_")]
+    out += ["", "Test IoU per class (mean over seeds):", "",
+            "| class | " + " | ".join(INITS.get(n, n) for n in by) + " |", "|---|" + "---|" * len(by)]
+    out += [f"| {c} | " + " | ".join(f"{statistics.mean(s[f'val_iou_{c}'] for _, s, _ in rs):.1f}"
+                                     for rs in by.values()) + " |" for c in classes]
     return out + [""]
 
 

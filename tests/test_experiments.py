@@ -178,3 +178,21 @@ def test_transfer_sections_render_the_committed_runs(tmp_path):
     assert f"| `default_s1` | {rob['clean']['top1']:.2f} | {rob['mean_corruption_top1']:.2f} | {drop:.2f} | " \
            f"{rob['mce']:.1f} | {rob['relative_mce']:.1f} |" in text
     assert "| `supervised_s1` |" in text and text.count("| fog |") == 1
+
+
+def test_segmentation_table_pools_seeds_per_initialization(tmp_path):
+    """Run folders `<init>_s<seed>` are one row per initialization, mean ± sample std over the seeds."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from make_transfer import segmentation_table
+    for name, miou in (("mal_s0", 40.0), ("mal_s1", 42.0), ("scratch_s0", 41.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(f"init: {'runs/pre/ckpt_last' if 'mal' in name else ''}\n")
+        (tmp_path / name / "summary.json").write_text(json.dumps(
+            {"eval_miou": miou + 10, "val_miou": miou, "val_mdice": miou + 5, "val_acc": 90.0, "train_time_s": 60.0,
+             "val_iou_polyp": miou - 1, "val_iou_background": 95.0}))
+    lines = segmentation_table(tmp_path)
+    rows = [ln for ln in lines if ln.startswith("| none") or ln.startswith("| MAL")]
+    assert rows[0] == "| none (random) | – | 51.00 | 41.00 | 46.00 | 90.00 | 1.0 | `scratch_s0` |"
+    assert rows[1].startswith("| MAL pretraining | runs/pre/ckpt_last | 51.00 ± 1.41 (n=2) | 41.00 ± 1.41 (n=2) |")
+    assert rows[1].endswith("| 1.0 | `mal_s0`, `mal_s1` |")
+    assert "| polyp | 40.0 | 40.0 |" in lines
