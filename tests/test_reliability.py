@@ -153,7 +153,7 @@ def test_resume_with_a_changed_recipe_needs_allow_changes(image_folder, tmp_path
     assert main(_args(image_folder, out, "max_steps=2")) == 0
     assert main(_args(image_folder, out, "max_steps=4", "optim.blr=1e-2", "--resume")) == 2
     err = capsys.readouterr().err
-    assert "optim.blr: 0.00015 -> 0.01" in err and "max_steps: 2 -> 4" in err and "--allow-changes" in err
+    assert "optim.blr: 0.003 -> 0.01" in err and "max_steps: 2 -> 4" in err and "--allow-changes" in err
     assert main(_args(image_folder, out, "max_steps=4", "data.num_workers=0", "log_every=2", "--resume",
                       "--allow-changes", "optim.blr=1e-2")) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
