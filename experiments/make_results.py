@@ -35,6 +35,17 @@ DEFAULT_ALIASES = {"table6": "k=4", "table7": "alternating", "table5": "cluster 
 # The headline's arms, in the order of its table: (setting, model).
 ARMS = [("MAL default", "MAL-T"), ("supervised, labelled epochs", "ViL-T"), ("supervised", "ViL-T"),
         ("MAE-ViL", "ViL-T"), ("MAE-ViT", "ViT-T"), ("MAL-ViT", "ViT-T"), ("supervised ViT", "ViT-T")]
+ARM_ORDER = [setting for setting, _ in ARMS]
+
+
+def arm_rank(setting: str) -> int:
+    """Where a setting goes in the headline's table and legend (unknown settings last)."""
+    return ARM_ORDER.index(setting) if setting in ARM_ORDER else len(ARM_ORDER)
+
+
+def without_seed(name: str) -> str:
+    """A run's name without its seed suffix (`default_s1` -> `default`): the runs of one setting."""
+    return re.sub(r"_s\d+$", "", name)
 TITLES = {"baseline": "Supervised vs MAL (rows 1-2)", "table6": "Table 6: cluster size", "table7": "Table 7: scan order",
           "table5": "Table 5: masking unit and ratio", "table12": "Table 12: decoder depth and width",
           "table13": "Table 13: decoder type"}
@@ -102,7 +113,7 @@ def headline_table(rows: list[dict], dataset: str) -> list[str]:
            f"| arm | encoder | pretraining epochs | labelled epochs | val top-1 ({dataset}) | held-out top-1 | "
            "held-out linear probe | wall min per run | paper top-1 (ImageNet, base) | runs |",
            "|---|---|---|---|---|---|---|---|---|---|"]
-    for setting in sorted(by, key=lambda s: [a for a, _ in ARMS].index(s) if s in model else 99):
+    for setting in sorted(by, key=arm_rank):
         rs = sorted(by[setting], key=lambda r: r["seed"])
         pre, lab = stage_epochs(rs[0])
         wall = statistics.mean(r.get("gpu_min") or 0 for r in rs)
@@ -147,7 +158,7 @@ def diagnosis_table(rows: list[dict]) -> list[str]:
     if not by:
         return []
     order = [e.name for e in diagnosis()]                                  # the sweep's order
-    rank = {s: min(order.index(n) if (n := re.sub(r"_s\d+$", "", r["name"])) in order else len(order) for r in rs)
+    rank = {s: min(order.index(n) if (n := without_seed(r["name"])) in order else len(order) for r in rs)
             for s, rs in by.items()}
     by = dict(sorted(by.items(), key=lambda kv: rank[kv[0]]))
     out = ["#### Diagnosis on the held-out split", "", *DIAG_COLUMNS]
@@ -195,8 +206,7 @@ def curves_plot(rows: list[dict], runs_dir: Path, save, dataset: str) -> None:
     runs = [r for r in rows if r["table"] in ("baseline", "table4")]
     if not runs:
         return
-    order = [a for a, _ in ARMS]
-    settings = sorted({r["setting"] for r in runs}, key=lambda s: order.index(s) if s in order else 99)
+    settings = sorted({r["setting"] for r in runs}, key=arm_rank)
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for i, setting in enumerate(settings):
         for j, r in enumerate(x for x in runs if x["setting"] == setting):

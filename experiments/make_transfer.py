@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from make_results import fill_section, fmt  # experiments/ is this script's directory
+import yaml
+from make_results import fill_section, fmt, without_seed  # experiments/ is this script's directory
 
 # What each run folder's encoder started from, in the table's order.
 INITS = {"scratch": "none (random)", "mal": "MAL pretraining", "mae": "MAE-ViL pretraining",
@@ -25,9 +25,8 @@ def segmentation_table(root: Path) -> list[str]:
     used for choices (seg.eval_split) and the test split, scored once; then the test IoU of every class."""
     by: dict[str, list] = defaultdict(list)
     for p in sorted(root.glob("*/summary.json")):
-        cfg = (p.parent / "config.yaml").read_text()
-        init = next((ln.split(":", 1)[1].strip(" '\"") for ln in cfg.splitlines() if ln.startswith("init:")), "")
-        by[re.sub(r"_s\d+$", "", p.parent.name)].append((p.parent.name, json.loads(p.read_text()), init))
+        init = yaml.safe_load((p.parent / "config.yaml").read_text()).get("init") or ""
+        by[without_seed(p.parent.name)].append((p.parent.name, json.loads(p.read_text()), init))
     by = dict(sorted(by.items(), key=lambda kv: list(INITS).index(kv[0]) if kv[0] in INITS else 99))
     out = ["| encoder initialization | init checkpoint | val mIoU | test mIoU | test mDice | test pixel acc. | "
            "wall min per run | runs |", "|---|---|---|---|---|---|---|---|"]
