@@ -2,7 +2,10 @@
 encoder initialization (`mal segment train` runs' summary.json) and ImageNet-C robustness of the classifiers
 (`mal eval --corruptions` runs' robustness.json).
 
-    python experiments/make_transfer.py --segmentation docs/results/camvid --robustness docs/results/robustness_imagenette
+    python experiments/make_transfer.py --segmentation docs/results/camvid docs/results/kvasir \
+        --robustness docs/results/robustness_imagenette
+
+Each segmentation folder fills the section `segmentation-<folder name>` (e.g. segmentation-camvid).
 """
 from __future__ import annotations
 
@@ -37,10 +40,14 @@ def segmentation_table(root: Path) -> list[str]:
                    f"{col('val_mdice')} | {col('val_acc')} | {wall:.1f} | {', '.join(f'`{n}`' for n, _, _ in rs)} |")
     first = next(iter(by.values()))[0][1]
     classes = [k.removeprefix("val_iou_") for k in first if k.startswith("val_iou_")]
-    out += ["", "Test IoU per class (mean over seeds):", "",
+    dice = all(f"val_dice_{c}" in first for c in classes)
+
+    def cell(rs: list, c: str) -> str:
+        iou = statistics.mean(s[f"val_iou_{c}"] for _, s, _ in rs)
+        return f"{iou:.1f} / {statistics.mean(s[f'val_dice_{c}'] for _, s, _ in rs):.1f}" if dice else f"{iou:.1f}"
+    out += ["", f"Test {'IoU / Dice' if dice else 'IoU'} per class (mean over seeds):", "",
             "| class | " + " | ".join(INITS.get(n, n) for n in by) + " |", "|---|" + "---|" * len(by)]
-    out += [f"| {c} | " + " | ".join(f"{statistics.mean(s[f'val_iou_{c}'] for _, s, _ in rs):.1f}"
-                                     for rs in by.values()) + " |" for c in classes]
+    out += [f"| {c} | " + " | ".join(cell(rs, c) for rs in by.values()) + " |" for c in classes]
     return out + [""]
 
 
@@ -66,12 +73,13 @@ def robustness_table(root: Path) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--segmentation", default="", help="folder of segment runs (one folder per initialization)")
+    ap.add_argument("--segmentation", nargs="*", default=[],
+                    help="folders of segment runs (one run folder per initialization and seed)")
     ap.add_argument("--robustness", default="", help="folder of robustness runs (one folder per classifier)")
     ap.add_argument("--doc", default="docs/results.md")
     args = ap.parse_args()
-    if args.segmentation:
-        fill_section(Path(args.doc), "segmentation", "\n".join(segmentation_table(Path(args.segmentation))))
+    for folder in map(Path, args.segmentation):
+        fill_section(Path(args.doc), f"segmentation-{folder.name}", "\n".join(segmentation_table(folder)))
     if args.robustness:
         fill_section(Path(args.doc), "robustness", "\n".join(robustness_table(Path(args.robustness))))
     print(args.doc)

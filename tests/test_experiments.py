@@ -164,15 +164,20 @@ def test_transfer_sections_render_the_committed_runs(tmp_path):
     encoder initialization / classifier, the test split's numbers, and the mCE against the named baseline."""
     doc = tmp_path / "results.md"
     doc.write_text("".join(f"<!-- {s}:begin (experiments/make_results.py) -->\nOLD\n<!-- {s}:end -->\n"
-                           for s in ("segmentation", "robustness")))
+                           for s in ("segmentation-camvid", "segmentation-kvasir", "robustness")))
     res = subprocess.run([sys.executable, "experiments/make_transfer.py", "--segmentation", "docs/results/camvid",
-                          "--robustness", "docs/results/robustness_imagenette", "--doc", str(doc)], cwd=REPO,
+                          "docs/results/kvasir", "--robustness", "docs/results/robustness_imagenette", "--doc", str(doc)], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     text = doc.read_text()
     assert "OLD" not in text
     summary = json.loads((REPO / "docs/results/camvid/scratch/summary.json").read_text())
     assert f"| none (random) | – | {summary['eval_miou']:.2f} | {summary['val_miou']:.2f} |" in text
+    kvasir = text.split("segmentation-kvasir:begin")[1]
+    kv = [json.loads((REPO / f"docs/results/kvasir/mal_s{s}/summary.json").read_text()) for s in (0, 1)]
+    iou, dice = (sum(k[f"val_{m}_polyp"] for k in kv) / 2 for m in ("iou", "dice"))
+    polyp = next(ln for ln in kvasir.splitlines() if ln.startswith("| polyp |")).split(" | ")
+    assert polyp[2] == f"{iou:.1f} / {dice:.1f}"                         # columns: class, scratch, MAL, ...
     rob = json.loads((REPO / "docs/results/robustness_imagenette/default_s1/robustness.json").read_text())
     drop = rob["clean"]["top1"] - rob["mean_corruption_top1"]
     assert f"| `default_s1` | {rob['clean']['top1']:.2f} | {rob['mean_corruption_top1']:.2f} | {drop:.2f} | " \

@@ -40,9 +40,11 @@ def save_prediction_grid(path: Path, rows: list[torch.Tensor], mean, std, titles
 
 
 def class_colors(num_classes: int) -> torch.Tensor:
-    """(num_classes, 3) RGB in [0, 1]: matplotlib's tab20 (then tab20b) colours, one per class."""
+    """(num_classes, 3) RGB in [0, 1], one per class: matplotlib's tab20 dark shades (ten distinct hues) first,
+    then its light shades, then tab20b, so that few classes get clearly different colours."""
     from matplotlib import colormaps
-    cols = list(colormaps["tab20"].colors) + list(colormaps["tab20b"].colors)
+    tab20 = list(colormaps["tab20"].colors)
+    cols = tab20[0::2] + tab20[1::2] + list(colormaps["tab20b"].colors)
     return torch.tensor([cols[c % len(cols)] for c in range(num_classes)], dtype=torch.float32)
 
 
