@@ -8,7 +8,8 @@ step `mal pretrain` / `mal finetune` run, on one GPU:
   step_plain   fast_path=false (plain PyTorch ViL blocks, torch mLSTM), eager
   gpu_ms       GPU kernel time of one graphed step (torch.profiler): the floor a step cannot go below
   loader       img/s of the run's DataLoader (augmentation + collation + pinning) with --workers workers
-Synthetic images feed the step (its speed does not depend on pixel values); the loader reads --data.
+Synthetic images feed the step (its speed does not depend on pixel values); the loader reads --data. Without
+--data the trainers are built on a small synthetic image folder (the step rows need no data set).
 
     PYTHONPATH=src python benchmarks/train_step.py --data data/cifar10 --workers 4,8,12 --json out.json
 
@@ -48,6 +49,34 @@ def build_step(cfg, run_dir: Path):
     batch = (torch.randn(B, 3, size, size, device=dev), torch.randint(0, trainer.num_classes or 10, (B,), device=dev))
     batches = itertools.repeat(batch)
     return lambda: trainer.train_step(batches)
+
+
+def synthetic_folder(size: int, images: int, classes: int = 10) -> Path:
+    """A throwaway ImageFolder (train/ and val/, `classes` classes, at least `images` random `size` px PNGs in
+    train/) for building trainers."""
+    per_class = -(-images // classes)
+    from PIL import Image
+    root = Path(tempfile.mkdtemp(prefix="train_step_data_"))
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for j in range(per_class):
+                px = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(px).save(root / split / f"c{c}" / f"{j}.png")
+    return root
+
+
+def random_init(cfg) -> str:
+    """A randomly initialized encoder as a bare .safetensors, the `init` a fine-tuning config needs (the step's
+    speed does not depend on the weights)."""
+    from safetensors.torch import save_file
+
+    from mal.models import create_encoder
+    path = Path(tempfile.mkdtemp(prefix="train_step_init_")) / "encoder.safetensors"
+    enc = create_encoder(cfg.model, num_classes=0)
+    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(path))
+    return str(path)
 
 
 def time_step(step, warmup: int, iters: int) -> tuple[float, float]:
@@ -95,8 +124,12 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     results = []
     for path in args.configs.split(","):
-        over = [*args.set, f"data.dataset={args.data or 'default'}"]
+        plain = load_run_config(path, args.set)
+        data = args.data or synthetic_folder(plain.model.img_size, plain.optim.batch_size)
+        over = [*args.set, f"data.dataset={data}", *([] if args.data else ["data.cache=false"])]
         cfg = load_run_config(path, over)
+        if cfg.task == "finetune" and not cfg.init:
+            over.append(f"init={random_init(cfg)}")
         name = Path(path).stem
         for row in args.rows.split(","):
             res = {"config": name, "row": row, "batch": cfg.optim.batch_size}

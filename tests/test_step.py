@@ -216,9 +216,11 @@ def test_training_run_with_graphs_and_accumulation_matches_eager(image_folder, t
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_graphed_ddp_steps_match_one_process_and_eager_ddp(image_folder, tmp_path):
     """Two GPUs (torchrun, NCCL): graphed steps with the flat gradient all-reduce (grad_sync=auto) give the losses
-    and weights of one graphed process and of eager DDP (grad_sync=ddp), within bf16 noise. The decoder's qkv
-    biases are left out of the weights: the key bias has a zero gradient (softmax ignores a shift), and Adam turns
-    its rounding noise into lr-sized steps."""
+    and weights of one graphed process and of eager DDP (grad_sync=ddp), within bf16 noise. bf16 sums in another
+    order flip the sign of near-zero gradients, and Adam turns such a flip into an lr-sized step, so single
+    weights can differ by ~lr: the weights are compared as a whole (relative L2 distance), against the distance
+    between eager DDP and one process (PyTorch's own reference pair). The decoder's qkv biases are left out: the
+    key bias has a zero gradient (softmax ignores a shift), so its steps are pure rounding noise."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     common = ["--config", "cifar10_pretrain", "--no-progress", f"data.dataset={image_folder}", "optim.batch_size=32",
               "max_steps=4", "probe=false", "model.dim=32", "model.depth=2", "objective.decoder.depth=1",
@@ -239,6 +241,11 @@ def test_graphed_ddp_steps_match_one_process_and_eager_ddp(image_folder, tmp_pat
     assert len(l1) == len(lf) == len(ld) == 4 and len(set(l1)) == 4
     for a, b, c in zip(lf, l1, ld):
         assert abs(a - b) < 2e-2 * abs(b) and abs(a - c) < 2e-2 * abs(c), (lf, l1, ld)
-    for k in w1:
-        if not k.endswith("qkv.bias"):
-            assert torch.allclose(wf[k], w1[k], atol=3e-3) and torch.allclose(wf[k], wd[k], atol=3e-3), k
+    keys = [k for k in w1 if not k.endswith("qkv.bias")]
+
+    def rel(a: dict, b: dict) -> float:                 # ||a - b|| / ||b|| over all compared weights
+        return (sum((a[k] - b[k]).pow(2).sum() for k in keys) / sum(b[k].pow(2).sum() for k in keys)).sqrt().item()
+
+    noise = rel(wd, w1)                                  # eager DDP vs one process: bf16 noise only
+    assert noise < 2e-2, noise
+    assert rel(wf, w1) < 2 * noise + 1e-3 and rel(wf, wd) < 2 * noise + 1e-3, (rel(wf, w1), rel(wf, wd), noise)
