@@ -230,3 +230,30 @@ def test_probe_every_logs_probe_curves_without_changing_the_run(image_folder, tm
     assert [int(r["step"]) for r in probed] == [spe, 2 * spe]
     assert all(0 <= float(r["eval_knn_top1"]) <= 100 and 0 <= float(r["eval_linprobe_top1"]) <= 100 for r in probed)
     assert not any(r["eval_knn_top1"] for r in csv.DictReader(open(tmp_path / "plain/metrics.csv")))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_one_pass_over_epochs_is_the_epochs_one_after_another(world):
+    """The trainer reads a whole run through one loader pass: the samples are those of the epochs read one by one,
+    resuming mid-epoch skips exactly the samples already trained on, and the processes never share a sample."""
+    from mal.engine.sampling import StepSampler
+    n, B, epochs, seed = 21, 4, 3, 7                             # 5 steps per epoch, the last image dropped
+    for rank in range(world):
+        one = StepSampler(n, B, world, rank, seed)
+        by_epoch = []
+        for e in range(epochs):
+            one.set_epoch(e)
+            by_epoch += list(one)
+        run = StepSampler(n, B, world, rank, seed)
+        run.set_epoch(0, until=epochs)
+        assert list(run) == by_epoch and len(run) == len(by_epoch) == epochs * 20 // world
+        assert len({i for _, i in by_epoch[:20 // world]}) == 20 // world          # no repeat within an epoch
+        run.set_epoch(1, start=3, until=epochs)                   # resumed: epoch 1 after 3 of its samples
+        assert list(run) == by_epoch[20 // world + 3:] and len(run) == len(by_epoch) - 20 // world - 3
+    if world == 2:
+        shards = []
+        for rank in range(2):
+            s = StepSampler(n, B, 2, rank, seed)
+            s.set_epoch(0)
+            shards.append({i for _, i in s})
+        assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 20

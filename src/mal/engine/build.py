@@ -108,11 +108,12 @@ def loader_workers(n: int) -> int:
 
 
 def eval_loader(ds: Dataset, cfg: RunConfig, info: DistInfo, distributed: bool,
-                batch_size: int | None = None, collate_fn=None) -> DataLoader:
-    """In-order evaluation loader; sharded over processes when `distributed` (default batch: the micro-batch)."""
+                batch_size: int | None = None, collate_fn=None, persistent: bool = False) -> DataLoader:
+    """In-order evaluation loader; sharded over processes when `distributed` (default batch: the micro-batch).
+    `persistent` keeps its workers between passes (for a loader read again and again during training)."""
     micro = max(1, cfg.optim.batch_size // cfg.optim.accum_steps // info.world_size)
     return mdata.build_loader(ds, batch_size or micro, train=False, num_workers=loader_workers(cfg.data.num_workers),
-                              distributed=distributed and info.enabled, persistent_workers=False,
+                              distributed=distributed and info.enabled, persistent_workers=persistent,
                               collate_fn=collate_fn)
 
 

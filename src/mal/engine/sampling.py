@@ -32,28 +32,33 @@ class SeededDataset(Dataset):
 
 
 class StepSampler(Sampler):
-    """This process's share of the (seed, epoch) permutation, resumable at a micro-batch offset.
+    """This process's share of the (seed, epoch) permutations, resumable at a micro-batch offset.
 
-    The epoch keeps a whole number of global batches; process r takes positions r, r+W, r+2W, ...,
-    so optimizer step s always trains on positions [s*B, (s+1)*B) of the permutation.
+    Each epoch keeps a whole number of global batches; process r takes positions r, r+W, r+2W, ...,
+    so optimizer step s always trains on positions [s*B, (s+1)*B) of its epoch's permutation. One pass runs
+    from `set_epoch`'s (epoch, start) to the end of epoch `until - 1`, so that one DataLoader iterator feeds a
+    whole run and its workers prefetch across epoch boundaries instead of restarting at each.
     """
 
     def __init__(self, n: int, global_batch: int, world: int, rank: int, seed: int):
         self.n, self.global_batch, self.world, self.rank, self.seed = n, global_batch, world, rank, seed
         self.usable = n // global_batch * global_batch
-        self.epoch, self.start = 0, 0
+        self.epoch, self.start, self.until = 0, 0, 1
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
+    def set_epoch(self, epoch: int, start: int = 0, until: int | None = None) -> None:
+        """Begin at this process's `start`-th sample of `epoch`; end after epoch `until - 1` (default: this one)."""
         self.epoch, self.start = epoch, start
+        self.until = epoch + 1 if until is None else max(until, epoch + 1)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(self.n, generator=g)[:self.usable]
-        mine = perm[self.rank::self.world][self.start:].tolist()
-        return iter([(self.epoch, i) for i in mine])
+        for epoch in range(self.epoch, self.until):
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            perm = torch.randperm(self.n, generator=g)[:self.usable]
+            mine = perm[self.rank::self.world][self.start if epoch == self.epoch else 0:].tolist()
+            yield from ((epoch, i) for i in mine)
 
     def __len__(self) -> int:
-        return self.usable // self.world - self.start
+        return (self.until - self.epoch) * (self.usable // self.world) - self.start
 
 
 def seed_everything(seed: int) -> None:

@@ -176,14 +176,10 @@ class Trainer:
         """Train to the last step, then write the summary (and, after pretraining, predictions and probes)."""
         self.begin()
         try:
+            batches = iter(self._loader())
             while self.step < self.total_steps:
-                epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-                batches = iter(self._loader(epoch, in_epoch))
-                for _ in range(in_epoch, self.steps_per_epoch):
-                    if self.step >= self.total_steps:
-                        break
-                    self.train_step(batches)
-                del batches
+                self.train_step(batches)
+            del batches
         except KeyboardInterrupt:
             self.bar.close()
             saved = read_meta(self.run_dir / "ckpt_last")["step"] if (self.run_dir / "ckpt_last").is_dir() else None
@@ -197,13 +193,17 @@ class Trainer:
         self.bar = tqdm(total=self.total_steps, initial=self.step, desc=self.cfg.task, disable=not self.progress,
                         dynamic_ncols=True)
         self.last_eval: dict[str, float] = {}
+        self.eval_loaders: dict[int, DataLoader] = {}
         self.bad = torch.zeros((), device=self.device)                   # non-finite losses not yet read
         self.unchecked_from, self.speed = self.step, Throughput()
         self.start_time = time.perf_counter() - self.time_before
 
-    def _loader(self, epoch: int, in_epoch: int) -> DataLoader:
+    def _loader(self) -> DataLoader:
+        """The training batches from this step to the last, in one pass (workers never restart between epochs)."""
         o = self.cfg.optim
-        self.sampler.set_epoch(epoch, in_epoch * o.accum_steps * self.micro)
+        epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+        self.sampler.set_epoch(epoch, in_epoch * o.accum_steps * self.micro,
+                               until=-(-self.total_steps // self.steps_per_epoch))
         return DataLoader(SeededDataset(self.train_set, self.cfg.seed), batch_size=self.micro, sampler=self.sampler,
                           num_workers=loader_workers(self.cfg.data.num_workers), pin_memory=self.device.type == "cuda",
                           drop_last=True)
@@ -360,7 +360,10 @@ class Trainer:
     def scores(self, dataset) -> dict[str, float]:
         """The evaluator's scores (top1 / top5 / loss, or miou / mdice / acc / loss / per class) of the raw model, and
         ema_top1 / ... of the EMA model, on `dataset`."""
-        loader = eval_loader(dataset, self.cfg, self.info, True, collate_fn=self.evaluator.collate)
+        if id(dataset) not in self.eval_loaders:        # built once: its workers do not restart at every evaluation
+            self.eval_loaders[id(dataset)] = eval_loader(dataset, self.cfg, self.info, True,
+                                                         collate_fn=self.evaluator.collate, persistent=True)
+        loader = self.eval_loaders[id(dataset)]
         out = self.evaluator(self.model, loader, self.device, self.cfg.amp)
         if self.ema is not None:
             ema = self.evaluator(self.ema.module, loader, self.device, self.cfg.amp)
@@ -392,8 +395,10 @@ class Trainer:
         elif self.last_eval:
             summary["eval_set"] = self.data.eval_name
             summary.update({f"{self.data.eval_name}_{k}": v for k, v in self.last_eval.items()})
+            self.eval_loaders.clear()                                          # their workers stop here
             if self.data.eval_name != "val" and self.data.val is not None:        # the val folder, once
                 summary.update({f"val_{k}": v for k, v in self.scores(self.data.val).items()})
+            self.eval_loaders.clear()
         if self.cfg.task == "segment" and self.info.is_main:
             src = self.data.val if self.data.val is not None else self.data.eval
             if src is not None:
