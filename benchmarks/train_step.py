@@ -5,6 +5,8 @@ run's `mal.engine.Trainer` (model, optimizer, loss, mixup, EMA as configured) an
 step `mal pretrain` / `mal finetune` run, on one GPU:
   step_eager   img/s of a full optimizer step (forward + backward + clip + fused AdamW [+ EMA]) launched eagerly
   step_graph   the same with the forward + backward replayed from CUDA graphs (cuda_graph=true, the default)
+  step_loop    step_graph's steps back to back, one device sync at the end, as the training loop runs them:
+               when it beats step_graph the host's launch work overlaps the GPU; the floor is gpu_ms
   step_plain   fast_path=false (plain PyTorch ViL blocks, torch mLSTM), eager
   gpu_ms       GPU kernel time of one graphed step (torch.profiler): the floor a step cannot go below
   loader       img/s of the run's DataLoader (augmentation + collation + pinning) with --workers workers
@@ -79,9 +81,17 @@ def random_init(cfg) -> str:
     return str(path)
 
 
-def time_step(step, warmup: int, iters: int) -> tuple[float, float]:
-    """Median wall-clock seconds per step (each ends with a device sync) over `iters` steps, and warm-up seconds."""
+def time_step(step, warmup: int, iters: int, sync_each: bool = True) -> tuple[float, float]:
+    """Median wall-clock seconds per step (each ends with a device sync) over `iters` steps, and warm-up seconds;
+    without `sync_each`, the mean over `iters` steps run back to back (one sync at the end)."""
     warm = warm_up(step, warmup)
+    if not sync_each:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / iters, warm
     times = []
     for _ in range(iters):
         t = time.perf_counter()
@@ -111,7 +121,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="cifar10_pretrain,cifar10_supervised")
     p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every config")
-    p.add_argument("--rows", default="step_graph,step_eager,step_plain")
+    p.add_argument("--rows", default="step_graph,step_loop,step_eager,step_plain")
     p.add_argument("--data", default="", help="ImageFolder root for the loader rows ('' = skip them)")
     p.add_argument("--workers", default="4,8")
     p.add_argument("--loader-batches", type=int, default=20)
@@ -137,7 +147,7 @@ def main() -> None:
                 mode = {"step_plain": ["fast_path=false", "cuda_graph=false"], "step_eager": ["cuda_graph=false"]}
                 c = load_run_config(path, over + QUIET + mode.get(row, []))
                 step = build_step(c, Path(tempfile.mkdtemp(prefix=f"train_step_{name}_{row}_")))
-                sec, warm = time_step(step, args.warmup, args.iters)
+                sec, warm = time_step(step, args.warmup, args.iters, sync_each=row != "step_loop")
                 res.update(img_s=round(c.optim.batch_size / sec, 1), ms=round(sec * 1e3, 2), warmup_s=round(warm, 1),
                            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
                 if row == "step_graph":
