@@ -241,10 +241,7 @@ def measure_pretrain(name: str, row: str, size: str, batch: int, res: dict) -> N
     res["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     cg = uses_graphs(row)
     if row.startswith("fast"):
-        fast_path(model, row)
-        if ARGS.compile_decoder:
-            for blk in getattr(model.decoder, "blocks", []):
-                blk.compile(dynamic=False)
+        fast_path(model, row)                                           # the decoder's block stack compiled too
     imgs = torch.randn(batch, 3, 192, 192, device="cuda")
     sets = [model.sample_inputs(batch, torch.Generator().manual_seed(s), "cuda") for s in range(4)]
     opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.999), weight_decay=0.05, fused=True,
@@ -385,7 +382,6 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--compile-mode", default=None, help="torch.compile mode of the fast path (default: 'default')")
-    p.add_argument("--compile-decoder", type=int, default=1, help="fast pretraining row: compile decoder blocks")
     p.add_argument("--profile", default="", help="rows to profile (top CUDA kernels of one training step)")
     p.add_argument("--profile-top", type=int, default=15, help="how many kernels a profile lists")
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds; later measurements are skipped")

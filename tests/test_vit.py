@@ -9,6 +9,7 @@ import torch
 
 import mal.models.vit as vit_module
 from mal import DecoderConfig, EncoderConfig, MALPretrain, MaskConfig, ObjectiveConfig, VisionLSTM, VisionTransformer
+from mal.objectives import create_objective
 from mal.checkpoint import load_encoder, load_weights
 from mal.cli import main
 from mal.config import load_run_config
@@ -237,3 +238,35 @@ def test_compiled_vit_bf16_matches_plain_on_gpu(checkpoint):
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()
     assert rel(out, ref) <= 2 * rel(out_plain, ref) + 1e-2
     assert rel(g, g_ref) <= 2 * rel(g_plain, g_ref) + 1e-2
+
+
+@pytest.mark.parametrize("kind", ["mal", "mae"])
+def test_pretraining_decoders_fast_path_is_the_same_function(kind):
+    """fast_path runs a Transformer decoder's block stack through the ViT's compiled stack (one graph, no graph
+    break): the same loss and gradients, the same parameter names; fast_path(enabled=False) goes back."""
+    torch.manual_seed(0)
+    obj = ObjectiveConfig(kind=kind, decoder=DecoderConfig(depth=2, dim=16, num_heads=2),
+                          mask=MaskConfig("patch", 0.75) if kind == "mae" else MaskConfig())
+    model = create_objective(EncoderConfig(**{**VIT, "arch": "vil", "num_heads": 4}), obj).double()
+    keys = list(model.state_dict())
+    imgs = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    draws = model.sample_inputs(2, torch.Generator().manual_seed(0))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = model(imgs, *draws)["loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.decoder.named_parameters()}
+    ref, ref_g = run()
+    vit_module._COMPILED.clear()
+    with _eager_fullgraph_compile():
+        model.decoder.fast_path() if kind == "mal" else model.fast_path()   # MAE: the encoder's is the plain path
+        assert model.decoder.fast is not None
+        out, g = run()
+        assert vit_module._COMPILED                                         # the decoder's stack was compiled
+    vit_module._COMPILED.clear()
+    assert list(model.state_dict()) == keys
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+    assert all(torch.allclose(g[k], ref_g[k], rtol=0, atol=1e-12) for k in ref_g)
+    model.decoder.fast_path(enabled=False) if kind == "mal" else model.fast_path(enabled=False)
+    assert model.decoder.fast is None

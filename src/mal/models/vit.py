@@ -84,6 +84,16 @@ class ViTFast:
     checkpoint: bool = False
 
 
+def run_stack(blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor | None, fast: ViTFast | None
+              ) -> torch.Tensor:
+    """Transformer blocks `blk(x, mask)` on x (B, N, D) -> (B, N, D): as they are (fast None), or as `fast` says
+    (the ViT encoder's and the pretraining decoders' blocks)."""
+    if fast is None:
+        return blocks_forward(blocks, x, mask, False)
+    run = compiled_blocks_forward(fast.mode) if fast.compile else blocks_forward
+    return run(blocks, x, mask, fast.checkpoint and torch.is_grad_enabled())
+
+
 class VisionTransformer(PatchEncoder, tags=["vit"]):
     """ViT encoder + optional classification head (mean pooling + linear), with `VisionLSTM`'s parameter names and
     API (`PatchEncoder`). Tokens stay in raster order (attention does not scan), except for a causal ViT."""
@@ -123,11 +133,7 @@ class VisionTransformer(PatchEncoder, tags=["vit"]):
     # ---------------------------------------------------------------- blocks
     def run_blocks(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The block stack on x (B, N, D) under the attention mask (N, N) (None: every token sees every token)."""
-        f = self.fast
-        if f is None:
-            return blocks_forward(self.blocks, x, mask, False)
-        run = compiled_blocks_forward(f.mode) if f.compile else blocks_forward
-        return run(self.blocks, x, mask, f.checkpoint and torch.is_grad_enabled())
+        return run_stack(self.blocks, x, mask, self.fast)
 
     def slot_mask(self, num_tokens: int, k: int, device: torch.device) -> torch.Tensor:
         """(M, M) block-causal mask over the slot layout (k*k tokens per slot); cached per (M, k, device)."""

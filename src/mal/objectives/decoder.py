@@ -13,7 +13,7 @@ from timm.layers import Mlp, trunc_normal_
 
 from ..config import DecoderConfig
 from ..models.vil import ViLBlock
-from ..models.vit import block_causal_mask
+from ..models.vit import ViTFast, block_causal_mask, run_stack
 from ..scan import ScanPlan
 from ..serialization import gather_tokens, slot_perm
 
@@ -57,6 +57,7 @@ class Decoder(nn.Module):
         self.pred = nn.Linear(cfg.dim, patch_dim)
         self._masks: dict = {}
         self._plans: dict[int, ScanPlan] = {}
+        self.fast: ViTFast | None = None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -69,11 +70,14 @@ class Decoder(nn.Module):
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def fast_path(self, enabled: bool = True, **kwargs) -> "Decoder":
-        """The fused GPU blocks for an xLSTM decoder (a Transformer decoder has none)."""
+    def fast_path(self, enabled: bool = True, compile: bool = True, mode: str | None = None, **kwargs) -> "Decoder":
+        """The fused GPU blocks of an xLSTM decoder; a Transformer decoder's block stack under torch.compile(mode)
+        (compile=True, as the ViT encoder's). Parameters and state dict are unchanged."""
+        if self.cfg.kind == "transformer":
+            self.fast = ViTFast(compile, mode) if enabled else None
         for blk in self.blocks:
             if isinstance(blk, ViLBlock):
-                blk.fast_path(enabled, **kwargs)
+                blk.fast_path(enabled, compile, mode, **kwargs)
         return self
 
     def _visible(self, num_tokens: int, device) -> torch.Tensor:
@@ -95,9 +99,7 @@ class Decoder(nn.Module):
         x = self.embed(enc) + gather_tokens(self.pos_embed.expand(enc.shape[0], -1, -1), target_idx)  # (B, M, Dd)
         M = x.shape[1]
         if self.cfg.kind == "transformer":
-            visible = self._visible(M, x.device)
-            for blk in self.blocks:
-                x = blk(x, visible)                                          # (B, M, Dd)
+            x = run_stack(self.blocks, x, self._visible(M, x.device), self.fast)   # (B, M, Dd)
         else:
             x = self._plan(M).run(self.blocks, x)                            # (B, M, Dd) slot layout
         return self.pred(self.norm(x))                                       # (B, M, p*p*C)

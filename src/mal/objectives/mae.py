@@ -17,7 +17,7 @@ from timm.layers import trunc_normal_
 from ..config import DecoderConfig, EncoderConfig, MaskConfig, ObjectiveConfig
 from ..hub import HubMixin
 from ..models import copy_encoder, create_encoder
-from ..models.vit import LN_EPS, vit_block, xavier_init_
+from ..models.vit import LN_EPS, ViTFast, run_stack, vit_block, xavier_init_
 from ..serialization import gather_tokens, patchify, unpatchify
 from .mal import check_pretraining_size, denormalized, normalized_targets, patch_pixels
 
@@ -38,6 +38,7 @@ class MAEDecoder(nn.Module):
         xavier_init_(self)
         trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
+        self.fast: ViTFast | None = None                                     # how the blocks run (fast_path)
 
 
 class MAEPretrain(nn.Module, HubMixin, tags=["pretraining"]):
@@ -69,10 +70,12 @@ class MAEPretrain(nn.Module, HubMixin, tags=["pretraining"]):
     def no_weight_decay(self) -> set[str]:
         return {"encoder.pos_embed", "decoder.pos_embed", "decoder.mask_token"}
 
-    def fast_path(self, enabled: bool = True, **kwargs) -> "MAEPretrain":
-        """The encoder's fast path (`VisionLSTM.fast_path` / `VisionTransformer.fast_path`); the decoder runs as is,
-        like MAL's Transformer decoder."""
-        self.encoder.fast_path(enabled, **kwargs)
+    def fast_path(self, enabled: bool = True, compile: bool = True, mode: str | None = None,
+                  **kwargs) -> "MAEPretrain":
+        """The encoder's fast path (`VisionLSTM.fast_path` / `VisionTransformer.fast_path`) and the decoder's block
+        stack under torch.compile(mode) (compile=True), as MAL's Transformer decoder."""
+        self.encoder.fast_path(enabled, compile, mode, **kwargs)
+        self.decoder.fast = ViTFast(compile, mode) if enabled else None
         return self
 
     def probe_encoder(self) -> nn.Module:
@@ -114,8 +117,7 @@ class MAEPretrain(nn.Module, HubMixin, tags=["pretraining"]):
         x = d.embed(x)                                                       # (B, V, Dd)
         masked = d.mask_token.to(x.dtype).expand(x.shape[0], ids_restore.shape[1] - x.shape[1], -1)  # (B, N-V, Dd)
         x = gather_tokens(torch.cat([x, masked], dim=1), ids_restore) + d.pos_embed   # (B, N, Dd) unshuffled
-        for blk in d.blocks:
-            x = blk(x)                                                       # (B, N, Dd)
+        x = run_stack(d.blocks, x, None, d.fast)                             # (B, N, Dd)
         return d.pred(d.norm(x))                                             # (B, N, p²C)
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor
