@@ -6,7 +6,9 @@ step `mal pretrain` / `mal finetune` run, on one GPU:
   step_eager   img/s of a full optimizer step (forward + backward + clip + fused AdamW [+ EMA]) launched eagerly
   step_graph   the same with the forward + backward replayed from CUDA graphs (cuda_graph=true, the default)
   step_loop    step_graph's steps back to back, one device sync at the end, as the training loop runs them:
-               when it beats step_graph the host's launch work overlaps the GPU; the floor is gpu_ms
+               when it beats step_graph the host's launch work overlaps the GPU; the floor is gpu_ms. Also
+               host_ms (host wall time of a step that does not wait for the GPU: with no hidden sync it is the
+               launch work alone) and host_ops (the profiler's top host ops by self time per step)
   step_plain   fast_path=false (plain PyTorch ViL blocks, torch mLSTM), eager
   gpu_ms       GPU kernel time of one graphed step (torch.profiler): the floor a step cannot go below
   loader       img/s of the run's DataLoader (augmentation + collation + pinning) with --workers workers
@@ -101,6 +103,31 @@ def time_step(step, warmup: int, iters: int, sync_each: bool = True) -> tuple[fl
     return statistics.median(times), warm
 
 
+def host_time(step, n: int = 3) -> float:
+    """Host milliseconds per call of `step` right after a device sync, without waiting for the device: the launch
+    work alone, unless something in the step synchronizes (then the device's time shows up here)."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    ms = (time.perf_counter() - t) / n * 1e3
+    torch.cuda.synchronize()
+    return ms
+
+
+def host_ops(step, steps: int = 5, top: int = 15) -> list[dict]:
+    """The host ops with the most self CPU time per step (torch.profiler, CPU activity only)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"op": e.key[:100], "calls_per_step": e.count / steps,
+             "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3)} for e in ev]
+
+
 def bench_loader(cfg, workers: int, batches: int) -> float:
     """img/s of the run's training DataLoader (after its first batch)."""
     from torch.utils.data import DataLoader
@@ -150,6 +177,9 @@ def main() -> None:
                 sec, warm = time_step(step, args.warmup, args.iters, sync_each=row != "step_loop")
                 res.update(img_s=round(c.optim.batch_size / sec, 1), ms=round(sec * 1e3, 2), warmup_s=round(warm, 1),
                            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+                if row == "step_loop":
+                    res["host_ms"] = round(host_time(step), 2)
+                    res["host_ops"] = host_ops(step)
                 if row == "step_graph":
                     throughput.ARGS = argparse.Namespace(profile_top=12)
                     prof = top_kernels(step)
@@ -168,10 +198,12 @@ def main() -> None:
                 res = {"config": name, "row": f"loader_{w}w", "batch": cfg.optim.batch_size, "img_s": round(ips, 1)}
                 print(json.dumps(res), flush=True)
                 results.append(res)
-    lines = ["| config | row | batch | img/s | ms/step | GPU ms/step | peak GiB | warm-up s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | row | batch | img/s | ms/step | GPU ms/step | host ms/step | peak GiB | warm-up s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['config']} | {r['row']} | {r['batch']} | {r.get('img_s', r.get('error', '-'))} | "
-                     f"{r.get('ms', '-')} | {r.get('gpu_ms', '-')} | {r.get('peak_gib', '-')} | {r.get('warmup_s', '-')} |")
+                     f"{r.get('ms', '-')} | {r.get('gpu_ms', '-')} | {r.get('host_ms', '-')} | {r.get('peak_gib', '-')} | "
+                     f"{r.get('warmup_s', '-')} |")
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": info, "results": results}, indent=1))
