@@ -257,3 +257,16 @@ def test_one_pass_over_epochs_is_the_epochs_one_after_another(world):
             s.set_epoch(0)
             shards.append({i for _, i in s})
         assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 20
+
+
+def test_evaluations_between_steps_do_not_change_the_training(image_folder, tmp_path):
+    """A supervised run that evaluates after every epoch (the model switched to eval mode and back) trains the
+    same weights as one that evaluates only at the end: drop path is on again in the steps after each one."""
+    common = ["supervised", "--config", "cifar10_supervised", "--no-progress", f"data.dataset={image_folder}",
+              "optim.batch_size=16", "optim.epochs=3", "model.dim=32", "model.depth=2", "data.num_workers=0",
+              "data.cache=false", "model.drop_path_rate=0.5", "ema_decay=0"]
+    for name, every in (("each", 1), ("end", 100)):
+        assert main([*common, "--output", str(tmp_path / name), f"eval_every={every}"]) == 0
+    rows = [r for r in (tmp_path / "each/metrics.csv").read_text().splitlines()[1:] if r.split(",")[6:7] != [""]]
+    assert len(rows) >= 3                                                    # an evaluation after every epoch
+    _assert_same_weights(_weights(tmp_path / "each"), _weights(tmp_path / "end"))

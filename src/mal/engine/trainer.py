@@ -213,7 +213,8 @@ class Trainer:
         o = self.cfg.optim
         lr = cosine_lr(self.step, self.total_steps, self.warmup_steps, o.abs_lr, o.min_lr)
         set_lr(self.optimizer, lr)
-        self.ddp.train()
+        if not self.model.training:                     # after an evaluation (train() walks every module)
+            self.ddp.train()
         loss_sum = self.forward_backward(batches)
         if not self._finite(loss_sum):
             return
