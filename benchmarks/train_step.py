@@ -201,9 +201,9 @@ def main() -> None:
     lines = ["| config | row | batch | img/s | ms/step | GPU ms/step | host ms/step | peak GiB | warm-up s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['config']} | {r['row']} | {r['batch']} | {r.get('img_s', r.get('error', '-'))} | "
-                     f"{r.get('ms', '-')} | {r.get('gpu_ms', '-')} | {r.get('host_ms', '-')} | {r.get('peak_gib', '-')} | "
-                     f"{r.get('warmup_s', '-')} |")
+        cells = [r.get("img_s", r.get("error", "-")), *(r.get(k, "-") for k in ("ms", "gpu_ms", "host_ms", "peak_gib",
+                                                                                  "warmup_s"))]
+        lines.append(f"| {r['config']} | {r['row']} | {r['batch']} | " + " | ".join(map(str, cells)) + " |")
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": info, "results": results}, indent=1))

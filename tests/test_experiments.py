@@ -166,8 +166,8 @@ def test_transfer_sections_render_the_committed_runs(tmp_path):
     doc.write_text("".join(f"<!-- {s}:begin (experiments/make_results.py) -->\nOLD\n<!-- {s}:end -->\n"
                            for s in ("segmentation-camvid", "segmentation-kvasir", "robustness")))
     res = subprocess.run([sys.executable, "experiments/make_transfer.py", "--segmentation", "docs/results/camvid",
-                          "docs/results/kvasir", "--robustness", "docs/results/robustness_imagenette", "--doc", str(doc)], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+                          "docs/results/kvasir", "--robustness", "docs/results/robustness_imagenette",
+                          "--doc", str(doc)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     text = doc.read_text()
     assert "OLD" not in text

@@ -396,10 +396,9 @@ class Trainer:
         elif self.last_eval:
             summary["eval_set"] = self.data.eval_name
             summary.update({f"{self.data.eval_name}_{k}": v for k, v in self.last_eval.items()})
-            self.eval_loaders.clear()                                          # their workers stop here
             if self.data.eval_name != "val" and self.data.val is not None:        # the val folder, once
                 summary.update({f"val_{k}": v for k, v in self.scores(self.data.val).items()})
-            self.eval_loaders.clear()
+            self.eval_loaders.clear()                                          # their workers stop here
         if self.cfg.task == "segment" and self.info.is_main:
             src = self.data.val if self.data.val is not None else self.data.eval
             if src is not None:
