@@ -9,6 +9,8 @@ step `mal pretrain` / `mal finetune` run, on one GPU:
                when it beats step_graph the host's launch work overlaps the GPU; the floor is gpu_ms. Also
                host_ms (host wall time of a step that does not wait for the GPU: with no hidden sync it is the
                launch work alone) and host_ops (the profiler's top host ops by self time per step)
+  step_whole   graph_optimizer=true: forward, backward, clip and AdamW in one graph per step (EMA eager);
+               step_whole_loop: the same back to back, as step_loop
   step_plain   fast_path=false (plain PyTorch ViL blocks, torch mLSTM), eager
   gpu_ms       GPU kernel time of one graphed step (torch.profiler): the floor a step cannot go below
   loader       img/s of the run's DataLoader (augmentation + collation + pinning) with --workers workers
@@ -148,7 +150,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="cifar10_pretrain,cifar10_supervised")
     p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every config")
-    p.add_argument("--rows", default="step_graph,step_loop,step_eager,step_plain")
+    p.add_argument("--rows", default="step_graph,step_loop,step_whole,step_whole_loop,step_eager,step_plain")
     p.add_argument("--data", default="", help="ImageFolder root for the loader rows ('' = skip them)")
     p.add_argument("--workers", default="4,8")
     p.add_argument("--loader-batches", type=int, default=20)
@@ -171,13 +173,15 @@ def main() -> None:
         for row in args.rows.split(","):
             res = {"config": name, "row": row, "batch": cfg.optim.batch_size}
             try:
-                mode = {"step_plain": ["fast_path=false", "cuda_graph=false"], "step_eager": ["cuda_graph=false"]}
+                mode = {"step_plain": ["fast_path=false", "cuda_graph=false"], "step_eager": ["cuda_graph=false"],
+                        "step_whole": ["graph_optimizer=true"], "step_whole_loop": ["graph_optimizer=true"]}
                 c = load_run_config(path, over + QUIET + mode.get(row, []))
                 step = build_step(c, Path(tempfile.mkdtemp(prefix=f"train_step_{name}_{row}_")))
-                sec, warm = time_step(step, args.warmup, args.iters, sync_each=row != "step_loop")
+                loop = row.endswith("_loop")
+                sec, warm = time_step(step, args.warmup, args.iters, sync_each=not loop)
                 res.update(img_s=round(c.optim.batch_size / sec, 1), ms=round(sec * 1e3, 2), warmup_s=round(warm, 1),
                            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
-                if row == "step_loop":
+                if loop:
                     res["host_ms"] = round(host_time(step), 2)
                     res["host_ops"] = host_ops(step)
                 if row == "step_graph":

@@ -17,8 +17,8 @@ from mal.config import DecoderConfig, EncoderConfig, MaskConfig, ObjectiveConfig
 from mal.distributed import DistInfo
 from mal.objectives.mal import MALPretrain
 from mal.engine.build import build_criterion
-from mal.engine.optim import adapt_loaded_optimizer, make_optimizer
-from mal.engine.step import LossStep, StepRunner, graphs_usable
+from mal.engine.optim import adapt_loaded_optimizer, make_optimizer, set_lr
+from mal.engine.step import LossStep, StepRunner, graphs_usable, restore, snapshot
 from mal.models.vil import VisionLSTM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,6 +190,100 @@ def test_graphed_step_draws_new_random_scan_orders_at_each_replay():
             losses[graphs].append(loss.item())
             del loss
     assert len(set(losses[False])) == 4 and len(set(losses[True])) == 4, losses
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_warm_up_updates_are_undone_before_the_whole_update_is_captured(resumed):
+    """A whole-update graph warms up with real AdamW steps; `restore` takes the weights and the optimizer back to
+    `snapshot`'s (a fresh optimizer's zero state, or a resumed one's), in place, so the run's next step is
+    bitwise the step it would have taken without the capture."""
+    def setup():
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        opt = make_optimizer([{"params": list(model.parameters())}], 1e-2, (0.9, 0.999), torch.device("cpu"))
+        if resumed:                                   # one step already taken: state to keep
+            model(torch.randn(2, 4)).sum().backward()
+            opt.step()
+        return model, opt
+
+    def step(model, opt, x):
+        opt.zero_grad(set_to_none=True)
+        model(x).square().sum().backward()
+        opt.step()
+    x = torch.randn(5, 4)
+    ref_model, ref_opt = setup()
+    step(ref_model, ref_opt, x)
+    model, opt = setup()
+    params = list(model.parameters())
+    saved = snapshot(params, opt)
+    addresses = [p.data_ptr() for p in params]
+    for _ in range(3):                                # the warm-up's updates
+        step(model, opt, torch.randn(5, 4))
+    restore(params, opt, saved)
+    assert [p.data_ptr() for p in params] == addresses                      # in place
+    step(model, opt, x)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref_model.parameters()))
+    st, ref_st = opt.state[model.weight], ref_opt.state[ref_model.weight]
+    assert all(torch.equal(st[k], ref_st[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_a_captured_optimizers_checkpoint_steps_eagerly_after_loading():
+    """A captured AdamW keeps its lr as a device tensor that `set_lr` fills in place; its checkpoint, loaded into
+    an eager run, has a float lr again and is not capturable."""
+    model = nn.Linear(4, 3)
+    opt = make_optimizer([{"params": list(model.parameters()), "lr_scale": 0.5}], 1e-2, (0.9, 0.999),
+                         torch.device("cpu"))
+    lr = torch.tensor(1.0)
+    opt.param_groups[0].update(lr=lr, capturable=True)        # what make_capturable leaves (on the GPU)
+    set_lr(opt, 4e-3)
+    assert opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(2e-3)
+    sd = opt.state_dict()
+    opt2 = make_optimizer([{"params": list(model.parameters())}], 1e-2, (0.9, 0.999), torch.device("cpu"))
+    opt2.load_state_dict(sd)
+    adapt_loaded_optimizer(opt2, torch.device("cpu"))
+    g = opt2.param_groups[0]
+    assert g["capturable"] is False and isinstance(g["lr"], float) and g["lr"] == pytest.approx(2e-3)
+    set_lr(opt2, 1e-3)
+    assert g["lr"] == pytest.approx(5e-4)
+
+
+def test_graph_optimizer_needs_one_micro_batch_and_the_stop_policy():
+    assert load_run_config("cifar10_pretrain", ["graph_optimizer=true"]).graph_optimizer
+    for bad in ("optim.accum_steps=2", "nan_policy=skip"):
+        with pytest.raises(ValueError, match="graph_optimizer=true captures one whole update"):
+            load_run_config("cifar10_pretrain", ["graph_optimizer=true", bad])
+
+
+@cuda
+@pytest.mark.parametrize("config", ["cifar10_pretrain", "cifar10_supervised"])
+def test_whole_update_graph_trains_as_the_eager_optimizer(image_folder, tmp_path, config):
+    """`graph_optimizer=true` (forward, backward, clip and AdamW in one graph; EMA eager) against eager steps: the
+    same losses and, as a whole, the same weights within bf16 noise (relative L2 against the distance between
+    the loss-graph run and the eager one), at an lr that moves them, with clipping on."""
+    tiny = ["model.dim=32", "model.depth=2", "data.num_workers=0", "data.cache=false", "log_every=1",
+            "max_steps=4", "optim.batch_size=32", "optim.warmup_epochs=0", "optim.clip_grad=0.5"]
+    if config == "cifar10_pretrain":
+        tiny += ["objective.decoder.depth=1", "objective.decoder.dim=32", "objective.decoder.num_heads=4",
+                 "probe=false", "optim.blr=0.05"]
+    task = "pretrain" if config == "cifar10_pretrain" else "supervised"
+    runs = {}
+    for name, extra in (("whole", ["graph_optimizer=true"]), ("loss", []), ("eager", ["cuda_graph=false"])):
+        out = tmp_path / name
+        assert main([task, "--config", config, "--output", str(out), "--no-progress", f"data.dataset={image_folder}",
+                     *tiny, *extra]) == 0
+        with open(out / "metrics.csv") as fh:
+            losses = [float(r["loss"]) for r in csv.DictReader(fh) if r["loss"]]
+        runs[name] = (losses, load_file(str(out / "ckpt_last/model.safetensors")))
+    (lw, ww), (ll, wl), (le, we) = runs["whole"], runs["loss"], runs["eager"]
+    assert len(lw) == len(le) == 4 and len(set(le)) == 4
+    for a, b in zip(lw, le):
+        assert abs(a - b) < 2e-2 * abs(b), (lw, le)
+    keys = [k for k in we if not k.endswith("qkv.bias")]
+
+    def rel(a: dict, b: dict) -> float:
+        return (sum((a[k] - b[k]).pow(2).sum() for k in keys) / sum(b[k].pow(2).sum() for k in keys)).sqrt().item()
+    noise = rel(wl, we)
+    assert noise < 2e-2 and rel(ww, we) < 2 * noise + 1e-3, (rel(ww, we), noise)
 
 
 @cuda

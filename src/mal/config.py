@@ -380,6 +380,9 @@ class RunConfig:
     recompute_qkv: bool = False        # fast path: recompute the mLSTM cell's q, k, v in the backward
                                        # (~6 % slower training, ~1/4 less training memory)
     cuda_graph: bool = True            # CUDA: replay each micro-batch's forward + backward from CUDA graphs
+    graph_optimizer: bool = False      # with cuda_graph on one process: capture gradient clipping and AdamW in
+                                       # the same graph (one replay per step; needs optim.accum_steps=1 and
+                                       # nan_policy=stop: a replayed step has updated the weights already)
     grad_sync: str = "auto"            # several processes: "ddp" = DDP's bucketed all-reduce during the
                                        # backward (steps eager), "flat" = one all-reduce of all gradients after
                                        # it (what graphed steps need), "auto" = flat when steps are graphed
@@ -405,6 +408,10 @@ class RunConfig:
             raise ValueError(f"task must be one of {list(TASKS)}, got {self.task!r}")
         if self.nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
+        if self.graph_optimizer and (self.optim.accum_steps > 1 or self.nan_policy != "stop"):
+            raise ValueError(f"graph_optimizer=true captures one whole update per step: it needs "
+                             f"optim.accum_steps=1 (got {self.optim.accum_steps}) and nan_policy=stop (got "
+                             f"{self.nan_policy!r}); set graph_optimizer=false for those")
         if self.grad_sync not in ("auto", "ddp", "flat"):
             raise ValueError(f"grad_sync must be 'auto', 'ddp' or 'flat', got {self.grad_sync!r}")
         if self.probe_pool not in PROBE_POOLS:

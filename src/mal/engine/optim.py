@@ -44,8 +44,12 @@ def cosine_lr(step: int, total: int, warmup: int, base: float, floor: float) -> 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Each group's lr: lr * its lr_scale; filled in place where the lr is a device tensor (a captured AdamW)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(lr * g.get("lr_scale", 1.0))
+        else:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def make_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device
@@ -56,10 +60,13 @@ def make_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], de
 
 def adapt_loaded_optimizer(optimizer: torch.optim.AdamW, device: torch.device) -> None:
     """After `load_state_dict`: a checkpoint written on another device type keeps working here
-    (fused only on CUDA; the fused kernel wants its step counters on the parameters' device)."""
+    (fused only on CUDA; the fused kernel wants its step counters on the parameters' device), and one written by
+    a captured AdamW (`graph_optimizer`) steps eagerly until a graph captures it again."""
     fused = device.type == "cuda"
     for g in optimizer.param_groups:
-        g["fused"] = fused
+        g["fused"], g["capturable"] = fused, False
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"] = float(g["lr"])
         if fused:
             g["foreach"] = None
         for p in g["params"]:

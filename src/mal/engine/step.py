@@ -60,13 +60,25 @@ class StepRunner:
     micro-batch has the same shapes); later calls copy their inputs into the captured buffers.
     A replayed backward hands out gradients that alias the graph's buffers, so with gradient
     accumulation the gradients are kept allocated and zeroed in place (`zero_grad`) instead.
+
+    Given the optimizer (`graph_optimizer`, one process, one micro-batch a step), one graph holds the whole
+    update: forward, backward, gradient clipping and AdamW. A call then returns the loss with the weights
+    already updated (`updates`), and the host launches one graph a step instead of the optimizer's kernels and
+    the autograd engine's per-parameter work.
     """
 
     def __init__(self, loss_step: LossStep, device: torch.device, amp: bool, graphs: bool, accum_steps: int = 1,
-                 warmup: int = 3):
+                 warmup: int = 3, optimizer: torch.optim.Optimizer | None = None, clip_grad: float = 0.0):
         self.loss_step, self.device, self.amp, self.graphs, self.warmup = loss_step, device, amp, graphs, warmup
         self.keep_grads = graphs and accum_steps > 1
+        self.optimizer = optimizer if graphs else None
+        self.clip_grad = clip_grad
         self._graphed: Callable | None = None
+
+    @property
+    def updates(self) -> bool:
+        """Whether a call also clips the gradients and steps the optimizer (the whole update is one graph)."""
+        return self.optimizer is not None
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         """Clear the gradients before a step's first micro-batch."""
@@ -84,7 +96,7 @@ class StepRunner:
             with autocast_for(self.device, self.amp):
                 return self.loss_step(*args)
         if self._graphed is None:
-            self._graphed = self.capture(args)
+            self._graphed = self.capture_update(args) if self.updates else self.capture(args)
         return self._graphed(*args)
 
     def capture(self, args: tuple[torch.Tensor, ...]) -> Callable:
@@ -94,6 +106,73 @@ class StepRunner:
         with autocast_for(self.device, self.amp, cache=False):
             return torch.cuda.make_graphed_callables(self.loss_step, static, num_warmup_iters=self.warmup,
                                                      allow_unused_input=True)
+
+
+    def capture_update(self, args: tuple[torch.Tensor, ...]) -> Callable:
+        """Warm up (compiles, creates AdamW's state) and capture one whole update for inputs shaped like `args`;
+        the warm-up's updates are undone, so the run's first step is the same as without the capture."""
+        opt = self.optimizer
+        make_capturable(opt, self.device)
+        static = tuple(a.detach().clone() for a in args)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        saved = snapshot(params, opt)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.update(static, params)
+        torch.cuda.current_stream().wait_stream(side)
+        restore(params, opt, saved)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = self.update(static, params)
+
+        def replay(*new: torch.Tensor) -> torch.Tensor:
+            for buf, a in zip(static, new):
+                buf.copy_(a)
+            graph.replay()
+            return loss
+        return replay
+
+    def update(self, args: tuple[torch.Tensor, ...], params: list[torch.Tensor]) -> torch.Tensor:
+        """One whole update of the weights on `args`: the loss (detached) after zero_grad, backward, clip, AdamW."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast_for(self.device, self.amp, cache=False):
+            loss = self.loss_step(*args)
+        loss.backward()
+        if self.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+        self.optimizer.step()
+        return loss.detach()
+
+
+def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """AdamW inside a CUDA graph: capturable, its lr a device tensor (`set_lr` fills it before each replay)."""
+    for g in optimizer.param_groups:
+        g["capturable"] = True
+        if not isinstance(g["lr"], torch.Tensor):
+            g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=device)
+
+
+def snapshot(params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> dict:
+    """Copies of the weights and of the optimizer's state tensors (absent state: none yet, a fresh optimizer)."""
+    return {"params": [p.detach().clone() for p in params],
+            "state": {id(p): {k: v.clone() for k, v in st.items() if isinstance(v, torch.Tensor)}
+                      for p, st in optimizer.state.items()}}
+
+
+@torch.no_grad()
+def restore(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Back to `snapshot`'s weights and optimizer state, in place (a graph captured later keeps the addresses).
+    State created since the snapshot is zeroed: AdamW's fresh state is zero moments at step 0."""
+    for p, old in zip(params, saved["params"]):
+        p.copy_(old)
+        p.grad = None
+    for p, st in optimizer.state.items():
+        old = saved["state"].get(id(p), {})
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                v.copy_(old[k]) if k in old else v.zero_()
 
 
 def quiet_graphed_backward() -> None:
@@ -107,4 +186,5 @@ def quiet_graphed_backward() -> None:
         switch(False)
 
 
-__all__ = ["LossStep", "StepRunner", "graphs_usable", "quiet_graphed_backward"]
+__all__ = ["LossStep", "StepRunner", "graphs_usable", "make_capturable", "snapshot", "restore",
+           "quiet_graphed_backward"]

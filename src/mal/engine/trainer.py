@@ -43,9 +43,9 @@ log = logging.getLogger("mal")
 
 # keys that may differ on --resume without changing what the run computes
 RESUMABLE_KEYS = {"output_dir", "data.num_workers", "data.cache", "data.cache_dir", "data.strict", "data.dataset",
-                  "log_every", "save_every", "keep_every", "eval_every", "fast_path", "cuda_graph", "grad_sync",
-                  "recompute", "recompute_qkv", "probe", "probe_every", "probe_pool", "knn_k", "viz_samples",
-                  "model.mlstm_backend", "seg.inference", "seg.stride"}
+                  "log_every", "save_every", "keep_every", "eval_every", "fast_path", "cuda_graph", "graph_optimizer",
+                  "grad_sync", "recompute", "recompute_qkv", "probe", "probe_every", "probe_pool", "knn_k",
+                  "viz_samples", "model.mlstm_backend", "seg.inference", "seg.stride"}
 
 
 def recipe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -164,7 +164,12 @@ class Trainer:
         elif self.info.enabled:
             self.ddp = DDP(self.model, device_ids=[self.info.local_rank] if self.device.type == "cuda" else None)
         criterion, self.mixup = build_criterion(cfg, self.num_classes)
-        self.runner = StepRunner(LossStep(self.ddp, criterion), self.device, cfg.amp, graphs, cfg.optim.accum_steps)
+        whole = cfg.graph_optimizer and graphs and not self.info.enabled
+        if cfg.graph_optimizer and not whole:
+            log.info("graph_optimizer: off (%s), AdamW steps eagerly",
+                     "several processes" if graphs else "no CUDA graphs")
+        self.runner = StepRunner(LossStep(self.ddp, criterion), self.device, cfg.amp, graphs, cfg.optim.accum_steps,
+                                 optimizer=self.optimizer if whole else None, clip_grad=cfg.optim.clip_grad)
         self.runner.zero_grad(self.optimizer)
         fields = PROBE_FIELDS if cfg.task == "pretrain" else self.evaluator.fields
         self.metrics = MetricsLog(self.run_dir, self.info.is_main, self.step, fields)
@@ -218,10 +223,11 @@ class Trainer:
         loss_sum = self.forward_backward(batches)
         if not self._finite(loss_sum):
             return
-        if o.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip_grad)
-        self.optimizer.step()
-        self.runner.zero_grad(self.optimizer)
+        if not self.runner.updates:                     # else the replayed graph has clipped and stepped
+            if o.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip_grad)
+            self.optimizer.step()
+            self.runner.zero_grad(self.optimizer)
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
         self.step += 1
@@ -230,7 +236,8 @@ class Trainer:
         self._after_step(lr)
 
     def forward_backward(self, batches: Iterator) -> torch.Tensor:
-        """Gradients of the global batch's mean loss over this process's micro-batches; returns that loss."""
+        """Gradients of the global batch's mean loss over this process's micro-batches (with a whole-update graph,
+        the update itself); returns that loss."""
         o, info = self.cfg.optim, self.info
         draws = ()
         if self.cfg.task == "pretrain":                                  # for the global batch, sliced per process
@@ -248,7 +255,8 @@ class Trainer:
                         if self.mixup is not None:
                             imgs, labels = self.mixup(imgs, labels)
                         loss = self.runner(imgs, labels)
-                    (loss / o.accum_steps).backward()
+                    if not self.runner.updates:
+                        (loss / o.accum_steps).backward()
                 loss_sum += loss.detach().float() / o.accum_steps
             if self.grad_sync is not None:
                 self.grad_sync()
