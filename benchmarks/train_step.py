@@ -146,6 +146,40 @@ def bench_loader(cfg, workers: int, batches: int) -> float:
     return batches * B / (time.perf_counter() - t0)
 
 
+# each row's overrides on top of the config
+ROW_OVERRIDES = {"step_plain": ["fast_path=false", "cuda_graph=false"], "step_eager": ["cuda_graph=false"],
+                 "step_whole": ["graph_optimizer=true"], "step_whole_loop": ["graph_optimizer=true"]}
+
+
+def measure_row(path: str, row: str, over: list[str], args) -> dict:
+    """One step row of config `path` with overrides `over`: img/s, ms, peak memory (+ host or kernel profile)."""
+    c = load_run_config(path, over + QUIET + ROW_OVERRIDES.get(row, []))
+    step = build_step(c, Path(tempfile.mkdtemp(prefix=f"train_step_{Path(path).stem}_{row}_")))
+    loop = row.endswith("_loop")
+    sec, warm = time_step(step, args.warmup, args.iters, sync_each=not loop)
+    res = dict(img_s=round(c.optim.batch_size / sec, 1), ms=round(sec * 1e3, 2), warmup_s=round(warm, 1),
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    if loop:
+        res["host_ms"] = round(host_time(step), 2)
+        res["host_ops"] = host_ops(step)
+    if row == "step_graph":
+        throughput.ARGS = argparse.Namespace(profile_top=12)
+        prof = top_kernels(step)
+        res["gpu_ms"] = prof[0]["total_gpu_ms"]
+        res["profile"] = prof
+    return res
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| config | row | batch | img/s | ms/step | GPU ms/step | host ms/step | peak GiB | warm-up s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        cells = [r.get("img_s", r.get("error", "-")),
+                 *(r.get(k, "-") for k in ("ms", "gpu_ms", "host_ms", "peak_gib", "warmup_s"))]
+        lines.append(f"| {r['config']} | {r['row']} | {r['batch']} | " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="cifar10_pretrain,cifar10_supervised")
@@ -173,23 +207,7 @@ def main() -> None:
         for row in args.rows.split(","):
             res = {"config": name, "row": row, "batch": cfg.optim.batch_size}
             try:
-                mode = {"step_plain": ["fast_path=false", "cuda_graph=false"], "step_eager": ["cuda_graph=false"],
-                        "step_whole": ["graph_optimizer=true"], "step_whole_loop": ["graph_optimizer=true"]}
-                c = load_run_config(path, over + QUIET + mode.get(row, []))
-                step = build_step(c, Path(tempfile.mkdtemp(prefix=f"train_step_{name}_{row}_")))
-                loop = row.endswith("_loop")
-                sec, warm = time_step(step, args.warmup, args.iters, sync_each=not loop)
-                res.update(img_s=round(c.optim.batch_size / sec, 1), ms=round(sec * 1e3, 2), warmup_s=round(warm, 1),
-                           peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
-                if loop:
-                    res["host_ms"] = round(host_time(step), 2)
-                    res["host_ops"] = host_ops(step)
-                if row == "step_graph":
-                    throughput.ARGS = argparse.Namespace(profile_top=12)
-                    prof = top_kernels(step)
-                    res["gpu_ms"] = prof[0]["total_gpu_ms"]
-                    res["profile"] = prof
-                del step
+                res.update(measure_row(path, row, over, args))
             except Exception as e:  # noqa: BLE001 - a broken row must not lose the others
                 res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             torch.cuda.empty_cache()
@@ -202,13 +220,7 @@ def main() -> None:
                 res = {"config": name, "row": f"loader_{w}w", "batch": cfg.optim.batch_size, "img_s": round(ips, 1)}
                 print(json.dumps(res), flush=True)
                 results.append(res)
-    lines = ["| config | row | batch | img/s | ms/step | GPU ms/step | host ms/step | peak GiB | warm-up s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        cells = [r.get("img_s", r.get("error", "-")), *(r.get(k, "-") for k in ("ms", "gpu_ms", "host_ms", "peak_gib",
-                                                                                  "warmup_s"))]
-        lines.append(f"| {r['config']} | {r['row']} | {r['batch']} | " + " | ".join(map(str, cells)) + " |")
-    print("\n".join(lines))
+    print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": info, "results": results}, indent=1))
 
