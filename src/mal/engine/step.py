@@ -111,8 +111,8 @@ class StepRunner:
     def capture_update(self, args: tuple[torch.Tensor, ...]) -> Callable:
         """Warm up (compiles, creates AdamW's state) and capture one whole update for inputs shaped like `args`;
         the warm-up's updates are undone, so the run's first step is the same as without the capture."""
+        quiet_graphed_backward()                         # warm-up and capture run on two side streams
         opt = self.optimizer
-        make_capturable(opt, self.device)
         static = tuple(a.detach().clone() for a in args)
         params = [p for g in opt.param_groups for p in g["params"]]
         saved = snapshot(params, opt)
@@ -123,6 +123,7 @@ class StepRunner:
                 self.update(static, params)
         torch.cuda.current_stream().wait_stream(side)
         restore(params, opt, saved)
+        make_capturable(opt, self.device)               # after the eager warm-up (else AdamW warns at each step)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             loss = self.update(static, params)
