@@ -17,7 +17,8 @@ ablations time the kernels with one of their module settings off (EXACT_DELTA, S
 `--long`: long sequences, in one run: ours parallel ("triton"), ours chunkwise ("chunkwise"), causal SDPA and,
 when the `mlstm_kernels` package is importable, NX-AI's TFLA kernel `chunkwise--triton_xl_chunk` ("tfla",
 its chunk 128; a length it does not take is zero-padded at the end to a multiple of 128 (causal: the first S
-outputs are unchanged) and timed padded, `tfla_S`). Every length has B = tokens // S sequences (B * S
+outputs are unchanged) and timed padded, `tfla_S`; it is first tried at each head dim in a child process, and
+left out with the reason printed where that run aborts). Every length has B = tokens // S sequences (B * S
 constant; --batch fixes B instead), 4 heads, bf16 q, k, v and gates. Per backend: forward and forward+backward
 (eager and GPU kernel time), the peak extra memory of one forward+backward, and per token (memory linear in S
 is a constant column). Ratios: TFLA / chunkwise and parallel / chunkwise GPU forward+backward (> 1: chunkwise is
@@ -208,13 +209,35 @@ def tfla_fn():
     return call
 
 
-def long_backends():
-    """(name, fn) of every backend of the --long rows."""
+TFLA_PROBE = """
+import torch
+from mlstm_kernels.torch import get_mlstm_kernel
+q, k, v = (torch.randn(1, 2, 256, {DH}, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+i, f = (torch.randn(1, 2, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+get_mlstm_kernel("chunkwise--triton_xl_chunk")(q, k, v, i, f, chunk_size=128).sum().backward()
+torch.cuda.synchronize()
+"""
+
+
+def tfla_compiles(dh: int) -> bool:
+    """Whether TFLA's forward + backward compiles and runs at head dim `dh`, tried in a child process: a Triton
+    compile that aborts (an LLVM assertion on some toolchains) would end this one and lose every row."""
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-c", TFLA_PROBE.format(DH=dh)], capture_output=True, text=True)
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or ["?"])[-1][:200]
+        print(f"TFLA skipped at DH {dh}: its probe run ended with code {res.returncode} ({last})", flush=True)
+    return res.returncode == 0
+
+
+def long_backends(dh: int):
+    """(name, fn) of every backend of the --long rows at head dim `dh`."""
     from mal.ops.mlstm.chunkwise import mlstm_chunkwise_triton
     from mal.ops.mlstm.kernel import mlstm_triton
     rows = [("triton", mlstm_triton), ("chunkwise", mlstm_chunkwise_triton)]
     tfla = tfla_fn()
-    if tfla is not None:
+    if tfla is not None and tfla_compiles(dh):
         rows.append(("tfla", tfla))
     return rows + [(n, f) for f, n in sdpa_fn()]
 
@@ -345,9 +368,9 @@ def long_table(rows) -> None:
 
 def long_main(args) -> None:
     """--long: every backend at every (S, DH), in one run; JSON lines, then the markdown table."""
-    fns = long_backends()
     rows = []
     for DH in args.dh:
+        fns = long_backends(DH)
         if args.sweep:
             S = max(args.seqs)
             print(json.dumps({"DH": DH, "chunkwise_best": sweep_chunkwise(
