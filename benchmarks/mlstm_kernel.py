@@ -231,12 +231,11 @@ def tfla_compiles(dh: int) -> bool:
     return res.returncode == 0
 
 
-def long_backends(dh: int):
-    """(name, fn) of every backend of the --long rows at head dim `dh`."""
+def long_backends(dh: int, tfla):
+    """(name, fn) of every backend of the --long rows at head dim `dh` (`tfla`: `tfla_fn()`'s, or None)."""
     from mal.ops.mlstm.chunkwise import mlstm_chunkwise_triton
     from mal.ops.mlstm.kernel import mlstm_triton
     rows = [("triton", mlstm_triton), ("chunkwise", mlstm_chunkwise_triton)]
-    tfla = tfla_fn()
     if tfla is not None and tfla_compiles(dh):
         rows.append(("tfla", tfla))
     return rows + [(n, f) for f, n in sdpa_fn()]
@@ -368,9 +367,9 @@ def long_table(rows) -> None:
 
 def long_main(args) -> None:
     """--long: every backend at every (S, DH), in one run; JSON lines, then the markdown table."""
-    rows = []
+    rows, tfla = [], tfla_fn()
     for DH in args.dh:
-        fns = long_backends(DH)
+        fns = long_backends(DH, tfla)
         if args.sweep:
             S = max(args.seqs)
             print(json.dumps({"DH": DH, "chunkwise_best": sweep_chunkwise(

@@ -46,6 +46,8 @@ def arm_rank(setting: str) -> int:
 def without_seed(name: str) -> str:
     """A run's name without its seed suffix (`default_s1` -> `default`): the runs of one setting."""
     return re.sub(r"_s\d+$", "", name)
+
+
 TITLES = {"baseline": "Supervised vs MAL (rows 1-2)", "table6": "Table 6: cluster size", "table7": "Table 7: scan order",
           "table5": "Table 5: masking unit and ratio", "table12": "Table 12: decoder depth and width",
           "table13": "Table 13: decoder type"}

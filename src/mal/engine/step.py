@@ -107,7 +107,6 @@ class StepRunner:
             return torch.cuda.make_graphed_callables(self.loss_step, static, num_warmup_iters=self.warmup,
                                                      allow_unused_input=True)
 
-
     def capture_update(self, args: tuple[torch.Tensor, ...]) -> Callable:
         """Warm up (compiles, creates AdamW's state) and capture one whole update for inputs shaped like `args`;
         the warm-up's updates are undone, so the run's first step is the same as without the capture."""
@@ -172,8 +171,12 @@ def restore(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, saved:
     for p, st in optimizer.state.items():
         old = saved["state"].get(id(p), {})
         for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                v.copy_(old[k]) if k in old else v.zero_()
+            if not isinstance(v, torch.Tensor):
+                continue
+            if k in old:
+                v.copy_(old[k])
+            else:
+                v.zero_()
 
 
 def quiet_graphed_backward() -> None:
