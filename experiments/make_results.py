@@ -201,6 +201,32 @@ def diagnosis_plot(rows: list[dict], runs_dir: Path, save) -> None:
     save(fig, "diagnosis_curves.png")
 
 
+def probe_plot(rows: list[dict], runs_dir: Path, save) -> None:
+    """results_probe_epochs.png: the held-out linear probe and k-NN top-1 against pretraining epochs, for runs
+    probed during pretraining (`probe_every`); the run's last point is its summary's."""
+    import matplotlib.pyplot as plt
+    runs = []
+    for r in rows:
+        if r.get("holdout_linprobe") is None or r["table"] == "diag":
+            continue
+        path = runs_dir / r["name"] / "pretrain/metrics.csv"
+        end = stage_epochs(r)[0]
+        lin = read_metrics(path, "eval_linprobe_top1") + [(end, r["holdout_linprobe"])]
+        knn = read_metrics(path, "eval_knn_top1") + [(end, r["holdout_knn"])]
+        if len(lin) > 1:
+            runs.append((r, lin, knn))
+    if not runs:
+        return
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for i, (r, lin, knn) in enumerate(runs):
+        ax.plot(*zip(*lin), marker="o", color=f"C{i}", label=f"{r['setting']} (s{r['seed']}), linear probe")
+        ax.plot(*zip(*knn), marker="^", ls="--", color=f"C{i}", label=f"{r['setting']} (s{r['seed']}), k-NN")
+    ax.set(xlabel="pretraining epoch", ylabel="held-out top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, "results_probe_epochs.png")
+
+
 def curves_plot(rows: list[dict], runs_dir: Path, save, dataset: str) -> None:
     """results_val_curves.png: the evaluation-set top-1 of every headline run against total epochs (a fine-tune
     starts after its pretraining epochs), one colour per arm, dashed without pretraining."""
@@ -295,6 +321,7 @@ def plots(rows: list[dict], runs_dir: Path, out_dir: Path, dataset: str = "CIFAR
             ax.set_ylabel("next-cluster loss (normalized MSE)")
         save(fig, "results_pretrain_loss.png")
     curves_plot(rows, runs_dir, save, dataset)
+    probe_plot(rows, runs_dir, save)
     diagnosis_plot(rows, runs_dir, save)
     return made
 

@@ -159,6 +159,26 @@ def test_headline_section_renders_the_committed_rows(tmp_path):
     assert (tmp_path / "fig/results_val_curves.png").stat().st_size > 0
 
 
+def test_long_section_renders_the_400_epoch_pair_and_its_probe_curve(tmp_path):
+    """make_results --section long: the 400 + 15-epoch MAL run against 415 supervised epochs, and the probe
+    curve read from the pretraining metrics (probes at 100, 200, 300 epochs, the summary's at 400)."""
+    doc = tmp_path / "results.md"
+    doc.write_text("<!-- long:begin (experiments/make_results.py) -->\nOLD\n<!-- long:end -->\n")
+    res = subprocess.run([sys.executable, "experiments/make_results.py", "--results",
+                          "docs/results/imagenette_long/results.jsonl", "--doc", str(doc), "--section", "long",
+                          "--dataset", "Imagenette-96", "--figures", str(tmp_path / "fig")], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    text = doc.read_text()
+    assert "| MAL default | MAL-T | 400 | 15 | 70.29 |" in text and "| supervised | ViL-T | – | 415 | 85.81 |" in text
+    assert "| MAL − supervised | val top-1 | -15.52 | – | 1 |" in text
+    sys.path.insert(0, str(REPO / "experiments"))
+    from make_results import read_metrics
+    probes = read_metrics(REPO / "docs/results/imagenette_long/default_s0/pretrain/metrics.csv", "eval_linprobe_top1")
+    assert [e for e, _ in probes] == [100.0, 200.0, 300.0]
+    assert (tmp_path / "fig/results_probe_epochs.png").stat().st_size > 0
+
+
 def test_transfer_sections_render_the_committed_runs(tmp_path):
     """make_transfer fills the segmentation and robustness sections from the committed summaries: one row per
     encoder initialization / classifier, the test split's numbers, and the mCE against the named baseline."""
