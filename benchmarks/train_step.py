@@ -14,6 +14,9 @@ step `mal pretrain` / `mal finetune` run, on one GPU:
   step_plain   fast_path=false (plain PyTorch ViL blocks, torch mLSTM), eager
   gpu_ms       GPU kernel time of one graphed step (torch.profiler): the floor a step cannot go below
   loader       img/s of the run's DataLoader (augmentation + collation + pinning) with --workers workers
+  gflop_img    model FLOPs of one training image (forward + backward; torch's FlopCounterMode on the plain
+               path: matmuls, attention, the mLSTM cell's parallel form), and each row's tflops and mfu
+               against --peak-tflops (989 for an H100/H200's dense bf16)
 Synthetic images feed the step (its speed does not depend on pixel values); the loader reads --data. Without
 --data the trainers are built on a small synthetic image folder (the step rows need no data set).
 
@@ -55,6 +58,23 @@ def build_step(cfg, run_dir: Path):
     batch = (torch.randn(B, 3, size, size, device=dev), torch.randint(0, trainer.num_classes or 10, (B,), device=dev))
     batches = itertools.repeat(batch)
     return lambda: trainer.train_step(batches)
+
+
+def step_flops(path: str, over: list[str], batch: int = 4) -> float:
+    """Model FLOPs per image of one training step of config `path` (forward + backward), counted on the plain
+    eager path in float32 with a batch of `batch`; the fused kernels do the same arithmetic."""
+    from torch.utils.flop_counter import FlopCounterMode
+    c = load_run_config(path, over + QUIET + ["fast_path=false", "cuda_graph=false", "amp=false",
+                                              f"optim.batch_size={batch}", "optim.accum_steps=1"])
+    step = build_step(c, Path(tempfile.mkdtemp(prefix=f"train_step_{Path(path).stem}_flops_")))
+    step()                                                  # lazy state (optimizer, EMA) outside the count
+    with FlopCounterMode(display=False) as counter:
+        step()
+    ops = counter.get_flop_counts()["Global"]
+    total = sum(ops.values())
+    if torch.ops.aten.convolution_backward in ops:         # the counter ignores `groups` in the backward of the
+        total += 2 * ops.get(torch.ops.aten.convolution, 0) - ops[torch.ops.aten.convolution_backward]  # depthwise
+    return total / batch / 1e9                                                                          # conv
 
 
 def synthetic_folder(size: int, images: int, classes: int = 10) -> Path:
@@ -171,11 +191,11 @@ def measure_row(path: str, row: str, over: list[str], args) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| config | row | batch | img/s | ms/step | GPU ms/step | host ms/step | peak GiB | warm-up s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | row | batch | img/s | ms/step | GPU ms/step | host ms/step | TFLOP/s | MFU | peak GiB | warm-up s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         cells = [r.get("img_s", r.get("error", "-")),
-                 *(r.get(k, "-") for k in ("ms", "gpu_ms", "host_ms", "peak_gib", "warmup_s"))]
+                 *(r.get(k, "-") for k in ("ms", "gpu_ms", "host_ms", "tflops", "mfu", "peak_gib", "warmup_s"))]
         lines.append(f"| {r['config']} | {r['row']} | {r['batch']} | " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
@@ -190,6 +210,7 @@ def main() -> None:
     p.add_argument("--loader-batches", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for the MFU")
     p.add_argument("--json", default="")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -204,10 +225,13 @@ def main() -> None:
         if cfg.task == "finetune" and not cfg.init:
             over.append(f"init={random_init(cfg)}")
         name = Path(path).stem
+        gflop = step_flops(path, over)
         for row in args.rows.split(","):
-            res = {"config": name, "row": row, "batch": cfg.optim.batch_size}
+            res = {"config": name, "row": row, "batch": cfg.optim.batch_size, "gflop_img": round(gflop, 2)}
             try:
                 res.update(measure_row(path, row, over, args))
+                res["tflops"] = round(res["img_s"] * gflop / 1e3, 1)
+                res["mfu"] = round(res["tflops"] / args.peak_tflops, 3)
             except Exception as e:  # noqa: BLE001 - a broken row must not lose the others
                 res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             torch.cuda.empty_cache()
