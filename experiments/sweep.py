@@ -210,6 +210,8 @@ def main() -> None:
     ap.add_argument("--ft-epochs", type=int, default=30)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--only", default="", help="regex on experiment names")
+    ap.add_argument("--first", default="", help="regex: these experiments start first (e.g. the slowest, so that a "
+                                                 "deadline cuts the cheap ones)")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every run (smoke tests)")
     ap.add_argument("--recipe-from", default="", metavar="RESULTS",
                     help="a diagnosis sweep's results.jsonl: its best held-out pretraining recipe goes into every "
@@ -221,6 +223,8 @@ def main() -> None:
         args.pretrain_recipe, args.supervised_recipe = chosen_recipe(Path(args.recipe_from))
     exps = [e for e in experiments([int(s) for s in args.seeds.split(",")]) + diagnosis()
             if re.search(args.only, e.name)]
+    if args.first:
+        exps.sort(key=lambda e: not re.search(args.first, e.name))           # stable: the rest keep their order
     if args.list:
         for e in exps:
             print(f"{e.name:24s} {e.table:9s} {e.setting}")

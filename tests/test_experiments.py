@@ -221,3 +221,18 @@ def test_segmentation_table_pools_seeds_per_initialization(tmp_path):
     assert rows[1].startswith("| MAL pretraining | runs/pre/ckpt_last | 51.00 ± 1.41 (n=2) | 41.00 ± 1.41 (n=2) |")
     assert rows[1].endswith("| 1.0 | `mal_s0`, `mal_s1` |")
     assert "| polyp | 40.0 | 40.0 |" in lines
+
+
+def test_sweep_first_starts_the_named_experiments_first_and_keeps_the_rest_in_order():
+    """--first moves the matching experiments to the front (the slow ones, so a deadline cuts cheap ones)."""
+    def names(*extra):
+        res = subprocess.run([sys.executable, "experiments/sweep.py", "--protocol", "imagenette", "--seeds", "0",
+                              "--only", "^table(6|12)", "--list", *extra], cwd=REPO, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, res.stderr
+        return [ln.split()[0] for ln in res.stdout.splitlines()]
+    plain = names()
+    first = names("--first", "w1024|d4")
+    assert plain[:2] == ["table6_k1", "table6_k2"] and "table12_w1024" in plain[4:]
+    assert first[:2] == ["table12_d4", "table12_w1024"]
+    assert first[2:] == [n for n in plain if n not in ("table12_d4", "table12_w1024")]
