@@ -12,6 +12,10 @@ step `mal pretrain` / `mal finetune` run, on one GPU:
   step_whole   graph_optimizer=true: forward, backward, clip and AdamW in one graph per step (EMA eager);
                step_whole_loop: the same back to back, as step_loop
   step_plain   fast_path=false (plain PyTorch ViL blocks, torch mLSTM), eager
+  fit          the real training loop (`Trainer.fit`: loader with --fit-workers workers, logging, EMA, checkpoints
+               at the config's intervals; no evaluations or probes) for --fit-steps steps: the median img/s of its
+               10-step windows after the first 20 %, and their 10th / 90th percentiles. fit_whole: with
+               graph_optimizer=true. Compare with step_loop, the same steps without the loop around them
   gpu_ms       GPU kernel time of one graphed step (torch.profiler): the floor a step cannot go below
   loader       img/s of the run's DataLoader (augmentation + collation + pinning) with --workers workers
   gflop_img    model FLOPs of one training image (forward + backward; torch's FlopCounterMode on the plain
@@ -27,6 +31,7 @@ Prints JSON lines, then a markdown table.
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import json
 import statistics
@@ -168,7 +173,23 @@ def bench_loader(cfg, workers: int, batches: int) -> float:
 
 # each row's overrides on top of the config
 ROW_OVERRIDES = {"step_plain": ["fast_path=false", "cuda_graph=false"], "step_eager": ["cuda_graph=false"],
-                 "step_whole": ["graph_optimizer=true"], "step_whole_loop": ["graph_optimizer=true"]}
+                 "step_whole": ["graph_optimizer=true"], "step_whole_loop": ["graph_optimizer=true"],
+                 "fit_whole": ["graph_optimizer=true"]}
+
+
+def measure_fit(path: str, row: str, over: list[str], args) -> dict:
+    """The training loop of config `path` (a fit row): img/s over its log windows, as the docstring says."""
+    extra = ["probe=false", "eval_every=1000000", "log_every=10", f"max_steps={args.fit_steps}",
+             f"data.num_workers={args.fit_workers}", *ROW_OVERRIDES.get(row, [])]
+    run_dir = Path(tempfile.mkdtemp(prefix=f"train_step_{Path(path).stem}_{row}_"))
+    Trainer(load_run_config(path, over + extra), run_dir, DistInfo(), progress=False).fit()
+    with open(run_dir / "metrics.csv") as fh:
+        ips = [float(r["img_per_s"]) for r in csv.DictReader(fh)
+               if r.get("img_per_s") and float(r["step"]) > 0.2 * args.fit_steps]
+    deciles = statistics.quantiles(ips, n=10)
+    return dict(img_s=round(statistics.median(ips), 1), p10=round(deciles[0], 1), p90=round(deciles[-1], 1),
+                windows=len(ips), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                if torch.cuda.is_available() else None)
 
 
 def measure_row(path: str, row: str, over: list[str], args) -> dict:
@@ -208,6 +229,8 @@ def main() -> None:
     p.add_argument("--data", default="", help="ImageFolder root for the loader rows ('' = skip them)")
     p.add_argument("--workers", default="4,8")
     p.add_argument("--loader-batches", type=int, default=20)
+    p.add_argument("--fit-steps", type=int, default=300, help="steps of each fit row")
+    p.add_argument("--fit-workers", type=int, default=12, help="loader workers of the fit rows")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for the MFU")
@@ -229,7 +252,7 @@ def main() -> None:
         for row in args.rows.split(","):
             res = {"config": name, "row": row, "batch": cfg.optim.batch_size, "gflop_img": round(gflop, 2)}
             try:
-                res.update(measure_row(path, row, over, args))
+                res.update((measure_fit if row.startswith("fit") else measure_row)(path, row, over, args))
                 res["tflops"] = round(res["img_s"] * gflop / 1e3, 1)
                 res["mfu"] = round(res["tflops"] / args.peak_tflops, 3)
             except Exception as e:  # noqa: BLE001 - a broken row must not lose the others

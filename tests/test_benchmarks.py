@@ -25,3 +25,16 @@ def test_step_flops_is_three_forwards_of_the_model():
         model(torch.randn(2, 3, 96, 96))
     forward = counter.get_total_flops() / 2 / 1e9
     assert abs(step_flops("imagenette_supervised", over) / (3 * forward) - 1) < 0.01
+
+
+def test_fit_row_reads_the_loops_own_windows(image_folder):
+    """A fit row runs the real loop for --fit-steps steps and reports its 10-step windows after the first 20 %:
+    30 steps give the windows ending at steps 10, 20 and 30."""
+    import argparse
+
+    from train_step import measure_fit
+    tiny = ["model.dim=32", "model.depth=2", "objective.decoder.depth=1", "objective.decoder.dim=32",
+            "objective.decoder.num_heads=4", "data.cache=false", "optim.batch_size=8", f"data.dataset={image_folder}"]
+    res = measure_fit("cifar10_pretrain", "fit", tiny, argparse.Namespace(fit_steps=30, fit_workers=0))
+    assert res["windows"] == 3
+    assert 0 < res["p10"] <= res["img_s"] <= res["p90"]
