@@ -178,7 +178,8 @@ ROW_OVERRIDES = {"step_plain": ["fast_path=false", "cuda_graph=false"], "step_ea
 
 
 def measure_fit(path: str, row: str, over: list[str], args) -> dict:
-    """The training loop of config `path` (a fit row): img/s over its log windows, as the docstring says."""
+    """A fit row (the module docstring): `Trainer.fit` of config `path` for --fit-steps steps, read back from its
+    metrics.csv."""
     extra = ["probe=false", "eval_every=1000000", "log_every=10", f"max_steps={args.fit_steps}",
              f"data.num_workers={args.fit_workers}", *ROW_OVERRIDES.get(row, [])]
     run_dir = Path(tempfile.mkdtemp(prefix=f"train_step_{Path(path).stem}_{row}_"))
@@ -187,9 +188,9 @@ def measure_fit(path: str, row: str, over: list[str], args) -> dict:
         ips = [float(r["img_per_s"]) for r in csv.DictReader(fh)
                if r.get("img_per_s") and float(r["step"]) > 0.2 * args.fit_steps]
     deciles = statistics.quantiles(ips, n=10)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     return dict(img_s=round(statistics.median(ips), 1), p10=round(deciles[0], 1), p90=round(deciles[-1], 1),
-                windows=len(ips), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                if torch.cuda.is_available() else None)
+                windows=len(ips), peak_gib=round(peak, 2))
 
 
 def measure_row(path: str, row: str, over: list[str], args) -> dict:

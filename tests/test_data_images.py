@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from test_data_folder import rgb_array, solid
 
-from mal.data import ImageFolderDataset, eval_transform, finetune_transform, pretrain_transform, to_rgb8
+from mal.data import (ImageFolderDataset, eval_transform, finetune_transform, normalize_uint8, pretrain_transform,
+                      to_rgb8)
 
 
 def test_mode_conversion_values() -> None:
@@ -97,7 +98,6 @@ def test_transforms_shapes_and_normalization() -> None:
     mean, std = (0.25, 0.5, 0.75), (0.1, 0.2, 0.3)
     img = solid(tuple(round(m * 255) for m in mean), side=32)  # the mean colour → ~0
     for tf in (
-        pretrain_transform(48, mean, std),
         finetune_transform(48, mean, std, re_prob=0.0),
         eval_transform(48, mean, std, crop_pct=1.0),
         eval_transform(48, mean, std),
@@ -118,6 +118,25 @@ def test_transforms_shapes_and_normalization() -> None:
     assert torch.allclose(plain * 255, ref.float(), atol=1.0)
     # default crop_pct crops the centre of an upscaled image
     assert eval_transform(224, mean, std)(solid((0, 0, 0), 300)).shape == (3, 224, 224)
+
+
+def test_pretraining_batches_are_uint8_and_normalize_on_the_device_as_totensor_normalize() -> None:
+    """The pretraining transform stops at uint8; normalize_uint8 then gives what ToTensor + Normalize gave in the
+    worker, to the bit (same crop from the same seed)."""
+    from torchvision import transforms as T
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    torch.manual_seed(3)
+    u8 = pretrain_transform(32, scale=(0.3, 1.0))(img)
+    torch.manual_seed(3)
+    ref = T.Compose([pretrain_transform(32, scale=(0.3, 1.0)), T.ToPILImage(), T.ToTensor(), T.Normalize(mean, std)])(img)
+    assert u8.dtype == torch.uint8 and u8.shape == (3, 32, 32)
+    batch = torch.stack([u8, u8.flip(-1)])                                                  # (2, 3, 32, 32)
+    got = normalize_uint8(batch, mean, std)
+    assert got.dtype == torch.float32 and torch.equal(got[0], ref)
+    assert torch.equal(got[1], ref.flip(-1))
 
 
 def test_finetune_transform_random_erasing() -> None:

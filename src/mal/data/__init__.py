@@ -16,7 +16,8 @@ from .resolve import build_dataset
 from .segmentation import (BadMaskError, PadCollate, SegmentationFolder, SegmentationView, seg_eval_transform,
                            seg_train_transform, split_pairs)
 from .splits import IndexedView, holdout_split
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, finetune_transform, pretrain_transform
+from .transforms import (IMAGENET_MEAN, IMAGENET_STD, eval_transform, finetune_transform, normalize_uint8,
+                         pretrain_transform)
 
 __all__ = [
     "IMG_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD",
@@ -24,7 +25,7 @@ __all__ = [
     "to_rgb8", "load_rgb_image",
     "ImageFolderDataset", "ArrayImageDataset", "default_dataset", "build_dataset",
     "holdout_split", "IndexedView",
-    "pretrain_transform", "finetune_transform", "eval_transform",
+    "pretrain_transform", "normalize_uint8", "finetune_transform", "eval_transform",
     "build_loader", "default_num_workers", "cap_num_workers",
     "BadMaskError", "SegmentationFolder", "SegmentationView", "split_pairs", "seg_train_transform",
     "seg_eval_transform", "PadCollate",

@@ -1,12 +1,15 @@
 """MAE's image transforms: pretraining crops, fine-tuning augmentation (timm), the evaluation resize + crop.
 
-Mixup and cutmix act on batches and stay in the training loop. ``IMAGENET_MEAN`` / ``IMAGENET_STD`` are the one
-definition of the default normalization.
+Mixup and cutmix act on batches and stay in the training loop. Pretraining batches leave the loader as uint8 and
+are normalized on the device (`normalize_uint8`): a quarter of the bytes through the workers, the pinned copy and
+the host-to-device transfer. ``IMAGENET_MEAN`` / ``IMAGENET_STD`` are the one definition of the default
+normalization.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
@@ -14,11 +17,19 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-def pretrain_transform(img_size: int, mean: Sequence[float], std: Sequence[float],
-                       scale: tuple[float, float] = (0.2, 1.0)) -> Callable:
-    """RandomResizedCrop (bicubic) + horizontal flip + ToTensor + Normalize."""
+def pretrain_transform(img_size: int, scale: tuple[float, float] = (0.2, 1.0)) -> Callable:
+    """RandomResizedCrop (bicubic) + horizontal flip -> a uint8 (3, H, W) tensor; `normalize_uint8` finishes it
+    on the device as ToTensor + Normalize would."""
     return T.Compose([T.RandomResizedCrop(img_size, scale=scale, interpolation=InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+                      T.RandomHorizontalFlip(), T.PILToTensor()])
+
+
+def normalize_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 images (..., 3, H, W) -> float32 (x / 255 - mean) / std: ToTensor + Normalize's arithmetic in their
+    order, so the result is the same to the bit on any device."""
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)            # (3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return x.float().div(255).sub(m).div(s)
 
 
 def finetune_transform(img_size: int, mean: Sequence[float], std: Sequence[float],
@@ -43,4 +54,5 @@ def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float], c
                       T.ToTensor(), T.Normalize(mean, std)])
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "pretrain_transform", "finetune_transform", "eval_transform"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "pretrain_transform", "normalize_uint8", "finetune_transform",
+           "eval_transform"]

@@ -46,7 +46,7 @@ def build_datasets(cfg: RunConfig, progress: bool = True) -> RunData:
         return build_segmentation_datasets(cfg)
     d, m = cfg.data, cfg.model
     if cfg.task == "pretrain":
-        train_tf = mdata.pretrain_transform(m.img_size, d.mean, d.std, scale=(d.crop_min_scale, 1.0))
+        train_tf = mdata.pretrain_transform(m.img_size, scale=(d.crop_min_scale, 1.0))     # uint8
     else:
         a = cfg.aug
         train_tf = mdata.finetune_transform(m.img_size, d.mean, d.std, auto_augment=a.auto_augment or None,

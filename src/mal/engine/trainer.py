@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_train_state, load_weights, read_meta, save_checkpoint
 from ..config import RunConfig, to_dict
+from ..data import normalize_uint8
 from ..distributed import DistInfo, FlatGradSync, all_reduce_sum, barrier, device_for, gather_objects
 from ..errors import GPUOutOfMemoryError, Interrupted
 from ..viz import plot_curves, save_prediction_grid
@@ -246,6 +247,8 @@ class Trainer:
         try:
             for a in range(o.accum_steps):
                 imgs, labels = (t.to(self.device, non_blocking=True) for t in next(batches))
+                if imgs.dtype == torch.uint8:                            # pretraining batches: normalized here
+                    imgs = normalize_uint8(imgs, self.cfg.data.mean, self.cfg.data.std)  # (B, 3, H, W) float32
                 hooks_wait = isinstance(self.ddp, DDP) and a < o.accum_steps - 1      # DDP syncs the last one
                 with self.ddp.no_sync() if hooks_wait else nullcontext():
                     if draws:      # this micro-batch holds global positions rank + W*j, j in [a*micro, (a+1)*micro)
