@@ -138,17 +138,22 @@ def test_diagnosis_section_renders_the_committed_rows(tmp_path):
     assert (tmp_path / "fig/diagnosis_curves.png").stat().st_size > 0
 
 
+def _render_section(tmp_path, study: str, section: str, *extra) -> str:
+    """make_results --section `section` from docs/results/`study` into a one-section doc; returns the doc."""
+    doc = tmp_path / "results.md"
+    doc.write_text(f"<!-- {section}:begin (experiments/make_results.py) -->\nOLD\n<!-- {section}:end -->\n")
+    res = subprocess.run([sys.executable, "experiments/make_results.py", "--results",
+                          f"docs/results/{study}/results.jsonl", "--doc", str(doc), "--section", section,
+                          "--figures", str(tmp_path / "fig"), *extra], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    return doc.read_text()
+
+
 def test_headline_section_renders_the_committed_rows(tmp_path):
     """make_results --section headline: one row per arm with its schedule read from the commands, seeds pooled,
     the paired MAL-minus-supervised intervals, and the curves of every run against total epochs."""
-    doc = tmp_path / "results.md"
-    doc.write_text("<!-- headline:begin (experiments/make_results.py) -->\nOLD\n<!-- headline:end -->\n")
-    res = subprocess.run([sys.executable, "experiments/make_results.py", "--results",
-                          "docs/results/imagenette_headline/results.jsonl", "--doc", str(doc), "--section", "headline",
-                          "--dataset", "Imagenette-96", "--figures", str(tmp_path / "fig")], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    text = doc.read_text()
+    text = _render_section(tmp_path, "imagenette_headline", "headline", "--dataset", "Imagenette-96")
     arms = [ln.split(" | ")[0][2:] for ln in text.splitlines() if ln.startswith("| ") and "_s0" in ln]
     assert arms == ["MAL default", "supervised, labelled epochs", "supervised", "MAE-ViL", "MAE-ViT", "MAL-ViT",
                     "supervised ViT"]
@@ -162,14 +167,7 @@ def test_headline_section_renders_the_committed_rows(tmp_path):
 def test_long_section_renders_the_400_epoch_pair_and_its_probe_curve(tmp_path):
     """make_results --section long: the 400 + 15-epoch MAL run against 415 supervised epochs, and the probe
     curve read from the pretraining metrics (probes at 100, 200, 300 epochs, the summary's at 400)."""
-    doc = tmp_path / "results.md"
-    doc.write_text("<!-- long:begin (experiments/make_results.py) -->\nOLD\n<!-- long:end -->\n")
-    res = subprocess.run([sys.executable, "experiments/make_results.py", "--results",
-                          "docs/results/imagenette_long/results.jsonl", "--doc", str(doc), "--section", "long",
-                          "--dataset", "Imagenette-96", "--figures", str(tmp_path / "fig")], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    text = doc.read_text()
+    text = _render_section(tmp_path, "imagenette_long", "long", "--dataset", "Imagenette-96")
     assert "| MAL default | MAL-T | 400 | 15 | 70.29 |" in text and "| supervised | ViL-T | – | 415 | 85.81 |" in text
     assert "| MAL − supervised | val top-1 | -15.52 | – | 1 |" in text
     sys.path.insert(0, str(REPO / "experiments"))
