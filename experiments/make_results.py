@@ -132,7 +132,7 @@ def tables(rows: list[dict], dataset: str = "CIFAR-10") -> str:
     for t, alias in DEFAULT_ALIASES.items():        # the default run is one row of every ablation table that ran
         if t in by:
             by[t][alias] += by["baseline"].get("MAL default", [])
-    out = diagnosis_table(rows) + headline_table(rows, dataset) + paired_table(rows)
+    out = diagnosis_table(rows) + finetune_diagnosis_table(rows) + headline_table(rows, dataset) + paired_table(rows)
     for t in ("table6", "table7", "table5", "table12", "table13"):
         if t not in by:
             continue
@@ -149,6 +149,28 @@ def tables(rows: list[dict], dataset: str = "CIFAR-10") -> str:
 
 DIAG_COLUMNS = ("| setting | pretraining loss (end) | held-out k-NN | held-out linear probe | held-out top-1, "
                 "fine-tuned 15 ep | val top-1 | wall min | runs |", "|---|---|---|---|---|---|---|---|")
+
+
+def finetune_diagnosis_table(rows: list[dict]) -> list[str]:
+    """Markdown rows of the fine-tuning diagnosis (sweep.py's ftdiag_* rows): each recipe of one pretraining next to
+    the default recipe, the supervised variants next to the supervised baseline, and the encoder's linear probe."""
+    diag = [r for r in rows if r["table"] == "ftdiag"]
+    if not diag:
+        return []
+    seeds = {r["seed"] for r in diag}
+    refs = [r for r in rows if r["table"] == "baseline" and r["seed"] in seeds
+            and r["setting"] in ("MAL default", "supervised, labelled epochs")]
+    by = defaultdict(list)
+    for r in sorted(refs, key=lambda r: arm_rank(r["setting"])) + diag:
+        by[r["setting"]].append(r)
+    probe = fmt([r.get("holdout_linprobe") for r in refs if r["setting"] == "MAL default"])
+    out = ["#### Fine-tuning recipes on the held-out split", "",
+           f"The pretrained encoder's held-out linear probe: {probe}.", "",
+           "| fine-tuning recipe | held-out top-1 | val top-1 | wall min | runs |", "|---|---|---|---|---|"]
+    for setting, rs in by.items():
+        out.append(f"| {setting} | {fmt([r.get('holdout_top1') for r in rs])} | {fmt([r.get('top1') for r in rs])} | "
+                   f"{sum(r.get('gpu_min') or 0 for r in rs):.1f} | {', '.join(r['name'] for r in rs)} |")
+    return out + [""]
 
 
 def diagnosis_table(rows: list[dict]) -> list[str]:

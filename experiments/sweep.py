@@ -22,6 +22,8 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,7 @@ class Experiment:
                                     # the baselines' configs (<protocol>_<model> and its ViT fine-tuning)
     labelled_only: bool = False     # supervised: as many epochs as the fine-tuning (not pretraining + fine-tuning)
     probe_only: bool = False        # pretraining only (no fine-tuning stage)
+    pretrained_by: str = ""         # fine-tune the pretraining of this other experiment (same overrides and seed)
 
     def configs(self, protocol: str) -> dict[str, str]:
         """The config of each stage (the name of a config shipped with MAL): supervised, or pretrain and finetune."""
@@ -113,6 +116,27 @@ def diagnosis() -> list[Experiment]:
     return exps
 
 
+def finetune_diagnosis(seeds: list[int]) -> list[Experiment]:
+    """Why a fine-tune ends below its own encoder's linear probe (held-out split): fine-tuning recipes of one
+    pretraining (`default_s*`'s, shared, not re-run) and the same augmentation changes for the supervised baseline
+    at the same labelled epochs."""
+    light = ["aug.mixup=0", "aug.cutmix=0", "aug.auto_augment=", "aug.reprob=0"]
+    variants = [("ld0.9", "layer decay 0.9", ["optim.layer_decay=0.9"]),
+                ("ld1.0", "layer decay 1.0", ["optim.layer_decay=1.0"]),
+                ("blr1e-3", "blr 1e-3", ["optim.blr=1e-3"]),
+                ("blr2.5e-4", "blr 2.5e-4", ["optim.blr=2.5e-4"]),
+                ("dp0", "drop path 0", ["model.drop_path_rate=0"]),
+                ("nomix", "no mixup / cutmix", ["aug.mixup=0", "aug.cutmix=0"]),
+                ("light", "no mixup / cutmix / RandAugment / erasing", light)]
+    exps = []
+    for s in seeds:
+        exps += [Experiment(f"ftdiag_{name}_s{s}", "ftdiag", setting, [], ov, seed=s, pretrained_by=f"default_s{s}")
+                 for name, setting, ov in variants]
+        exps += [Experiment(f"ftdiag_supervised_{name}_s{s}", "ftdiag", f"supervised, {setting}", None, ov, seed=s,
+                            labelled_only=True) for name, setting, ov in variants if name in ("nomix", "light")]
+    return exps
+
+
 def chosen_recipe(results: Path) -> tuple[list[str], list[str]]:
     """The diagnosis's winners on the held-out split (from a sweep's results.jsonl): the MAL-ViL pretraining overrides
     whose short fine-tune scores best (the linear probe where no fine-tune ran; rows with their own schedule left
@@ -148,6 +172,7 @@ def stage_cmd(task: str, cfg: str, out: Path, overrides: list[str], resume: bool
 def execute(exp: Experiment, args, gpus: queue.Queue) -> dict:
     """Run (or resume, or skip if done) the stages of one experiment on a free GPU slot; return its results row."""
     base = Path(args.out) / exp.name
+    pre_base = Path(args.out) / (exp.pretrained_by or exp.name)           # where the pretraining stage lives
     common = [f"data.dataset={args.data}", f"seed={exp.seed}", f"data.num_workers={args.workers}",
               f"data.holdout={args.holdout}", *args.set]
     cfgs = exp.configs(args.protocol)
@@ -159,39 +184,51 @@ def execute(exp: Experiment, args, gpus: queue.Queue) -> dict:
                    [*common, f"optim.epochs={epochs}", *recipe, *exp.finetune])]
     else:
         recipe = args.pretrain_recipe if exp.model == "" and not exp.name.startswith("diag_") else []
-        stages = [("pretrain", cfgs["pretrain"], base / "pretrain",
+        stages = [("pretrain", cfgs["pretrain"], pre_base / "pretrain",
                    [*common, f"optim.epochs={args.pre_epochs}", *recipe,
                     *(["probe_every=10"] if exp.table == "diag" else []), *exp.pretrain])]
         if not exp.probe_only:
             stages.append(("finetune", cfgs["finetune"], base / "finetune",
-                           [*common, f"optim.epochs={args.ft_epochs}", f"init={base / 'pretrain/ckpt_last'}",
+                           [*common, f"optim.epochs={args.ft_epochs}", f"init={pre_base / 'pretrain/ckpt_last'}",
                             *exp.finetune]))
     summaries = {}
     for task, cfg, out, overrides in stages:
-        if not (out / "summary.json").exists():
-            resume = (out / "ckpt_last/meta.json").exists()     # killed before its first checkpoint: start over
-            gpu = gpus.get()
-            try:
-                run_stage(stage_cmd(task, cfg, out, overrides, resume) + ([] if resume else ["--overwrite"]),
-                          base / "log.txt", gpu)
-            finally:
-                gpus.put(gpu)
+        with stage_lock(out):                                   # a shared pretraining runs once
+            if not (out / "summary.json").exists():
+                resume = (out / "ckpt_last/meta.json").exists()     # killed before its first checkpoint: start over
+                gpu = gpus.get()
+                try:
+                    run_stage(stage_cmd(task, cfg, out, overrides, resume) + ([] if resume else ["--overwrite"]),
+                              out.parent / "log.txt", gpu)
+                finally:
+                    gpus.put(gpu)
         summaries[task] = json.loads((out / "summary.json").read_text())
     return result_row(exp, summaries, stages)
+
+
+_LOCKS: defaultdict[Path, threading.Lock] = defaultdict(threading.Lock)
+_LOCKS_GUARD = threading.Lock()
+
+
+def stage_lock(out: Path) -> threading.Lock:
+    """One lock per stage folder: experiments sharing a stage wait for the one that runs it."""
+    with _LOCKS_GUARD:
+        return _LOCKS[out.resolve()]
 
 
 def result_row(exp: Experiment, summaries: dict[str, dict], stages: list) -> dict:
     """One results row: the val folder's numbers (scored once, at the end), the held-out split's (every recipe
     choice), the probes, the GPU minutes of every stage and the commands."""
     pre, last = summaries.get("pretrain", {}), summaries[stages[-1][0]]
+    own = {t: v for t, v in summaries.items() if not (t == "pretrain" and exp.pretrained_by)}   # stages it ran
     return {"name": exp.name, "table": exp.table, "setting": exp.setting, "seed": exp.seed,
             "recipe": {"pretrain": exp.pretrain, "labelled": exp.finetune},   # the experiment's own overrides
             "pretrain_loss": pre.get("final_loss"), "knn": pre.get("knn_top1"), "linprobe": pre.get("linprobe_top1"),
             "holdout_knn": pre.get("holdout_knn_top1"), "holdout_linprobe": pre.get("holdout_linprobe_top1"),
             "top1": last.get("val_top1"), "top5": last.get("val_top5"), "ema_top1": last.get("val_ema_top1"),
             "holdout_top1": last.get("holdout_top1"), "holdout_ema_top1": last.get("holdout_ema_top1"),
-            "train_s": round(sum(v.get("train_time_s", 0) for v in summaries.values()), 1),
-            "gpu_min": round(sum(v.get("train_time_s", 0) for v in summaries.values()) / 60, 2),
+            "train_s": round(sum(v.get("train_time_s", 0) for v in own.values()), 1),
+            "gpu_min": round(sum(v.get("train_time_s", 0) for v in own.values()) / 60, 2),
             "commands": [shlex.join(["mal", *stage_cmd(t, c, o, ov, False)[3:]]) for t, c, o, ov in stages]}
 
 
@@ -221,8 +258,8 @@ def main() -> None:
     args.pretrain_recipe, args.supervised_recipe = [], []
     if args.recipe_from:
         args.pretrain_recipe, args.supervised_recipe = chosen_recipe(Path(args.recipe_from))
-    exps = [e for e in experiments([int(s) for s in args.seeds.split(",")]) + diagnosis()
-            if re.search(args.only, e.name)]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    exps = [e for e in experiments(seeds) + diagnosis() + finetune_diagnosis(seeds) if re.search(args.only, e.name)]
     if args.first:
         exps.sort(key=lambda e: not re.search(args.first, e.name))           # stable: the rest keep their order
     if args.list:

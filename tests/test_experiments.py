@@ -234,3 +234,44 @@ def test_sweep_first_starts_the_named_experiments_first_and_keeps_the_rest_in_or
     assert plain[:2] == ["table6_k1", "table6_k2"] and "table12_w1024" in plain[4:]
     assert first[:2] == ["table12_d4", "table12_w1024"]
     assert first[2:] == [n for n in plain if n not in ("table12_d4", "table12_w1024")]
+
+
+def test_finetune_diagnosis_shares_one_pretraining(image_folder, tmp_path):
+    """ftdiag rows fine-tune default_s0's pretraining: it runs once (however the two experiments are scheduled),
+    every row names its commands, and a row's GPU minutes are the stages it ran itself."""
+    out = tmp_path / "ft"
+    res = _sweep(image_folder, out, "--only", r"^(default_s0|ftdiag_ld1\.0_s0)$", "--parallel", "2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    runs = [ln for ln in (out / "default_s0/log.txt").read_text().splitlines() if ln.startswith("$ ")]
+    assert sum(" pretrain " in ln for ln in runs) == 1
+    rows = {r["name"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    ft = rows["ftdiag_ld1.0_s0"]
+    assert ft["commands"][0] == rows["default_s0"]["commands"][0]                     # the same pretraining
+    assert f"init={out / 'default_s0/pretrain/ckpt_last'}" in ft["commands"][1] and "optim.layer_decay=1.0" in ft["commands"][1]
+    assert ft["holdout_linprobe"] == rows["default_s0"]["holdout_linprobe"]
+    ft_s = json.loads((out / "ftdiag_ld1.0_s0/finetune/summary.json").read_text())["train_time_s"]
+    assert ft["gpu_min"] == round(ft_s / 60, 2)
+    assert not (out / "ftdiag_ld1.0_s0/pretrain").exists()
+
+
+def test_finetune_diagnosis_table_sets_each_recipe_beside_its_reference():
+    """The ftdiag table: the default fine-tune and the supervised baseline first, then every recipe, pooled over
+    seeds; the encoder's linear probe above it. Rows of seeds without a recipe row stay out."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from make_results import finetune_diagnosis_table
+
+    def row(name, table, setting, seed, top1, **kw):
+        return {"name": name, "table": table, "setting": setting, "seed": seed, "top1": top1 - 1,
+                "holdout_top1": top1, "gpu_min": 1.0, **kw}
+    rows = [row("default_s0", "baseline", "MAL default", 0, 50.0, holdout_linprobe=55.0),
+            row("default_s1", "baseline", "MAL default", 1, 40.0, holdout_linprobe=45.0),
+            row("supervised_ft_s0", "baseline", "supervised, labelled epochs", 0, 48.0),
+            row("supervised_s0", "baseline", "supervised", 0, 63.0),
+            row("ftdiag_nomix_s0", "ftdiag", "no mixup / cutmix", 0, 56.0)]
+    text = "\n".join(finetune_diagnosis_table(rows))
+    assert "held-out linear probe: 55.00." in text
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ") and "_s" in ln]
+    assert lines == ["| MAL default | 50.00 | 49.00 | 1.0 | default_s0 |",
+                     "| supervised, labelled epochs | 48.00 | 47.00 | 1.0 | supervised_ft_s0 |",
+                     "| no mixup / cutmix | 56.00 | 55.00 | 1.0 | ftdiag_nomix_s0 |"]
+    assert finetune_diagnosis_table(rows[:4]) == []
