@@ -284,6 +284,33 @@ def read_metrics(path: Path, key: str) -> list[tuple[float, float]]:
     return [(float(x["epoch"]), float(x[key])) for x in rows if x.get(key)]
 
 
+def cluster_size_plot(rows: list[dict], save, dataset: str) -> None:
+    """results_cluster_size.png: fine-tuned top-1, linear probe and k-NN against the cluster size (Table 6's runs
+    and the default run as k = 4), the mean per k and every run."""
+    import matplotlib.pyplot as plt
+    by_k = defaultdict(list)
+    for r in rows:
+        if r["table"] == "table6":
+            by_k[int(r["setting"][2:])].append(r)
+        elif r["setting"] == "MAL default":
+            by_k[4].append(r)
+    if len(by_k) < 2:                                 # the default run and Table 6's
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for key, label, m in (("top1", "fine-tuned top-1", "o"), ("linprobe", "linear probe", "s"), ("knn", "k-NN", "^")):
+        ks = sorted(by_k)
+        means = [statistics.mean(r[key] for r in by_k[k]) for k in ks]
+        ax.plot(ks, means, marker=m, label=label)
+        for k in ks:                                     # every run, not only the mean
+            ax.scatter([k] * len(by_k[k]), [r[key] for r in by_k[k]], s=8, color="gray", zorder=3)
+    ax.set_xlabel("cluster size k (12x12 grid)")
+    ax.set_ylabel(f"{dataset} top-1 (%)")
+    ax.set_xticks(sorted(by_k))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, "results_cluster_size.png")
+
+
 def plots(rows: list[dict], runs_dir: Path, out_dir: Path, dataset: str = "CIFAR-10") -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -296,26 +323,7 @@ def plots(rows: list[dict], runs_dir: Path, out_dir: Path, dataset: str = "CIFAR
         fig.savefig(made[-1], dpi=110)
         plt.close(fig)
 
-    by_k = defaultdict(list)
-    for r in rows:
-        if r["table"] == "table6":
-            by_k[int(r["setting"][2:])].append(r)
-        elif r["setting"] == "MAL default":
-            by_k[4].append(r)
-    if len(by_k) > 1:                                 # the default run and Table 6's
-        fig, ax = plt.subplots(figsize=(5, 3.4))
-        for key, label, m in (("top1", "fine-tuned top-1", "o"), ("linprobe", "linear probe", "s"), ("knn", "k-NN", "^")):
-            ks = sorted(by_k)
-            means = [statistics.mean(r[key] for r in by_k[k]) for k in ks]
-            ax.plot(ks, means, marker=m, label=label)
-            for k in ks:                                     # every run, not only the mean
-                ax.scatter([k] * len(by_k[k]), [r[key] for r in by_k[k]], s=8, color="gray", zorder=3)
-        ax.set_xlabel("cluster size k (12x12 grid)")
-        ax.set_ylabel(f"{dataset} top-1 (%)")
-        ax.set_xticks(sorted(by_k))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        save(fig, "results_cluster_size.png")
+    cluster_size_plot(rows, save, dataset)
     curves = {r["name"]: read_metrics(runs_dir / r["name"] / "pretrain/metrics.csv", "loss") for r in rows}
     panels = [(t, [r for r in rows if r["table"] == t and curves[r["name"]]])
               for t in ("table6", "table7", "table5", "table12", "table13")]

@@ -267,21 +267,29 @@ def main() -> None:
         for e in exps:
             print(f"{e.name:24s} {e.table:9s} {e.setting}")
         return
+    failed = run_all(exps, args)
+    if failed:
+        sys.exit(f"{len(failed)} experiment(s) failed: {', '.join(failed)}")
+
+
+def run_all(exps: list[Experiment], args) -> list[str]:
+    """Run the experiments, --parallel at a time over the GPU slots; append each finished row to results.jsonl
+    and rewrite results.csv from all rows. Returns the names of the experiments that failed."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpus: queue.Queue = queue.Queue()       # one token per slot, round-robin over the GPUs
     ids = [g for g in args.gpus.split(",") if g] or [None]
     for i in range(args.parallel):
         gpus.put(ids[i % len(ids)])
+    failed = []
     with ThreadPoolExecutor(args.parallel) as pool:
         futures = {pool.submit(execute, e, args, gpus): e for e in exps}
-        failed = []
         for fut in as_completed(futures):
             try:
                 row = fut.result()
             except subprocess.CalledProcessError as err:      # keep the other experiments going
                 failed.append(futures[fut].name)
-                print(f"FAILED {futures[fut].name}: {err}; see {Path(args.out) / futures[fut].name / 'log.txt'}",
+                print(f"FAILED {futures[fut].name}: {err}; see {out / futures[fut].name / 'log.txt'}",
                       file=sys.stderr, flush=True)
                 continue
             print(json.dumps(row), flush=True)
@@ -294,9 +302,7 @@ def main() -> None:
         w = csv.DictWriter(fh, keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    if failed:
-        sys.exit(f"{len(failed)} experiment(s) failed: {', '.join(failed)}")
-
+    return failed
 
 if __name__ == "__main__":
     main()
