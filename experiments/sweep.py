@@ -195,7 +195,9 @@ def execute(exp: Experiment, args, gpus: queue.Queue) -> dict:
     summaries = {}
     for task, cfg, out, overrides in stages:
         with stage_lock(out):                                   # a shared pretraining runs once
-            if not (out / "summary.json").exists():
+            if (out / "summary.json").exists():
+                check_finished(out, cfg, overrides)
+            else:
                 resume = (out / "ckpt_last/meta.json").exists()     # killed before its first checkpoint: start over
                 gpu = gpus.get()
                 try:
@@ -205,6 +207,27 @@ def execute(exp: Experiment, args, gpus: queue.Queue) -> dict:
                     gpus.put(gpu)
         summaries[task] = json.loads((out / "summary.json").read_text())
     return result_row(exp, summaries, stages)
+
+
+class RecipeMismatch(Exception):
+    """A finished stage in --out ran another recipe than the sweep asks for now."""
+
+
+def check_finished(out: Path, cfg: str, overrides: list[str]) -> None:
+    """A finished stage is reused only if its config.yaml is the recipe asked for now: a sweep re-run into the same
+    --out with other settings, or experiments sharing a pretraining, would otherwise mix recipes silently. A stage
+    without config.yaml (a summary copied in by hand) is taken as it is."""
+    import yaml
+
+    from mal.config import load_run_config, to_dict
+    from mal.engine.trainer import recipe_changes
+    saved = out / "config.yaml"
+    if not saved.exists():
+        return
+    changes = recipe_changes(yaml.safe_load(saved.read_text()), to_dict(load_run_config(cfg, overrides)))
+    if changes:
+        raise RecipeMismatch(f"{out} finished with another recipe than this sweep asks for ({'; '.join(changes)}); "
+                             f"write to another --out, or delete {out} to run it again")
 
 
 _LOCKS: defaultdict[Path, threading.Lock] = defaultdict(threading.Lock)
@@ -291,6 +314,10 @@ def run_all(exps: list[Experiment], args) -> list[str]:
                 failed.append(futures[fut].name)
                 print(f"FAILED {futures[fut].name}: {err}; see {out / futures[fut].name / 'log.txt'}",
                       file=sys.stderr, flush=True)
+                continue
+            except RecipeMismatch as err:
+                failed.append(futures[fut].name)
+                print(f"FAILED {futures[fut].name}: {err}", file=sys.stderr, flush=True)
                 continue
             print(json.dumps(row), flush=True)
             with open(out / "results.jsonl", "a") as fh:

@@ -64,6 +64,12 @@ def test_sweep_rows_resume_and_tables(image_folder, tmp_path):
     assert figures >= {"results_pretrain_loss.png", "results_val_curves.png"}
     assert "results_cluster_size.png" not in figures                    # one cluster size: nothing to plot
 
+    # the same --out with another schedule: the finished stages are not reused, and the sweep says why
+    res = _sweep(image_folder, out, "--pre-epochs", "2")
+    assert res.returncode != 0
+    assert "default_s0/pretrain finished with another recipe" in res.stderr and "optim.epochs: 1 -> 2" in res.stderr
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4
+
 
 def test_ablations_fine_tune_one_fixed_architecture():
     """Cluster-size and scan-order ablations change only the pretraining: fine-tuning keeps the default
