@@ -38,3 +38,29 @@ def test_fit_row_reads_the_loops_own_windows(image_folder):
     res = measure_fit("cifar10_pretrain", "fit", tiny, argparse.Namespace(fit_steps=30, fit_workers=0))
     assert res["windows"] == 3
     assert 0 < res["p10"] <= res["img_s"] <= res["p90"]
+
+
+def test_ddp_scaling_rows_on_two_cpu_processes(image_folder, tmp_path):
+    """ddp_scaling.py end to end on gloo: one row per (per-GPU batch, process count), efficiency 1 for one
+    process, the loss of two processes paired with one at equal images seen, and the profiled all-reduce: none
+    with one process, some with two."""
+    import json
+    import os
+    import subprocess
+
+    tiny = ["model.dim=32", "model.depth=2", "objective.decoder.depth=1", "objective.decoder.dim=32",
+            "objective.decoder.num_heads=4", "data.cache=false"]
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "benchmarks/ddp_scaling.py", "--gpus", "2", "--per-gpu-batch", "8",
+                          "--steps", "20", "--log-every", "5", "--workers", "0", "--data", str(image_folder),
+                          "--out", str(tmp_path / "runs"), "--profile-steps", "2", "--json", str(out), "--set", *tiny],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    one, two = json.loads(out.read_text())["rows"]
+    assert (one["gpus"], two["gpus"], two["global_batch"]) == (1, 2, 16)
+    assert one["efficiency"] == 1.0 and two["efficiency"] > 0 and one["img_s"] > 0
+    assert two["loss_pairs"] == 2                   # 2-process steps 5, 10 = 1-process steps 10, 20
+    assert one["comm_ms"] == 0 and two["comm_ms"] > 0 and 0 < two["comm_share"] < 1
+    assert "| 8 | 2 | 16 |" in res.stdout

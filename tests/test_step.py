@@ -302,6 +302,7 @@ def test_training_run_with_graphs_and_accumulation_matches_eager(image_folder, t
                        load_file(str(out / "ckpt_last/model.safetensors")))
     (s1, w1), (s0, w0) = runs[True], runs[False]
     assert s1["steps"] == s0["steps"] == 4
+    assert 0 < s1["peak_gpu_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30   # the run's peak
     assert abs(s1["final_loss"] - s0["final_loss"]) < 2e-2 * abs(s0["final_loss"])
     for k in w0:
         assert k.endswith("qkv.bias") or torch.allclose(w1[k], w0[k], atol=3e-3), k

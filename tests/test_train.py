@@ -39,6 +39,7 @@ def test_pretrain_finetune_eval_end_to_end(image_folder, tmp_path, capsys):
     assert "resolved config:" in out and "cluster_size: 4" in out
     summary = json.loads((pre / "summary.json").read_text())
     assert summary["steps"] == 2 * (192 // 16)
+    assert ("peak_gpu_gib" in summary) == torch.cuda.is_available()      # a CPU run has no GPU peak to report
     assert 0 <= summary["knn_top1"] <= 100 and 0 <= summary["linprobe_top1"] <= 100
     assert (pre / "predictions.png").stat().st_size > 0 and (pre / "loss.png").exists()
     assert (pre / "tb").is_dir() and len((pre / "metrics.csv").read_text().splitlines()) == 1 + summary["steps"]

@@ -402,6 +402,8 @@ class Trainer:
         summary: dict[str, Any] = {"task": self.cfg.task, "steps": self.step, "epochs": self.step / self.steps_per_epoch,
                                    "skipped_steps": self.skipped, "train_time_s": time.perf_counter() - self.start_time,
                                    "final_loss": self.loss_val, "run_dir": str(self.run_dir)}
+        if self.device.type == "cuda":                  # of training, before the probes and predictions
+            summary["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
         if self.cfg.task == "pretrain":
             summary.update(self.finish_pretraining())
         elif self.last_eval:
