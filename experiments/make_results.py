@@ -195,7 +195,7 @@ def diagnosis_table(rows: list[dict]) -> list[str]:
     return out + [""]
 
 
-def diagnosis_plot(rows: list[dict], runs_dir: Path, save) -> None:
+def diagnosis_plot(rows: list[dict], save) -> None:
     """diagnosis_curves.png: the held-out linear probe against pretraining epochs (the encoder at initialization
     as the floor) and the held-out top-1 of the short fine-tunes and the supervised runs against epochs."""
     import matplotlib.pyplot as plt
@@ -204,15 +204,15 @@ def diagnosis_plot(rows: list[dict], runs_dir: Path, save) -> None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     for r in diag:
-        probe = read_metrics(runs_dir / r["name"] / "pretrain/metrics.csv", "eval_linprobe_top1")
+        probe = read_metrics(run_dir(r) / "pretrain/metrics.csv", "eval_linprobe_top1")
         if r["name"] == "diag_random":
             a.axhline(r["holdout_linprobe"], color="gray", ls=":", label="initialization")
         elif r.get("holdout_linprobe") is not None:            # the end of the run is probed by its summary
-            loss = read_metrics(runs_dir / r["name"] / "pretrain/metrics.csv", "loss")
+            loss = read_metrics(run_dir(r) / "pretrain/metrics.csv", "loss")
             end = loss[-1][0] if loss else 10.0 * (len(probe) + 1)
             a.plot(*zip(*probe, (end, r["holdout_linprobe"])), marker="o", ms=3, label=r["setting"])
         stage = "supervised" if r.get("knn") is None else "finetune"
-        curve = read_metrics(runs_dir / r["name"] / stage / "metrics.csv", "eval_top1")
+        curve = read_metrics(run_dir(r) / stage / "metrics.csv", "eval_top1")
         if curve:
             b.plot(*zip(*curve), lw=0.9, ls="--" if stage == "supervised" else "-", label=f"{r['setting']} (s{r['seed']})")
     a.set(xlabel="pretraining epoch", ylabel="held-out linear probe top-1 (%)")
@@ -223,7 +223,7 @@ def diagnosis_plot(rows: list[dict], runs_dir: Path, save) -> None:
     save(fig, "diagnosis_curves.png")
 
 
-def probe_plot(rows: list[dict], runs_dir: Path, save) -> None:
+def probe_plot(rows: list[dict], save) -> None:
     """results_probe_epochs.png: the held-out linear probe and k-NN top-1 against pretraining epochs, for runs
     probed during pretraining (`probe_every`); the run's last point is its summary's."""
     import matplotlib.pyplot as plt
@@ -231,7 +231,7 @@ def probe_plot(rows: list[dict], runs_dir: Path, save) -> None:
     for r in rows:
         if r.get("holdout_linprobe") is None or r["table"] == "diag":
             continue
-        path = runs_dir / r["name"] / "pretrain/metrics.csv"
+        path = run_dir(r) / "pretrain/metrics.csv"
         end = stage_epochs(r)[0]
         lin = read_metrics(path, "eval_linprobe_top1") + [(end, r["holdout_linprobe"])]
         knn = read_metrics(path, "eval_knn_top1") + [(end, r["holdout_knn"])]
@@ -249,7 +249,7 @@ def probe_plot(rows: list[dict], runs_dir: Path, save) -> None:
     save(fig, "results_probe_epochs.png")
 
 
-def curves_plot(rows: list[dict], runs_dir: Path, save, dataset: str) -> None:
+def curves_plot(rows: list[dict], save, dataset: str) -> None:
     """results_val_curves.png: the evaluation-set top-1 of every headline run against total epochs (a fine-tune
     starts after its pretraining epochs), one colour per arm, dashed without pretraining."""
     import matplotlib.pyplot as plt
@@ -261,7 +261,7 @@ def curves_plot(rows: list[dict], runs_dir: Path, save, dataset: str) -> None:
     for i, setting in enumerate(settings):
         for j, r in enumerate(x for x in runs if x["setting"] == setting):
             pre, _ = stage_epochs(r)
-            pts = read_metrics(runs_dir / r["name"] / ("finetune" if pre else "supervised") / "metrics.csv", "eval_top1")
+            pts = read_metrics(run_dir(r) / ("finetune" if pre else "supervised") / "metrics.csv", "eval_top1")
             if pts:
                 ax.plot(*zip(*[(e + pre, v) for e, v in pts]), lw=0.9, color=f"C{i}", ls="-" if pre else "--",
                         label=None if j else setting)
@@ -271,6 +271,11 @@ def curves_plot(rows: list[dict], runs_dir: Path, save, dataset: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     save(fig, "results_val_curves.png")
+
+
+def run_dir(row: dict) -> Path:
+    """The folder of a results row's run: beside the results.jsonl it was read from."""
+    return Path(row["_dir"]) / row["name"]
 
 
 def read_metrics(path: Path, key: str) -> list[tuple[float, float]]:
@@ -311,7 +316,7 @@ def cluster_size_plot(rows: list[dict], save, dataset: str) -> None:
     save(fig, "results_cluster_size.png")
 
 
-def plots(rows: list[dict], runs_dir: Path, out_dir: Path, dataset: str = "CIFAR-10") -> list[Path]:
+def plots(rows: list[dict], out_dir: Path, dataset: str = "CIFAR-10") -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -324,7 +329,7 @@ def plots(rows: list[dict], runs_dir: Path, out_dir: Path, dataset: str = "CIFAR
         plt.close(fig)
 
     cluster_size_plot(rows, save, dataset)
-    curves = {r["name"]: read_metrics(runs_dir / r["name"] / "pretrain/metrics.csv", "loss") for r in rows}
+    curves = {r["name"]: read_metrics(run_dir(r) / "pretrain/metrics.csv", "loss") for r in rows}
     panels = [(t, [r for r in rows if r["table"] == t and curves[r["name"]]])
               for t in ("table6", "table7", "table5", "table12", "table13")]
     panels = [(t, rs) for t, rs in panels if rs]
@@ -350,9 +355,9 @@ def plots(rows: list[dict], runs_dir: Path, out_dir: Path, dataset: str = "CIFAR
         for ax in axes[:, 0]:
             ax.set_ylabel("next-cluster loss (normalized MSE)")
         save(fig, "results_pretrain_loss.png")
-    curves_plot(rows, runs_dir, save, dataset)
-    probe_plot(rows, runs_dir, save)
-    diagnosis_plot(rows, runs_dir, save)
+    curves_plot(rows, save, dataset)
+    probe_plot(rows, save)
+    diagnosis_plot(rows, save)
     return made
 
 
@@ -372,17 +377,20 @@ def fill_section(doc: Path, section: str, text: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", default="docs/results/cifar10_sweep/results.jsonl")
+    ap.add_argument("--results", nargs="+", default=["docs/results/cifar10_sweep/results.jsonl"],
+                    help="one or more sweeps' results.jsonl, pooled (e.g. an ablation sweep with the headline's "
+                         "default seeds); a name read again replaces the earlier row")
     ap.add_argument("--doc", default="docs/results.md", help="markdown file whose tables section is replaced")
     ap.add_argument("--figures", default="docs/results")
     ap.add_argument("--section", default="tables", help="which marked section of --doc to fill")
     ap.add_argument("--dataset", default="CIFAR-10", help="the data set's name in table headers and plot labels")
     args = ap.parse_args()
     rows = {}
-    for line in open(args.results):            # one row per experiment: a re-run replaces the earlier row
-        if line.strip():
-            r = json.loads(line)
-            rows[r["name"]] = r
+    for path in args.results:
+        for line in open(path):                # one row per experiment: a re-run replaces the earlier row
+            if line.strip():
+                r = json.loads(line)
+                rows[r["name"]] = {**r, "_dir": str(Path(path).parent)}
     rows = sorted(rows.values(), key=lambda r: r["name"])
     text = tables(rows, args.dataset)
     text += "\n#### Commands\n\n" + "\n".join(f"- `{r['name']}`: " + " && ".join(f"`{c}`" for c in r["commands"])
@@ -390,7 +398,7 @@ def main() -> None:
     fill_section(Path(args.doc), args.section, text)
     figs = Path(args.figures)
     figs.mkdir(parents=True, exist_ok=True)
-    for p in plots(rows, Path(args.results).parent, figs, args.dataset):
+    for p in plots(rows, figs, args.dataset):
         print(p)
     print(args.doc)
 

@@ -281,3 +281,28 @@ def test_finetune_diagnosis_table_sets_each_recipe_beside_its_reference():
                      "| supervised, labelled epochs | 48.00 | 47.00 | 1.0 | supervised_ft_s0 |",
                      "| no mixup / cutmix | 56.00 | 55.00 | 1.0 | ftdiag_nomix_s0 |"]
     assert finetune_diagnosis_table(rows[:4]) == []
+
+
+def test_results_of_several_sweeps_pool_into_one_table(tmp_path):
+    """--results takes several files: an ablation sweep's rows and its own default seed join the headline's three
+    default seeds in the k = 4 row of Table 6; each row's curves are read beside its own file."""
+    import statistics
+    head = [json.loads(x) for x in (REPO / "docs/results/imagenette_headline/results.jsonl").read_text().splitlines()]
+    default = next(r for r in head if r["name"] == "default_s0")
+    abl = tmp_path / "abl"
+    abl.mkdir()
+    rows = [{**default, "name": "default_s3", "seed": 3, "top1": 50.0},
+            {**default, "name": "table6_k2", "table": "table6", "setting": "k=2", "top1": 47.5}]
+    (abl / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doc = tmp_path / "results.md"
+    doc.write_text("<!-- ablations:begin (experiments/make_results.py) -->\nOLD\n<!-- ablations:end -->\n")
+    res = subprocess.run([sys.executable, "experiments/make_results.py", "--results",
+                          "docs/results/imagenette_headline/results.jsonl", str(abl / "results.jsonl"), "--doc", str(doc),
+                          "--section", "ablations", "--dataset", "Imagenette-96", "--figures", str(tmp_path / "fig")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    vals = [r["top1"] for r in head if r["setting"] == "MAL default"] + [50.0]
+    text = doc.read_text()
+    k4 = next(ln for ln in text.splitlines() if ln.startswith("| k=4 |"))
+    assert k4.startswith(f"| k=4 | {statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} (n=4) |")
+    assert "default_s3" in k4 and "| k=2 | 47.50 |" in text
