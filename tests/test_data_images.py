@@ -137,6 +137,8 @@ def test_pretraining_batches_are_uint8_and_normalize_on_the_device_as_totensor_n
     got = normalize_uint8(batch, mean, std)
     assert got.dtype == torch.float32 and torch.equal(got[0], ref)
     assert torch.equal(got[1], ref.flip(-1))
+    stats = [torch.tensor(v).view(3, 1, 1) for v in (mean, std)]          # as the trainer keeps them
+    assert torch.equal(normalize_uint8(batch, *stats), got)
 
 
 def test_finetune_transform_random_erasing() -> None:

@@ -344,3 +344,34 @@ def test_graphed_ddp_steps_match_one_process_and_eager_ddp(image_folder, tmp_pat
     noise = rel(wd, w1)                                  # eager DDP vs one process: bf16 noise only
     assert noise < 2e-2, noise
     assert rel(wf, w1) < 2 * noise + 1e-3 and rel(wf, wd) < 2 * noise + 1e-3, (rel(wf, w1), rel(wf, wd), noise)
+
+
+@cuda
+@pytest.mark.parametrize("graph_optimizer", [False, True])
+def test_graphed_training_steps_never_wait_for_the_gpu(image_folder, tmp_path, graph_optimizer):
+    """Between logs and checkpoints a graphed step makes no synchronizing CUDA call (torch's sync debug mode
+    raises on one), so the host queues steps ahead of the GPU; uint8 pretraining batches included."""
+    import itertools
+
+    from mal.engine import Trainer
+    cfg = load_run_config("cifar10_pretrain", [
+        f"data.dataset={image_folder}", "data.cache=false", "data.num_workers=0", "optim.batch_size=32",
+        "optim.epochs=3", "model.dim=32", "model.depth=2", "objective.decoder.depth=1", "objective.decoder.dim=32",
+        "objective.decoder.num_heads=4", "log_every=1000", "save_every=1000", "probe=false",
+        f"graph_optimizer={str(graph_optimizer).lower()}"])
+    trainer = Trainer(cfg, tmp_path / "run", DistInfo(), progress=False)
+    trainer.begin()
+    size = cfg.model.img_size
+    batch = (torch.randint(0, 256, (32, 3, size, size), dtype=torch.uint8, device="cuda"),
+             torch.zeros(32, dtype=torch.long, device="cuda"))
+    batches = itertools.repeat(batch)
+    for _ in range(3):                                    # warm-up and capture may synchronize
+        trainer.train_step(batches)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            trainer.train_step(batches)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.step == 6

@@ -24,11 +24,12 @@ def pretrain_transform(img_size: int, scale: tuple[float, float] = (0.2, 1.0)) -
                       T.RandomHorizontalFlip(), T.PILToTensor()])
 
 
-def normalize_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def normalize_uint8(x: torch.Tensor, mean: Sequence[float] | torch.Tensor,
+                    std: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """uint8 images (..., 3, H, W) -> float32 (x / 255 - mean) / std: ToTensor + Normalize's arithmetic in their
-    order, so the result is the same to the bit on any device."""
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)            # (3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    order, so the result is the same to the bit on any device. In a training loop pass mean and std as (3, 1, 1)
+    tensors already on x's device: building them from lists copies host memory to the GPU and waits for it."""
+    m, s = (torch.as_tensor(v, dtype=torch.float32, device=x.device).reshape(-1, 1, 1) for v in (mean, std))
     return x.float().div(255).sub(m).div(s)
 
 

@@ -83,6 +83,8 @@ class Trainer:
         cfg.check_world(info.world_size)
         self.cfg, self.info, self.progress = cfg, info, progress and info.is_main
         self.device = device_for(info)
+        self.pixel_stats = tuple(torch.tensor(v, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+                                 for v in (cfg.data.mean, cfg.data.std))   # (3, 1, 1) each, made once: no copy per step
         self.folder = RunDir(Path(run_dir), resume, overwrite, info)
         seed_everything(cfg.seed)
         self.data = build_datasets(cfg, self.progress)
@@ -248,7 +250,7 @@ class Trainer:
             for a in range(o.accum_steps):
                 imgs, labels = (t.to(self.device, non_blocking=True) for t in next(batches))
                 if imgs.dtype == torch.uint8:                            # pretraining batches: normalized here
-                    imgs = normalize_uint8(imgs, self.cfg.data.mean, self.cfg.data.std)  # (B, 3, H, W) float32
+                    imgs = normalize_uint8(imgs, *self.pixel_stats)                       # (B, 3, H, W) float32
                 hooks_wait = isinstance(self.ddp, DDP) and a < o.accum_steps - 1      # DDP syncs the last one
                 with self.ddp.no_sync() if hooks_wait else nullcontext():
                     if draws:      # this micro-batch holds global positions rank + W*j, j in [a*micro, (a+1)*micro)
