@@ -246,7 +246,7 @@ def test_finetune_diagnosis_shares_one_pretraining(image_folder, tmp_path):
     """ftdiag rows fine-tune default_s0's pretraining: it runs once (however the two experiments are scheduled),
     every row names its commands, and a row's GPU minutes are the stages it ran itself."""
     out = tmp_path / "ft"
-    res = _sweep(image_folder, out, "--only", r"^(default_s0|ftdiag_ld1\.0_s0)$", "--parallel", "2")
+    res = _sweep(image_folder, out, "--only", r"^(default_s0|ftdiag_(ld1\.0|avgpool)_s0)$", "--parallel", "3")
     assert res.returncode == 0, res.stdout + res.stderr
     runs = [ln for ln in (out / "default_s0/log.txt").read_text().splitlines() if ln.startswith("$ ")]
     assert sum(" pretrain " in ln for ln in runs) == 1
@@ -258,6 +258,8 @@ def test_finetune_diagnosis_shares_one_pretraining(image_folder, tmp_path):
     ft_s = json.loads((out / "ftdiag_ld1.0_s0/finetune/summary.json").read_text())["train_time_s"]
     assert ft["gpu_min"] == round(ft_s / 60, 2)
     assert not (out / "ftdiag_ld1.0_s0/pretrain").exists()
+    assert "model.global_pool=avg" in rows["ftdiag_avgpool_s0"]["commands"][1]       # a mean-pooled head trains
+    assert 0 <= rows["ftdiag_avgpool_s0"]["top1"] <= 100
 
 
 def test_finetune_diagnosis_table_sets_each_recipe_beside_its_reference():

@@ -93,6 +93,17 @@ def test_timm_model_api():
     assert model(x).shape == (2, 384)                                      # pooled features (first and last token)
     vit = timm.create_model("mal_vit_tiny_patch16_224", depth=2)
     assert vit.num_features == vit.head_hidden_size == 192 and vit.global_pool == "avg"
+    # global_pool="avg": the mean of the tokens, as the probes read them (timm's argument, or reset_classifier's)
+    avg = timm.create_model("mal_tiny_patch16_192", depth=2, num_classes=3, global_pool="avg").eval()
+    tokens = avg.forward_features(x)                                       # (2, 144, 192)
+    assert avg.head_hidden_size == 192 and avg.cfg.global_pool == "avg"
+    assert torch.allclose(avg.forward_head(tokens), avg.head(tokens.mean(1)))
+    model.reset_classifier(4, global_pool="avg")
+    assert model.head.in_features == 192 and model.cfg.global_pool == "avg" and model(x).shape == (2, 4)
+    model.reset_classifier(10, global_pool="")                             # back to the architecture's own
+    assert model.global_pool == "first_last" and model.head.in_features == 384
+    with pytest.raises(ValueError, match="not a pooling of model.arch=vit"):
+        timm.create_model("mal_vit_tiny_patch16_224", depth=1, global_pool="first_last")
     assert model.no_weight_decay() == {"pos_embed"}
     # timm's layer decay reads group_matcher (the embeddings first, the head last), as our own param_groups does
     model.reset_classifier(5)
@@ -101,7 +112,7 @@ def test_timm_model_api():
     assert scale[id(model.patch_embed.weight)] == 0.5 ** 5 and scale[id(model.head.weight)] == 1.0
     assert scale[id(model.blocks[0].layer.proj_up.weight)] == 0.5 ** 4
     for kwargs, match in ((dict(foo=1), "unknown argument"), (dict(drop_rate=0.1), "drop_path_rate"),
-                          (dict(global_pool="avg"), "pools with 'first_last'"), (dict(features_only=True),
+                          (dict(global_pool="max"), "not a pooling"), (dict(features_only=True),
                                                                                   "forward_intermediates"),
                           (dict(pretrained=True), "publishes no weights")):
         with pytest.raises((TypeError, ValueError), match=match):
@@ -121,13 +132,14 @@ def offline(monkeypatch):
 def test_save_pretrained_from_pretrained_round_trip_is_bit_identical(cfg, tmp_path, offline):
     torch.manual_seed(0)
     model = mal.models.create_encoder(EncoderConfig(**cfg), num_classes=5)
-    model.reset_classifier(3)                                             # config.json says what the model is now
+    model.reset_classifier(3, global_pool="avg")                          # config.json says what the model is now
     model.save_pretrained(tmp_path / "m")
     assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "model.safetensors", "README.md"}
     config = json.loads((tmp_path / "m/config.json").read_text())
     assert config["num_classes"] == 3 and config["cfg"]["dim"] == 16 and config["mal_class"] == type(model).__name__
     loaded = type(model).from_pretrained(tmp_path / "m")
     assert loaded.cfg == model.cfg and loaded.num_classes == 3 and not loaded.training
+    assert loaded.global_pool == "avg" and loaded.head.in_features == 16
     assert _same_weights(model, loaded)
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(model.eval()(x), loaded(x))

@@ -32,6 +32,7 @@ SHIPPED_CONFIGS: Traversable = files(__package__) / "configs"   # package data: 
 
 
 ARCHS = ("vil", "vit")
+GLOBAL_POOLS = {"vil": ("", "first_last", "avg"), "vit": ("", "avg")}   # "" = the architecture's own
 VIL_ONLY_DEFAULTS = {"expansion": 2, "qkv_block_size": 4, "conv_kernel_size": 4, "mlstm_backend": "auto"}
 
 
@@ -59,10 +60,16 @@ class EncoderConfig:
                                      # block-causal attention over the clusters of the scan order's cluster
                                      # sequence ((a)'s for alternating and random), as MAL pretrains it
     mlstm_backend: str = "auto"      # ViL: mLSTM kernel; "auto" picks the fastest available
+    global_pool: str = ""            # the classifier's pooling: "" = the architecture's own (ViL: "first_last", the
+                                     # first and last token as the paper; ViT: "avg"), or "avg", the mean of the
+                                     # tokens (as the probes read them)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"model.arch must be one of {list(ARCHS)}, got {self.arch!r}")
+        if self.global_pool not in GLOBAL_POOLS[self.arch]:
+            raise ValueError(f"model.global_pool={self.global_pool!r} is not a pooling of model.arch={self.arch}; "
+                             f"choose one of {list(GLOBAL_POOLS[self.arch])}")
         grid_size(self.img_size, self.patch_size)
         check_scan_order(self.scan_order)
         for name in ("patch_size", "in_chans", "dim", "depth", "num_heads", "expansion", "qkv_block_size",

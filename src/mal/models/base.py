@@ -75,6 +75,7 @@ class PatchEncoder(nn.Module, HubMixin):
     def embed_patches(self, cfg: EncoderConfig, num_classes: int) -> None:
         """The configuration and the embeddings, in the parameter order every encoder keeps."""
         self.cfg, self.num_classes = cfg, num_classes
+        self.global_pool = cfg.global_pool or type(self).global_pool       # the head's pooling (timm's name)
         h, w = cfg.grid
         self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, h * w, cfg.dim))
@@ -112,9 +113,9 @@ class PatchEncoder(nn.Module, HubMixin):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new head for `num_classes` (0: none), initialized as for fine-tuning, on the model's device (timm)."""
-        if global_pool not in (None, self.global_pool):
-            raise ValueError(f"{type(self).__name__} pools with {self.global_pool!r}; global_pool={global_pool!r} is "
-                             f"not supported")
+        if global_pool is not None:                      # validated as model.global_pool
+            self.cfg = dataclasses.replace(self.cfg, global_pool=global_pool)
+            self.global_pool = global_pool or type(self).global_pool
         self.num_classes = num_classes
         self.head = self.new_head(num_classes).to(self.pos_embed.device, self.pos_embed.dtype)
         self.init_head()

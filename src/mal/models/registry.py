@@ -147,11 +147,9 @@ def _timm_model(preset: str, img_size: int | tuple[int, int] | list[int], num_cl
     if drop_rate:
         raise ValueError(f"{preset}: drop_rate={drop_rate} (dropout before the head) is not part of MAL's encoders; "
                          f"use drop_path_rate")
-    model = create_model(preset, num_classes, img_size=img_size, in_chans=in_chans, **overrides)
-    if global_pool not in (None, model.global_pool):
-        raise ValueError(f"{type(model).__name__} pools with {model.global_pool!r}; global_pool={global_pool!r} is "
-                         f"not supported")
-    return model
+    if global_pool is not None:
+        overrides["global_pool"] = global_pool
+    return create_model(preset, num_classes, img_size=img_size, in_chans=in_chans, **overrides)
 
 
 def _timm_entrypoint(preset: str, img_size: int) -> Callable[..., nn.Module]:

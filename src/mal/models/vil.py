@@ -155,14 +155,16 @@ class ViLBlock(nn.Module):
 
 
 class VisionLSTM(PatchEncoder, tags=["vision-lstm"]):
-    """ViL encoder + optional classification head (bilateral pooling: first and last token of the sequence).
+    """ViL encoder + optional classification head (bilateral pooling: first and last token of the sequence, or
+    the mean of the tokens with `global_pool="avg"`).
 
     The timm model API: `forward_features` (tokens), `forward_head` (pooling + head), `no_weight_decay`,
     `group_matcher` (the layer map of layer-wise lr decay), `get_classifier` / `reset_classifier`, `num_features`,
     `pretrained_cfg` (the data config); `fast_path()` (the fused GPU blocks); `save_pretrained` / `from_pretrained`
     (`mal.hub`). timm names: `mal.models.registry`.
     """
-    global_pool = "first_last"           # timm's name of the pooling: forward_head joins the first and last token
+    global_pool = "first_last"           # the default pooling (timm's name): forward_head joins the first and last
+                                         # token; model.global_pool="avg" averages them
 
     def __init__(self, cfg: EncoderConfig, num_classes: int = 1000):
         super().__init__()
@@ -267,8 +269,11 @@ class VisionLSTM(PatchEncoder, tags=["vision-lstm"]):
         return self.norm(gather_tokens(x, prev))                             # (B, V, D)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Bilateral pooling (first and last token of the sequence) + linear head."""
-        x = torch.cat([x[:, 0], x[:, -1]], dim=-1)                           # (B, 2D)
+        """Bilateral pooling (first and last token of the sequence; global_pool "avg": the mean) + linear head."""
+        if self.global_pool == "avg":
+            x = x.mean(1)                                                    # (B, D)
+        else:
+            x = torch.cat([x[:, 0], x[:, -1]], dim=-1)                       # (B, 2D)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
