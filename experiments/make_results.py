@@ -96,7 +96,7 @@ def fmt(vals: list[float]) -> str:
 
 def stage_epochs(row: dict) -> tuple[int, int]:
     """(pretraining, labelled) epochs of a results row, read from its stages' commands."""
-    epochs = [int(m.group(1)) if (m := re.search(r"optim\.epochs=(\d+)", c)) else 0 for c in row["commands"]]
+    epochs = [int(m[-1]) if (m := re.findall(r"optim\.epochs=(\d+)", c)) else 0 for c in row["commands"]]  # last wins
     return (epochs[0], epochs[1]) if len(epochs) == 2 else (0, epochs[0])
 
 

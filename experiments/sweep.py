@@ -129,13 +129,14 @@ def finetune_diagnosis(seeds: list[int]) -> list[Experiment]:
                 ("nomix", "no mixup / cutmix", ["aug.mixup=0", "aug.cutmix=0"]),
                 ("light", "no mixup / cutmix / RandAugment / erasing", light),
                 ("causal", "causal layers, as pretrained (bidirectional false)", ["model.bidirectional=false"]),
-                ("avgpool", "mean-pooled head, as the probe reads", ["model.global_pool=avg"])]
+                ("avgpool", "mean-pooled head, as the probe reads", ["model.global_pool=avg"]),
+                ("ep30", "30 labelled epochs instead of 15", ["optim.epochs=30"])]
     exps = []
     for s in seeds:
         exps += [Experiment(f"ftdiag_{name}_s{s}", "ftdiag", setting, [], ov, seed=s, pretrained_by=f"default_s{s}")
                  for name, setting, ov in variants]
         exps += [Experiment(f"ftdiag_supervised_{name}_s{s}", "ftdiag", f"supervised, {setting}", None, ov, seed=s,
-                            labelled_only=True) for name, setting, ov in variants if name in ("nomix", "light", "causal", "avgpool")]
+                            labelled_only=True) for name, setting, ov in variants if name in ("nomix", "light", "causal", "avgpool", "ep30")]
     return exps
 
 

@@ -308,3 +308,13 @@ def test_results_of_several_sweeps_pool_into_one_table(tmp_path):
     k4 = next(ln for ln in text.splitlines() if ln.startswith("| k=4 |"))
     assert k4.startswith(f"| k=4 | {statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} (n=4) |")
     assert "default_s3" in k4 and "| k=2 | 47.50 |" in text
+
+
+def test_stage_epochs_reads_the_override_that_wins():
+    """A row's schedule is read from its commands; an experiment's own optim.epochs comes after the sweep's and
+    wins (as in load_run_config), so the last one is the schedule."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from make_results import stage_epochs
+    row = {"commands": ["mal pretrain optim.epochs=30", "mal finetune optim.epochs=15 init=x optim.epochs=30"]}
+    assert stage_epochs(row) == (30, 30)
+    assert stage_epochs({"commands": ["mal supervised optim.epochs=45"]}) == (0, 45)
