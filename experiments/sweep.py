@@ -158,13 +158,19 @@ def chosen_recipe(results: Path) -> tuple[list[str], list[str]]:
     return best_mal["recipe"]["pretrain"], best_sup["recipe"]["labelled"]
 
 
+class StageFailed(Exception):
+    """A stage of an experiment failed (its own, or a pretraining it shares), or a finished one differs."""
+
+
 def run_stage(cmd: list[str], log: Path, gpu: str | None) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     env = os.environ if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
     with open(log, "a") as fh:
         fh.write("$ " + shlex.join(cmd) + (f"  # on GPU {gpu}" if gpu is not None else "") + "\n")
         fh.flush()
-        subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=True, cwd=REPO, env=env)
+        res = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    if res.returncode:
+        raise StageFailed(f"`mal {shlex.join(cmd[3:8])}` exited with {res.returncode}; see {log}")
 
 
 def stage_cmd(task: str, cfg: str, out: Path, overrides: list[str], resume: bool) -> list[str]:
@@ -211,10 +217,6 @@ def execute(exp: Experiment, args, gpus: queue.Queue) -> dict:
     return result_row(exp, summaries, stages)
 
 
-class RecipeMismatch(Exception):
-    """A finished stage in --out ran another recipe than the sweep asks for now."""
-
-
 def check_finished(out: Path, cfg: str, overrides: list[str]) -> None:
     """A finished stage is reused only if its config.yaml is the recipe asked for now: a sweep re-run into the same
     --out with other settings, or experiments sharing a pretraining, would otherwise mix recipes silently. A stage
@@ -228,7 +230,7 @@ def check_finished(out: Path, cfg: str, overrides: list[str]) -> None:
         return
     changes = recipe_changes(yaml.safe_load(saved.read_text()), to_dict(load_run_config(cfg, overrides)))
     if changes:
-        raise RecipeMismatch(f"{out} finished with another recipe than this sweep asks for ({'; '.join(changes)}); "
+        raise StageFailed(f"{out} finished with another recipe than this sweep asks for ({'; '.join(changes)}); "
                              f"write to another --out, or delete {out} to run it again")
 
 
@@ -312,19 +314,15 @@ def run_all(exps: list[Experiment], args) -> list[str]:
         for fut in as_completed(futures):
             try:
                 row = fut.result()
-            except subprocess.CalledProcessError as err:      # keep the other experiments going
-                failed.append(futures[fut].name)
-                print(f"FAILED {futures[fut].name}: {err}; see {out / futures[fut].name / 'log.txt'}",
-                      file=sys.stderr, flush=True)
-                continue
-            except RecipeMismatch as err:
+            except StageFailed as err:                        # keep the other experiments going
                 failed.append(futures[fut].name)
                 print(f"FAILED {futures[fut].name}: {err}", file=sys.stderr, flush=True)
                 continue
             print(json.dumps(row), flush=True)
             with open(out / "results.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-    rows = [json.loads(line) for line in open(out / "results.jsonl")]
+    done = out / "results.jsonl"
+    rows = [json.loads(line) for line in open(done)] if done.exists() else []      # none yet if every one failed
     keys = ["name", "table", "setting", "seed", "pretrain_loss", "knn", "linprobe", "holdout_knn", "holdout_linprobe",
             "top1", "ema_top1", "top5", "holdout_top1", "holdout_ema_top1", "gpu_min"]
     with open(out / "results.csv", "w", newline="") as fh:

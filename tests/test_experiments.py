@@ -318,3 +318,18 @@ def test_stage_epochs_reads_the_override_that_wins():
     row = {"commands": ["mal pretrain optim.epochs=30", "mal finetune optim.epochs=15 init=x optim.epochs=30"]}
     assert stage_epochs(row) == (30, 30)
     assert stage_epochs({"commands": ["mal supervised optim.epochs=45"]}) == (0, 45)
+
+
+def test_a_failed_stage_names_its_command_and_log(image_folder, tmp_path):
+    """A stage that fails (here: a config mal rejects) fails its experiment only; the message names the stage's
+    command and the log it wrote to, and the sweep exits non-zero after the others."""
+    out = tmp_path / "bad"
+    cmd = [sys.executable, "experiments/sweep.py", "--data", str(image_folder), "--out", str(out), "--workers", "0",
+           "--pre-epochs", "1", "--ft-epochs", "1", "--only", "^default_s0$", "--set", *TINY, "model.dim=33"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode != 0
+    assert f"FAILED default_s0: `mal pretrain --config cifar10_pretrain --output {out / 'default_s0/pretrain'}` exited" \
+        in res.stderr
+    assert f"see {out / 'default_s0/log.txt'}" in res.stderr and "model.dim" in (out / "default_s0/log.txt").read_text()
+    assert "Traceback" not in res.stderr and "1 experiment(s) failed: default_s0" in res.stderr
