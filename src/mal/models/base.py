@@ -68,14 +68,13 @@ def prune_blocks(model: nn.Module, indices: int | Sequence[int], prune_norm: boo
 class PatchEncoder(nn.Module, HubMixin):
     """Patch embedding (a strided conv) + learned position embedding in raster order + blocks + norm + head.
     A subclass builds `blocks`, `norm` and `head` after `embed_patches(cfg, num_classes)` and sets
-    `global_pool` ("first_last" for ViL's bilateral pooling, "avg" for the ViT's mean)."""
+    `default_pool` ("first_last" for ViL's bilateral pooling, "avg" for the ViT's mean)."""
 
-    global_pool = "avg"
+    default_pool = "avg"
 
     def embed_patches(self, cfg: EncoderConfig, num_classes: int) -> None:
         """The configuration and the embeddings, in the parameter order every encoder keeps."""
         self.cfg, self.num_classes = cfg, num_classes
-        self.global_pool = cfg.global_pool or type(self).global_pool       # the head's pooling (timm's name)
         h, w = cfg.grid
         self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, h * w, cfg.dim))
@@ -98,6 +97,11 @@ class PatchEncoder(nn.Module, HubMixin):
 
     # ---------------------------------------------------------------- timm-style API
     @property
+    def global_pool(self) -> str:
+        """The head's pooling (timm's name): `model.global_pool`, else the architecture's `default_pool`."""
+        return self.cfg.global_pool or self.default_pool
+
+    @property
     def num_features(self) -> int:
         """Channels of the tokens of `forward_features` (timm)."""
         return self.cfg.dim
@@ -115,7 +119,6 @@ class PatchEncoder(nn.Module, HubMixin):
         """A new head for `num_classes` (0: none), initialized as for fine-tuning, on the model's device (timm)."""
         if global_pool is not None:                      # validated as model.global_pool
             self.cfg = dataclasses.replace(self.cfg, global_pool=global_pool)
-            self.global_pool = global_pool or type(self).global_pool
         self.num_classes = num_classes
         self.head = self.new_head(num_classes).to(self.pos_embed.device, self.pos_embed.dtype)
         self.init_head()

@@ -163,8 +163,8 @@ class VisionLSTM(PatchEncoder, tags=["vision-lstm"]):
     `pretrained_cfg` (the data config); `fast_path()` (the fused GPU blocks); `save_pretrained` / `from_pretrained`
     (`mal.hub`). timm names: `mal.models.registry`.
     """
-    global_pool = "first_last"           # the default pooling (timm's name): forward_head joins the first and last
-                                         # token; model.global_pool="avg" averages them
+    default_pool = "first_last"          # the pooling (timm's name) unless model.global_pool says: forward_head joins
+                                         # the first and last token; model.global_pool="avg" averages them
 
     def __init__(self, cfg: EncoderConfig, num_classes: int = 1000):
         super().__init__()

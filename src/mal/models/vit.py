@@ -98,7 +98,7 @@ class VisionTransformer(PatchEncoder, tags=["vit"]):
     """ViT encoder + optional classification head (mean pooling + linear), with `VisionLSTM`'s parameter names and
     API (`PatchEncoder`). Tokens stay in raster order (attention does not scan), except for a causal ViT."""
 
-    global_pool = "avg"                  # timm's name of the pooling: forward_head averages the tokens
+    default_pool = "avg"                 # timm's name of the pooling: forward_head averages the tokens
 
     def __init__(self, cfg: EncoderConfig, num_classes: int = 1000):
         super().__init__()
