@@ -16,7 +16,6 @@ on every process, torch.profiler over --steps steps after --warmup. Rank 0 write
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import tempfile
@@ -27,11 +26,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import synthetic_folder  # noqa: E402
+from train_step import QUIET, build_step, synthetic_folder  # noqa: E402
 
 from mal.config import load_run_config  # noqa: E402
-from mal.distributed import cleanup, init_distributed  # noqa: E402
-from mal.engine import Trainer  # noqa: E402
+from mal.distributed import cleanup, device_for, init_distributed  # noqa: E402
 
 COMM_NAMES = ("nccl", "allreduce", "all_reduce")
 
@@ -59,24 +57,20 @@ def main() -> None:
     info = init_distributed()
     plain = load_run_config(args.config, args.set)
     data = synthetic_folder(plain.model.img_size, args.per_gpu_batch * info.world_size)
-    cfg = load_run_config(args.config, [*args.set, f"data.dataset={data}", "data.cache=false", "data.num_workers=0",
-                                        f"optim.batch_size={args.per_gpu_batch * info.world_size}", "probe=false",
-                                        "log_every=1000000", "save_every=1000000"])
-    trainer = Trainer(cfg, Path(tempfile.mkdtemp(prefix="ddp_profile_")), info, progress=False)
-    trainer.begin()
-    size, dev = cfg.model.img_size, trainer.device
-    batch = (torch.randn(trainer.micro, 3, size, size, device=dev), torch.zeros(trainer.micro, dtype=torch.long, device=dev))
-    batches = itertools.repeat(batch)
+    cfg = load_run_config(args.config, [*args.set, f"data.dataset={data}", "data.cache=false", *QUIET,
+                                        f"optim.batch_size={args.per_gpu_batch * info.world_size}"])
+    step = build_step(cfg, Path(tempfile.mkdtemp(prefix="ddp_profile_")), info)
+    dev = device_for(info)
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(args.warmup):
-        trainer.train_step(batches)
+        step()
     sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         t = time.perf_counter()
         for _ in range(args.steps):
-            trainer.train_step(batches)
+            step()
         sync()
         step_ms = (time.perf_counter() - t) / args.steps * 1e3
     comm = comm_ms(prof, args.steps, cuda)

@@ -68,10 +68,14 @@ def read(out: Path) -> list[dict]:
     return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(open(out / "metrics.csv"))]
 
 
+def steady_windows(rows: list[dict], steps: int) -> list[float]:
+    """img/s of the log windows after the first 20 % of the steps (compile and warm-up excluded)."""
+    return [r["img_per_s"] for r in rows if "img_per_s" in r and r["step"] > steps * 0.2]
+
+
 def steady_ips(rows: list[dict], steps: int) -> float:
-    """Median img/s of the log windows after the first 20 % of the steps (compile and warm-up excluded)."""
-    vals = [r["img_per_s"] for r in rows if "img_per_s" in r and r["step"] > steps * 0.2]
-    return statistics.median(vals)
+    """Median img/s of `steady_windows`."""
+    return statistics.median(steady_windows(rows, steps))
 
 
 def measure(nproc: int, batch: int, args, one: list[dict] | None) -> dict:

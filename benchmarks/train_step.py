@@ -31,7 +31,6 @@ Prints JSON lines, then a markdown table.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import statistics
@@ -44,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput  # noqa: E402
+from ddp_scaling import read, steady_windows  # noqa: E402
 from throughput import top_kernels, warm_up  # noqa: E402
 
 from mal.config import load_run_config  # noqa: E402
@@ -55,9 +55,10 @@ from mal.engine.sampling import SeededDataset, StepSampler  # noqa: E402
 QUIET = ["log_every=1000000", "save_every=1000000", "eval_every=1000000", "probe=false", "data.num_workers=0"]
 
 
-def build_step(cfg, run_dir: Path):
-    """A zero-argument callable running one `Trainer.train_step` of `cfg` on synthetic device batches."""
-    trainer = Trainer(cfg, run_dir, DistInfo(), progress=False)
+def build_step(cfg, run_dir: Path, info: DistInfo | None = None):
+    """A zero-argument callable running one `Trainer.train_step` of `cfg` on synthetic device batches (`info`: this
+    process of a torchrun job; default one process)."""
+    trainer = Trainer(cfg, run_dir, info or DistInfo(), progress=False)
     trainer.begin()
     B, size, dev = trainer.micro, cfg.model.img_size, trainer.device
     batch = (torch.randn(B, 3, size, size, device=dev), torch.randint(0, trainer.num_classes or 10, (B,), device=dev))
@@ -184,9 +185,7 @@ def measure_fit(path: str, row: str, over: list[str], args) -> dict:
              f"data.num_workers={args.fit_workers}", *ROW_OVERRIDES.get(row, [])]
     run_dir = Path(tempfile.mkdtemp(prefix=f"train_step_{Path(path).stem}_{row}_"))
     Trainer(load_run_config(path, over + extra), run_dir, DistInfo(), progress=False).fit()
-    with open(run_dir / "metrics.csv") as fh:
-        ips = [float(r["img_per_s"]) for r in csv.DictReader(fh)
-               if r.get("img_per_s") and float(r["step"]) > 0.2 * args.fit_steps]
+    ips = steady_windows(read(run_dir), args.fit_steps)
     deciles = statistics.quantiles(ips, n=10)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     return dict(img_s=round(statistics.median(ips), 1), p10=round(deciles[0], 1), p90=round(deciles[-1], 1),
