@@ -125,26 +125,64 @@ def headline_table(rows: list[dict], dataset: str) -> list[str]:
     return out + [""]
 
 
-def tables(rows: list[dict], dataset: str = "CIFAR-10") -> str:
+ABLATIONS = ("table6", "table7", "table5", "table12", "table13")
+# --tables: which tables to render, and which results rows they read (the default runs are a row of every ablation
+# table and the reference of the fine-tuning recipes).
+TABLE_SETS = {"all": None, "headline": ("baseline", "table4"), "ablations": ABLATIONS, "diagnosis": ("diag",),
+              "ftdiag": ("ftdiag",)}
+
+
+def select(rows: list[dict], which: str) -> list[dict]:
+    """The rows that the tables chosen by `which` read."""
+    if TABLE_SETS[which] is None:
+        return rows
+    refs = {"ablations": ("MAL default",), "ftdiag": ("MAL default", "supervised, labelled epochs")}.get(which, ())
+    return [r for r in rows if r["table"] in TABLE_SETS[which] or (r["table"] == "baseline" and r["setting"] in refs)]
+
+
+def tables(rows: list[dict], dataset: str = "CIFAR-10", which: str = "all") -> str:
+    out = []
+    if which in ("all", "diagnosis"):
+        out += diagnosis_table(rows)
+    if which in ("all", "ftdiag"):
+        out += finetune_diagnosis_table(rows)
+    if which in ("all", "headline"):
+        out += headline_table(rows, dataset) + paired_table(rows)
+    if which in ("all", "ablations"):
+        out += ablation_tables(rows, dataset, every_table=which == "ablations")
+    return "\n".join(out)
+
+
+def ablation_tables(rows: list[dict], dataset: str, every_table: bool = False) -> list[str]:
+    """Markdown tables of the ablations (Tables 6, 7, 5, 12, 13) in the paper's row order, seeds pooled, the
+    default runs as each table's default row, the val difference to that row, and the paper's row beside. A row of
+    the paper that did not run is listed as such; `every_table` lists the tables that did not run at all too."""
     by = defaultdict(lambda: defaultdict(list))
     for r in rows:
         by[r["table"]][r["setting"]].append(r)
-    for t, alias in DEFAULT_ALIASES.items():        # the default run is one row of every ablation table that ran
-        if t in by:
-            by[t][alias] += by["baseline"].get("MAL default", [])
-    out = diagnosis_table(rows) + finetune_diagnosis_table(rows) + headline_table(rows, dataset) + paired_table(rows)
-    for t in ("table6", "table7", "table5", "table12", "table13"):
-        if t not in by:
+    default = by["baseline"].get("MAL default", [])
+    ref = statistics.mean(r["top1"] for r in default) if default else None
+    out = []
+    for t in ABLATIONS:
+        if t not in by and not every_table:
             continue
-        out += [f"#### {TITLES[t]}", "", f"| setting | fine-tuned top-1 (ours, {dataset}) | k-NN | linear probe | "
-                "paper top-1 (ImageNet, MAL-B) | runs |", "|---|---|---|---|---|---|"]
-        order = list(PAPER.get(t, {}))
-        for setting, rs in sorted(by[t].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
-            out.append(f"| {setting} | {fmt([r.get('top1') for r in rs])} | {fmt([r.get('knn') for r in rs])} | "
-                       f"{fmt([r.get('linprobe') for r in rs])} | {PAPER.get(t, {}).get(setting, '–')} | "
-                       f"{', '.join(r['name'] for r in rs)} |")
+        settings = {s: [] for s in PAPER[t]} | dict(by[t])
+        settings[DEFAULT_ALIASES[t]] = default
+        out += [f"#### {TITLES[t]}", "", f"| setting | val top-1, fine-tuned ({dataset}) | val − default | "
+                "held-out top-1 | held-out k-NN | held-out linear probe | paper top-1 (ImageNet, MAL-B) | runs |",
+                "|---|---|---|---|---|---|---|---|"]
+        for setting, rs in settings.items():
+            paper = PAPER[t].get(setting, "–")
+            if not rs:
+                out.append(f"| {setting} | not run yet | | | | | {paper} | |")
+                continue
+            top1 = [r.get("top1") for r in rs]
+            delta = "–" if rs is default or ref is None else f"{statistics.mean(top1) - ref:+.2f}"
+            out.append(f"| {setting} | {fmt(top1)} | {delta} | {fmt([r.get('holdout_top1') for r in rs])} | "
+                       f"{fmt([r.get('holdout_knn') for r in rs])} | {fmt([r.get('holdout_linprobe') for r in rs])} | "
+                       f"{paper} | {', '.join(r['name'] for r in rs)} |")
         out.append("")
-    return "\n".join(out)
+    return out
 
 
 DIAG_COLUMNS = ("| setting | pretraining loss (end) | held-out k-NN | held-out linear probe | held-out top-1, "
@@ -316,7 +354,7 @@ def cluster_size_plot(rows: list[dict], save, dataset: str) -> None:
     save(fig, "results_cluster_size.png")
 
 
-def plots(rows: list[dict], out_dir: Path, dataset: str = "CIFAR-10") -> list[Path]:
+def plots(rows: list[dict], out_dir: Path, dataset: str = "CIFAR-10", which: str = "all") -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -355,9 +393,11 @@ def plots(rows: list[dict], out_dir: Path, dataset: str = "CIFAR-10") -> list[Pa
         for ax in axes[:, 0]:
             ax.set_ylabel("next-cluster loss (normalized MSE)")
         save(fig, "results_pretrain_loss.png")
-    curves_plot(rows, save, dataset)
-    probe_plot(rows, save)
-    diagnosis_plot(rows, save)
+    if which in ("all", "headline"):
+        curves_plot(rows, save, dataset)
+        probe_plot(rows, save)
+    if which in ("all", "diagnosis"):
+        diagnosis_plot(rows, save)
     return made
 
 
@@ -384,6 +424,8 @@ def main() -> None:
     ap.add_argument("--figures", default="docs/results")
     ap.add_argument("--section", default="tables", help="which marked section of --doc to fill")
     ap.add_argument("--dataset", default="CIFAR-10", help="the data set's name in table headers and plot labels")
+    ap.add_argument("--tables", choices=list(TABLE_SETS), default="all",
+                    help="which tables (and the rows and plots they use): all, or one family")
     args = ap.parse_args()
     rows = {}
     for path in args.results:
@@ -391,14 +433,14 @@ def main() -> None:
             if line.strip():
                 r = json.loads(line)
                 rows[r["name"]] = {**r, "_dir": str(Path(path).parent)}
-    rows = sorted(rows.values(), key=lambda r: r["name"])
-    text = tables(rows, args.dataset)
+    rows = select(sorted(rows.values(), key=lambda r: r["name"]), args.tables)
+    text = tables(rows, args.dataset, args.tables)
     text += "\n#### Commands\n\n" + "\n".join(f"- `{r['name']}`: " + " && ".join(f"`{c}`" for c in r["commands"])
                                               for r in rows) + "\n"
     fill_section(Path(args.doc), args.section, text)
     figs = Path(args.figures)
     figs.mkdir(parents=True, exist_ok=True)
-    for p in plots(rows, figs, args.dataset):
+    for p in plots(rows, figs, args.dataset, args.tables):
         print(p)
     print(args.doc)
 

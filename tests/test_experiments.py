@@ -300,14 +300,20 @@ def test_results_of_several_sweeps_pool_into_one_table(tmp_path):
     doc.write_text("<!-- ablations:begin (experiments/make_results.py) -->\nOLD\n<!-- ablations:end -->\n")
     res = subprocess.run([sys.executable, "experiments/make_results.py", "--results",
                           "docs/results/imagenette_headline/results.jsonl", str(abl / "results.jsonl"), "--doc", str(doc),
-                          "--section", "ablations", "--dataset", "Imagenette-96", "--figures", str(tmp_path / "fig")],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+                          "--section", "ablations", "--tables", "ablations", "--dataset", "Imagenette-96", "--figures",
+                          str(tmp_path / "fig")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     vals = [r["top1"] for r in head if r["setting"] == "MAL default"] + [50.0]
     text = doc.read_text()
     k4 = next(ln for ln in text.splitlines() if ln.startswith("| k=4 |"))
-    assert k4.startswith(f"| k=4 | {statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} (n=4) |")
-    assert "default_s3" in k4 and "| k=2 | 47.50 |" in text
+    assert k4.startswith(f"| k=4 | {statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} (n=4) | – |")
+    assert "default_s3" in k4 and f"| k=2 | 47.50 | {47.5 - statistics.mean(vals):+.2f} |" in text
+    # --tables ablations: every ablation table, a paper row without a run says so, and neither the headline's
+    # other arms nor their commands appear
+    assert "| k=6 | not run yet |" in text and "| cluster 10% | not run yet |" in text
+    assert "| cluster 20% | " + k4.split(" | ", 1)[1] in text                # the default row in Table 5 too
+    assert "#### Table 13: decoder type" in text and "| MAL default |" not in text and "supervised_s0" not in text
+    assert {p.name for p in (tmp_path / "fig").iterdir()} == {"results_cluster_size.png", "results_pretrain_loss.png"}
 
 
 def test_stage_epochs_reads_the_override_that_wins():
