@@ -54,34 +54,37 @@ class Experiment:
                 "finetune": f"{protocol}_finetune{vit}"}
 
 
-def experiments(seeds: list[int]) -> list[Experiment]:
+def ablation_variants() -> list[tuple[str, str, str, list[str]]]:
+    """(name, table, setting, pretraining overrides) of every ablation row but the default one. Every variant is
+    fine-tuned with the same architecture (the <protocol>_finetune config: alternating, k=4, bidirectional): only
+    the pretraining differs."""
+    rows = [(f"table6_k{k}", "table6", f"k={k}", [f"model.cluster_size={k}"]) for k in (1, 2, 3, 6)]  # k=4: default
+    rows += [(f"table7_{o}", "table7", o, [f"model.scan_order={o}"])
+             for o in ("row_fwd", "col_fwd", "row_bwd", "col_bwd", "random")]
+    for unit in ("pixel", "patch", "cluster"):
+        for ratio in (0.0, 0.1, 0.2, 0.5):
+            if (unit == "cluster" and ratio == 0.2) or (ratio == 0.0 and unit != "cluster"):
+                continue                          # the default row; ratio 0 is the same run for every unit
+            rows.append((f"table5_{unit}_{int(ratio * 100)}", "table5", f"{unit} {int(ratio * 100)}%",
+                         [f"objective.mask.unit={unit}", f"objective.mask.ratio={ratio}"]))
+    rows.append(("table12_d4", "table12", "depth 4, width 512", ["objective.decoder.depth=4"]))
+    rows += [(f"table12_w{w}", "table12", f"depth 8, width {w}", [f"objective.decoder.dim={w}"])
+             for w in (384, 1024)]                # 16 heads at every width, as the default 512
+    rows.append(("table13_xlstm", "table13", "xLSTM decoder", ["objective.decoder.kind=xlstm",
+                                                               "objective.decoder.depth=2"]))
+    return rows
+
+
+def experiments(seeds: list[int], ablation_seeds: tuple[int, ...] = (0,)) -> list[Experiment]:
     exps: list[Experiment] = []
     for s in seeds:   # rows 1-2 with several seeds
         exps.append(Experiment(f"supervised_s{s}", "baseline", "supervised", None, seed=s))
         exps.append(Experiment(f"supervised_ft_s{s}", "baseline", "supervised, labelled epochs", None, seed=s,
                                labelled_only=True))
         exps.append(Experiment(f"default_s{s}", "baseline", "MAL default", [], seed=s))
-    # every variant is fine-tuned with the same architecture (the cifar10_finetune config: alternating, k=4,
-    # bidirectional): only the pretraining differs
-    for k in (1, 2, 3, 6):                       # k=4 is the default row
-        exps.append(Experiment(f"table6_k{k}", "table6", f"k={k}", [f"model.cluster_size={k}"]))
-    for order in ("row_fwd", "col_fwd", "row_bwd", "col_bwd", "random"):
-        exps.append(Experiment(f"table7_{order}", "table7", order, [f"model.scan_order={order}"]))
-    for unit in ("pixel", "patch", "cluster"):
-        for ratio in (0.0, 0.1, 0.2, 0.5):
-            if unit == "cluster" and ratio == 0.2:
-                continue                          # the default row
-            if ratio == 0.0 and unit != "cluster":
-                continue                          # ratio 0 is the same run for every unit
-            exps.append(Experiment(f"table5_{unit}_{int(ratio * 100)}", "table5", f"{unit} {int(ratio * 100)}%",
-                                   [f"objective.mask.unit={unit}", f"objective.mask.ratio={ratio}"]))
-    exps.append(Experiment("table12_d4", "table12", "depth 4, width 512", ["objective.decoder.depth=4"]))
-    for width in (384, 1024):                   # 16 heads at every width, as the default 512
-        exps.append(Experiment(f"table12_w{width}", "table12", f"depth 8, width {width}",
-                               [f"objective.decoder.dim={width}"]))
-    # depth 8 / width 512 is the default row
-    exps.append(Experiment("table13_xlstm", "table13", "xLSTM decoder",
-                           ["objective.decoder.kind=xlstm", "objective.decoder.depth=2"]))
+    for s in ablation_seeds:                     # seed 0 keeps the unsuffixed name of the first runs
+        exps += [Experiment(name + (f"_s{s}" if s else ""), table, setting, pre, seed=s)
+                 for name, table, setting, pre in ablation_variants()]
     # paper Tables 4 / 9: MAE vs MAL on ViL and ViT, and the supervised ViT (MAL-ViL and supervised ViL: rows 1-2)
     for s in seeds:
         exps.append(Experiment(f"table4_mae_vil_s{s}", "table4", "MAE-ViL", [], seed=s, model="mae_vil"))
@@ -273,7 +276,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=4, help="data loader workers per run")
     ap.add_argument("--pre-epochs", type=int, default=30)
     ap.add_argument("--ft-epochs", type=int, default=30)
-    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--seeds", default="0,1", help="seeds of the headline's arms (default, supervised, Table 4)")
+    ap.add_argument("--ablation-seeds", default="0", help="seeds of the ablation variants (seed 0 is named "
+                                                          "table6_k1, seed 1 table6_k1_s1, ...)")
     ap.add_argument("--only", default="", help="regex on experiment names")
     ap.add_argument("--first", default="", help="regex: these experiments start first (e.g. the slowest, so that a "
                                                  "deadline cuts the cheap ones)")
@@ -287,7 +292,8 @@ def main() -> None:
     if args.recipe_from:
         args.pretrain_recipe, args.supervised_recipe = chosen_recipe(Path(args.recipe_from))
     seeds = [int(s) for s in args.seeds.split(",")]
-    exps = [e for e in experiments(seeds) + diagnosis() + finetune_diagnosis(seeds) if re.search(args.only, e.name)]
+    ablation_seeds = tuple(int(s) for s in args.ablation_seeds.split(","))
+    exps = [e for e in experiments(seeds, ablation_seeds) + diagnosis() + finetune_diagnosis(seeds) if re.search(args.only, e.name)]
     if args.first:
         exps.sort(key=lambda e: not re.search(args.first, e.name))           # stable: the rest keep their order
     if args.list:

@@ -84,6 +84,19 @@ def test_ablations_fine_tune_one_fixed_architecture():
         assert not any(o.startswith("model.") for o in e.finetune)
 
 
+def test_ablation_seeds_repeat_every_variant_under_a_suffixed_name():
+    """--ablation-seeds 0,1: seed 0 keeps the committed names (table6_k1), seed 1 adds table6_k1_s1 with the same
+    pretraining overrides and seed 1, so make_results pools both into one row of the table."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from sweep import experiments
+    one = {e.name: e for e in experiments([0]) if e.table.startswith("table") and e.table != "table4"}
+    two = {e.name: e for e in experiments([0], (0, 1)) if e.table.startswith("table") and e.table != "table4"}
+    assert len(one) == 22 and len(two) == 44 and set(one) < set(two)
+    k1, k1_s1 = two["table6_k1"], two["table6_k1_s1"]
+    assert (k1.seed, k1_s1.seed) == (0, 1)
+    assert k1_s1.pretrain == k1.pretrain == ["model.cluster_size=1"] and k1_s1.setting == k1.setting == "k=1"
+
+
 def test_paired_difference_matches_a_hand_computation():
     sys.path.insert(0, str(REPO / "experiments"))
     from make_results import paired_difference
