@@ -388,7 +388,7 @@ def long_main(args) -> None:
     long_table(rows)
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dh", type=int, nargs="+", default=[96, 192, 384])
     ap.add_argument("--batch", type=int, default=None, help="sequences per call (default 128; --long: tokens // S)")
@@ -408,64 +408,58 @@ def main():
     ap.add_argument("--tokens", type=int, default=128 * 1024, help="--long: B * S per call (B = tokens // S)")
     ap.add_argument("--chunk", type=int, default=None, help="--long: the chunkwise kernel's chunk length")
     ap.add_argument("--chunk-ablation", action="store_true", help="--long: also time chunk 64/128/256, SAVE_STATES")
-    args = ap.parse_args()
-    if args.long:
-        if args.chunk is not None:
-            from mal.ops.mlstm import chunkwise as ck
-            ck.CHUNK_SIZE = args.chunk
-        return long_main(args)
-    args.batch = args.batch or 128
+    return ap.parse_args()
 
+
+def short_row(args: argparse.Namespace, DH: int, dev: str) -> dict:
+    """One head dim at ViL's sequence length: our kernel, the torch reference and SDPA, timed, with the ratios and
+    the ablations asked for."""
     from mal.ops.mlstm.kernel import mlstm_triton
     from mal.ops.mlstm.reference import mlstm_parallel
 
     dtype = torch.bfloat16
-    dev = torch.cuda.get_device_name()
-    rows = []
-    for DH in args.dh:
-        B, NH, S = args.batch, args.heads, args.seq
-        if args.sweep:
-            print(json.dumps({"DH": DH, "best": sweep(B, NH, S, DH, dtype)}), flush=True)
-        inputs, dh = make_inputs(B, NH, S, DH, dtype)
-        row = {"device": dev, "B": B, "NH": NH, "S": S, "DH": DH, "dtype": "bf16"}
-        for name, fn in [("triton", mlstm_triton), ("torch", mlstm_parallel)] + [(n, f) for f, n in sdpa_fn()]:
-            try:
-                row[name] = time_backend(fn, inputs, dh)
-            except RuntimeError as exc:   # e.g. flash attention rejects head dims above 256
-                print(f"{name} DH={DH}: {str(exc).splitlines()[0][:120]}")
-                continue
-            torch.cuda.empty_cache()
-        sdpa = row.get("sdpa-flash") or row.get("sdpa-mem-eff")
-        row["sdpa"] = "sdpa-flash" if "sdpa-flash" in row else "sdpa-mem-eff"
-        flop, nbytes = floors(B, NH, S, DH)
-        row["triton_fwd_tflops"] = flop / row["triton"]["fwd_ms"] / 1e9
-        row["triton_fwd_gbps_qkvh"] = nbytes / row["triton"]["fwd_ms"] / 1e6
-        row["speedup_vs_torch_fwd"] = row["torch"]["fwd_ms"] / row["triton"]["fwd_ms"]
-        row["speedup_vs_torch_fwd_bwd"] = row["torch"]["fwd_bwd_ms"] / row["triton"]["fwd_bwd_ms"]
-        row["vs_sdpa_fwd"] = row["triton"]["fwd_ms"] / sdpa["fwd_ms"]
-        row["vs_sdpa_fwd_bwd"] = row["triton"]["fwd_bwd_ms"] / sdpa["fwd_bwd_ms"]
-        row["gpu_vs_sdpa_fwd_bwd"] = row["triton"]["gpu_fwd_bwd_ms"] / sdpa["gpu_fwd_bwd_ms"]
-        row["gpu_speedup_vs_torch_fwd_bwd"] = row["torch"]["gpu_fwd_bwd_ms"] / row["triton"]["gpu_fwd_bwd_ms"]
-        if args.profile:
-            profile(inputs, dh)
-        if args.delta_ablation:
-            row["triton_o_delta_gpu_fwd_bwd_ms"] = ablation(inputs, dh, "EXACT_DELTA")["gpu_fwd_bwd_ms"]
-        if args.split_ablation:
-            row["triton_one_tile"] = ablation(inputs, dh, "SPLIT_HEAD_DIM")
-            for key in ("gpu_fwd_ms", "gpu_fwd_bwd_ms"):
-                row[f"one_tile_over_split_{key}"] = row["triton_one_tile"][key] / row["triton"][key]
-        if args.maxnreg_ablation:
-            row["triton_no_dq_maxnreg"] = ablation(inputs, dh, "_DQ_MAXNREG", {})
-            row["no_cap_over_cap_gpu_fwd_bwd_ms"] = (row["triton_no_dq_maxnreg"]["gpu_fwd_bwd_ms"]
-                                                     / row["triton"]["gpu_fwd_bwd_ms"])
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        del inputs, dh
+    B, NH, S = args.batch, args.heads, args.seq
+    if args.sweep:
+        print(json.dumps({"DH": DH, "best": sweep(B, NH, S, DH, dtype)}), flush=True)
+    inputs, dh = make_inputs(B, NH, S, DH, dtype)
+    row = {"device": dev, "B": B, "NH": NH, "S": S, "DH": DH, "dtype": "bf16"}
+    for name, fn in [("triton", mlstm_triton), ("torch", mlstm_parallel)] + [(n, f) for f, n in sdpa_fn()]:
+        try:
+            row[name] = time_backend(fn, inputs, dh)
+        except RuntimeError as exc:   # e.g. flash attention rejects head dims above 256
+            print(f"{name} DH={DH}: {str(exc).splitlines()[0][:120]}")
+            continue
         torch.cuda.empty_cache()
+    sdpa = row.get("sdpa-flash") or row.get("sdpa-mem-eff")
+    row["sdpa"] = "sdpa-flash" if "sdpa-flash" in row else "sdpa-mem-eff"
+    flop, nbytes = floors(B, NH, S, DH)
+    row["triton_fwd_tflops"] = flop / row["triton"]["fwd_ms"] / 1e9
+    row["triton_fwd_gbps_qkvh"] = nbytes / row["triton"]["fwd_ms"] / 1e6
+    row["speedup_vs_torch_fwd"] = row["torch"]["fwd_ms"] / row["triton"]["fwd_ms"]
+    row["speedup_vs_torch_fwd_bwd"] = row["torch"]["fwd_bwd_ms"] / row["triton"]["fwd_bwd_ms"]
+    row["vs_sdpa_fwd"] = row["triton"]["fwd_ms"] / sdpa["fwd_ms"]
+    row["vs_sdpa_fwd_bwd"] = row["triton"]["fwd_bwd_ms"] / sdpa["fwd_bwd_ms"]
+    row["gpu_vs_sdpa_fwd_bwd"] = row["triton"]["gpu_fwd_bwd_ms"] / sdpa["gpu_fwd_bwd_ms"]
+    row["gpu_speedup_vs_torch_fwd_bwd"] = row["torch"]["gpu_fwd_bwd_ms"] / row["triton"]["gpu_fwd_bwd_ms"]
+    if args.profile:
+        profile(inputs, dh)
+    if args.delta_ablation:
+        row["triton_o_delta_gpu_fwd_bwd_ms"] = ablation(inputs, dh, "EXACT_DELTA")["gpu_fwd_bwd_ms"]
+    if args.split_ablation:
+        row["triton_one_tile"] = ablation(inputs, dh, "SPLIT_HEAD_DIM")
+        for key in ("gpu_fwd_ms", "gpu_fwd_bwd_ms"):
+            row[f"one_tile_over_split_{key}"] = row["triton_one_tile"][key] / row["triton"][key]
+    if args.maxnreg_ablation:
+        row["triton_no_dq_maxnreg"] = ablation(inputs, dh, "_DQ_MAXNREG", {})
+        row["no_cap_over_cap_gpu_fwd_bwd_ms"] = (row["triton_no_dq_maxnreg"]["gpu_fwd_bwd_ms"]
+                                                 / row["triton"]["gpu_fwd_bwd_ms"])
+    del inputs, dh
+    torch.cuda.empty_cache()
+    return row
 
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+
+def print_short_table(rows: list[dict], args: argparse.Namespace, dev: str) -> None:
+    """The markdown table of the short rows (eager / GPU-kernel milliseconds, ratios, peak memory)."""
     print(f"\n{dev}, B={args.batch}, NH={args.heads}, S={args.seq}, bf16, median ms (do_bench); "
           "eager / gpu kernel time\n")
     print("| DH | sdpa | triton fwd | torch fwd | sdpa fwd | triton f+b | torch f+b | sdpa f+b "
@@ -481,6 +475,25 @@ def main():
               f"{r['speedup_vs_torch_fwd_bwd']:.1f}x / {r['gpu_speedup_vs_torch_fwd_bwd']:.1f}x | "
               f"{r['vs_sdpa_fwd_bwd']:.2f}x / {r['gpu_vs_sdpa_fwd_bwd']:.2f}x | "
               f"{t['peak_mib']:.0f} / {p['peak_mib']:.0f} / {s['peak_mib']:.0f} |")
+
+
+def main():
+    args = parse_args()
+    if args.long:
+        if args.chunk is not None:
+            from mal.ops.mlstm import chunkwise as ck
+            ck.CHUNK_SIZE = args.chunk
+        return long_main(args)
+    args.batch = args.batch or 128
+    dev = torch.cuda.get_device_name()
+    rows = []
+    for DH in args.dh:
+        rows.append(short_row(args, DH, dev))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    print_short_table(rows, args, dev)
 
 
 if __name__ == "__main__":
