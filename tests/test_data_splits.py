@@ -1,4 +1,5 @@
-"""mal.data.holdout_split (per-class, seeded, disjoint, complete) and IndexedView (own transform, shared files)."""
+"""mal.data.holdout_split (per-class, seeded, disjoint, complete), labelled_subset (the low-label protocol) and
+IndexedView (own transform, shared files)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -9,7 +10,8 @@ import pytest
 import torch
 from test_data_folder import SIDE, make_folder, rgb_array, write_garbage_jpg
 
-from mal.data import ImageFolderDataset, IndexedView, default_dataset, eval_transform, holdout_split
+from mal.data import (ImageFolderDataset, IndexedView, default_dataset, eval_transform, holdout_split,
+                      labelled_subset)
 
 TARGETS = [0] * 40 + [1] * 10 + [2] * 3 + [3] * 1 + [1] * 6  # class 1 split in two runs
 
@@ -44,6 +46,17 @@ def test_holdout_split_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="seed"):
         holdout_split(TARGETS, 0.1, seed=-1)
     assert holdout_split([0, 0], 0.9, seed=0)[0] != []  # never every image of a class
+
+
+def test_labelled_subset_keeps_a_seeded_fraction_of_each_class_of_the_given_indices() -> None:
+    train, _ = holdout_split(TARGETS, 0.25, seed=0)                 # 45 of the 60 indices: 30 / 12 / 2 / 1
+    part = labelled_subset(TARGETS, train, 0.2, seed=0)
+    assert part == sorted(part) and set(part) < set(train)
+    assert Counter(TARGETS[i] for i in part) == {0: 6, 1: 2, 2: 1, 3: 1}   # round(0.2 n), at least one image
+    assert part == labelled_subset(TARGETS, train, 0.2, seed=0) != labelled_subset(TARGETS, train, 0.2, seed=1)
+    assert labelled_subset(TARGETS, train, 1.0, seed=0) == train
+    with pytest.raises(ValueError, match="labelled fraction"):
+        labelled_subset(TARGETS, train, 0.0, seed=0)
 
 
 def test_targets_need_no_decoding(tmp_path: Path, monkeypatch) -> None:

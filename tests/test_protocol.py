@@ -182,6 +182,21 @@ def test_holdout_is_evaluated_during_training_and_the_val_folder_once(image_fold
     assert not torch.equal(data.train[0][0], data.train[0][0])                # training part: augmented
 
 
+def test_label_fraction_trains_on_part_of_the_labels_and_keeps_the_held_out_part(image_folder):
+    """data.label_fraction=0.25 with a held-out quarter: the classifier trains on a quarter of each class of the
+    remaining 48 per class (12), the held-out 16 per class are unchanged, and a pretraining run refuses the key."""
+    from mal.engine.build import build_datasets
+    base = [f"data.dataset={image_folder}", "init=x", "data.holdout=0.25", "data.cache=false"]
+    full = build_datasets(load_run_config("cifar10_finetune", base), progress=False)
+    low = build_datasets(load_run_config("cifar10_finetune", [*base, "data.label_fraction=0.25"]), progress=False)
+    assert len(full.train) == 144 and len(low.train) == 36 and set(low.train.indices) < set(full.train.indices)
+    assert low.train.targets.count(0) == 12 and low.eval.indices == full.eval.indices
+    with pytest.raises(ValueError, match="a pretrain run would ignore it"):
+        load_run_config("cifar10_pretrain", [f"data.dataset={image_folder}", "data.label_fraction=0.5"])
+    with pytest.raises(ValueError, match=r"label_fraction must be in \(0, 1\]"):
+        load_run_config("cifar10_finetune", [*base, "data.label_fraction=0"])
+
+
 def test_pretraining_probes_report_their_pooling_and_the_holdout(image_folder, tmp_path):
     out = tmp_path / "pre"
     assert main(["pretrain", "--config", "cifar10_pretrain", "--output", str(out),

@@ -190,6 +190,9 @@ class DataConfig:
                                        # during training (recipe choices); the val_split folder is then used once,
                                        # at the end
     holdout_seed: int = 0              # which images are held out (fixed across run seeds)
+    label_fraction: float = 1.0        # finetune / supervised: train on this fraction of each class of the
+                                       # training images (after the held-out part), the low-label protocol;
+                                       # drawn with holdout_seed, fixed across run seeds
     mean: tuple[float, float, float] = IMAGENET_MEAN   # per-channel normalization of [0, 1] pixels
     std: tuple[float, float, float] = IMAGENET_STD     # per-channel standard deviation of [0, 1] pixels
     num_workers: int = -1              # loader worker processes; -1 = what the machine has (at most 8)
@@ -206,6 +209,8 @@ class DataConfig:
         if not 0 < self.crop_min_scale <= 1 or not 0 < self.eval_crop_pct <= 1:
             raise ValueError("data.crop_min_scale and data.eval_crop_pct must be in (0, 1]")
         _in_range("data.holdout", self.holdout, 0.0, 0.5)
+        if not 0 < self.label_fraction <= 1:
+            raise ValueError(f"data.label_fraction must be in (0, 1] (1 = every label), got {self.label_fraction}")
         if min(self.std) <= 0:
             raise ValueError(f"data.std must be positive in every channel, got {list(self.std)}")
 
@@ -427,6 +432,9 @@ class RunConfig:
             raise ValueError("ema_decay must be in [0, 1)")
         if self.task == "segment":
             self.seg.check(self.num_classes, self.model.patch_size)
+        if self.data.label_fraction < 1 and self.task not in ("finetune", "supervised"):
+            raise ValueError(f"data.label_fraction={self.data.label_fraction} limits the labels a classifier trains "
+                             f"on (task finetune or supervised); a {self.task} run would ignore it: remove it")
         if self.task == "pretrain" and self.objective.kind == "mal":
             from .serialization import check_divides
             check_divides(*self.model.grid, self.model.cluster_size)

@@ -3,7 +3,7 @@
 images      any Pillow mode → 8-bit RGB                  base       ImageDataset, what every dataset offers
 folder      ImageFolderDataset (bad files skipped)        badfiles   BadImageError and the bad-file record
 cache       the decoded uint8 cache of a small folder     default    the embedded MNIST digits
-splits      holdout_split, IndexedView                    transforms MAE's pretrain / fine-tune / eval transforms
+splits      holdout_split, labelled_subset, IndexedView   transforms MAE's pretrain / fine-tune / eval transforms
 loaders     in-order evaluation loaders, worker counts    resolve    build_dataset: "default" or ROOT/<split>
 segmentation  image/mask pairs (SegmentationFolder), their seeded splits and joint v2 transforms
 """
@@ -15,7 +15,7 @@ from .loaders import build_loader, cap_num_workers, default_num_workers
 from .resolve import build_dataset
 from .segmentation import (BadMaskError, PadCollate, SegmentationFolder, SegmentationView, seg_eval_transform,
                            seg_train_transform, split_pairs)
-from .splits import IndexedView, holdout_split
+from .splits import IndexedView, holdout_split, labelled_subset
 from .transforms import (IMAGENET_MEAN, IMAGENET_STD, eval_transform, finetune_transform, normalize_uint8,
                          pretrain_transform)
 
@@ -24,7 +24,7 @@ __all__ = [
     "BadImageError",
     "to_rgb8", "load_rgb_image",
     "ImageFolderDataset", "ArrayImageDataset", "default_dataset", "build_dataset",
-    "holdout_split", "IndexedView",
+    "holdout_split", "labelled_subset", "IndexedView",
     "pretrain_transform", "normalize_uint8", "finetune_transform", "eval_transform",
     "build_loader", "default_num_workers", "cap_num_workers",
     "BadMaskError", "SegmentationFolder", "SegmentationView", "split_pairs", "seg_train_transform",

@@ -25,18 +25,32 @@ def holdout_split(targets: Sequence[int], fraction: float, seed: int) -> tuple[l
         raise ValueError(f"the held-out fraction must be in [0, 1), got {fraction}")
     if seed < 0:
         raise ValueError(f"the held-out split's seed must be >= 0, got {seed}")
+    held = _draw_per_class(targets, lambda n: min(n - 1, max(round(fraction * n), 1 if fraction > 0 else 0)), seed)
+    held_set = set(held)
+    return [i for i in range(len(targets)) if i not in held_set], held
+
+
+def _draw_per_class(targets: Sequence[int], count: Callable[[int], int], seed: int) -> list[int]:
+    """Sorted positions of ``count(n_c)`` samples of each class c, drawn with a generator seeded by (seed, c)."""
     by_class: dict[int, list[int]] = defaultdict(list)
     for i, label in enumerate(targets):
         by_class[int(label)].append(i)
-    held: list[int] = []
+    drawn: list[int] = []
     for label, members in by_class.items():
-        n = len(members)
-        k = min(n - 1, max(round(fraction * n), 1 if fraction > 0 else 0))
-        if k > 0:
-            pick = np.random.default_rng([seed, label]).permutation(n)[:k]
-            held += [members[j] for j in pick]
-    held_set = set(held)
-    return [i for i in range(len(targets)) if i not in held_set], sorted(held)
+        pick = np.random.default_rng([seed, label]).permutation(len(members))[:count(len(members))]
+        drawn += [members[j] for j in pick]
+    return sorted(drawn)
+
+
+def labelled_subset(targets: Sequence[int], indices: Sequence[int], fraction: float, seed: int) -> list[int]:
+    """The part of ``indices`` whose labels a low-label run trains on, sorted: ``fraction`` of each class, at
+    least one image, drawn as ``holdout_split`` draws (seeded per class, independent of the other classes)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"the labelled fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return list(indices)
+    picked = _draw_per_class([targets[i] for i in indices], lambda n: max(round(fraction * n), 1), seed)
+    return [indices[j] for j in picked]
 
 
 class _Composed(Sequence[int]):
@@ -85,4 +99,4 @@ class IndexedView(ImageDataset):
         return self.dataset.report()
 
 
-__all__ = ["holdout_split", "IndexedView"]
+__all__ = ["holdout_split", "labelled_subset", "IndexedView"]
