@@ -57,10 +57,10 @@ TITLES = {"baseline": "Supervised vs MAL (rows 1-2)", "table6": "Table 6: cluste
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def paired_difference(rows: list[dict], a: str, b: str, key: str = "top1") -> dict | None:
-    """Seed-by-seed differences `a - b` of `key` between two settings of the baseline table: mean, the 95 %
-    t-interval of the mean (None with one seed), the seeds paired. None when no seed has both."""
-    by = {(r["setting"], r["seed"]): r.get(key) for r in rows if r["table"] == "baseline"}
+def paired_difference(rows: list[dict], a: str, b: str, key: str = "top1", table: str = "baseline") -> dict | None:
+    """Seed-by-seed differences `a - b` of `key` between two settings of one table: mean, the 95 % t-interval of
+    the mean (None with one seed), the seeds paired. None when no seed has both."""
+    by = {(r["setting"], r["seed"]): r.get(key) for r in rows if r["table"] == table}
     seeds = sorted(s for (setting, s), v in by.items() if setting == a and v is not None
                    and by.get((b, s)) is not None)
     if not seeds:
@@ -71,17 +71,19 @@ def paired_difference(rows: list[dict], a: str, b: str, key: str = "top1") -> di
     return {"mean": mean, "ci": None if half is None else (mean - half, mean + half), "seeds": seeds, "diffs": d}
 
 
-def paired_table(rows: list[dict]) -> list[str]:
+def paired_table(rows: list[dict], pairs=(("MAL default", "supervised, labelled epochs"), ("MAL default", "supervised")),
+                 table: str = "baseline") -> list[str]:
     """Markdown rows: MAL minus each supervised baseline, on the val folder and the held-out split."""
     out = ["#### MAL minus supervised, paired by seed", "",
            "| comparison | metric | mean difference | 95 % interval | seeds |", "|---|---|---|---|---|"]
-    for b in ("supervised, labelled epochs", "supervised"):
+    for a, b in pairs:
         for key, name in (("top1", "val top-1"), ("holdout_top1", "held-out top-1")):
-            res = paired_difference(rows, "MAL default", b, key)
+            res = paired_difference(rows, a, b, key, table)
             if res is None:
                 continue
             ci = "–" if res["ci"] is None else f"[{res['ci'][0]:+.2f}, {res['ci'][1]:+.2f}]"
-            out.append(f"| MAL − {b} | {name} | {res['mean']:+.2f} | {ci} | {len(res['seeds'])} |")
+            label = "MAL" if a == "MAL default" else a
+            out.append(f"| {label} − {b} | {name} | {res['mean']:+.2f} | {ci} | {len(res['seeds'])} |")
     return out + [""] if len(out) > 4 else []
 
 
@@ -129,7 +131,7 @@ ABLATIONS = ("table6", "table7", "table5", "table12", "table13")
 # --tables: which tables to render, and which results rows they read (the default runs are a row of every ablation
 # table and the reference of the fine-tuning recipes).
 TABLE_SETS = {"all": None, "headline": ("baseline", "table4"), "ablations": ABLATIONS, "diagnosis": ("diag",),
-              "ftdiag": ("ftdiag",)}
+              "ftdiag": ("ftdiag",), "lowlabel": ("lowlabel",)}
 
 
 def select(rows: list[dict], which: str) -> list[dict]:
@@ -150,7 +152,31 @@ def tables(rows: list[dict], dataset: str = "CIFAR-10", which: str = "all") -> s
         out += headline_table(rows, dataset) + paired_table(rows)
     if which in ("all", "ablations"):
         out += ablation_tables(rows, dataset, every_table=which == "ablations")
+    if which in ("all", "lowlabel"):
+        out += low_label_table(rows, dataset)
     return "\n".join(out)
+
+
+def low_label_table(rows: list[dict], dataset: str) -> list[str]:
+    """Markdown rows of the low-label arms (sweep.py's lowlabel* rows): MAL and supervised on the same fraction of
+    the labels, seeds pooled, and their paired difference."""
+    by = defaultdict(list)
+    for r in rows:
+        if r["table"] == "lowlabel":
+            by[r["setting"]].append(r)
+    if not by:
+        return []
+    out = ["#### MAL against supervised training with few labels", "",
+           f"| arm | labelled epochs | val top-1 ({dataset}) | held-out top-1 | wall min per run | runs |",
+           "|---|---|---|---|---|---|"]
+    for setting, rs in sorted(by.items()):
+        rs.sort(key=lambda r: r["seed"])
+        out.append(f"| {setting} | {stage_epochs(rs[0])[1]} | {fmt([r.get('top1') for r in rs])} | "
+                   f"{fmt([r.get('holdout_top1') for r in rs])} | {statistics.mean(r.get('gpu_min') or 0 for r in rs):.1f} | "
+                   f"{', '.join(r['name'] for r in rs)} |")
+    mal = [s for s in by if s.startswith("MAL")]
+    pairs = [(m, "supervised" + m[3:]) for m in mal if "supervised" + m[3:] in by]
+    return out + [""] + paired_table(rows, pairs, "lowlabel")
 
 
 def ablation_tables(rows: list[dict], dataset: str, every_table: bool = False) -> list[str]:

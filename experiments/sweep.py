@@ -143,6 +143,20 @@ def finetune_diagnosis(seeds: list[int]) -> list[Experiment]:
     return exps
 
 
+def low_label(seeds: list[int]) -> list[Experiment]:
+    """MAL against supervised training when labels are scarce: 10 % of each class's labels (data.label_fraction),
+    100 labelled epochs (the steps of 10 epochs on every label), evaluated every 10; the fine-tune starts from
+    default_s*'s pretraining (shared, not re-run)."""
+    ov = ["data.label_fraction=0.1", "optim.epochs=100", "eval_every=10"]
+    exps = []
+    for s in seeds:
+        exps.append(Experiment(f"lowlabel10_s{s}", "lowlabel", "MAL, 10 % of the labels", [], ov, seed=s,
+                               pretrained_by=f"default_s{s}"))
+        exps.append(Experiment(f"lowlabel10_supervised_s{s}", "lowlabel", "supervised, 10 % of the labels", None, ov,
+                               seed=s, labelled_only=True))
+    return exps
+
+
 def chosen_recipe(results: Path) -> tuple[list[str], list[str]]:
     """The diagnosis's winners on the held-out split (from a sweep's results.jsonl): the MAL-ViL pretraining overrides
     whose short fine-tune scores best (the linear probe where no fine-tune ran; rows with their own schedule left
@@ -293,7 +307,8 @@ def main() -> None:
         args.pretrain_recipe, args.supervised_recipe = chosen_recipe(Path(args.recipe_from))
     seeds = [int(s) for s in args.seeds.split(",")]
     ablation_seeds = tuple(int(s) for s in args.ablation_seeds.split(","))
-    exps = [e for e in experiments(seeds, ablation_seeds) + diagnosis() + finetune_diagnosis(seeds) if re.search(args.only, e.name)]
+    exps = [e for e in experiments(seeds, ablation_seeds) + diagnosis() + finetune_diagnosis(seeds) + low_label(seeds)
+            if re.search(args.only, e.name)]
     if args.first:
         exps.sort(key=lambda e: not re.search(args.first, e.name))           # stable: the rest keep their order
     if args.list:

@@ -298,6 +298,30 @@ def test_finetune_diagnosis_table_sets_each_recipe_beside_its_reference():
     assert finetune_diagnosis_table(rows[:4]) == []
 
 
+def test_low_label_arms_share_the_default_pretraining_and_pair_by_seed():
+    """lowlabel10_*: MAL fine-tunes default_s*'s pretraining and the supervised arm trains from scratch, both on 10 %
+    of the labels for 100 epochs; the table pools seeds and pairs MAL with the supervised arm of the same seed."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from make_results import low_label_table
+    from sweep import low_label
+    mal, sup = low_label([1])
+    assert (mal.name, mal.pretrained_by, mal.pretrain) == ("lowlabel10_s1", "default_s1", [])
+    assert sup.pretrain is None and sup.labelled_only and sup.finetune == mal.finetune
+    assert {"data.label_fraction=0.1", "optim.epochs=100"} <= set(mal.finetune)
+
+    def row(name, setting, seed, top1):
+        return {"name": name, "table": "lowlabel", "setting": setting, "seed": seed, "top1": top1,
+                "holdout_top1": top1 + 1, "gpu_min": 0.5, "commands": ["mal pretrain x", "mal finetune optim.epochs=100"]}
+    rows = [row("lowlabel10_s0", mal.setting, 0, 40.0), row("lowlabel10_s1", mal.setting, 1, 44.0),
+            row("lowlabel10_supervised_s0", sup.setting, 0, 35.0), row("lowlabel10_supervised_s1", sup.setting, 1, 41.0)]
+    text = "\n".join(low_label_table(rows, "Imagenette-96"))
+    assert "| MAL, 10 % of the labels | 100 | 42.00 ± 2.83 (n=2) | 43.00 ± 2.83 (n=2) | 0.5 |" in text
+    # paired differences 5 and 3: mean 4, interval 4 ± 12.706 * 1 (t with one degree of freedom, std sqrt(2) / sqrt(2))
+    assert ("| MAL, 10 % of the labels − supervised, 10 % of the labels | val top-1 | +4.00 | [-8.71, +16.71] | 2 |"
+            in text)
+    assert low_label_table([r for r in rows if "supervised" in r["name"]], "x")[-2].startswith("| supervised")
+
+
 def test_results_of_several_sweeps_pool_into_one_table(tmp_path):
     """--results takes several files: an ablation sweep's rows and its own default seed join the headline's three
     default seeds in the k = 4 row of Table 6; each row's curves are read beside its own file."""
