@@ -55,6 +55,7 @@ def test_labelled_subset_keeps_a_seeded_fraction_of_each_class_of_the_given_indi
     assert Counter(TARGETS[i] for i in part) == {0: 6, 1: 2, 2: 1, 3: 1}   # round(0.2 n), at least one image
     assert part == labelled_subset(TARGETS, train, 0.2, seed=0) != labelled_subset(TARGETS, train, 0.2, seed=1)
     assert labelled_subset(TARGETS, train, 1.0, seed=0) == train
+    assert set(labelled_subset(TARGETS, train, 0.1, seed=0)) <= set(part) <= set(labelled_subset(TARGETS, train, 0.5, 0))
     with pytest.raises(ValueError, match="labelled fraction"):
         labelled_subset(TARGETS, train, 0.0, seed=0)
 

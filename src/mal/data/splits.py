@@ -44,7 +44,8 @@ def _draw_per_class(targets: Sequence[int], count: Callable[[int], int], seed: i
 
 def labelled_subset(targets: Sequence[int], indices: Sequence[int], fraction: float, seed: int) -> list[int]:
     """The part of ``indices`` whose labels a low-label run trains on, sorted: ``fraction`` of each class, at
-    least one image, drawn as ``holdout_split`` draws (seeded per class, independent of the other classes)."""
+    least one image, drawn as ``holdout_split`` draws (seeded per class, independent of the other classes). The
+    subsets are nested: a smaller fraction's images are part of every larger one's."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"the labelled fraction must be in (0, 1], got {fraction}")
     if fraction == 1.0:
