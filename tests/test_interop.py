@@ -16,7 +16,8 @@ from mal.cli import main
 from mal.config import DecoderConfig
 from mal.data import eval_transform
 from mal.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from mal.engine.build import fill_unseen_positions
+from mal.checkpoint import fill_unseen_positions
+from mal.export import export_run
 from mal.models.registry import TIMM_PRESETS
 
 NAMES = [f"{p}_{s}_patch16_{i}" for p in ("mal", "mal_vit") for s in ("tiny", "small", "base") for i in (224, 192)]
@@ -216,7 +217,7 @@ def test_mal_export_encoder_classifier_and_objective(pretrain_run, tmp_path, cap
     card = (clf_dir / "README.md").read_text()
     assert "EMA weights" in card and "holdout_ema_top1" in card and "classification head for 10 classes" in card
     with pytest.raises(FileNotFoundError, match="no EMA checkpoint"):
-        mal.hub.export_run(pretrain_run, tmp_path / "x", ema=True)
+        export_run(pretrain_run, tmp_path / "x", ema=True)
 
     assert main(["export", str(pretrain_run / "ckpt_last"), "--to", str(tmp_path / "obj"), "--objective"]) == 0
     objective = MALPretrain.from_pretrained(tmp_path / "obj")
@@ -224,7 +225,7 @@ def test_mal_export_encoder_classifier_and_objective(pretrain_run, tmp_path, cap
     assert all(torch.equal(v, raw[k]) for k, v in objective.state_dict().items()) and len(raw) == len(
         objective.state_dict())
     with pytest.raises(ValueError, match="--objective exports a pretraining model"):
-        mal.hub.export_run(ft, tmp_path / "y", objective=True)
+        export_run(ft, tmp_path / "y", objective=True)
 
 
 def test_version_and_config_names(capsys):

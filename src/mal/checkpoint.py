@@ -7,6 +7,7 @@ A file that cannot be read gives one error naming the file and what to do.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -16,6 +17,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
+
+from .serialization import grid_size, unseen_input_patches
+
+log = logging.getLogger("mal")
 
 FORMAT_VERSION = 1
 PRETRAIN_ONLY_PREFIXES = ("decoder.", "mask_token")
@@ -151,3 +156,22 @@ def load_train_state(directory: Path) -> dict[str, Any]:
         return torch.load(f, map_location="cpu", weights_only=False)
     except Exception as e:                                   # EOFError, UnpicklingError, RuntimeError (zip)
         raise _unreadable(f, e) from None
+
+
+def fill_unseen_positions(state: dict, pre_model: dict) -> None:
+    """Pretraining in a fixed scan order never feeds its last cluster to the encoder, so those position embeddings
+    keep their random init. Set them to the mean of the trained ones before fine-tuning (docs/method.md)."""
+    key = "encoder.pos_embed"
+    if key not in state or "scan_order" not in pre_model:
+        return
+    h, w = grid_size(pre_model["img_size"], pre_model["patch_size"])
+    unseen = unseen_input_patches(pre_model["scan_order"], h, w, pre_model["cluster_size"])
+    if not unseen or state[key].shape[1] != h * w:
+        return
+    pos = state[key].clone()                                                # (1, hw, D)
+    seen = torch.ones(h * w, dtype=torch.bool)
+    seen[unseen] = False
+    pos[:, unseen] = pos[:, seen].mean(1, keepdim=True)
+    state[key] = pos
+    log.info("position embeddings of the %d patches that %s pretraining never fed to the encoder set to the mean "
+             "of the others", len(unseen), pre_model["scan_order"])

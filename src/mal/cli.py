@@ -367,7 +367,7 @@ def cmd_demo(args) -> dict:
 
 def cmd_export(args) -> Path:
     """`mal export RUN --to DIR`: the run's model as a save_pretrained folder with a model card."""
-    from .hub import export_run
+    from .export import export_run
     out = export_run(args.run, args.to, ema=args.ema, objective=args.objective, overwrite=args.overwrite)
     print(f"wrote {out}/: config.json, model.safetensors and README.md, the model card (how to load it: "
           f"from_pretrained, timm 'local-dir:{out}'; the data, metrics and recipe)")

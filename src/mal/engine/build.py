@@ -6,18 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import data as mdata
-from ..checkpoint import load_encoder, load_weights, read_meta
+from ..checkpoint import fill_unseen_positions, load_encoder, load_weights, read_meta
 from ..config import RunConfig
 from ..distributed import DistInfo
 from ..models import create_encoder
 from ..objectives import create_objective
 from ..segment import SegLoss, Segmenter
-from ..serialization import grid_size, unseen_input_patches
 from .evaluate import ClassificationEvaluator, SegmentationEvaluator
 
 log = logging.getLogger("mal")
@@ -180,25 +178,6 @@ def load_init_encoder(encoder: nn.Module, cfg: RunConfig) -> None:
              report["new"])
 
 
-def fill_unseen_positions(state: dict, pre_model: dict) -> None:
-    """Pretraining in a fixed scan order never feeds its last cluster to the encoder, so those position embeddings
-    keep their random init. Set them to the mean of the trained ones before fine-tuning (docs/method.md)."""
-    key = "encoder.pos_embed"
-    if key not in state or "scan_order" not in pre_model:
-        return
-    h, w = grid_size(pre_model["img_size"], pre_model["patch_size"])
-    unseen = unseen_input_patches(pre_model["scan_order"], h, w, pre_model["cluster_size"])
-    if not unseen or state[key].shape[1] != h * w:
-        return
-    pos = state[key].clone()                                                # (1, hw, D)
-    seen = torch.ones(h * w, dtype=torch.bool)
-    seen[unseen] = False
-    pos[:, unseen] = pos[:, seen].mean(1, keepdim=True)
-    state[key] = pos
-    log.info("position embeddings of the %d patches that %s pretraining never fed to the encoder set to the mean "
-             "of the others", len(unseen), pre_model["scan_order"])
-
-
 def build_criterion(cfg: RunConfig, num_classes: int) -> tuple[nn.Module | None, Any]:
     """(loss on logits, timm Mixup or None) of a classification or segment run; (None, None) for pretraining."""
     if cfg.task == "pretrain":
@@ -217,5 +196,5 @@ def build_criterion(cfg: RunConfig, num_classes: int) -> tuple[nn.Module | None,
     return nn.CrossEntropyLoss(), None
 
 
-__all__ = ["RunData", "build_datasets", "build_segmentation_datasets", "build_evaluator", "fill_unseen_positions",
+__all__ = ["RunData", "build_datasets", "build_segmentation_datasets", "build_evaluator",
            "loader_workers", "eval_loader", "check_compatible", "build_model", "load_init_encoder", "build_criterion"]

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,6 +17,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from ..config import EncoderConfig
 from ..hub import HubMixin
 from ..serialization import grid_size
+from .names import pretrained_cfg_for, timm_config
 
 
 def take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
@@ -126,10 +127,9 @@ class PatchEncoder(nn.Module, HubMixin):
     @property
     def pretrained_cfg(self) -> dict:
         """timm's data config of the model (`timm.data.resolve_data_config(model=model)`): the one timm.create_model,
-        from_pretrained or `mal export` set, else `mal.models.registry.pretrained_cfg_for` (ImageNet mean/std)."""
+        from_pretrained or `mal export` set, else `mal.models.names.pretrained_cfg_for` (ImageNet mean/std)."""
         if "_pretrained_cfg" in self.__dict__:
             return self.__dict__["_pretrained_cfg"]
-        from .registry import pretrained_cfg_for
         return pretrained_cfg_for(self.cfg, self.num_classes)
 
     @pretrained_cfg.setter
@@ -137,6 +137,11 @@ class PatchEncoder(nn.Module, HubMixin):
         self.__dict__["_pretrained_cfg"] = value
 
     default_cfg = pretrained_cfg                                             # timm's earlier name
+
+    def hub_config(self) -> dict[str, Any]:
+        """config.json of `save_pretrained`: the `__init__` arguments (`HubMixin`) and timm's keys, so that the
+        folder is also a timm folder (`timm.create_model("local-dir:DIR")`)."""
+        return {**super().hub_config(), **timm_config(self)}
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

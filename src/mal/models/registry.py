@@ -24,14 +24,13 @@ import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..config import MODEL_PRESETS, DataConfig, EncoderConfig
+from ..checkpoint import fill_unseen_positions, load_encoder, read_meta
+from ..config import MODEL_PRESETS, EncoderConfig
+from .names import TIMM_IMG_SIZES, TIMM_PATCH_SIZE, pretrained_cfg_for, timm_architecture, timm_name
 from .vil import VisionLSTM
 from .vit import VisionTransformer
 
 ENCODERS: dict[str, type[nn.Module]] = {"vil": VisionLSTM, "vit": VisionTransformer}
-TIMM_PREFIX = {"vil": "mal", "vit": "mal_vit"}      # timm names: {prefix}_{size}_patch16_{img}
-TIMM_PATCH_SIZE = 16
-TIMM_IMG_SIZES = (224, 192)                         # fine-tuning, pretraining (paper Table 11)
 LABELS = {"vil": "MAL-{} (Vision-LSTM)", "vit": "ViT-{} (the Transformer baseline)"}
 ENCODER_FIELDS = tuple(f.name for f in dataclasses.fields(EncoderConfig))
 
@@ -76,33 +75,6 @@ FACTORIES = {f.__name__: f for f in (mal_tiny, mal_small, mal_base, vit_tiny, vi
 assert set(FACTORIES) == set(MODEL_PRESETS), "every preset has a factory"
 
 
-# ----------------------------------------------------------------------------- timm
-def timm_name(preset: str, img_size: int) -> str:
-    """The timm name of a preset at an image size, e.g. ("mal_tiny", 224) -> "mal_tiny_patch16_224"."""
-    return f"{TIMM_PREFIX[MODEL_PRESETS[preset]['arch']]}_{preset.split('_')[-1]}_patch{TIMM_PATCH_SIZE}_{img_size}"
-
-
-def timm_architecture(cfg: EncoderConfig) -> str:
-    """The timm entry point that builds `cfg` from its fields: the name of its preset and size where they match,
-    else a name of its architecture (the fields, which a saved folder's `model_args` carry, set the rest)."""
-    for preset, p in MODEL_PRESETS.items():
-        if p["arch"] == cfg.arch and all(getattr(cfg, k) == v for k, v in p.items()):
-            if cfg.patch_size == TIMM_PATCH_SIZE and cfg.img_size in TIMM_IMG_SIZES:
-                return timm_name(preset, cfg.img_size)
-            return timm_name(preset, TIMM_IMG_SIZES[0])
-    return timm_name(next(p for p, v in MODEL_PRESETS.items() if v["arch"] == cfg.arch), TIMM_IMG_SIZES[0])
-
-
-def pretrained_cfg_for(cfg: EncoderConfig, num_classes: int = 1000, data: DataConfig | None = None) -> dict[str, Any]:
-    """timm's pretrained_cfg of an encoder: the data config of `data` (default: ImageNet mean/std, crop 0.875, the
-    bicubic resize of `mal.data.eval_transform`) at the encoder's image size, and its head."""
-    data = data or DataConfig()
-    return dict(architecture=timm_architecture(cfg), input_size=(cfg.in_chans, cfg.img_size, cfg.img_size),
-                fixed_input_size=False, interpolation="bicubic", crop_pct=data.eval_crop_pct, crop_mode="center",
-                mean=tuple(data.mean), std=tuple(data.std), num_classes=num_classes, pool_size=None,
-                first_conv="patch_embed", classifier="head")
-
-
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module,
                          pretraining: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """timm's `pretrained_filter_fn`: load a MAL checkpoint's weights into `model` as `mal finetune --init` does
@@ -110,10 +82,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module,
     and mask token may be dropped, only the head may be new; the position embedding resampled to the model's grid;
     with `pretraining`, the model config of a MAL pretraining run, the positions it never fed to the encoder set to
     the mean of the others) and return the model's state dict, which timm then loads as it is."""
-    from ..checkpoint import load_encoder
     state = dict(state_dict)
     if pretraining is not None:
-        from ..engine.build import fill_unseen_positions
         fill_unseen_positions(state, pretraining)
     load_encoder(model, state)
     return model.state_dict()
@@ -130,7 +100,6 @@ def _checkpoint_source(overlay: dict[str, Any] | None) -> tuple[dict[str, Any] |
         overlay = {**overlay, "file": str(path / "model.safetensors")}
     if not (folder / "meta.json").is_file():
         return overlay, None
-    from ..checkpoint import read_meta
     meta = read_meta(folder)
     run = meta.get("config", {})
     mal_pretraining = meta.get("task") == "pretrain" and run.get("objective", {}).get("kind", "mal") == "mal"
