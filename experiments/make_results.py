@@ -179,6 +179,19 @@ def low_label_table(rows: list[dict], dataset: str) -> list[str]:
     return out + [""] + paired_table(rows, pairs, "lowlabel")
 
 
+def same_seed_difference(variant: list[dict], default: list[dict]) -> str:
+    """The variant's val top-1 minus the default run's of the same seed (same initialization and data order), the
+    mean over the seeds both have, with its spread and the seeds; "–" when none pairs."""
+    base = {r["seed"]: r["top1"] for r in default}
+    d = {r["seed"]: r["top1"] - base[r["seed"]] for r in variant if r["seed"] in base}
+    if not d:
+        return "–"
+    seeds = "s" + ",".join(str(s) for s in sorted(d))
+    if len(d) == 1:
+        return f"{next(iter(d.values())):+.2f} ({seeds})"
+    return f"{statistics.mean(d.values()):+.2f} ± {statistics.stdev(d.values()):.2f} ({seeds})"
+
+
 def ablation_tables(rows: list[dict], dataset: str, every_table: bool = False) -> list[str]:
     """Markdown tables of the ablations (Tables 6, 7, 5, 12, 13) in the paper's row order, seeds pooled, the
     default runs as each table's default row, the val difference to that row, and the paper's row beside. A row of
@@ -195,16 +208,17 @@ def ablation_tables(rows: list[dict], dataset: str, every_table: bool = False) -
         settings = {s: [] for s in PAPER[t]} | dict(by[t])
         settings[DEFAULT_ALIASES[t]] = default
         out += [f"#### {TITLES[t]}", "", f"| setting | val top-1, fine-tuned ({dataset}) | val − default | "
-                "held-out top-1 | held-out k-NN | held-out linear probe | paper top-1 (ImageNet, MAL-B) | runs |",
-                "|---|---|---|---|---|---|---|---|"]
+                "val − default, same seed | held-out top-1 | held-out k-NN | held-out linear probe | "
+                "paper top-1 (ImageNet, MAL-B) | runs |", "|---|---|---|---|---|---|---|---|---|"]
         for setting, rs in settings.items():
             paper = PAPER[t].get(setting, "–")
             if not rs:
-                out.append(f"| {setting} | not run yet | | | | | {paper} | |")
+                out.append(f"| {setting} | not run yet | | | | | | {paper} | |")
                 continue
             top1 = [r.get("top1") for r in rs]
             delta = "–" if rs is default or ref is None else f"{statistics.mean(top1) - ref:+.2f}"
-            out.append(f"| {setting} | {fmt(top1)} | {delta} | {fmt([r.get('holdout_top1') for r in rs])} | "
+            paired = "–" if rs is default else same_seed_difference(rs, default)
+            out.append(f"| {setting} | {fmt(top1)} | {delta} | {paired} | {fmt([r.get('holdout_top1') for r in rs])} | "
                        f"{fmt([r.get('holdout_knn') for r in rs])} | {fmt([r.get('holdout_linprobe') for r in rs])} | "
                        f"{paper} | {', '.join(r['name'] for r in rs)} |")
         out.append("")

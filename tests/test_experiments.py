@@ -345,6 +345,7 @@ def test_results_of_several_sweeps_pool_into_one_table(tmp_path):
     k4 = next(ln for ln in text.splitlines() if ln.startswith("| k=4 |"))
     assert k4.startswith(f"| k=4 | {statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} (n=4) | – |")
     assert "default_s3" in k4 and f"| k=2 | 47.50 | {47.5 - statistics.mean(vals):+.2f} |" in text
+    assert f"| {47.5 - default['top1']:+.2f} (s0) |" in text          # paired with default_s0: the same seed
     # --tables ablations: every ablation table, a paper row without a run says so, and neither the headline's
     # other arms nor their commands appear
     assert "| k=6 | not run yet |" in text and "| cluster 10% | not run yet |" in text
