@@ -12,20 +12,31 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 
-if TYPE_CHECKING:
-    from .folder import ImageFolderDataset
+from .badfiles import BadFiles
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when decoding changes, so caches stored by older code are not reused
 DECODE_THREADS = min(4, os.cpu_count() or 1)  # Pillow releases the GIL; more threads only add contention
 
 
-def fingerprint(ds: ImageFolderDataset) -> str:
+class Folder(Protocol):
+    """What the cache reads of an image folder (`ImageFolderDataset`): its files, root, bad-file record and reader."""
+    samples: list[tuple[str, int]]
+    root: Path
+    bad: BadFiles
+
+    def __len__(self) -> int: ...
+
+    def read(self, i: int) -> Image.Image | None: ...
+
+
+def fingerprint(ds: Folder) -> str:
     """A hash of the cache format and of every file's relative path, label, size and mtime."""
     h = hashlib.sha256(f"mal-cache-v{FORMAT_VERSION}\n".encode())
     for path, label in ds.samples:
@@ -34,7 +45,7 @@ def fingerprint(ds: ImageFolderDataset) -> str:
     return h.hexdigest()[:20]
 
 
-def decoded_images(ds: ImageFolderDataset, cache_dir: str | os.PathLike | None, progress: bool) -> torch.Tensor:
+def decoded_images(ds: Folder, cache_dir: str | os.PathLike | None, progress: bool) -> torch.Tensor:
     """The dataset's images as one uint8 tensor, loaded from ``cache_dir`` when stored there, else decoded (and
     stored). Unreadable files are flagged in ``ds.bad`` and left black in the tensor."""
     npy = None
@@ -51,7 +62,7 @@ def decoded_images(ds: ImageFolderDataset, cache_dir: str | os.PathLike | None, 
     return images
 
 
-def _decode_all(ds: ImageFolderDataset, progress: bool) -> torch.Tensor:
+def _decode_all(ds: Folder, progress: bool) -> torch.Tensor:
     from tqdm.auto import tqdm
 
     n, out = len(ds), None
