@@ -102,13 +102,19 @@ def stage_epochs(row: dict) -> tuple[int, int]:
     return (epochs[0], epochs[1]) if len(epochs) == 2 else (0, epochs[0])
 
 
+def by_setting(rows: list[dict], *tables: str) -> dict[str, list[dict]]:
+    """The rows of `tables`, grouped by setting (first appearance first)."""
+    by = defaultdict(list)
+    for r in rows:
+        if r["table"] in tables:
+            by[r["setting"]].append(r)
+    return by
+
+
 def headline_table(rows: list[dict], dataset: str) -> list[str]:
     """Markdown rows of the headline: each arm (MAL, both supervised arms, the baselines' objectives) with its
     schedule, seeds pooled (mean ± std), wall minutes per run and the paper's ImageNet number."""
-    by = defaultdict(list)
-    for r in rows:
-        if r["table"] in ("baseline", "table4"):
-            by[r["setting"]].append(r)
+    by = by_setting(rows, "baseline", "table4")
     if not by:
         return []
     paper = {**PAPER["baseline"], **PAPER["table4"]}
@@ -160,10 +166,7 @@ def tables(rows: list[dict], dataset: str = "CIFAR-10", which: str = "all") -> s
 def low_label_table(rows: list[dict], dataset: str) -> list[str]:
     """Markdown rows of the low-label arms (sweep.py's lowlabel* rows): MAL and supervised on the same fraction of
     the labels, seeds pooled, and their paired difference."""
-    by = defaultdict(list)
-    for r in rows:
-        if r["table"] == "lowlabel":
-            by[r["setting"]].append(r)
+    by = by_setting(rows, "lowlabel")
     if not by:
         return []
     out = ["#### MAL against supervised training with few labels", "",
@@ -253,10 +256,7 @@ def finetune_diagnosis_table(rows: list[dict]) -> list[str]:
 
 def diagnosis_table(rows: list[dict]) -> list[str]:
     """Markdown rows of the held-out diagnosis (sweep.py's diag_* rows), one per setting, seeds pooled."""
-    by = defaultdict(list)
-    for r in rows:
-        if r["table"] == "diag":
-            by[r["setting"]].append(r)
+    by = by_setting(rows, "diag")
     if not by:
         return []
     order = [e.name for e in diagnosis()]                                  # the sweep's order
