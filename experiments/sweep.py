@@ -139,7 +139,8 @@ def finetune_diagnosis(seeds: list[int]) -> list[Experiment]:
         exps += [Experiment(f"ftdiag_{name}_s{s}", "ftdiag", setting, [], ov, seed=s, pretrained_by=f"default_s{s}")
                  for name, setting, ov in variants]
         exps += [Experiment(f"ftdiag_supervised_{name}_s{s}", "ftdiag", f"supervised, {setting}", None, ov, seed=s,
-                            labelled_only=True) for name, setting, ov in variants if name in ("nomix", "light", "causal", "avgpool", "ep30")]
+                            labelled_only=True)
+                 for name, setting, ov in variants if name in ("nomix", "light", "causal", "avgpool", "ep30")]
     return exps
 
 
@@ -351,6 +352,7 @@ def run_all(exps: list[Experiment], args) -> list[str]:
         w.writeheader()
         w.writerows(rows)
     return failed
+
 
 if __name__ == "__main__":
     main()
