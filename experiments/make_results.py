@@ -420,11 +420,14 @@ def plots(rows: list[dict], out_dir: Path, dataset: str = "CIFAR-10", which: str
         for ax in axes.flat[n:]:
             ax.set_visible(False)
         for ax, (t, rs) in zip(axes.flat, panels or [("baseline", [])]):
-            for r in default:
+            seeds = ", ".join(str(r["seed"]) for r in default)
+            for j, r in enumerate(default):
                 ax.plot(*zip(*curves[r["name"]]), color="black", lw=0.8, ls="--",
-                        label=f"default ({DEFAULT_ALIASES.get(t, 'MAL')}, seed {r['seed']})")
-            for r in rs:
-                ax.plot(*zip(*curves[r["name"]]), lw=0.9, label=r["setting"])
+                        label=None if j else f"default ({DEFAULT_ALIASES.get(t, 'MAL')}, seeds {seeds})")
+            colors = {s: f"C{i}" for i, s in enumerate(dict.fromkeys(r["setting"] for r in rs))}
+            for r in rs:                             # one colour per setting; its seeds share it
+                ax.plot(*zip(*curves[r["name"]]), lw=0.9, color=colors[r["setting"]],
+                        label=f"{r['setting']} (seed {r['seed']})")
             ax.set_title(TITLES.get(t, t), fontsize=9)
             ax.set_xlabel("pretraining epoch")
             ax.set_yscale("log")
