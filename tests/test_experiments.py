@@ -377,3 +377,18 @@ def test_a_failed_stage_names_its_command_and_log(image_folder, tmp_path):
         in res.stderr
     assert f"see {out / 'default_s0/log.txt'}" in res.stderr and "model.dim" in (out / "default_s0/log.txt").read_text()
     assert "Traceback" not in res.stderr and "1 experiment(s) failed: default_s0" in res.stderr
+
+
+def test_each_run_gets_its_share_of_the_cores_unless_the_user_set_one(monkeypatch):
+    """Several runs at once must not each start one torch thread per core: a stage's OMP_NUM_THREADS is its share
+    of the cores (at least 1), a value the user exported wins, and the GPU is the slot's."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from sweep import cpu_warning, stage_env
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = stage_env("1", 32 // 16)
+    assert env["OMP_NUM_THREADS"] == "2" and env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert stage_env(None, 0)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    assert stage_env(None, 4)["OMP_NUM_THREADS"] == "7"
+    assert cpu_warning(16, 2, 32) is not None and "48 processes on 32 cores" in cpu_warning(16, 2, 32)
+    assert cpu_warning(10, 2, 32) is None
