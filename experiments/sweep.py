@@ -195,8 +195,7 @@ def cpu_warning(parallel: int, workers: int, cores: int) -> str | None:
     if procs <= cores:
         return None
     return (f"warning: --parallel {parallel} x (1 + --workers {workers}) = {procs} processes on {cores} cores: the "
-            f"runs will wait for the CPU (16 runs on 32 cores ran their fine-tunes at a third of the speed); "
-            f"lower --parallel or --workers")
+            f"runs will wait for the CPU and leave the GPUs idle; lower --parallel or --workers")
 
 
 def run_stage(cmd: list[str], log: Path, gpu: str | None, threads: int) -> None:
