@@ -57,12 +57,13 @@ TITLES = {"baseline": "Supervised vs MAL (rows 1-2)", "table6": "Table 6: cluste
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def paired_difference(rows: list[dict], a: str, b: str, key: str = "top1", table: str = "baseline") -> dict | None:
-    """Seed-by-seed differences `a - b` of `key` between two settings of one table: mean, the 95 % t-interval of
-    the mean (None with one seed), the seeds paired. None when no seed has both."""
-    by = {(r["setting"], r["seed"]): r.get(key) for r in rows if r["table"] == table}
-    seeds = sorted(s for (setting, s), v in by.items() if setting == a and v is not None
-                   and by.get((b, s)) is not None)
+def paired_difference(rows: list[dict], a, b, key: str = "top1", table: str = "baseline") -> dict | None:
+    """Seed-by-seed differences `a - b` of `key`: mean, the 95 % t-interval of the mean (None with one seed), the
+    seeds paired. `a` and `b` are settings of `table`, or (table, setting) pairs to compare across tables. None when
+    no seed has both."""
+    a, b = ((table, x) if isinstance(x, str) else tuple(x) for x in (a, b))
+    by = {((r["table"], r["setting"]), r["seed"]): r.get(key) for r in rows}
+    seeds = sorted(s for (arm, s), v in by.items() if arm == a and v is not None and by.get((b, s)) is not None)
     if not seeds:
         return None
     d = [by[(a, s)] - by[(b, s)] for s in seeds]
@@ -72,9 +73,10 @@ def paired_difference(rows: list[dict], a: str, b: str, key: str = "top1", table
 
 
 def paired_table(rows: list[dict], pairs=(("MAL default", "supervised, labelled epochs"), ("MAL default", "supervised")),
-                 table: str = "baseline") -> list[str]:
-    """Markdown rows: MAL minus each supervised baseline, on the val folder and the held-out split."""
-    out = ["#### MAL minus supervised, paired by seed", "",
+                 table: str = "baseline", title: str = "MAL minus supervised, paired by seed") -> list[str]:
+    """Markdown rows: each pair's difference `a - b` (settings of `table`, or (table, setting) pairs), on the val
+    folder and the held-out split."""
+    out = [f"#### {title}", "",
            "| comparison | metric | mean difference | 95 % interval | seeds |", "|---|---|---|---|---|"]
     for a, b in pairs:
         for key, name in (("top1", "val top-1"), ("holdout_top1", "held-out top-1")):
@@ -82,9 +84,17 @@ def paired_table(rows: list[dict], pairs=(("MAL default", "supervised, labelled 
             if res is None:
                 continue
             ci = "–" if res["ci"] is None else f"[{res['ci'][0]:+.2f}, {res['ci'][1]:+.2f}]"
-            label = "MAL" if a == "MAL default" else a
-            out.append(f"| {label} − {b} | {name} | {res['mean']:+.2f} | {ci} | {len(res['seeds'])} |")
+            out.append(f"| {arm_label(a)} − {arm_label(b)} | {name} | {res['mean']:+.2f} | {ci} | "
+                       f"{len(res['seeds'])} |")
     return out + [""] if len(out) > 4 else []
+
+
+def arm_label(arm) -> str:
+    """A comparison's name for a setting, or for a (table, setting) pair: MAL's default is "MAL"."""
+    table, setting = ("baseline", arm) if isinstance(arm, str) else arm
+    if setting == "MAL default":
+        return "MAL"
+    return setting if table in ("baseline", "lowlabel") else f"MAL {setting} ({TITLES.get(table, table).split(':')[0]})"
 
 
 def fmt(vals: list[float]) -> str:
@@ -144,7 +154,8 @@ def select(rows: list[dict], which: str) -> list[dict]:
     """The rows that the tables chosen by `which` read."""
     if TABLE_SETS[which] is None:
         return rows
-    refs = {"ablations": ("MAL default",), "ftdiag": ("MAL default", "supervised, labelled epochs")}.get(which, ())
+    refs = {"ablations": ("MAL default", "supervised, labelled epochs"),
+            "ftdiag": ("MAL default", "supervised, labelled epochs")}.get(which, ())
     return [r for r in rows if r["table"] in TABLE_SETS[which] or (r["table"] == "baseline" and r["setting"] in refs)]
 
 
@@ -225,7 +236,20 @@ def ablation_tables(rows: list[dict], dataset: str, every_table: bool = False) -
                        f"{fmt([r.get('holdout_knn') for r in rs])} | {fmt([r.get('holdout_linprobe') for r in rs])} | "
                        f"{paper} | {', '.join(r['name'] for r in rs)} |")
         out.append("")
-    return out
+    return out + recipe_candidates_table(rows)
+
+
+# Ablation variants that beat the default by more than its seed spread: candidates for the small protocols' recipe,
+# each against the headline's arms with the same seeds.
+RECIPE_CANDIDATES = (("table6", "k=1"), ("table5", "patch 20%"), ("table5", "patch 50%"))
+
+
+def recipe_candidates_table(rows: list[dict]) -> list[str]:
+    """Paired-by-seed differences of each recipe candidate against MAL's default and supervised training for the
+    same labelled epochs."""
+    pairs = [(c, ref) for c in RECIPE_CANDIDATES for ref in (("baseline", "MAL default"),
+                                                              ("baseline", "supervised, labelled epochs"))]
+    return paired_table(rows, pairs, title="Recipe candidates against the headline's arms, paired by seed")
 
 
 DIAG_COLUMNS = ("| setting | pretraining loss (end) | held-out k-NN | held-out linear probe | held-out top-1, "

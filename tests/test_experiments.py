@@ -109,6 +109,11 @@ def test_paired_difference_matches_a_hand_computation():
     assert abs(res["ci"][0] - (2 - 2.4843)) < 1e-3 and abs(res["ci"][1] - (2 + 2.4843)) < 1e-3
     assert paired_difference(rows[:1] + rows[3:4], "MAL default", "supervised")["ci"] is None   # one seed
     assert paired_difference(rows, "MAL default", "nobody") is None
+    # across tables: an ablation variant against a headline arm, seeds 0 and 2 only (seed 1 did not run)
+    rows += [{"table": "table6", "setting": "k=1", "seed": seed, "top1": v} for seed, v in ((0, 73.0), (2, 75.0))]
+    res = paired_difference(rows, ("table6", "k=1"), ("baseline", "supervised"))
+    assert res["seeds"] == [0, 2] and res["diffs"] == [5.0, 7.0] and res["mean"] == 6.0
+    assert paired_difference(rows, "k=1", "supervised") is None          # plain names are settings of one table
 
 
 def test_diagnosis_picks_the_recipe_on_the_held_out_split(image_folder, tmp_path):
