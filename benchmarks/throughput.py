@@ -365,6 +365,18 @@ def markdown(enc: dict, pre: dict, gl: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def device_info() -> dict:
+    """The GPU, the versions of torch and of the peers' packages, and the command line."""
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": sys.version.split()[0],
+            "command": " ".join(sys.argv)}
+    for mod in ("triton", "timm", "xlstm"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001
+            info[mod] = f"unavailable ({type(e).__name__})"
+    return info
+
+
 def main(argv=None) -> dict:
     global ARGS, T_START
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -393,13 +405,7 @@ def main(argv=None) -> dict:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": sys.version.split()[0],
-            "command": " ".join(sys.argv)}
-    for mod in ("triton", "timm", "xlstm"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001
-            info[mod] = f"unavailable ({type(e).__name__})"
+    info = device_info()
     print(json.dumps(info), flush=True)
     skip_rc = set(filter(None, ARGS.no_ref_compile.split(",")))
     enc: dict = {}
