@@ -154,8 +154,7 @@ def select(rows: list[dict], which: str) -> list[dict]:
     """The rows that the tables chosen by `which` read."""
     if TABLE_SETS[which] is None:
         return rows
-    refs = {"ablations": ("MAL default", "supervised, labelled epochs"),
-            "ftdiag": ("MAL default", "supervised, labelled epochs")}.get(which, ())
+    refs = ("MAL default", "supervised, labelled epochs") if which in ("ablations", "ftdiag") else ()
     return [r for r in rows if r["table"] in TABLE_SETS[which] or (r["table"] == "baseline" and r["setting"] in refs)]
 
 
@@ -196,14 +195,14 @@ def low_label_table(rows: list[dict], dataset: str) -> list[str]:
 def same_seed_difference(variant: list[dict], default: list[dict]) -> str:
     """The variant's val top-1 minus the default run's of the same seed (same initialization and data order), the
     mean over the seeds both have, with its spread and the seeds; "–" when none pairs."""
-    base = {r["seed"]: r["top1"] for r in default}
-    d = {r["seed"]: r["top1"] - base[r["seed"]] for r in variant if r["seed"] in base}
-    if not d:
+    res = paired_difference(variant + default, (variant[0]["table"], variant[0]["setting"]),
+                            (default[0]["table"], default[0]["setting"])) if variant and default else None
+    if res is None:
         return "–"
-    seeds = "s" + ",".join(str(s) for s in sorted(d))
-    if len(d) == 1:
-        return f"{next(iter(d.values())):+.2f} ({seeds})"
-    return f"{statistics.mean(d.values()):+.2f} ± {statistics.stdev(d.values()):.2f} ({seeds})"
+    seeds = "s" + ",".join(str(s) for s in res["seeds"])
+    if len(res["diffs"]) == 1:
+        return f"{res['mean']:+.2f} ({seeds})"
+    return f"{res['mean']:+.2f} ± {statistics.stdev(res['diffs']):.2f} ({seeds})"
 
 
 def ablation_tables(rows: list[dict], dataset: str, every_table: bool = False) -> list[str]:
