@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mal.checkpoint import load_weights
+from mal.checkpoint import fill_unseen_positions, load_weights
 from mal.cli import main
 from mal.config import EncoderConfig, load_run_config
-from mal.checkpoint import fill_unseen_positions
 from mal.engine.optim import param_groups
 from mal.engine.probe import pool_tokens
 from mal.models.vil import VisionLSTM
