@@ -147,14 +147,17 @@ ABLATIONS = ("table6", "table7", "table5", "table12", "table13")
 # --tables: which tables to render, and which results rows they read (the default runs are a row of every ablation
 # table and the reference of the fine-tuning recipes).
 TABLE_SETS = {"all": None, "headline": ("baseline", "table4"), "ablations": ABLATIONS, "diagnosis": ("diag",),
-              "ftdiag": ("ftdiag",), "lowlabel": ("lowlabel",)}
+              "ftdiag": ("ftdiag",), "lowlabel": ("lowlabel",), "table6": ("table6",)}
+# The baseline arms each family's tables are read against.
+REFERENCE_ARMS = {"ablations": ("MAL default", "supervised, labelled epochs"),
+                  "ftdiag": ("MAL default", "supervised, labelled epochs"), "table6": ("MAL default",)}
 
 
 def select(rows: list[dict], which: str) -> list[dict]:
     """The rows that the tables chosen by `which` read."""
     if TABLE_SETS[which] is None:
         return rows
-    refs = ("MAL default", "supervised, labelled epochs") if which in ("ablations", "ftdiag") else ()
+    refs = REFERENCE_ARMS.get(which, ())
     return [r for r in rows if r["table"] in TABLE_SETS[which] or (r["table"] == "baseline" and r["setting"] in refs)]
 
 
@@ -166,7 +169,7 @@ def tables(rows: list[dict], dataset: str = "CIFAR-10", which: str = "all") -> s
         out += finetune_diagnosis_table(rows)
     if which in ("all", "headline"):
         out += headline_table(rows, dataset) + paired_table(rows)
-    if which in ("all", "ablations"):
+    if which in ("all", "ablations", "table6"):
         out += ablation_tables(rows, dataset, every_table=which == "ablations")
     if which in ("all", "lowlabel"):
         out += low_label_table(rows, dataset)
@@ -461,6 +464,7 @@ def plots(rows: list[dict], out_dir: Path, dataset: str = "CIFAR-10", which: str
         save(fig, "results_pretrain_loss.png")
     if which in ("all", "headline"):
         curves_plot(rows, save, dataset)
+    if which in ("all", "headline", "table6"):
         probe_plot(rows, save)
     if which in ("all", "diagnosis"):
         diagnosis_plot(rows, save)
