@@ -165,6 +165,31 @@ def test_masks_hit_only_input_clusters_with_exact_counts(unit, order):
     assert torch.gather(m, 1, inputs).float().mean(0).min() > 0            # every input patch gets masked sometimes
 
 
+def _cluster_mask_by_sorting(ratio, clusters, h, w, k, p, g):
+    """Oracle: rank (B, n-1) uniform scores by a full sort, mask the `count` lowest-ranked input positions'
+    clusters, patch by patch."""
+    count, _ = masked_count("cluster", ratio, h, w, k, p)
+    table = cluster_patch_table(h, w, k)
+    pick = torch.rand(clusters.shape[0], clusters.shape[1] - 1, generator=g).argsort(1)[:, :count]
+    m = torch.zeros(clusters.shape[0], h * w, dtype=torch.bool)
+    for b in range(clusters.shape[0]):
+        for pos in pick[b].tolist():
+            m[b, table[clusters[b, pos]]] = True
+    return m
+
+
+@pytest.mark.parametrize("k,h", [(1, 12), (2, 12), (4, 12), (3, 9)])
+def test_cluster_mask_matches_a_sorting_draw_from_the_same_generator(k, h):
+    """The partial-selection draw masks exactly the clusters a full sort of the same scores picks, and leaves
+    the generator where that draw leaves it (so the data order after it is unchanged)."""
+    clusters = pretrain_cluster_orders("alternating", 16, h, h, k, torch.Generator().manual_seed(1))
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for _ in range(3):
+        assert torch.equal(sample_mask("cluster", 0.3, clusters, h, h, k, 4, g1),
+                           _cluster_mask_by_sorting(0.3, clusters, h, h, k, 4, g2))
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
 def test_pixel_mask_and_errors():
     clusters = pretrain_cluster_orders("alternating", 2, 12, 12, 4)
     m = sample_mask("pixel", 0.1, clusters, 12, 12, 4, 4)

@@ -233,6 +233,27 @@ def test_probe_every_logs_probe_curves_without_changing_the_run(image_folder, tm
     assert not any(r["eval_knn_top1"] for r in csv.DictReader(open(tmp_path / "plain/metrics.csv")))
 
 
+def test_pretraining_draws_its_masks_on_one_thread_and_restores_the_count(image_folder, tmp_path, monkeypatch):
+    """The step's random draws run on one intra-op thread (their many small ops would each wait for busy cores);
+    the run's own thread count is back in place around them and after the run."""
+    from mal.objectives.mal import MALPretrain
+    seen, draw = [], MALPretrain.sample_inputs
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return draw(self, *args, **kwargs)
+
+    monkeypatch.setattr(MALPretrain, "sample_inputs", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(_pretrain_args(image_folder, tmp_path / "pre", "optim.epochs=1")) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen[:192 // 16] == [1] * (192 // 16)                        # every training step's draw
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_one_pass_over_epochs_is_the_epochs_one_after_another(world):
     """The trainer reads a whole run through one loader pass: the samples are those of the epochs read one by one,

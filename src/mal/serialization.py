@@ -213,28 +213,37 @@ def check_mask(unit: str, ratio: float) -> None:
         raise ValueError(f"masking ratio {ratio} is outside [0, 1); use e.g. 0.2 for 20 %")
 
 
+def _smallest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, total) scores -> (B, count) column indices of each row's `count` smallest, in no particular order: the
+    set of `scores.argsort(1)[:, :count]` without the full sort."""
+    return scores.topk(count, dim=1, largest=False, sorted=False).indices
+
+
 def _random_subset(eligible: torch.Tensor, count: int, generator) -> torch.Tensor:
     """(B, total) bool with exactly `count` True per row, drawn uniformly among the `eligible` entries."""
     scores = torch.rand(eligible.shape, generator=generator, device=eligible.device)
     scores = scores.masked_fill(~eligible, 2.0)                              # never drawn before an eligible one
-    idx = scores.argsort(dim=1)[:, :count]
-    return torch.zeros_like(eligible).scatter_(1, idx, True)
+    return torch.zeros_like(eligible).scatter_(1, _smallest(scores, count), True)
 
 
 def sample_mask(unit: str, ratio: float, clusters: torch.Tensor, h: int, w: int, k: int, p: int,
                 generator: torch.Generator | None = None) -> torch.Tensor | None:
     """Input mask for the cluster sequences `clusters` (B, n), on their device. pixel: (B, h*p, w*p); patch and
-    cluster: (B, h*w) over raster patches; none or ratio 0: None. Counts: `masked_count`."""
+    cluster: (B, h*w) over raster patches; none or ratio 0: None. Counts: `masked_count`.
+
+    cluster: `count` of the input positions 0..n-2 of each sequence, drawn uniformly (the `count` smallest of
+    (B, n-1) uniform scores); only the chosen clusters' patches are indexed, so at k = 1 (n = 144) the host draw
+    stays a few small ops."""
     count, _ = masked_count(unit, ratio, h, w, k, p)
     if count == 0:
         return None
     B, dev = clusters.shape[0], clusters.device
     table = cluster_patch_table(h, w, k).to(dev)                            # (n, k*k)
     if unit == "cluster":
-        chosen = _random_subset(torch.ones(B, table.shape[0] - 1, dtype=torch.bool, device=dev), count, generator)
-        ids = table[clusters[:, :-1]].flatten(1)                            # (B, (n-1)k²) input patches
-        return torch.zeros(B, h * w, dtype=torch.bool, device=dev).scatter_(
-            1, ids, chosen.repeat_interleave(k * k, dim=1))
+        scores = torch.rand(B, table.shape[0] - 1, generator=generator, device=dev)   # (B, n-1) input positions
+        chosen = clusters.gather(1, _smallest(scores, count))                # (B, count) masked cluster ids
+        ids = table.index_select(0, chosen.flatten()).view(B, -1)            # (B, count*k²) masked patches
+        return torch.zeros(B, h * w, dtype=torch.bool, device=dev).scatter_(1, ids, True)
     eligible = torch.ones(B, h * w, dtype=torch.bool, device=dev)
     eligible.scatter_(1, table[clusters[:, -1]], False)                     # (B, hw) the target-only cluster out
     if unit == "patch":

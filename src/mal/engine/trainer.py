@@ -36,7 +36,7 @@ from .evaluate import autocast_for, save_segmentation_predictions
 from .optim import adapt_loaded_optimizer, cosine_lr, make_optimizer, param_groups, set_lr
 from .probe import PROBE_FIELDS, probe_encoder
 from .run_dir import MetricsLog, RunDir, Throughput
-from .sampling import SeededDataset, StepSampler, rng_state, seed_everything, set_rng_state
+from .sampling import SeededDataset, StepSampler, one_intra_op_thread, rng_state, seed_everything, set_rng_state
 from .step import LossStep, StepRunner, graphs_usable
 
 log = logging.getLogger("mal")
@@ -244,7 +244,9 @@ class Trainer:
         o, info = self.cfg.optim, self.info
         draws = ()
         if self.cfg.task == "pretrain":                                  # for the global batch, sliced per process
-            draws = tuple(to_device(t, self.device) for t in self.model.sample_inputs(o.batch_size, self.draws))
+            with one_intra_op_thread():
+                draws = self.model.sample_inputs(o.batch_size, self.draws)
+            draws = tuple(to_device(t, self.device) for t in draws)
         loss_sum = torch.zeros((), device=self.device)
         try:
             for a in range(o.accum_steps):
