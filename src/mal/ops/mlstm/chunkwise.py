@@ -155,7 +155,10 @@ def _states_kernel(
         ok = offs_t < S
         lf = tl.load(LF + vec + offs_t, mask=ok, other=0.0)                 # (L,) logsigmoid(f)
         ig = tl.load(IG + vec + offs_t, mask=ok, other=0.0)                 # (L,)
-        g = tl.cumsum(lf, 0)                                                # (L,) local log-forget cumsum
+        # the local log-forget cumsum, correctly rounded: a float32 scan's tree order (on the GPU) leaves errors of a
+        # few ulp(|g|) (|g| reaches hundreds at large gates) that differ between neighbouring tokens; the decay's
+        # exponents are differences g_t - g_j, and rows whose sum s_t cancels amplify them (kappa ~ 1e2)
+        g = tl.cumsum(lf.to(tl.float64), 0).to(tl.float32)                  # (L,)
         key = tl.where(ok, ig - g, -float("inf"))
         cm, am = tl.associative_scan((key, offs_t), 0, _later_max)         # running max of i - g, its index
         last = tl.minimum(S - c * L, L) - 1
