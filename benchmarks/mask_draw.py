@@ -32,7 +32,7 @@ def time_draws(k: int, batch: int, iters: int, one_thread: bool = False) -> list
     model = build_model(load_run_config("imagenette_pretrain", [f"model.cluster_size={k}"]), 0)
     g = torch.Generator().manual_seed(0)
     out = []
-    for i in range(20 + iters):
+    for _ in range(20 + iters):
         t = time.perf_counter()
         with one_intra_op_thread() if one_thread else nullcontext():
             model.sample_inputs(batch, g)
