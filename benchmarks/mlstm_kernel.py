@@ -23,7 +23,8 @@ constant; --batch fixes B instead), 4 heads, bf16 q, k, v and gates. Per backend
 (eager and GPU kernel time), the peak extra memory of one forward+backward, and per token (memory linear in S
 is a constant column). Ratios: TFLA / chunkwise and parallel / chunkwise GPU forward+backward (> 1: chunkwise is
 faster). With --sweep, the chunkwise kernels' tile configurations are swept first (GPU kernel time, per head dim
-at the longest S); with --chunk-ablation, the chunk length (64, 128, 256) and SAVE_STATES are timed too. The
+at the longest S); with --chunk-ablation, the chunk length (64, 128, 256) and SAVE_STATES are timed too; with
+--profile, the chunkwise kernels' GPU times per row are printed. The
 shortest S where chunkwise beats parallel is where `mal.ops.mlstm.CHUNKWISE_MIN_SEQ` belongs.
 """
 from __future__ import annotations
@@ -141,18 +142,19 @@ def sweep(B, NH, S, DH, dtype, tol=2e-2):
     return best
 
 
-def profile(inputs, dh, iters=5):
-    """Per-kernel GPU time of the Triton forward+backward."""
+def profile(inputs, dh, iters=5, fn=None):
+    """Per-kernel GPU time of a cell's forward+backward (default: the parallel Triton kernel)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    from mal.ops.mlstm.kernel import mlstm_triton
+    if fn is None:
+        from mal.ops.mlstm.kernel import mlstm_triton as fn
     for _ in range(2):
-        torch.autograd.grad(mlstm_triton(*inputs), inputs, dh)
+        torch.autograd.grad(fn(*inputs), inputs, dh)
     torch.cuda.synchronize()
     with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
-            torch.autograd.grad(mlstm_triton(*inputs), inputs, dh)
+            torch.autograd.grad(fn(*inputs), inputs, dh)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=50))
 
@@ -379,6 +381,10 @@ def long_main(args) -> None:
             row = long_row(B, args.heads, S, DH, fns)
             if args.chunk_ablation:
                 row["chunk_ablation_gpu_fwd_bwd_ms"] = chunk_ablation(B, args.heads, S, DH)
+            if args.profile:
+                from mal.ops.mlstm.chunkwise import mlstm_chunkwise_triton
+                print(f"chunkwise kernels, B={B} S={S} DH={DH}:", flush=True)
+                profile(*long_inputs(B, args.heads, S, DH), fn=mlstm_chunkwise_triton)
             rows.append(row)
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
