@@ -120,6 +120,29 @@ def test_auto_length_rule_is_off_until_measured(monkeypatch):
     assert torch.equal(mlstm(*args), mlstm_parallel(*args))
 
 
+def test_auto_takes_the_chunkwise_kernel_where_only_the_torch_form_would_run(monkeypatch):
+    """Where the registry's "auto" falls back to the reference (on CUDA: rows longer than the parallel kernel's
+    limit), pick takes the chunkwise kernel if it applies, and keeps the reference if it does not (CPU)."""
+    from mal.ops.registry import Backend
+    chunk = Backend("mlstm", "chunkwise", None)
+    ref = Backend("mlstm", "torch", None, reference=True)
+    fast = Backend("mlstm", "triton", None)
+    args = _inputs(dtype=torch.float32)
+
+    def registry(chosen):
+        def fake(op, *tensors, backend="auto"):
+            return chunk if backend == "chunkwise" else chosen
+        return fake
+
+    monkeypatch.setattr(mlstm_pkg, "resolve", registry(ref))
+    assert mlstm_pkg.pick(*args).name == "chunkwise"
+    assert mlstm_pkg.pick(*args, backend="torch").name == "torch"       # a backend by name is kept
+    monkeypatch.setattr(mlstm_pkg, "resolve", registry(fast))
+    assert mlstm_pkg.pick(*args).name == "triton"                       # the rule is unset: the parallel kernel
+    monkeypatch.undo()
+    assert mlstm_pkg.pick(*args).name == "torch"                        # CPU: the chunkwise kernel does not apply
+
+
 # ------------------------------------------------------------------------------------------- the kernels
 def test_interpreter_kernels_match_float64(triton_interpreter):
     """Forward and backward, float32, DH 16-96, chunks 16 and 32, S 1-100, gates up to 30."""
@@ -206,3 +229,8 @@ def test_gpu_state_continues_a_sequence_and_dispatch(monkeypatch):
     monkeypatch.setattr(mlstm_pkg, "CHUNKWISE_MIN_SEQ", 512)
     assert mlstm_pkg.pick(*inputs).name == "chunkwise"
     assert mlstm_pkg.pick(*first).name == "triton"
+    from mal.ops.mlstm.kernel import MAX_SEQ_LEN
+    longer = (torch.zeros(1, 1, MAX_SEQ_LEN + 1, 16, device="cuda", dtype=torch.bfloat16),) * 3 + \
+        (torch.zeros(1, 1, MAX_SEQ_LEN + 1, device="cuda", dtype=torch.bfloat16),) * 2
+    monkeypatch.setattr(mlstm_pkg, "CHUNKWISE_MIN_SEQ", None)
+    assert mlstm_pkg.pick(*longer).name == "chunkwise"                      # beyond the parallel kernel's limit

@@ -4,7 +4,8 @@ linear in the sequence length, with a causal state in and out).
 
 Backends of the op "mlstm", dispatched on (q, k, v, i, f): "torch" (the reference), "recurrent" (by name only),
 "triton" (CUDA; `kernel.supports` says which shapes and dtypes), the one "auto" picks where it applies, and
-"chunkwise" (CUDA; by name, or by "auto" from CHUNKWISE_MIN_SEQ tokens on once that is set).
+"chunkwise" (CUDA; by name, by "auto" beyond the parallel kernel's length limit, and by "auto" from
+CHUNKWISE_MIN_SEQ tokens on once that is set).
 """
 from __future__ import annotations
 
@@ -29,9 +30,12 @@ CHUNKWISE_MIN_SEQ: int | None = None
 def pick(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
          backend: str = "auto") -> Backend:
     """The backend that runs the cell: the registry's choice, and for "auto" the chunkwise kernel instead from
-    CHUNKWISE_MIN_SEQ tokens on (the registry's "auto" does not know the length rule)."""
+    CHUNKWISE_MIN_SEQ tokens on (the registry's "auto" does not know the length rule), and wherever the registry
+    falls back to the torch form but the chunkwise kernel applies: CUDA rows longer than the parallel kernel's
+    MAX_SEQ_LEN, where the torch form's memory grows with S² and the chunkwise kernel's with S."""
     chosen = resolve("mlstm", q, k, v, i, f, backend=backend)
-    if backend != "auto" or CHUNKWISE_MIN_SEQ is None or q.shape[-2] < CHUNKWISE_MIN_SEQ or chosen.reference:
+    by_length = CHUNKWISE_MIN_SEQ is not None and q.shape[-2] >= CHUNKWISE_MIN_SEQ
+    if backend != "auto" or not (by_length or chosen.reference):
         return chosen
     try:
         return resolve("mlstm", q, k, v, i, f, backend="chunkwise")
