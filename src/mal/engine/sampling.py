@@ -83,9 +83,6 @@ def set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
     gen.set_state(state["draws"])
 
 
-__all__ = ["SeededDataset", "StepSampler", "seed_everything", "rng_state", "set_rng_state"]
-
-
 @contextmanager
 def one_intra_op_thread() -> Iterator[None]:
     """Run the block on one intra-op thread, then restore the count. For a step's random draws on the host: their
@@ -97,3 +94,6 @@ def one_intra_op_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+__all__ = ["SeededDataset", "StepSampler", "one_intra_op_thread", "seed_everything", "rng_state", "set_rng_state"]
