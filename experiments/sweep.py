@@ -296,6 +296,15 @@ def result_row(exp: Experiment, summaries: dict[str, dict], stages: list) -> dic
             "commands": [shlex.join(["mal", *stage_cmd(t, c, o, ov, False)[3:]]) for t, c, o, ov in stages]}
 
 
+def schedule(exps: list[Experiment], first: str, out: Path) -> list[Experiment]:
+    """The start order: experiments matching `first` at the front (the slow ones, so that a deadline cuts the cheap
+    ones); experiments that fine-tune another's pretraining not finished yet at the back, so that waiting for it
+    holds no slot while independent runs could use it. Stable: the rest keep their order."""
+    def waits(e: Experiment) -> bool:
+        return bool(e.pretrained_by) and not (out / e.pretrained_by / "pretrain/summary.json").exists()
+    return sorted(exps, key=lambda e: (waits(e), not (first and re.search(first, e.name))))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--protocol", default="cifar10", choices=["cifar10", "imagenette"],
@@ -328,8 +337,7 @@ def main() -> None:
     ablation_seeds = tuple(int(s) for s in args.ablation_seeds.split(","))
     exps = [e for e in experiments(seeds, ablation_seeds) + diagnosis() + finetune_diagnosis(seeds) + low_label(seeds)
             if re.search(args.only, e.name)]
-    if args.first:
-        exps.sort(key=lambda e: not re.search(args.first, e.name))           # stable: the rest keep their order
+    exps = schedule(exps, args.first, Path(args.out))
     if args.list:
         for e in exps:
             print(f"{e.name:24s} {e.table:9s} {e.setting}")

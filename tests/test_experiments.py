@@ -280,6 +280,24 @@ def test_sweep_first_starts_the_named_experiments_first_and_keeps_the_rest_in_or
     assert first[2:] == [n for n in plain if n not in ("table12_d4", "table12_w1024")]
 
 
+def test_sweep_starts_runs_waiting_for_a_shared_pretraining_last(tmp_path):
+    """A fine-tune of another experiment's unfinished pretraining waits for it holding a slot: such runs start after
+    the independent ones, even against --first; once the pretraining is done they keep their place."""
+    def names(*extra):
+        res = subprocess.run([sys.executable, "experiments/sweep.py", "--protocol", "imagenette", "--seeds", "0",
+                              "--only", r"^(default_s0|ftdiag_(ld1\.0|supervised_nomix|nomix)_s0)$", "--list",
+                              "--out", str(tmp_path), *extra], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        return [ln.split()[0] for ln in res.stdout.splitlines()]
+    order = ["default_s0", "ftdiag_supervised_nomix_s0", "ftdiag_ld1.0_s0", "ftdiag_nomix_s0"]
+    assert names() == order
+    assert names("--first", "nomix") == ["ftdiag_supervised_nomix_s0", "default_s0", "ftdiag_nomix_s0",
+                                         "ftdiag_ld1.0_s0"]
+    (tmp_path / "default_s0/pretrain").mkdir(parents=True)
+    (tmp_path / "default_s0/pretrain/summary.json").write_text("{}")
+    assert names() == ["default_s0", "ftdiag_ld1.0_s0", "ftdiag_nomix_s0", "ftdiag_supervised_nomix_s0"]
+
+
 def test_finetune_diagnosis_shares_one_pretraining(image_folder, tmp_path):
     """ftdiag rows fine-tune default_s0's pretraining: it runs once (however the two experiments are scheduled),
     every row names its commands, and a row's GPU minutes are the stages it ran itself."""
