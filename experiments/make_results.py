@@ -14,7 +14,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from sweep import diagnosis  # experiments/ is this script's directory
+from sweep import diagnosis, finetune_diagnosis  # experiments/ is this script's directory
 
 # The paper's ImageNet-1K top-1 (MAL-B) for each ablation row (Tables 5, 6, 7, 12, 13).
 PAPER = {
@@ -94,7 +94,7 @@ def arm_label(arm) -> str:
     table, setting = ("baseline", arm) if isinstance(arm, str) else arm
     if setting == "MAL default":
         return "MAL"
-    return setting if table in ("baseline", "lowlabel") else f"MAL {setting} ({TITLES.get(table, table).split(':')[0]})"
+    return setting if table in ("baseline", "lowlabel", "light") else f"MAL {setting} ({TITLES.get(table, table).split(':')[0]})"
 
 
 def fmt(vals: list[float]) -> str:
@@ -147,10 +147,11 @@ ABLATIONS = ("table6", "table7", "table5", "table12", "table13")
 # --tables: which tables to render, and which results rows they read (the default runs are a row of every ablation
 # table and the reference of the fine-tuning recipes).
 TABLE_SETS = {"all": None, "headline": ("baseline", "table4"), "ablations": ABLATIONS, "diagnosis": ("diag",),
-              "ftdiag": ("ftdiag",), "lowlabel": ("lowlabel",), "table6": ("table6",)}
+              "ftdiag": ("ftdiag",), "lowlabel": ("lowlabel",), "table6": ("table6",), "light": ("light",)}
 # The baseline arms each family's tables are read against.
 REFERENCE_ARMS = {"ablations": ("MAL default", "supervised, labelled epochs"),
-                  "ftdiag": ("MAL default", "supervised, labelled epochs"), "table6": ("MAL default",)}
+                  "ftdiag": ("MAL default", "supervised, labelled epochs"), "table6": ("MAL default",),
+                  "light": ("MAL default", "supervised, labelled epochs", "supervised")}
 
 
 def select(rows: list[dict], which: str) -> list[dict]:
@@ -173,7 +174,36 @@ def tables(rows: list[dict], dataset: str = "CIFAR-10", which: str = "all") -> s
         out += ablation_tables(rows, dataset, every_table=which == "ablations")
     if which in ("all", "lowlabel"):
         out += low_label_table(rows, dataset)
+    if which in ("all", "light"):
+        out += light_recipe_table(rows, dataset)
     return "\n".join(out)
+
+
+def light_recipe_table(rows: list[dict], dataset: str) -> list[str]:
+    """Markdown rows of the light-augmentation pair (sweep.py's light_recipe rows) beside the headline's heavy-
+    augmentation runs, seeds pooled; each arm's recipe chosen on the held-out split (the best mean), and the chosen
+    MAL against the chosen supervised arms at the labelled and at the total epochs, paired by seed."""
+    light = by_setting(rows, "light")
+    if not light:
+        return []
+    heavy = by_setting([r for r in rows if r["table"] == "baseline"], "baseline")
+    arms = {("baseline", s): rs for s, rs in heavy.items()} | {("light", s): rs for s, rs in light.items()}
+    out = [f"#### Light augmentation against the headline's recipe ({dataset})", "",
+           "| arm | augmentation | labelled epochs | held-out top-1 | val top-1 | runs |", "|---|---|---|---|---|---|"]
+    for (table, setting), rs in arms.items():
+        out.append(f"| {setting} | {'crop and flip' if table == 'light' else 'RandAugment, mixup, cutmix, erasing'} | "
+                   f"{stage_epochs(rs[0])[1]} | {fmt(held(rs))} | {fmt([r.get('top1') for r in rs])} | "
+                   f"{', '.join(r['name'] for r in sorted(rs, key=lambda r: r['seed']))} |")
+    groups = {"MAL": lambda s: s.startswith("MAL"),
+              "supervised at the labelled epochs": lambda s: s.startswith("supervised") and "labelled" in s,
+              "supervised at the total epochs": lambda s: s.startswith("supervised") and "labelled" not in s}
+    chosen = {g: max((a for a in arms if pick(a[1]) and held(arms[a])), key=lambda a: statistics.mean(held(arms[a])),
+                     default=None) for g, pick in groups.items()}
+    out += ["", "Chosen on the held-out split (the best mean): " + "; ".join(
+        f"{g}: {a[1]}" for g, a in chosen.items() if a) + ".", ""]
+    mal = chosen["MAL"]
+    pairs = [(mal, sup) for g, sup in chosen.items() if mal and sup and sup != mal]
+    return out + paired_table(rows, pairs, title="MAL minus supervised, each arm's chosen recipe, paired by seed")
 
 
 def low_label_table(rows: list[dict], dataset: str) -> list[str]:
@@ -259,25 +289,41 @@ DIAG_COLUMNS = ("| setting | pretraining loss (end) | held-out k-NN | held-out l
 
 
 def finetune_diagnosis_table(rows: list[dict]) -> list[str]:
-    """Markdown rows of the fine-tuning diagnosis (sweep.py's ftdiag_* rows): each recipe of one pretraining next to
-    the default recipe, the supervised variants next to the supervised baseline, and the encoder's linear probe."""
+    """Markdown rows of the fine-tuning diagnosis (sweep.py's ftdiag_* rows): each change to the fine-tuning recipe,
+    its effect on MAL's fine-tune (against the default recipe) beside its effect on the supervised baseline (the same
+    change), and the MAL-minus-supervised gap it leaves; seeds pooled, the encoder's linear probe above."""
     diag = [r for r in rows if r["table"] == "ftdiag"]
     if not diag:
         return []
     seeds = {r["seed"] for r in diag}
-    refs = [r for r in rows if r["table"] == "baseline" and r["seed"] in seeds
-            and r["setting"] in ("MAL default", "supervised, labelled epochs")]
-    by = defaultdict(list)
-    for r in sorted(refs, key=lambda r: arm_rank(r["setting"])) + diag:
-        by[r["setting"]].append(r)
-    probe = fmt([r.get("holdout_linprobe") for r in refs if r["setting"] == "MAL default"])
+    pool = [r for r in rows if r["table"] == "baseline" and r["seed"] in seeds] + diag
+    runs = lambda setting: [r for r in pool if r["setting"] == setting]            # noqa: E731
+    mal_ref, sup_ref = runs("MAL default"), runs("supervised, labelled epochs")
+    order = [without_seed(e.name) for e in finetune_diagnosis([0])]           # the sweep's order
+    mal_rows = sorted((r for r in diag if not r["setting"].startswith("supervised, ")),
+                      key=lambda r: order.index(n) if (n := without_seed(r["name"])) in order else len(order))
+    changes = list(dict.fromkeys(r["setting"] for r in mal_rows))
+    probe = fmt([r.get("holdout_linprobe") for r in mal_ref])
     out = ["#### Fine-tuning recipes on the held-out split", "",
-           f"The pretrained encoder's held-out linear probe: {probe}.", "",
-           "| fine-tuning recipe | held-out top-1 | val top-1 | wall min | runs |", "|---|---|---|---|---|"]
-    for setting, rs in by.items():
-        out.append(f"| {setting} | {fmt([r.get('holdout_top1') for r in rs])} | {fmt([r.get('top1') for r in rs])} | "
-                   f"{sum(r.get('gpu_min') or 0 for r in rs):.1f} | {', '.join(r['name'] for r in rs)} |")
+           f"The pretrained encoder's held-out linear probe: {probe}. Δ: against the same arm's default recipe.", "",
+           "| change to the fine-tuning recipe | MAL held-out top-1 | Δ | supervised held-out top-1 | Δ | "
+           "MAL − supervised | MAL val top-1 | supervised val top-1 | runs |", "|---|---|---|---|---|---|---|---|---|"]
+    for change, mal, sup in [("none (the configs' recipe)", mal_ref, sup_ref)] + \
+            [(c, runs(c), runs(f"supervised, {c}")) for c in changes]:
+        out.append(f"| {change} | {fmt(held(mal))} | {delta(held(mal), held(mal_ref))} | {fmt(held(sup))} | "
+                   f"{delta(held(sup), held(sup_ref))} | {delta(held(mal), held(sup))} | "
+                   f"{fmt([r.get('top1') for r in mal])} | {fmt([r.get('top1') for r in sup])} | "
+                   f"{', '.join(r['name'] for r in mal + sup)} |")
     return out + [""]
+
+
+def held(rs: list[dict]) -> list[float]:
+    return [r["holdout_top1"] for r in rs if r.get("holdout_top1") is not None]
+
+
+def delta(vals: list[float], ref: list[float]) -> str:
+    """The difference of two means, signed; '–' where either side has no value."""
+    return f"{statistics.mean(vals) - statistics.mean(ref):+.2f}" if vals and ref else "–"
 
 
 def diagnosis_table(rows: list[dict]) -> list[str]:

@@ -119,11 +119,14 @@ def diagnosis() -> list[Experiment]:
     return exps
 
 
+LIGHT_AUG = ["aug.mixup=0", "aug.cutmix=0", "aug.auto_augment=", "aug.reprob=0"]   # crop and flip only
+
+
 def finetune_diagnosis(seeds: list[int]) -> list[Experiment]:
     """Why a fine-tune ends below its own encoder's linear probe (held-out split): fine-tuning recipes of one
     pretraining (`default_s*`'s, shared, not re-run) and the same augmentation changes for the supervised baseline
     at the same labelled epochs."""
-    light = ["aug.mixup=0", "aug.cutmix=0", "aug.auto_augment=", "aug.reprob=0"]
+    light = LIGHT_AUG
     variants = [("ld0.9", "layer decay 0.9", ["optim.layer_decay=0.9"]),
                 ("ld1.0", "layer decay 1.0", ["optim.layer_decay=1.0"]),
                 ("blr1e-3", "blr 1e-3", ["optim.blr=1e-3"]),
@@ -141,6 +144,27 @@ def finetune_diagnosis(seeds: list[int]) -> list[Experiment]:
         exps += [Experiment(f"ftdiag_supervised_{name}_s{s}", "ftdiag", f"supervised, {setting}", None, ov, seed=s,
                             labelled_only=True)
                  for name, setting, ov in variants if name in ("nomix", "light", "causal", "avgpool", "ep30")]
+    return exps
+
+
+def light_recipe(seeds: list[int]) -> list[Experiment]:
+    """The headline pair with the fine-tuning diagnosis's winner, light augmentation (crop and flip only): MAL with
+    the layer decays its fine-tune was short of, the supervised arm given the same chance (with a mean-pooled head
+    at the labelled epochs, and at the total epochs). Each arm's recipe is then chosen on the held-out split among
+    these and the headline's heavy-augmentation runs. MAL fine-tunes default_s*'s pretraining (shared)."""
+    mal = [("light", "MAL, light fine-tuning", []),
+           ("light_ld0.9", "MAL, light fine-tuning, layer decay 0.9", ["optim.layer_decay=0.9"]),
+           ("light_ld1.0", "MAL, light fine-tuning, layer decay 1.0", ["optim.layer_decay=1.0"])]
+    exps = []
+    for s in seeds:
+        exps += [Experiment(f"{name}_s{s}", "light", setting, [], LIGHT_AUG + ov, seed=s, pretrained_by=f"default_s{s}")
+                 for name, setting, ov in mal]
+        exps += [Experiment(f"supervised_ft_light_s{s}", "light", "supervised, light, labelled epochs", None,
+                            LIGHT_AUG, seed=s, labelled_only=True),
+                 Experiment(f"supervised_ft_light_avgpool_s{s}", "light",
+                            "supervised, light, mean-pooled head, labelled epochs", None,
+                            LIGHT_AUG + ["model.global_pool=avg"], seed=s, labelled_only=True),
+                 Experiment(f"supervised_light_s{s}", "light", "supervised, light", None, LIGHT_AUG, seed=s)]
     return exps
 
 
@@ -299,10 +323,17 @@ def result_row(exp: Experiment, summaries: dict[str, dict], stages: list) -> dic
 def schedule(exps: list[Experiment], first: str, out: Path) -> list[Experiment]:
     """The start order: experiments matching `first` at the front (the slow ones, so that a deadline cuts the cheap
     ones); experiments that fine-tune another's pretraining not finished yet at the back, so that waiting for it
-    holds no slot while independent runs could use it. Stable: the rest keep their order."""
-    def waits(e: Experiment) -> bool:
-        return bool(e.pretrained_by) and not (out / e.pretrained_by / "pretrain/summary.json").exists()
-    return sorted(exps, key=lambda e: (waits(e), not (first and re.search(first, e.name))))
+    holds no slot while independent runs could use it. Where the pretraining's own experiment is not among them,
+    the first experiment sharing it runs it and does not wait. Stable: the rest keep their order."""
+    names, runs_it, waits = {e.name for e in exps}, set(), set()
+    for e in exps:
+        if not e.pretrained_by or (out / e.pretrained_by / "pretrain/summary.json").exists():
+            continue
+        if e.pretrained_by in names or e.pretrained_by in runs_it:
+            waits.add(e.name)
+        else:
+            runs_it.add(e.pretrained_by)
+    return sorted(exps, key=lambda e: (e.name in waits, not (first and re.search(first, e.name))))
 
 
 def main() -> None:
@@ -335,7 +366,9 @@ def main() -> None:
         args.pretrain_recipe, args.supervised_recipe = chosen_recipe(Path(args.recipe_from))
     seeds = [int(s) for s in args.seeds.split(",")]
     ablation_seeds = tuple(int(s) for s in args.ablation_seeds.split(","))
-    exps = [e for e in experiments(seeds, ablation_seeds) + diagnosis() + finetune_diagnosis(seeds) + low_label(seeds)
+    families = experiments(seeds, ablation_seeds) + diagnosis() + finetune_diagnosis(seeds) + light_recipe(seeds) \
+        + low_label(seeds)
+    exps = [e for e in families
             if re.search(args.only, e.name)]
     exps = schedule(exps, args.first, Path(args.out))
     if args.list:

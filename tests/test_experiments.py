@@ -293,6 +293,9 @@ def test_sweep_starts_runs_waiting_for_a_shared_pretraining_last(tmp_path):
     assert names() == order
     assert names("--first", "nomix") == ["ftdiag_supervised_nomix_s0", "default_s0", "ftdiag_nomix_s0",
                                          "ftdiag_ld1.0_s0"]
+    # without default_s0 among them, the first fine-tune of its pretraining runs it (and --first can put it first)
+    assert names("--only", r"^(ftdiag_(ld1\.0|supervised_nomix|nomix)_s0)$") == [
+        "ftdiag_ld1.0_s0", "ftdiag_supervised_nomix_s0", "ftdiag_nomix_s0"]
     (tmp_path / "default_s0/pretrain").mkdir(parents=True)
     (tmp_path / "default_s0/pretrain/summary.json").write_text("{}")
     assert names() == ["default_s0", "ftdiag_ld1.0_s0", "ftdiag_nomix_s0", "ftdiag_supervised_nomix_s0"]
@@ -319,8 +322,9 @@ def test_finetune_diagnosis_shares_one_pretraining(image_folder, tmp_path):
 
 
 def test_finetune_diagnosis_table_sets_each_recipe_beside_its_reference():
-    """The ftdiag table: the default fine-tune and the supervised baseline first, then every recipe, pooled over
-    seeds; the encoder's linear probe above it. Rows of seeds without a recipe row stay out."""
+    """The ftdiag table: the default recipe first, then each change with its effect on MAL beside the same change's
+    effect on the supervised baseline, pooled over seeds; the encoder's linear probe above. Rows of seeds without a
+    recipe row stay out."""
     sys.path.insert(0, str(REPO / "experiments"))
     from make_results import finetune_diagnosis_table
 
@@ -331,14 +335,48 @@ def test_finetune_diagnosis_table_sets_each_recipe_beside_its_reference():
             row("default_s1", "baseline", "MAL default", 1, 40.0, holdout_linprobe=45.0),
             row("supervised_ft_s0", "baseline", "supervised, labelled epochs", 0, 48.0),
             row("supervised_s0", "baseline", "supervised", 0, 63.0),
-            row("ftdiag_nomix_s0", "ftdiag", "no mixup / cutmix", 0, 56.0)]
+            row("ftdiag_nomix_s0", "ftdiag", "no mixup / cutmix", 0, 56.0),
+            row("ftdiag_supervised_nomix_s0", "ftdiag", "supervised, no mixup / cutmix", 0, 55.0),
+            row("ftdiag_dp0_s0", "ftdiag", "drop path 0", 0, 49.0)]
     text = "\n".join(finetune_diagnosis_table(rows))
     assert "held-out linear probe: 55.00." in text
     lines = [ln for ln in text.splitlines() if ln.startswith("| ") and "_s" in ln]
-    assert lines == ["| MAL default | 50.00 | 49.00 | 1.0 | default_s0 |",
-                     "| supervised, labelled epochs | 48.00 | 47.00 | 1.0 | supervised_ft_s0 |",
-                     "| no mixup / cutmix | 56.00 | 55.00 | 1.0 | ftdiag_nomix_s0 |"]
+    assert lines == [
+        "| none (the configs' recipe) | 50.00 | +0.00 | 48.00 | +0.00 | +2.00 | 49.00 | 47.00 | default_s0, supervised_ft_s0 |",
+        "| drop path 0 | 49.00 | -1.00 | – | – | – | 48.00 | – | ftdiag_dp0_s0 |",           # the sweep's order
+        "| no mixup / cutmix | 56.00 | +6.00 | 55.00 | +7.00 | +1.00 | 55.00 | 54.00 | ftdiag_nomix_s0, "
+        "ftdiag_supervised_nomix_s0 |"]
     assert finetune_diagnosis_table(rows[:4]) == []
+
+
+def test_light_recipe_table_chooses_each_arm_on_the_held_out_split_and_pairs_the_choices():
+    """The light-augmentation pair: every arm (the headline's heavy-augmentation runs and the light runs) pooled over
+    seeds; each arm's recipe is the best held-out mean of its group, and the chosen MAL is paired by seed with the
+    chosen supervised arms at the labelled and the total epochs, on val (top-1 here: held-out - 1) and held-out."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from make_results import light_recipe_table
+
+    def row(name, table, setting, seed, ho, epochs):
+        return {"name": f"{name}_s{seed}", "table": table, "setting": setting, "seed": seed, "top1": ho - 1 + seed,
+                "holdout_top1": ho + seed, "commands": [f"mal x optim.epochs={epochs}"]}
+    arms = [("default", "baseline", "MAL default", 50, 15), ("supervised_ft", "baseline",
+             "supervised, labelled epochs", 47, 15), ("supervised", "baseline", "supervised", 63, 45),
+            ("light", "light", "MAL, light fine-tuning", 63, 15),
+            ("light_ld1.0", "light", "MAL, light fine-tuning, layer decay 1.0", 65, 15),
+            ("supervised_ft_light", "light", "supervised, light, labelled epochs", 62, 15),
+            ("supervised_light", "light", "supervised, light", 70, 45)]
+    rows = [row(n, t, s, seed, ho, ep) for n, t, s, ho, ep in arms for seed in (0, 1)]
+    text = "\n".join(light_recipe_table(rows, "Imagenette-96"))
+    assert "| MAL, light fine-tuning, layer decay 1.0 | crop and flip | 15 | 65.50 ± 0.71 (n=2) | 64.50 ± 0.71 (n=2) | " \
+           "light_ld1.0_s0, light_ld1.0_s1 |" in text
+    assert "| supervised | RandAugment, mixup, cutmix, erasing | 45 | 63.50 ± 0.71 (n=2) |" in text
+    assert ("Chosen on the held-out split (the best mean): MAL: MAL, light fine-tuning, layer decay 1.0; supervised at "
+            "the labelled epochs: supervised, light, labelled epochs; supervised at the total epochs: supervised, "
+            "light.") in text
+    assert "| MAL, light fine-tuning, layer decay 1.0 − supervised, light, labelled epochs | val top-1 | +3.00 | " \
+           "[+3.00, +3.00] | 2 |" in text
+    assert "| MAL, light fine-tuning, layer decay 1.0 − supervised, light | held-out top-1 | -5.00 |" in text
+    assert light_recipe_table(rows[:6], "Imagenette-96") == []                 # no light rows: no table
 
 
 def test_low_label_arms_share_the_default_pretraining_and_pair_by_seed():

@@ -22,6 +22,10 @@ mlstm_pkg = importlib.import_module("mal.ops.mlstm")   # the package (mal.ops.ml
 F64_REL = 1e-11            # chunkwise vs recurrent, float64 (worst seen: 6e-13)
 F64_GRAD_REL = 1e-9        # chunkwise vs parallel autograd, float64 (worst seen: 1.6e-10, S = 1 with gates 30)
 FP32_REL_SLACK, FP32_REL_FLOOR = 2.0, 2e-5
+# gates x10 in float32: one ill-conditioned token carries all the error of every float32 form, and each form's error
+# there varies 2-3x between runs on the same inputs (measured on an H200: torch parallel 1.1e-4 / 1.8e-4, torch
+# chunkwise 1.4e-4 / 3.5e-4 at DH 384, S 577), so the kernel's bound leaves that much room
+FP32_ILL_SLACK = 3.0
 BF16_REL_SLACK, BF16_REL_FLOOR = 1.5, 1e-2
 NAMES = ("h", "dq", "dk", "dv", "di", "df")
 
@@ -194,6 +198,7 @@ def test_gpu_matches_torch(dtype, DH, S, gate_scale):
             assert a.abs().max() == 0, name
             continue
         slack, floor = (FP32_REL_SLACK, FP32_REL_FLOOR) if dtype == torch.float32 else (BF16_REL_SLACK, BF16_REL_FLOOR)
+        slack = FP32_ILL_SLACK if dtype == torch.float32 and gate_scale >= 10 else slack
         yardstick = max(_rel(b, r), _rel(c, r))
         assert _rel(a, r) <= slack * yardstick + floor, (name, _rel(a, r), _rel(b, r), _rel(c, r))
 
