@@ -341,10 +341,8 @@ def sweep_chunkwise(B, NH, S, DH, tol=2e-2) -> dict:
             [c for c in CHUNK_BLOCK_CANDIDATES if c[0] <= L and c[1] <= L], lambda: results(with_bwd),
             timing(with_bwd), tol)
 
-    def set_states(cfg):
-        ck._STATE_TILE, ck._STATE_WARPS, ck._STATE_STAGES = cfg
-    best["states"] = sweep_configs(f"DH={DH} states", f"chunkwise sweep DH={DH} states (fwd+bwd)", set_states,
-                                   (ck._STATE_TILE, ck._STATE_WARPS, ck._STATE_STAGES), CHUNK_STATE_CANDIDATES,
+    best["states"] = sweep_configs(f"DH={DH} states", f"chunkwise sweep DH={DH} states (fwd+bwd)",
+                                   lambda cfg: ck._STATE_CFG.__setitem__(bd, cfg), ck._STATE_CFG[bd], CHUNK_STATE_CANDIDATES,
                                    lambda: results(True), timing(True), tol)
     return best
 

@@ -479,13 +479,17 @@ CHUNK_SIZE = 128           # tokens per chunk L (a power of two, >= 16; shorter 
 # BLOCK_M tiles queries, BLOCK_N keys, both <= L. Chosen without a GPU: the parallel kernel's tiles, with the
 # warps and tiles at which `ptxas -v` (sm_90a, triton 3.8) reports few or no register spills (4 warps spilled
 # 0.2-2.8 kB per thread here). To be swept on the GPU: `benchmarks/mlstm_kernel.py --long --sweep`.
+# (BLOCK_M, BLOCK_N, warps, stages) per padded head dim; 256 and 512 from `benchmarks/mlstm_kernel.py --long
+# --sweep` at S 4,096, B 32 on an H200 (DH 192 and 384)
 _OUT_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 8, 2),
-            256: (64, 32, 8, 2), 512: (32, 32, 8, 2)}
+            256: (64, 16, 4, 2), 512: (64, 16, 4, 2)}
 _DQ_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 8, 2),
-           256: (32, 32, 8, 2), 512: (16, 32, 8, 2)}
+           256: (64, 32, 4, 2), 512: (32, 32, 4, 2)}
 _DKDV_CFG = {16: (32, 64, 8, 2), 32: (32, 64, 8, 2), 64: (32, 64, 8, 2), 128: (32, 64, 8, 2),
-             256: (32, 32, 8, 2), 512: (32, 16, 8, 2)}
-_STATE_TILE, _STATE_WARPS, _STATE_STAGES = 64, 8, 2   # (C tile edge, warps, stages) of the two state loops
+             256: (32, 32, 4, 2), 512: (64, 32, 8, 2)}
+# (C tile edge, warps, stages) of the two state loops per padded head dim (same sweep)
+_STATE_CFG = {16: (64, 8, 2), 32: (64, 8, 2), 64: (64, 8, 2), 128: (64, 8, 2), 256: (64, 4, 2), 512: (128, 8, 2)}
+_FP32_STATE_CFG = (64, 8, 2)
 _INNER_K = 32              # head-dim block of the q C, dh C^T, v dC^T, k dC products (float32 halves it at DH > 128)
 
 
@@ -509,12 +513,13 @@ def _inner_k(DH: int, dtype: torch.dtype) -> int:
     return 16 if dtype == torch.float32 and _block_d(DH) >= 256 else _INNER_K
 
 
-def _state_tile(DH: int) -> int:
-    """Edge of the C tiles of the state loops: the largest power of two <= _STATE_TILE dividing DH (min 16)."""
-    t = _STATE_TILE
+def _state_launch(DH: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(C tile edge, warps, stages) of the state loops: the table's, float32 at the untuned (64, 8, 2); the edge is
+    the largest power of two <= the table's dividing DH (min 16)."""
+    t, warps, stages = _FP32_STATE_CFG if dtype == torch.float32 else _STATE_CFG[_block_d(DH)]
     while t > 16 and DH % t:
         t //= 2
-    return t
+    return t, warps, stages
 
 
 def chunk_size_for(S: int, chunk_size: int | None = None) -> int:
@@ -541,14 +546,14 @@ def _run_states(k, v, lf, ig, L: int, init: State | None, stats=None):
     cs, ns, ms = _f32((B, NH, NC + 1, DH, DH), k), _f32((B, NH, NC + 1, DH), k), _f32((B, NH, NC + 1), k)
     c0, n0, m0 = (None, None, None) if init is None else (t.float().contiguous() for t in init)
     g, m, arg = stats if stats is not None else (ms, ms, ms)                # unused when WRITE_STATS is off
-    bt = _state_tile(DH)
+    bt, warps, stages = _state_launch(DH, k.dtype)
     nb = triton.cdiv(DH, bt)
     _states_kernel[(B * NH, nb * nb)](
         k, v, lf, ig, c0 if c0 is not None else cs, n0 if n0 is not None else ns, m0 if m0 is not None else ms,
         cs, ns, ms, g, m, arg, *_strides(k), *_strides(v),
         NH, S, NC, DH, nb, 1.0 / math.sqrt(DH),
         L=L, BK=bt, BV=bt, HAS_INIT=init is not None, WRITE_STATS=stats is not None, IEEE=k.dtype == torch.float32,
-        num_warps=_STATE_WARPS, num_stages=_STATE_STAGES)
+        num_warps=warps, num_stages=stages)
     return cs, ns, ms
 
 
@@ -586,13 +591,13 @@ def _run_dstates(q, dout, g, m, r, gn, ms, cs, ns, L: int):
     per chunk the tiles' parts of <dC_c, C_c> + dn_c . n_c (B, NH, NC, tiles)."""
     B, NH, S, DH = q.shape
     NC = triton.cdiv(S, L)
-    bt = _state_tile(DH)
+    bt, warps, stages = _state_launch(DH, q.dtype)
     nb = triton.cdiv(DH, bt)
     dcs, dns, pp = _f32((B, NH, NC, DH, DH), q), _f32((B, NH, NC, DH), q), _f32((B, NH, NC, nb * nb), q)
     _dstates_kernel[(B * NH, nb * nb)](
         q, dout, g, m, r, gn, ms, cs, ns, dcs, dns, pp, *_strides(q), *_strides(dout),
         NH, S, NC, DH, nb, nb * nb, 1.0 / math.sqrt(DH),
-        L=L, BK=bt, BV=bt, IEEE=q.dtype == torch.float32, num_warps=_STATE_WARPS, num_stages=_STATE_STAGES)
+        L=L, BK=bt, BV=bt, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
     return dcs, dns, pp
 
 
