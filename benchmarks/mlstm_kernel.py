@@ -342,8 +342,8 @@ def sweep_chunkwise(B, NH, S, DH, tol=2e-2) -> dict:
             timing(with_bwd), tol)
 
     best["states"] = sweep_configs(f"DH={DH} states", f"chunkwise sweep DH={DH} states (fwd+bwd)",
-                                   lambda cfg: ck._STATE_CFG.__setitem__(bd, cfg), ck._STATE_CFG[bd], CHUNK_STATE_CANDIDATES,
-                                   lambda: results(True), timing(True), tol)
+                                   lambda cfg: ck._STATE_CFG.__setitem__(bd, cfg), ck._STATE_CFG[bd],
+                                   CHUNK_STATE_CANDIDATES, lambda: results(True), timing(True), tol)
     return best
 
 

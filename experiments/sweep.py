@@ -126,14 +126,13 @@ def finetune_diagnosis(seeds: list[int]) -> list[Experiment]:
     """Why a fine-tune ends below its own encoder's linear probe (held-out split): fine-tuning recipes of one
     pretraining (`default_s*`'s, shared, not re-run) and the same augmentation changes for the supervised baseline
     at the same labelled epochs."""
-    light = LIGHT_AUG
     variants = [("ld0.9", "layer decay 0.9", ["optim.layer_decay=0.9"]),
                 ("ld1.0", "layer decay 1.0", ["optim.layer_decay=1.0"]),
                 ("blr1e-3", "blr 1e-3", ["optim.blr=1e-3"]),
                 ("blr2.5e-4", "blr 2.5e-4", ["optim.blr=2.5e-4"]),
                 ("dp0", "drop path 0", ["model.drop_path_rate=0"]),
                 ("nomix", "no mixup / cutmix", ["aug.mixup=0", "aug.cutmix=0"]),
-                ("light", "no mixup / cutmix / RandAugment / erasing", light),
+                ("light", "no mixup / cutmix / RandAugment / erasing", LIGHT_AUG),
                 ("causal", "causal layers, as pretrained (bidirectional false)", ["model.bidirectional=false"]),
                 ("avgpool", "mean-pooled head, as the probe reads", ["model.global_pool=avg"]),
                 ("ep30", "30 labelled epochs instead of 15", ["optim.epochs=30"])]
@@ -368,8 +367,7 @@ def main() -> None:
     ablation_seeds = tuple(int(s) for s in args.ablation_seeds.split(","))
     families = experiments(seeds, ablation_seeds) + diagnosis() + finetune_diagnosis(seeds) + light_recipe(seeds) \
         + low_label(seeds)
-    exps = [e for e in families
-            if re.search(args.only, e.name)]
+    exps = [e for e in families if re.search(args.only, e.name)]
     exps = schedule(exps, args.first, Path(args.out))
     if args.list:
         for e in exps:
