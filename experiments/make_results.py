@@ -514,7 +514,36 @@ def plots(rows: list[dict], out_dir: Path, dataset: str = "CIFAR-10", which: str
         probe_plot(rows, save)
     if which in ("all", "diagnosis"):
         diagnosis_plot(rows, save)
+    if which in ("all", "ftdiag"):
+        ftdiag_plot(rows, save, dataset)
     return made
+
+
+def ftdiag_plot(rows: list[dict], save, dataset: str) -> None:
+    """results_ftdiag_curves.png: held-out top-1 against labelled epochs for every fine-tuning recipe, MAL (left,
+    from the shared pretraining) beside the supervised baseline (right), one colour per change in both panels."""
+    import matplotlib.pyplot as plt
+    diag = [r for r in rows if r["table"] == "ftdiag"]
+    if not diag:
+        return
+    seeds = {r["seed"] for r in diag}
+    refs = [r for r in rows if r["table"] == "baseline" and r["seed"] in seeds
+            and r["setting"] in ("MAL default", "supervised, labelled epochs")]
+    change = lambda r: "none (the configs' recipe)" if r["table"] == "baseline" else r["setting"].removeprefix(  # noqa: E731
+        "supervised, ")
+    colors = {c: ("black" if i == 0 else f"C{i - 1}") for i, c in enumerate(dict.fromkeys(map(change, refs + diag)))}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for r in refs + diag:
+        supervised = r["setting"].startswith("supervised")
+        pts = read_metrics(run_dir(r) / ("supervised" if supervised else "finetune") / "metrics.csv", "eval_top1")
+        if pts:
+            axes[int(supervised)].plot(*zip(*pts), lw=1.6 if r["table"] == "baseline" else 0.9,
+                                       color=colors[change(r)], label=change(r))
+    for ax, title in zip(axes, ("MAL: fine-tuning one pretraining", "supervised from scratch")):
+        ax.set(title=title, xlabel="labelled epochs", ylabel=f"{dataset} held-out top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="lower right")   # the emptier panel
+    save(fig, "results_ftdiag_curves.png")
 
 
 def markers(section: str) -> tuple[str, str]:

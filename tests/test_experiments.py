@@ -205,12 +205,13 @@ def test_long_section_renders_the_400_epoch_pair_and_its_probe_curve(tmp_path):
 
 def test_ftdiag_and_lowlabel_sections_render_the_committed_rows(tmp_path):
     """make_results --tables ftdiag / lowlabel on the committed fine-tuning diagnosis: the light recipe's row
-    (held-out 602 / 947 for MAL, 599 / 947 supervised; default 478 / 947, supervised 449 / 947) and the low-label
-    pair's difference."""
+    (held-out 602 / 947 for MAL, 599 / 947 supervised; default 478 / 947, supervised 449 / 947), the fine-tuning
+    curves, and the low-label pair's difference."""
     text = _render_section(tmp_path, "imagenette_ftdiag", "ftdiag", "--tables", "ftdiag", "--dataset", "Imagenette-96")
     light = next(ln for ln in text.splitlines() if ln.startswith("| no mixup / cutmix / RandAugment"))
     assert light.split(" | ")[1:6] == ["63.57", "+13.09", "63.25", "+15.84", "+0.32"]
     assert "held-out linear probe: 55.65." in text
+    assert (tmp_path / "fig/results_ftdiag_curves.png").stat().st_size > 0               # the fine-tuning curves
     text = _render_section(tmp_path, "imagenette_ftdiag", "lowlabel", "--tables", "lowlabel")
     assert "| MAL, 10 % of the labels − supervised, 10 % of the labels | val top-1 | +2.65 | – | 1 |" in text
 
