@@ -186,7 +186,7 @@ def light_recipe_table(rows: list[dict], dataset: str) -> list[str]:
     light = by_setting(rows, "light")
     if not light:
         return []
-    heavy = by_setting([r for r in rows if r["table"] == "baseline"], "baseline")
+    heavy = by_setting(rows, "baseline")
     arms = {("baseline", s): rs for s, rs in heavy.items()} | {("light", s): rs for s, rs in light.items()}
     out = [f"#### Light augmentation against the headline's recipe ({dataset})", "",
            "| arm | augmentation | labelled epochs | held-out top-1 | val top-1 | runs |", "|---|---|---|---|---|---|"]
@@ -202,7 +202,7 @@ def light_recipe_table(rows: list[dict], dataset: str) -> list[str]:
     out += ["", "Chosen on the held-out split (the best mean): " + "; ".join(
         f"{g}: {a[1]}" for g, a in chosen.items() if a) + ".", ""]
     mal = chosen["MAL"]
-    pairs = [(mal, sup) for g, sup in chosen.items() if mal and sup and sup != mal]
+    pairs = [(mal, sup) for sup in chosen.values() if mal and sup and sup != mal]
     return out + paired_table(rows, pairs, title="MAL minus supervised, each arm's chosen recipe, paired by seed")
 
 
@@ -292,12 +292,10 @@ def finetune_diagnosis_table(rows: list[dict]) -> list[str]:
     """Markdown rows of the fine-tuning diagnosis (sweep.py's ftdiag_* rows): each change to the fine-tuning recipe,
     its effect on MAL's fine-tune (against the default recipe) beside its effect on the supervised baseline (the same
     change), and the MAL-minus-supervised gap it leaves; seeds pooled, the encoder's linear probe above."""
-    diag = [r for r in rows if r["table"] == "ftdiag"]
+    diag, refs = ftdiag_runs(rows)
     if not diag:
         return []
-    seeds = {r["seed"] for r in diag}
-    pool = [r for r in rows if r["table"] == "baseline" and r["seed"] in seeds] + diag
-    runs = lambda setting: [r for r in pool if r["setting"] == setting]            # noqa: E731
+    runs = lambda setting: [r for r in refs + diag if r["setting"] == setting]     # noqa: E731
     mal_ref, sup_ref = runs("MAL default"), runs("supervised, labelled epochs")
     order = [without_seed(e.name) for e in finetune_diagnosis([0])]           # the sweep's order
     mal_rows = sorted((r for r in diag if not r["setting"].startswith("supervised, ")),
@@ -315,6 +313,16 @@ def finetune_diagnosis_table(rows: list[dict]) -> list[str]:
                    f"{fmt([r.get('top1') for r in mal])} | {fmt([r.get('top1') for r in sup])} | "
                    f"{', '.join(r['name'] for r in mal + sup)} |")
     return out + [""]
+
+
+def ftdiag_runs(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The fine-tuning diagnosis's rows, and the reference runs of its seeds (the default fine-tune and the
+    supervised baseline at the labelled epochs)."""
+    diag = [r for r in rows if r["table"] == "ftdiag"]
+    seeds = {r["seed"] for r in diag}
+    refs = [r for r in rows if r["table"] == "baseline" and r["seed"] in seeds
+            and r["setting"] in ("MAL default", "supervised, labelled epochs")]
+    return diag, refs
 
 
 def held(rs: list[dict]) -> list[float]:
@@ -523,12 +531,9 @@ def ftdiag_plot(rows: list[dict], save, dataset: str) -> None:
     """results_ftdiag_curves.png: held-out top-1 against labelled epochs for every fine-tuning recipe, MAL (left,
     from the shared pretraining) beside the supervised baseline (right), one colour per change in both panels."""
     import matplotlib.pyplot as plt
-    diag = [r for r in rows if r["table"] == "ftdiag"]
+    diag, refs = ftdiag_runs(rows)
     if not diag:
         return
-    seeds = {r["seed"] for r in diag}
-    refs = [r for r in rows if r["table"] == "baseline" and r["seed"] in seeds
-            and r["setting"] in ("MAL default", "supervised, labelled epochs")]
     change = lambda r: "none (the configs' recipe)" if r["table"] == "baseline" else r["setting"].removeprefix(  # noqa: E731
         "supervised, ")
     colors = {c: ("black" if i == 0 else f"C{i - 1}") for i, c in enumerate(dict.fromkeys(map(change, refs + diag)))}

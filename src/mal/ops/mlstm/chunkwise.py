@@ -476,10 +476,9 @@ def _dkdv_kernel(
 
 CHUNK_SIZE = 128           # tokens per chunk L (a power of two, >= 16; shorter rows use the next power of two)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, 2-byte inputs (float32 halves the tiles);
-# (BLOCK_M, BLOCK_N, warps, stages) per padded head dim; BLOCK_M tiles queries, BLOCK_N keys, both <= L. Keys 256
-# and 512 (DH 192, 384): the fastest of `benchmarks/mlstm_kernel.py --long --sweep` at S 4,096, B 32 on an H200.
-# Keys up to 128, not swept: the parallel kernel's tiles, with the warps and tiles at which `ptxas -v` (sm_90a,
-# triton 3.8) reports few or no register spills.
+# BLOCK_M tiles queries, BLOCK_N keys, both <= L. Keys 256 and 512 (DH 192, 384): the fastest of
+# `benchmarks/mlstm_kernel.py --long --sweep` at S 4,096, B 32 on an H200. Keys up to 128, not swept: the parallel
+# kernel's tiles, with the warps and tiles at which `ptxas -v` (sm_90a, triton 3.8) reports few register spills.
 _OUT_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 8, 2),
             256: (64, 16, 4, 2), 512: (64, 16, 4, 2)}
 _DQ_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 8, 2),
