@@ -179,31 +179,61 @@ def tables(rows: list[dict], dataset: str = "CIFAR-10", which: str = "all") -> s
     return "\n".join(out)
 
 
+LIGHT_GROUPS = {"MAL": lambda s: s.startswith("MAL"),
+                "supervised at the labelled epochs": lambda s: s.startswith("supervised") and "labelled" in s,
+                "supervised at the total epochs": lambda s: s.startswith("supervised") and "labelled" not in s}
+
+
+def light_choices(rows: list[dict]) -> tuple[dict, dict]:
+    """The light pair's arms, {(table, setting): rows} for the light_recipe rows and the headline's heavy runs, and
+    each group's (LIGHT_GROUPS) arm with the best held-out mean; a group without held-out numbers chooses None."""
+    heavy = by_setting(rows, "baseline")
+    arms = {("baseline", s): rs for s, rs in heavy.items()} | {("light", s): rs for s, rs in
+                                                                 by_setting(rows, "light").items()}
+    chosen = {g: max((a for a in arms if pick(a[1]) and held(arms[a])), key=lambda a: statistics.mean(held(arms[a])),
+                     default=None) for g, pick in LIGHT_GROUPS.items()}
+    return arms, chosen
+
+
 def light_recipe_table(rows: list[dict], dataset: str) -> list[str]:
     """Markdown rows of the light-augmentation pair (sweep.py's light_recipe rows) beside the headline's heavy-
     augmentation runs, seeds pooled; each arm's recipe chosen on the held-out split (the best mean), and the chosen
     MAL against the chosen supervised arms at the labelled and at the total epochs, paired by seed."""
-    light = by_setting(rows, "light")
-    if not light:
+    if not by_setting(rows, "light"):
         return []
-    heavy = by_setting(rows, "baseline")
-    arms = {("baseline", s): rs for s, rs in heavy.items()} | {("light", s): rs for s, rs in light.items()}
+    arms, chosen = light_choices(rows)
     out = [f"#### Light augmentation against the headline's recipe ({dataset})", "",
            "| arm | augmentation | labelled epochs | held-out top-1 | val top-1 | runs |", "|---|---|---|---|---|---|"]
     for (table, setting), rs in arms.items():
         out.append(f"| {setting} | {'crop and flip' if table == 'light' else 'RandAugment, mixup, cutmix, erasing'} | "
                    f"{stage_epochs(rs[0])[1]} | {fmt(held(rs))} | {fmt([r.get('top1') for r in rs])} | "
                    f"{', '.join(r['name'] for r in sorted(rs, key=lambda r: r['seed']))} |")
-    groups = {"MAL": lambda s: s.startswith("MAL"),
-              "supervised at the labelled epochs": lambda s: s.startswith("supervised") and "labelled" in s,
-              "supervised at the total epochs": lambda s: s.startswith("supervised") and "labelled" not in s}
-    chosen = {g: max((a for a in arms if pick(a[1]) and held(arms[a])), key=lambda a: statistics.mean(held(arms[a])),
-                     default=None) for g, pick in groups.items()}
     out += ["", "Chosen on the held-out split (the best mean): " + "; ".join(
         f"{g}: {a[1]}" for g, a in chosen.items() if a) + ".", ""]
     mal = chosen["MAL"]
     pairs = [(mal, sup) for sup in chosen.values() if mal and sup and sup != mal]
     return out + paired_table(rows, pairs, title="MAL minus supervised, each arm's chosen recipe, paired by seed")
+
+
+def light_plot(rows: list[dict], save, dataset: str) -> None:
+    """results_light_curves.png: held-out top-1 against total epochs (a fine-tune starts after its pretraining) of
+    every seed of each chosen arm of the light pair, solid with pretraining, dashed without."""
+    import matplotlib.pyplot as plt
+    if not by_setting(rows, "light"):
+        return
+    arms, chosen = light_choices(rows)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for i, (group, arm) in enumerate((g, a) for g, a in chosen.items() if a):
+        for j, r in enumerate(sorted(arms[arm], key=lambda r: r["seed"])):
+            pre, _ = stage_epochs(r)
+            pts = read_metrics(run_dir(r) / ("finetune" if pre else "supervised") / "metrics.csv", "eval_top1")
+            if pts:
+                ax.plot(*zip(*[(e + pre, v) for e, v in pts]), lw=0.9, color=f"C{i}", ls="-" if pre else "--",
+                        label=None if j else f"{group}: {arm[1]}")
+    ax.set(xlabel="total epochs (pretraining + labelled)", ylabel=f"{dataset} held-out top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, "results_light_curves.png")
 
 
 def low_label_table(rows: list[dict], dataset: str) -> list[str]:
@@ -492,7 +522,8 @@ def plots(rows: list[dict], out_dir: Path, dataset: str = "CIFAR-10", which: str
               for t in ("table6", "table7", "table5", "table12", "table13")]
     panels = [(t, rs) for t, rs in panels if rs]
     default = [r for r in rows if r["setting"] == "MAL default" and curves[r["name"]]]
-    if panels or default:                            # one panel per ablation, the default run(s) in each
+    if (panels or default) and which in ("all", "headline", "ablations", "table6"):   # one panel per ablation,
+                                                                                       # the default run(s) in each
         n = max(len(panels), 1)
         cols = min(n, 3)
         fig, axes = plt.subplots(-(-n // cols), cols, figsize=(3.8 * cols, 3.2 * -(-n // cols)), sharey=True,
@@ -524,6 +555,8 @@ def plots(rows: list[dict], out_dir: Path, dataset: str = "CIFAR-10", which: str
         diagnosis_plot(rows, save)
     if which in ("all", "ftdiag"):
         ftdiag_plot(rows, save, dataset)
+    if which in ("all", "light"):
+        light_plot(rows, save, dataset)
     return made
 
 

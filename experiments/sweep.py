@@ -170,14 +170,21 @@ def light_recipe(seeds: list[int]) -> list[Experiment]:
 def low_label(seeds: list[int]) -> list[Experiment]:
     """MAL against supervised training when labels are scarce: 10 % of each class's labels (data.label_fraction),
     100 labelled epochs (the steps of 10 epochs on every label), evaluated every 10; the fine-tune starts from
-    default_s*'s pretraining (shared, not re-run)."""
+    default_s*'s pretraining (shared, not re-run). Twice: with the headline's heavy augmentation, and with each
+    arm's recipe chosen in the light pair (MAL: crop and flip, layer decay 1.0; supervised: crop and flip, a
+    mean-pooled head)."""
     ov = ["data.label_fraction=0.1", "optim.epochs=100", "eval_every=10"]
+    recipes = [("", "", [], []),
+               ("_light", ", light recipes", ["optim.layer_decay=1.0"], ["model.global_pool=avg"])]
     exps = []
     for s in seeds:
-        exps.append(Experiment(f"lowlabel10_s{s}", "lowlabel", "MAL, 10 % of the labels", [], ov, seed=s,
-                               pretrained_by=f"default_s{s}"))
-        exps.append(Experiment(f"lowlabel10_supervised_s{s}", "lowlabel", "supervised, 10 % of the labels", None, ov,
-                               seed=s, labelled_only=True))
+        for tag, setting, mal, sup in recipes:
+            aug = LIGHT_AUG if tag else []
+            exps.append(Experiment(f"lowlabel10{tag}_s{s}", "lowlabel", f"MAL, 10 % of the labels{setting}", [],
+                                   ov + aug + mal, seed=s, pretrained_by=f"default_s{s}"))
+            exps.append(Experiment(f"lowlabel10{tag}_supervised_s{s}", "lowlabel",
+                                   f"supervised, 10 % of the labels{setting}", None, ov + aug + sup, seed=s,
+                                   labelled_only=True))
     return exps
 
 

@@ -392,16 +392,52 @@ def test_light_recipe_table_chooses_each_arm_on_the_held_out_split_and_pairs_the
     assert light_recipe_table(rows[:6], "Imagenette-96") == []                 # no light rows: no table
 
 
+def test_light_plot_draws_every_seed_of_the_chosen_arms_only_on_total_epochs(tmp_path):
+    """results_light_curves.png: one line per seed of each chosen arm, a fine-tune shifted by its pretraining epochs;
+    the arms not chosen are not drawn."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    import matplotlib
+    matplotlib.use("Agg")
+    from make_results import light_plot
+    arms = [("default", "baseline", "MAL default", 50, ["mal pretrain x optim.epochs=30", "mal finetune optim.epochs=15"]),
+            ("light_ld1.0", "light", "MAL, light fine-tuning, layer decay 1.0", 65,
+             ["mal pretrain x optim.epochs=30", "mal finetune optim.epochs=15"]),
+            ("supervised_ft_light", "light", "supervised, light, labelled epochs", 62, ["mal supervised optim.epochs=15"]),
+            ("supervised_light", "light", "supervised, light", 70, ["mal supervised optim.epochs=45"])]
+    rows = []
+    for name, table, setting, ho, commands in arms:
+        for seed in (0, 1):
+            rows.append({"name": f"{name}_s{seed}", "table": table, "setting": setting, "seed": seed,
+                         "holdout_top1": ho + seed, "commands": commands, "_dir": str(tmp_path)})
+            stage = tmp_path / rows[-1]["name"] / ("supervised" if "supervised" in name else "finetune")
+            stage.mkdir(parents=True)
+            (stage / "metrics.csv").write_text("epoch,eval_top1\n1,20\n2,30\n")
+    figs = {}
+    light_plot(rows, lambda fig, name: figs.setdefault(name, fig), "Imagenette-96")
+    lines = figs["results_light_curves.png"].axes[0].get_lines()
+    assert len(lines) == 6                                               # 3 chosen arms x 2 seeds, not the default
+    starts = sorted((line.get_xdata()[0], line.get_linestyle()) for line in lines)
+    assert starts == [(1.0, "--")] * 4 + [(31.0, "-")] * 2                # MAL's fine-tune after 30 epochs
+    labels = [t.get_text() for t in figs["results_light_curves.png"].axes[0].get_legend().get_texts()]
+    assert labels == ["MAL: MAL, light fine-tuning, layer decay 1.0", "supervised at the labelled epochs: supervised, "
+                      "light, labelled epochs", "supervised at the total epochs: supervised, light"]
+
+
 def test_low_label_arms_share_the_default_pretraining_and_pair_by_seed():
     """lowlabel10_*: MAL fine-tunes default_s*'s pretraining and the supervised arm trains from scratch, both on 10 %
     of the labels for 100 epochs; the table pools seeds and pairs MAL with the supervised arm of the same seed."""
     sys.path.insert(0, str(REPO / "experiments"))
     from make_results import low_label_table
     from sweep import low_label
-    mal, sup = low_label([1])
+    mal, sup, mal_light, sup_light = low_label([1])
     assert (mal.name, mal.pretrained_by, mal.pretrain) == ("lowlabel10_s1", "default_s1", [])
     assert sup.pretrain is None and sup.labelled_only and sup.finetune == mal.finetune
     assert {"data.label_fraction=0.1", "optim.epochs=100"} <= set(mal.finetune)
+    # the light pair's choices: MAL with layer decay 1.0, supervised with a mean-pooled head; both crop and flip only
+    assert mal_light.pretrained_by == "default_s1" and set(mal.finetune) < set(mal_light.finetune)
+    assert set(mal_light.finetune) - set(sup_light.finetune) == {"optim.layer_decay=1.0"}
+    assert set(sup_light.finetune) - set(mal_light.finetune) == {"model.global_pool=avg"}
+    assert "aug.mixup=0" in sup_light.finetune and sup_light.setting == "supervised" + mal_light.setting[3:]
 
     def row(name, setting, seed, top1):
         return {"name": name, "table": "lowlabel", "setting": setting, "seed": seed, "top1": top1,

@@ -471,22 +471,22 @@ def _dkdv_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# launch configuration (not yet tuned on a GPU: `benchmarks/mlstm_kernel.py --long` times them)
+# launch configuration (`benchmarks/mlstm_kernel.py --long --sweep` times them)
 # ----------------------------------------------------------------------------------------------------------
 
 CHUNK_SIZE = 128           # tokens per chunk L (a power of two, >= 16; shorter rows use the next power of two)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, 2-byte inputs (float32 halves the tiles);
-# BLOCK_M tiles queries, BLOCK_N keys, both <= L. Keys 256 and 512 (DH 192, 384): the fastest of
-# `benchmarks/mlstm_kernel.py --long --sweep` at S 4,096, B 32 on an H200. Keys up to 128, not swept: the parallel
+# BLOCK_M tiles queries, BLOCK_N keys, both <= L. Keys 128, 256 and 512 (DH 96, 192, 384): the fastest of
+# `benchmarks/mlstm_kernel.py --long --sweep` at S 4,096, B 32 on an H200. Keys up to 64, not swept: the parallel
 # kernel's tiles, with the warps and tiles at which `ptxas -v` (sm_90a, triton 3.8) reports few register spills.
-_OUT_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 8, 2),
+_OUT_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 4, 2),
             256: (64, 16, 4, 2), 512: (64, 16, 4, 2)}
-_DQ_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 8, 2),
+_DQ_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 4, 2),
            256: (64, 32, 4, 2), 512: (32, 32, 4, 2)}
-_DKDV_CFG = {16: (32, 64, 8, 2), 32: (32, 64, 8, 2), 64: (32, 64, 8, 2), 128: (32, 64, 8, 2),
+_DKDV_CFG = {16: (32, 64, 8, 2), 32: (32, 64, 8, 2), 64: (32, 64, 8, 2), 128: (32, 64, 4, 2),
              256: (32, 32, 4, 2), 512: (64, 32, 8, 2)}
-# (C tile edge, warps, stages) of the two state loops per padded head dim (keys 256 and 512: the same sweep)
-_STATE_CFG = {16: (64, 8, 2), 32: (64, 8, 2), 64: (64, 8, 2), 128: (64, 8, 2), 256: (64, 4, 2), 512: (128, 8, 2)}
+# (C tile edge, warps, stages) of the two state loops per padded head dim (keys 128 to 512: the same sweep)
+_STATE_CFG = {16: (64, 8, 2), 32: (64, 8, 2), 64: (64, 8, 2), 128: (64, 4, 2), 256: (64, 4, 2), 512: (128, 8, 2)}
 _FP32_STATE_CFG = (64, 8, 2)
 _INNER_K = 32              # head-dim block of the q C, dh C^T, v dC^T, k dC products (float32 halves it at DH > 128)
 
