@@ -195,6 +195,17 @@ def light_choices(rows: list[dict]) -> tuple[dict, dict]:
     return arms, chosen
 
 
+def wall_minutes(row: dict) -> float:
+    """A row's wall minutes with its pretraining's, where another experiment ran that (its summary.json beside the
+    results.jsonl, found from the pretraining command's --output folder)."""
+    own = row.get("gpu_min") or 0.0
+    pre = re.search(r"--output \S*?([^/\s]+)/pretrain ", row["commands"][0]) if len(row["commands"]) == 2 else None
+    if pre is None or pre.group(1) == row["name"]:
+        return own
+    summary = Path(row["_dir"]) / pre.group(1) / "pretrain" / "summary.json"
+    return own + (json.loads(summary.read_text())["train_time_s"] / 60 if summary.exists() else float("nan"))
+
+
 def light_recipe_table(rows: list[dict], dataset: str) -> list[str]:
     """Markdown rows of the light-augmentation pair (sweep.py's light_recipe rows) beside the headline's heavy-
     augmentation runs, seeds pooled; each arm's recipe chosen on the held-out split (the best mean), and the chosen
@@ -203,10 +214,12 @@ def light_recipe_table(rows: list[dict], dataset: str) -> list[str]:
         return []
     arms, chosen = light_choices(rows)
     out = [f"#### Light augmentation against the headline's recipe ({dataset})", "",
-           "| arm | augmentation | labelled epochs | held-out top-1 | val top-1 | runs |", "|---|---|---|---|---|---|"]
+           "| arm | augmentation | labelled epochs | held-out top-1 | val top-1 | wall min per run, with pretraining | "
+           "runs |", "|---|---|---|---|---|---|---|"]
     for (table, setting), rs in arms.items():
         out.append(f"| {setting} | {'crop and flip' if table == 'light' else 'RandAugment, mixup, cutmix, erasing'} | "
                    f"{stage_epochs(rs[0])[1]} | {fmt(held(rs))} | {fmt([r.get('top1') for r in rs])} | "
+                   f"{statistics.mean(map(wall_minutes, rs)):.1f} | "
                    f"{', '.join(r['name'] for r in sorted(rs, key=lambda r: r['seed']))} |")
     out += ["", "Chosen on the held-out split (the best mean): " + "; ".join(
         f"{g}: {a[1]}" for g, a in chosen.items() if a) + ".", ""]

@@ -1,5 +1,6 @@
 """The CIFAR-10 sweep runner and the results generator, end to end on a tiny model (CPU)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -381,7 +382,7 @@ def test_light_recipe_table_chooses_each_arm_on_the_held_out_split_and_pairs_the
     rows = [row(n, t, s, seed, ho, ep) for n, t, s, ho, ep in arms for seed in (0, 1)]
     text = "\n".join(light_recipe_table(rows, "Imagenette-96"))
     assert "| MAL, light fine-tuning, layer decay 1.0 | crop and flip | 15 | 65.50 ± 0.71 (n=2) | 64.50 ± 0.71 (n=2) | " \
-           "light_ld1.0_s0, light_ld1.0_s1 |" in text
+           "0.0 | light_ld1.0_s0, light_ld1.0_s1 |" in text
     assert "| supervised | RandAugment, mixup, cutmix, erasing | 45 | 63.50 ± 0.71 (n=2) |" in text
     assert ("Chosen on the held-out split (the best mean): MAL: MAL, light fine-tuning, layer decay 1.0; supervised at "
             "the labelled epochs: supervised, light, labelled epochs; supervised at the total epochs: supervised, "
@@ -390,6 +391,22 @@ def test_light_recipe_table_chooses_each_arm_on_the_held_out_split_and_pairs_the
            "[+3.00, +3.00] | 2 |" in text
     assert "| MAL, light fine-tuning, layer decay 1.0 − supervised, light | held-out top-1 | -5.00 |" in text
     assert light_recipe_table(rows[:6], "Imagenette-96") == []                 # no light rows: no table
+
+
+def test_wall_minutes_add_the_pretraining_another_experiment_ran(tmp_path):
+    """A fine-tune sharing default_s0's pretraining costs its own minutes plus that pretraining's train_time_s (read
+    from the summary beside the results); a supervised row or a row that ran its own pretraining, its own only."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from make_results import wall_minutes
+    (tmp_path / "default_s0/pretrain").mkdir(parents=True)
+    (tmp_path / "default_s0/pretrain/summary.json").write_text(json.dumps({"train_time_s": 180.0}))
+    pre = "mal pretrain --config c --output runs/light/default_s0/pretrain --no-progress optim.epochs=30"
+    shared = {"name": "light_s0", "gpu_min": 2.0, "_dir": str(tmp_path), "commands": [pre, "mal finetune x"]}
+    assert wall_minutes(shared) == 5.0
+    assert wall_minutes({**shared, "name": "default_s0"}) == 2.0                      # its own pretraining: counted
+    assert wall_minutes({"name": "supervised_s0", "gpu_min": 1.5, "commands": ["mal supervised x"]}) == 1.5
+    missing = {**shared, "commands": [pre.replace("default_s0", "default_s1"), "mal finetune x"]}
+    assert math.isnan(wall_minutes(missing))                                          # unknown, not 0
 
 
 def test_light_plot_draws_every_seed_of_the_chosen_arms_only_on_total_epochs(tmp_path):
