@@ -17,6 +17,7 @@ import json
 
 import torch
 from qkv_kernel import cuda_ms, inputs as pre_inputs, parse_args, report, sweep  # benchmarks/ is this script's dir
+from throughput import device_info
 
 SHAPES = {"T": (128, 197, 4, 96), "S": (128, 197, 4, 192), "B": (128, 197, 4, 384), "B-pretrain": (256, 145, 4, 384)}
 
@@ -69,8 +70,7 @@ def main() -> dict:
     from mal.ops.vil_block.pre import block_pre_fused
     from mal.ops.vil_block.regions import compiled_region
     args = parse_args(__doc__, SHAPES)
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "defaults": {"post": bg.POST_CONFIG, "pre": bg.PRE_CONFIG, "dxm": bg.DXM_CONFIG}, "shapes": {}}
+    out = {**device_info(), "defaults": {"post": bg.POST_CONFIG, "pre": bg.PRE_CONFIG, "dxm": bg.DXM_CONFIG}, "shapes": {}}
     for name in args.shapes.split(","):
         B, S, NH, DH = SHAPES[name]
         I = NH * DH

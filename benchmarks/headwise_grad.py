@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import cuda_times  # noqa: E402
+from throughput import cuda_times, device_info  # noqa: E402
 
 from mal.ops.headwise import headwise, headwise_wgrad_dense  # noqa: E402
 
@@ -124,7 +124,7 @@ def main() -> None:
     p.add_argument("--json", default="")
     args = p.parse_args()
     dev = "cuda"
-    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv)}
+    info = device_info()
     print(json.dumps(info), flush=True)
     out = []
     cands = candidates()

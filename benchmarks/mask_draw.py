@@ -24,6 +24,7 @@ import torch
 from mal.config import load_run_config
 from mal.engine.build import build_model
 from mal.engine.sampling import one_intra_op_thread
+from throughput import device_info  # benchmarks/ is this script's directory
 
 
 def time_draws(k: int, batch: int, iters: int, one_thread: bool = False) -> list[float]:
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
+    info = device_info(gpu=False)
+    print(json.dumps(info), flush=True)
     rows = []
     for busy in map(int, args.busy.split(",")):
         hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
@@ -68,7 +71,7 @@ def main() -> None:
                 p.wait()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"device": info, "results": rows}, f, indent=1)
     print(f"\nbatch {args.batch}, ms per draw, median (p90)\n")
     print("| intra-op threads | busy processes | k = 4 | k = 1 | k = 1 / k = 4 | k = 1 on one thread (the trainer) |\n"
           "|---|---|---|---|---|---|")

@@ -24,6 +24,7 @@ import json
 import torch
 import torch.nn.functional as F
 from qkv_kernel import graph_ms, parse_args, report, sweep  # benchmarks/ is this script's directory
+from throughput import device_info
 
 SHAPES = {"T": (128, 197, 192), "S": (128, 197, 384), "B": (128, 197, 768), "B-pretrain": (256, 128, 768)}
 
@@ -37,8 +38,7 @@ def plain(x, order, w, b):
 def main() -> dict:
     from mal.ops.norm import kernel as norm_triton
     args = parse_args(__doc__, SHAPES)
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "default_config": {"fwd": norm_triton.FWD_CONFIG, "bwd": norm_triton.BWD_CONFIG}, "shapes": {}}
+    out = {**device_info(), "default_config": {"fwd": norm_triton.FWD_CONFIG, "bwd": norm_triton.BWD_CONFIG}, "shapes": {}}
     compiled = torch.compile(plain, dynamic=False)
     affine_grads = torch.compile(norm_triton.affine_grads, dynamic=False)
     for name in args.shapes.split(","):

@@ -17,7 +17,7 @@ import itertools
 import json
 
 import torch
-from throughput import cuda_times  # benchmarks/ is this script's directory
+from throughput import cuda_times, device_info  # benchmarks/ is this script's directory
 
 SHAPES = {"T": (128, 196, 384), "S": (128, 196, 768), "B": (128, 196, 1536), "B-pretrain": (256, 144, 1536)}
 
@@ -90,8 +90,7 @@ def main() -> dict:
     from mal.ops.vil_block.pre import block_pre_fused
     from mal.ops.vil_block.regions import compiled_region
     args = parse_args(__doc__, SHAPES)
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "default_config": qkv_triton.CONFIG,
-           "shapes": {}}
+    out = {**device_info(), "default_config": qkv_triton.CONFIG, "shapes": {}}
     for name in args.shapes.split(","):
         B, S, I = SHAPES[name]
         a = inputs(B, S, I)

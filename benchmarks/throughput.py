@@ -365,10 +365,22 @@ def markdown(enc: dict, pre: dict, gl: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def device_info() -> dict:
-    """The GPU, the versions of torch and of the peers' packages, and the command line."""
-    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": sys.version.split()[0],
-            "command": " ".join(sys.argv)}
+def cpu_name() -> str:
+    """The host CPU's model name (Linux /proc/cpuinfo; elsewhere what `platform` knows)."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def device_info(gpu: bool = True) -> dict:
+    """The GPU (gpu=False: none), the CPU, the versions of torch and of the peers' packages, and the command line:
+    the header of every benchmark's results."""
+    import os
+    info = {"gpu": torch.cuda.get_device_name() if gpu else None, "cpu": cpu_name(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "python": sys.version.split()[0], "command": " ".join(sys.argv)}
     for mod in ("triton", "timm", "xlstm"):
         try:
             info[mod] = __import__(mod).__version__

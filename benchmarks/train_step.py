@@ -237,7 +237,7 @@ def main() -> None:
     p.add_argument("--json", default="")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv)}
+    info = throughput.device_info()
     print(json.dumps(info), flush=True)
     results = []
     for path in args.configs.split(","):
