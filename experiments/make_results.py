@@ -209,7 +209,8 @@ def wall_minutes(row: dict) -> float:
 def light_recipe_table(rows: list[dict], dataset: str) -> list[str]:
     """Markdown rows of the light-augmentation pair (sweep.py's light_recipe rows) beside the headline's heavy-
     augmentation runs, seeds pooled; each arm's recipe chosen on the held-out split (the best mean), and the chosen
-    MAL against the chosen supervised arms at the labelled and at the total epochs, paired by seed."""
+    MAL against the chosen supervised arms at the labelled and at the total epochs, paired by seed (MAE-ViL, the
+    positive control, against the labelled-epoch arm)."""
     if not by_setting(rows, "light"):
         return []
     arms, chosen = light_choices(rows)
@@ -223,9 +224,11 @@ def light_recipe_table(rows: list[dict], dataset: str) -> list[str]:
                    f"{', '.join(r['name'] for r in sorted(rs, key=lambda r: r['seed']))} |")
     out += ["", "Chosen on the held-out split (the best mean): " + "; ".join(
         f"{g}: {a[1]}" for g, a in chosen.items() if a) + ".", ""]
-    mal = chosen["MAL"]
+    mal, labelled = chosen["MAL"], chosen["supervised at the labelled epochs"]
     pairs = [(mal, sup) for sup in chosen.values() if mal and sup and sup != mal]
-    return out + paired_table(rows, pairs, title="MAL minus supervised, each arm's chosen recipe, paired by seed")
+    pairs += [(a, labelled) for a in arms if a[1].startswith("MAE") and labelled]     # the positive control
+    return out + paired_table(rows, pairs, title="MAL (and MAE) minus supervised, each arm's chosen recipe, paired "
+                                                 "by seed")
 
 
 def light_plot(rows: list[dict], save, dataset: str) -> None:

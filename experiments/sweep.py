@@ -150,7 +150,8 @@ def light_recipe(seeds: list[int]) -> list[Experiment]:
     """The headline pair with the fine-tuning diagnosis's winner, light augmentation (crop and flip only): MAL with
     the layer decays its fine-tune was short of, the supervised arm given the same chance (with a mean-pooled head
     at the labelled epochs, and at the total epochs). Each arm's recipe is then chosen on the held-out split among
-    these and the headline's heavy-augmentation runs. MAL fine-tunes default_s*'s pretraining (shared)."""
+    these and the headline's heavy-augmentation runs. MAL fine-tunes default_s*'s pretraining (shared); the positive
+    control, MAE-ViL, fine-tunes table4_mae_vil_s*'s with MAL's chosen recipe (layer decay 1.0)."""
     mal = [("light", "MAL, light fine-tuning", []),
            ("light_ld0.9", "MAL, light fine-tuning, layer decay 0.9", ["optim.layer_decay=0.9"]),
            ("light_ld1.0", "MAL, light fine-tuning, layer decay 1.0", ["optim.layer_decay=1.0"])]
@@ -163,7 +164,10 @@ def light_recipe(seeds: list[int]) -> list[Experiment]:
                  Experiment(f"supervised_ft_light_avgpool_s{s}", "light",
                             "supervised, light, mean-pooled head, labelled epochs", None,
                             LIGHT_AUG + ["model.global_pool=avg"], seed=s, labelled_only=True),
-                 Experiment(f"supervised_light_s{s}", "light", "supervised, light", None, LIGHT_AUG, seed=s)]
+                 Experiment(f"supervised_light_s{s}", "light", "supervised, light", None, LIGHT_AUG, seed=s),
+                 Experiment(f"mae_vil_light_s{s}", "light", "MAE-ViL, light fine-tuning, layer decay 1.0", [],
+                            LIGHT_AUG + ["optim.layer_decay=1.0"], seed=s, model="mae_vil",
+                            pretrained_by=f"table4_mae_vil_s{s}")]
     return exps
 
 
