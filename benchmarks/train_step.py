@@ -16,8 +16,10 @@ step `mal pretrain` / `mal finetune` run, on one GPU:
                at the config's intervals; no evaluations or probes) for --fit-steps steps: the median img/s of its
                10-step windows after the first 20 %, and their 10th / 90th percentiles. fit_whole: with
                graph_optimizer=true. Compare with step_loop, the same steps without the loop around them
-  gpu_ms       GPU kernel time of one graphed step (torch.profiler): the floor a step cannot go below
-  loader       img/s of the run's DataLoader (augmentation + collation + pinning) with --workers workers
+  loader       img/s of the run's DataLoader (augmentation + collation + pinning) with --workers workers (with --data)
+and columns:
+  gpu_ms       (step_graph) GPU kernel time of one graphed step (torch.profiler): the floor a step cannot go below,
+               with its --profile-top kernels by time
   gflop_img    model FLOPs of one training image (forward + backward; torch's FlopCounterMode on the plain
                path: matmuls, attention, the mLSTM cell's parallel form), and each row's tflops and mfu
                against --peak-tflops (989 for an H100/H200's dense bf16)
@@ -204,7 +206,7 @@ def measure_row(path: str, row: str, over: list[str], args) -> dict:
         res["host_ms"] = round(host_time(step), 2)
         res["host_ops"] = host_ops(step)
     if row == "step_graph":
-        throughput.ARGS = argparse.Namespace(profile_top=12)
+        throughput.ARGS = argparse.Namespace(profile_top=args.profile_top)
         prof = top_kernels(step)
         res["gpu_ms"] = prof[0]["total_gpu_ms"]
         res["profile"] = prof
@@ -234,6 +236,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for the MFU")
+    p.add_argument("--profile-top", type=int, default=12, help="kernels listed in the step_graph row's profile")
     p.add_argument("--json", default="")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
