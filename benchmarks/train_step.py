@@ -188,7 +188,7 @@ def measure_fit(path: str, row: str, over: list[str], args) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"train_step_{Path(path).stem}_{row}_"))
     Trainer(load_run_config(path, over + extra), run_dir, DistInfo(), progress=False).fit()
     ips = steady_windows(read(run_dir), args.fit_steps)
-    deciles = statistics.quantiles(ips, n=10)
+    deciles = statistics.quantiles(ips, n=10, method="inclusive")   # within the windows seen, never beyond
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     return dict(img_s=round(statistics.median(ips), 1), p10=round(deciles[0], 1), p90=round(deciles[-1], 1),
                 windows=len(ips), peak_gib=round(peak, 2))
