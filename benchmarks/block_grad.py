@@ -70,7 +70,8 @@ def main() -> dict:
     from mal.ops.vil_block.pre import block_pre_fused
     from mal.ops.vil_block.regions import compiled_region
     args = parse_args(__doc__, SHAPES)
-    out = {**device_info(), "defaults": {"post": bg.POST_CONFIG, "pre": bg.PRE_CONFIG, "dxm": bg.DXM_CONFIG}, "shapes": {}}
+    out = {**device_info(), "defaults": {"post": bg.POST_CONFIG, "pre": bg.PRE_CONFIG, "dxm": bg.DXM_CONFIG},
+           "shapes": {}}
     for name in args.shapes.split(","):
         B, S, NH, DH = SHAPES[name]
         I = NH * DH

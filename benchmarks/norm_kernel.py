@@ -38,7 +38,8 @@ def plain(x, order, w, b):
 def main() -> dict:
     from mal.ops.norm import kernel as norm_triton
     args = parse_args(__doc__, SHAPES)
-    out = {**device_info(), "default_config": {"fwd": norm_triton.FWD_CONFIG, "bwd": norm_triton.BWD_CONFIG}, "shapes": {}}
+    out = {**device_info(), "default_config": {"fwd": norm_triton.FWD_CONFIG, "bwd": norm_triton.BWD_CONFIG},
+           "shapes": {}}
     compiled = torch.compile(plain, dynamic=False)
     affine_grads = torch.compile(norm_triton.affine_grads, dynamic=False)
     for name in args.shapes.split(","):

@@ -384,7 +384,8 @@ def test_light_recipe_table_chooses_each_arm_on_the_held_out_split_and_pairs_the
     text = "\n".join(light_recipe_table(rows, "Imagenette-96"))
     # the positive control is an arm of no group (not chosen as MAL although its held-out mean is higher), paired
     # with the supervised arm chosen at the labelled epochs
-    assert "| MAE-ViL, light fine-tuning, layer decay 1.0 − supervised, light, labelled epochs | val top-1 | +4.00 |" in text
+    assert ("| MAE-ViL, light fine-tuning, layer decay 1.0 − supervised, light, labelled epochs | val top-1 | +4.00 |"
+            in text)
     assert "| MAL, light fine-tuning, layer decay 1.0 | crop and flip | 15 | 65.50 ± 0.71 (n=2) | 64.50 ± 0.71 (n=2) | " \
            "0.0 | light_ld1.0_s0, light_ld1.0_s1 |" in text
     assert "| supervised | RandAugment, mixup, cutmix, erasing | 45 | 63.50 ± 0.71 (n=2) |" in text
@@ -420,10 +421,11 @@ def test_light_plot_draws_every_seed_of_the_chosen_arms_only_on_total_epochs(tmp
     import matplotlib
     matplotlib.use("Agg")
     from make_results import light_plot
-    arms = [("default", "baseline", "MAL default", 50, ["mal pretrain x optim.epochs=30", "mal finetune optim.epochs=15"]),
-            ("light_ld1.0", "light", "MAL, light fine-tuning, layer decay 1.0", 65,
-             ["mal pretrain x optim.epochs=30", "mal finetune optim.epochs=15"]),
-            ("supervised_ft_light", "light", "supervised, light, labelled epochs", 62, ["mal supervised optim.epochs=15"]),
+    mal = ["mal pretrain x optim.epochs=30", "mal finetune optim.epochs=15"]
+    arms = [("default", "baseline", "MAL default", 50, mal),
+            ("light_ld1.0", "light", "MAL, light fine-tuning, layer decay 1.0", 65, mal),
+            ("supervised_ft_light", "light", "supervised, light, labelled epochs", 62,
+             ["mal supervised optim.epochs=15"]),
             ("supervised_light", "light", "supervised, light", 70, ["mal supervised optim.epochs=45"])]
     rows = []
     for name, table, setting, ho, commands in arms:
