@@ -19,7 +19,8 @@ import torch
 from qkv_kernel import cuda_ms, inputs as pre_inputs, parse_args, report, sweep  # benchmarks/ is this script's dir
 from throughput import device_info
 
-SHAPES = {"T": (128, 197, 4, 96), "S": (128, 197, 4, 192), "B": (128, 197, 4, 384), "B-pretrain": (256, 145, 4, 384)}
+SHAPES = {"T": (128, 197, 4, 96), "S": (128, 197, 4, 192), "B": (128, 197, 4, 384), "B-pretrain": (256, 145, 4, 384),
+          "T-pretrain": (256, 128, 4, 96), "T-small": (256, 144, 4, 96)}   # the small protocols' steps (144 tokens)
 
 
 def graphed_ms(fn) -> float:

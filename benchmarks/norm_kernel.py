@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from qkv_kernel import graph_ms, parse_args, report, sweep  # benchmarks/ is this script's directory
 from throughput import device_info
 
-SHAPES = {"T": (128, 197, 192), "S": (128, 197, 384), "B": (128, 197, 768), "B-pretrain": (256, 128, 768)}
+SHAPES = {"T": (128, 197, 192), "S": (128, 197, 384), "B": (128, 197, 768), "B-pretrain": (256, 128, 768),
+          "T-pretrain": (256, 128, 192), "T-small": (256, 144, 192)}      # the small protocols' steps (144 tokens)
 
 
 def plain(x, order, w, b):

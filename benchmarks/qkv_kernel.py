@@ -19,7 +19,8 @@ import json
 import torch
 from throughput import cuda_times, device_info  # benchmarks/ is this script's directory
 
-SHAPES = {"T": (128, 196, 384), "S": (128, 196, 768), "B": (128, 196, 1536), "B-pretrain": (256, 144, 1536)}
+SHAPES = {"T": (128, 196, 384), "S": (128, 196, 768), "B": (128, 196, 1536), "B-pretrain": (256, 144, 1536),
+          "T-pretrain": (256, 128, 384), "T-small": (256, 144, 384)}      # the small protocols' steps (144 tokens)
 
 
 def cuda_ms(fn) -> float:
