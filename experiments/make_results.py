@@ -11,6 +11,7 @@ import csv
 import json
 import re
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def arm_label(arm) -> str:
     table, setting = ("baseline", arm) if isinstance(arm, str) else arm
     if setting == "MAL default":
         return "MAL"
-    return setting if table in ("baseline", "lowlabel", "light") else f"MAL {setting} ({TITLES.get(table, table).split(':')[0]})"
+    return setting if table in ("baseline", "lowlabel", "light", "split") else f"MAL {setting} ({TITLES.get(table, table).split(':')[0]})"
 
 
 def fmt(vals: list[float]) -> str:
@@ -147,11 +148,13 @@ ABLATIONS = ("table6", "table7", "table5", "table12", "table13")
 # --tables: which tables to render, and which results rows they read (the default runs are a row of every ablation
 # table and the reference of the fine-tuning recipes).
 TABLE_SETS = {"all": None, "headline": ("baseline", "table4"), "ablations": ABLATIONS, "diagnosis": ("diag",),
-              "ftdiag": ("ftdiag",), "lowlabel": ("lowlabel",), "table6": ("table6",), "light": ("light",)}
-# The baseline arms each family's tables are read against.
+              "ftdiag": ("ftdiag",), "lowlabel": ("lowlabel",), "table6": ("table6",), "light": ("light",),
+              "split": ("split",)}
+# The arms each family's tables are read against: settings of the baseline table, or (table, setting) pairs.
 _EQUAL_LABELS = ("MAL default", "supervised, labelled epochs")
 REFERENCE_ARMS = {"ablations": _EQUAL_LABELS, "ftdiag": _EQUAL_LABELS, "table6": ("MAL default",),
-                  "light": (*_EQUAL_LABELS, "supervised")}
+                  "light": (*_EQUAL_LABELS, "supervised"),
+                  "split": (("light", "MAL, light fine-tuning, layer decay 1.0"), ("light", "supervised, light"))}
 
 
 def select(rows: list[dict], which: str) -> list[dict]:
@@ -159,7 +162,8 @@ def select(rows: list[dict], which: str) -> list[dict]:
     if TABLE_SETS[which] is None:
         return rows
     refs = REFERENCE_ARMS.get(which, ())
-    return [r for r in rows if r["table"] in TABLE_SETS[which] or (r["table"] == "baseline" and r["setting"] in refs)]
+    return [r for r in rows if r["table"] in TABLE_SETS[which] or (r["table"] == "baseline" and r["setting"] in refs)
+            or (r["table"], r["setting"]) in refs]
 
 
 def tables(rows: list[dict], dataset: str = "CIFAR-10", which: str = "all") -> str:
@@ -176,6 +180,8 @@ def tables(rows: list[dict], dataset: str = "CIFAR-10", which: str = "all") -> s
         out += low_label_table(rows, dataset)
     if which in ("all", "light"):
         out += light_recipe_table(rows, dataset)
+    if which in ("all", "split"):
+        out += budget_split_table(rows, dataset)
     return "\n".join(out)
 
 
@@ -229,6 +235,32 @@ def light_recipe_table(rows: list[dict], dataset: str) -> list[str]:
     pairs += [(a, labelled) for a in arms if a[1].startswith("MAE") and labelled]     # the positive control
     return out + paired_table(rows, pairs, title="MAL (and MAE) minus supervised, each arm's chosen recipe, paired "
                                                  "by seed")
+
+
+def budget_split_table(rows: list[dict], dataset: str) -> list[str]:
+    """Markdown rows of the equal-total-epochs splits (sweep.py's budget_split rows) beside the light pair's MAL arm
+    at the full split; the split with the best held-out mean against the light pair's supervised run of the same
+    total epochs, paired by seed."""
+    splits = by_setting(rows, "split")
+    light = by_setting(rows, "light")
+    (_, full), (_, reference) = REFERENCE_ARMS["split"]
+    if not splits or reference not in light:
+        return []
+    arms = {("split", k): v for k, v in splits.items()} | ({("light", full): light[full]} if full in light else {})
+    out = [f"#### Equal total epochs, split between pretraining and fine-tuning ({dataset})", "",
+           "| arm | pretraining epochs | labelled epochs | held-out top-1 | val top-1 | runs |",
+           "|---|---|---|---|---|---|"]
+    for (table, setting), rs in sorted(arms.items(), key=lambda a: stage_epochs(a[1][0])[0]) + [
+            (("light", reference), light[reference])]:
+        pre, lab = stage_epochs(rs[0])
+        out.append(f"| {setting} | {pre or '–'} | {lab} | {fmt(held(rs))} | {fmt([r.get('top1') for r in rs])} | "
+                   f"{', '.join(r['name'] for r in sorted(rs, key=lambda r: r['seed']))} |")
+    best = max((a for a in arms if held(arms[a])), key=lambda a: statistics.mean(held(arms[a])), default=None)
+    if best is None:
+        return out + [""]
+    out += ["", f"Chosen on the held-out split (the best mean): {best[1]}.", ""]
+    return out + paired_table(rows, [(best, ("light", reference))], title="The chosen split minus supervised "
+                              "training for the same total epochs, paired by seed")
 
 
 def light_plot(rows: list[dict], save, dataset: str) -> None:
@@ -634,6 +666,9 @@ def main() -> None:
                 rows[r["name"]] = {**r, "_dir": str(Path(path).parent)}
     rows = select(sorted(rows.values(), key=lambda r: r["name"]), args.tables)
     text = tables(rows, args.dataset, args.tables)
+    if not text.strip():
+        sys.exit(f"no {args.tables} table from {' '.join(args.results)}: its rows have not run; {args.doc} is "
+                 "unchanged")
     text += "\n#### Commands\n\n" + "\n".join(f"- `{r['name']}`: " + " && ".join(f"`{c}`" for c in r["commands"])
                                               for r in rows) + "\n"
     fill_section(Path(args.doc), args.section, text)

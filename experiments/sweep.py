@@ -192,6 +192,19 @@ def low_label(seeds: list[int]) -> list[Experiment]:
     return exps
 
 
+def budget_split(seeds: list[int], pre_epochs: int, ft_epochs: int) -> list[Experiment]:
+    """Equal total epochs split differently: MAL pretrained for a third and for two thirds of --pre-epochs and
+    fine-tuned (crop and flip, layer decay 1.0) for the rest of the total, beside the light pair's arm at the full
+    split (light_ld1.0_s*), against its supervised run of the total epochs (supervised_light_s*)."""
+    total, exps = pre_epochs + ft_epochs, []
+    for s in seeds:
+        for pre in (pre_epochs // 3, 2 * pre_epochs // 3):                 # 10 and 20 of 30 + 15
+            exps.append(Experiment(f"split{pre}_s{s}", "split", f"MAL, {pre} + {total - pre} epochs, light, layer "
+                                   "decay 1.0", [f"optim.epochs={pre}"],
+                                   LIGHT_AUG + ["optim.layer_decay=1.0", f"optim.epochs={total - pre}"], seed=s))
+    return exps
+
+
 def chosen_recipe(results: Path) -> tuple[list[str], list[str]]:
     """The diagnosis's winners on the held-out split (from a sweep's results.jsonl): the MAL-ViL pretraining overrides
     whose short fine-tune scores best (the linear probe where no fine-tune ran; rows with their own schedule left
@@ -377,7 +390,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     ablation_seeds = tuple(int(s) for s in args.ablation_seeds.split(","))
     families = experiments(seeds, ablation_seeds) + diagnosis() + finetune_diagnosis(seeds) + light_recipe(seeds) \
-        + low_label(seeds)
+        + low_label(seeds) + budget_split(seeds, args.pre_epochs, args.ft_epochs)
     exps = [e for e in families if re.search(args.only, e.name)]
     exps = schedule(exps, args.first, Path(args.out))
     if args.list:

@@ -398,6 +398,52 @@ def test_light_recipe_table_chooses_each_arm_on_the_held_out_split_and_pairs_the
     assert light_recipe_table(rows[:6], "Imagenette-96") == []                 # no light rows: no table
 
 
+def test_budget_split_keeps_the_total_and_its_table_pairs_the_best_split_with_supervised():
+    """split{P}_s*: MAL pretrained for a third and two thirds of --pre-epochs, fine-tuned for the rest of the total
+    with the light recipe; the table lists them by pretraining epochs beside the light pair's full split, chooses
+    the best held-out mean and pairs it by seed with supervised training for the same total epochs."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from make_results import budget_split_table
+    from sweep import budget_split
+    ten, twenty = budget_split([0], 30, 15)
+    assert (ten.name, ten.pretrain, ten.pretrained_by) == ("split10_s0", ["optim.epochs=10"], "")
+    assert ten.finetune[-2:] == ["optim.layer_decay=1.0", "optim.epochs=35"] and "aug.mixup=0" in ten.finetune
+    assert twenty.finetune[-1] == "optim.epochs=25"
+
+    def row(name, table, setting, seed, ho, commands):
+        return {"name": f"{name}_s{seed}", "table": table, "setting": setting, "seed": seed, "top1": ho - 1 + seed,
+                "holdout_top1": ho + seed, "commands": commands}
+    arms = [("split20", "split", twenty.setting, 71, ["mal pretrain optim.epochs=20", "mal finetune optim.epochs=25"]),
+            ("split10", "split", ten.setting, 69, ["mal pretrain optim.epochs=10", "mal finetune optim.epochs=35"]),
+            ("light_ld1.0", "light", "MAL, light fine-tuning, layer decay 1.0", 70,
+             ["mal pretrain optim.epochs=30", "mal finetune optim.epochs=15"]),
+            ("supervised_light", "light", "supervised, light", 72, ["mal supervised optim.epochs=45"])]
+    rows = [row(n, t, st, seed, ho, c) for n, t, st, ho, c in arms for seed in (0, 1)]
+    text = "\n".join(budget_split_table(rows, "Imagenette-96"))
+    order = [ln.split(" | ")[1:3] for ln in text.splitlines() if ln.startswith("| MAL") or ln.startswith("| sup")]
+    assert order[:4] == [["10", "35"], ["20", "25"], ["30", "15"], ["–", "45"]]
+    assert "Chosen on the held-out split (the best mean): MAL, 20 + 25 epochs, light, layer decay 1.0." in text
+    assert ("| MAL, 20 + 25 epochs, light, layer decay 1.0 − supervised, light | val top-1 | -1.00 | [-1.00, -1.00] | 2 |"
+            in text)
+    assert budget_split_table(rows[:4], "x") == []                    # no supervised run of the total: no table
+
+
+def test_make_results_leaves_the_doc_alone_when_the_family_has_not_run(tmp_path):
+    """--tables split on results without split rows: a clear exit, and the doc's section is not filled with the
+    reference rows' commands."""
+    res = tmp_path / "results.jsonl"
+    res.write_text(json.dumps({"name": "supervised_light_s0", "table": "light", "setting": "supervised, light",
+                               "seed": 0, "top1": 70.0, "holdout_top1": 71.0, "commands": ["mal supervised x"]}) + "\n")
+    doc = tmp_path / "results.md"
+    doc.write_text("<!-- split:begin (experiments/make_results.py) -->\n<!-- split:end -->\n")
+    before = doc.read_text()
+    out = subprocess.run([sys.executable, "experiments/make_results.py", "--results", str(res), "--doc", str(doc),
+                          "--section", "split", "--tables", "split", "--figures", str(tmp_path / "fig")], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "no split table" in out.stderr and "have not run" in out.stderr
+    assert doc.read_text() == before
+
+
 def test_wall_minutes_add_the_pretraining_another_experiment_ran(tmp_path):
     """A fine-tune sharing default_s0's pretraining costs its own minutes plus that pretraining's train_time_s (read
     from the summary beside the results); a supervised row or a row that ran its own pretraining, its own only."""
