@@ -151,7 +151,8 @@ def light_recipe(seeds: list[int]) -> list[Experiment]:
     the layer decays its fine-tune was short of, the supervised arm given the same chance (with a mean-pooled head
     at the labelled epochs, and at the total epochs). Each arm's recipe is then chosen on the held-out split among
     these and the headline's heavy-augmentation runs. MAL fine-tunes default_s*'s pretraining (shared); the positive
-    control, MAE-ViL, fine-tunes table4_mae_vil_s*'s with MAL's chosen recipe (layer decay 1.0)."""
+    control, MAE-ViL, fine-tunes table4_mae_vil_s*'s with MAL's chosen recipe (layer decay 1.0), and so does MAE-ViT
+    (table4_mae_vit_s*'s), beside a supervised ViT-T for the total epochs (Table 4's arms with light fine-tuning)."""
     mal = [("light", "MAL, light fine-tuning", []),
            ("light_ld0.9", "MAL, light fine-tuning, layer decay 0.9", ["optim.layer_decay=0.9"]),
            ("light_ld1.0", "MAL, light fine-tuning, layer decay 1.0", ["optim.layer_decay=1.0"])]
@@ -167,7 +168,12 @@ def light_recipe(seeds: list[int]) -> list[Experiment]:
                  Experiment(f"supervised_light_s{s}", "light", "supervised, light", None, LIGHT_AUG, seed=s),
                  Experiment(f"mae_vil_light_s{s}", "light", "MAE-ViL, light fine-tuning, layer decay 1.0", [],
                             LIGHT_AUG + ["optim.layer_decay=1.0"], seed=s, model="mae_vil",
-                            pretrained_by=f"table4_mae_vil_s{s}")]
+                            pretrained_by=f"table4_mae_vil_s{s}"),
+                 Experiment(f"mae_vit_light_s{s}", "light", "MAE-ViT, light fine-tuning, layer decay 1.0", [],
+                            LIGHT_AUG + ["optim.layer_decay=1.0"], seed=s, model="mae_vit",
+                            pretrained_by=f"table4_mae_vit_s{s}"),
+                 Experiment(f"vit_supervised_light_s{s}", "light", "ViT-T supervised, light", None, LIGHT_AUG, seed=s,
+                            model="vit")]
     return exps
 
 

@@ -379,13 +379,17 @@ def test_light_recipe_table_chooses_each_arm_on_the_held_out_split_and_pairs_the
             ("light_ld1.0", "light", "MAL, light fine-tuning, layer decay 1.0", 65, 15),
             ("supervised_ft_light", "light", "supervised, light, labelled epochs", 62, 15),
             ("supervised_light", "light", "supervised, light", 70, 45),
-            ("mae_vil_light", "light", "MAE-ViL, light fine-tuning, layer decay 1.0", 66, 15)]
+            ("mae_vil_light", "light", "MAE-ViL, light fine-tuning, layer decay 1.0", 66, 15),
+            ("mae_vit_light", "light", "MAE-ViT, light fine-tuning, layer decay 1.0", 64, 15),
+            ("vit_supervised_light", "light", "ViT-T supervised, light", 90, 45)]
     rows = [row(n, t, s, seed, ho, ep) for n, t, s, ho, ep in arms for seed in (0, 1)]
     text = "\n".join(light_recipe_table(rows, "Imagenette-96"))
     # the positive control is an arm of no group (not chosen as MAL although its held-out mean is higher), paired
     # with the supervised arm chosen at the labelled epochs
     assert ("| MAE-ViL, light fine-tuning, layer decay 1.0 − supervised, light, labelled epochs | val top-1 | +4.00 |"
             in text)
+    assert "| ViT-T supervised, light | crop and flip | 45 |" in text and "MAE-ViT, light fine-tuning, layer " \
+        "decay 1.0 −" not in text                                          # the ViT arms: listed, never chosen
     assert "| MAL, light fine-tuning, layer decay 1.0 | crop and flip | 15 | 65.50 ± 0.71 (n=2) | 64.50 ± 0.71 (n=2) | " \
            "0.0 | light_ld1.0_s0, light_ld1.0_s1 |" in text
     assert "| supervised | RandAugment, mixup, cutmix, erasing | 45 | 63.50 ± 0.71 (n=2) |" in text
