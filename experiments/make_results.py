@@ -265,24 +265,13 @@ def budget_split_table(rows: list[dict], dataset: str) -> list[str]:
 
 
 def light_plot(rows: list[dict], save, dataset: str) -> None:
-    """results_light_curves.png: held-out top-1 against total epochs (a fine-tune starts after its pretraining) of
-    every seed of each chosen arm of the light pair, solid with pretraining, dashed without."""
-    import matplotlib.pyplot as plt
+    """results_light_curves.png: held-out top-1 against total epochs of every seed of each chosen arm of the light
+    pair."""
     if not by_setting(rows, "light"):
         return
     arms, chosen = light_choices(rows)
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for i, (group, arm) in enumerate((g, a) for g, a in chosen.items() if a):
-        for j, r in enumerate(sorted(arms[arm], key=lambda r: r["seed"])):
-            pre, _ = stage_epochs(r)
-            pts = read_metrics(run_dir(r) / ("finetune" if pre else "supervised") / "metrics.csv", "eval_top1")
-            if pts:
-                ax.plot(*zip(*[(e + pre, v) for e, v in pts]), lw=0.9, color=f"C{i}", ls="-" if pre else "--",
-                        label=None if j else f"{group}: {arm[1]}")
-    ax.set(xlabel="total epochs (pretraining + labelled)", ylabel=f"{dataset} held-out top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    save(fig, "results_light_curves.png")
+    groups = [(f"{g}: {a[1]}", sorted(arms[a], key=lambda r: r["seed"])) for g, a in chosen.items() if a]
+    save(total_epoch_curves(groups, f"{dataset} held-out top-1 (%)"), "results_light_curves.png")
 
 
 def low_label_table(rows: list[dict], dataset: str) -> list[str]:
@@ -486,28 +475,34 @@ def probe_plot(rows: list[dict], save) -> None:
     save(fig, "results_probe_epochs.png")
 
 
-def curves_plot(rows: list[dict], save, dataset: str) -> None:
-    """results_val_curves.png: the evaluation-set top-1 of every headline run against total epochs (a fine-tune
-    starts after its pretraining epochs), one colour per arm, dashed without pretraining."""
+def total_epoch_curves(groups: list[tuple[str, list[dict]]], ylabel: str):
+    """A figure of each run's evaluation top-1 against total epochs (a fine-tune starts after its pretraining):
+    one colour and legend label per group, solid with pretraining, dashed without."""
     import matplotlib.pyplot as plt
-    runs = [r for r in rows if r["table"] in ("baseline", "table4")]
-    if not runs:
-        return
-    settings = sorted({r["setting"] for r in runs}, key=arm_rank)
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    for i, setting in enumerate(settings):
-        for j, r in enumerate(x for x in runs if x["setting"] == setting):
+    for i, (label, runs) in enumerate(groups):
+        for j, r in enumerate(runs):
             pre, _ = stage_epochs(r)
             pts = read_metrics(run_dir(r) / ("finetune" if pre else "supervised") / "metrics.csv", "eval_top1")
             if pts:
                 ax.plot(*zip(*[(e + pre, v) for e, v in pts]), lw=0.9, color=f"C{i}", ls="-" if pre else "--",
-                        label=None if j else setting)
-    held_out = any(r.get("holdout_top1") is not None for r in runs)
-    ax.set(xlabel="total epochs (pretraining + labelled)",
-           ylabel=f"{dataset} {'held-out' if held_out else 'val'} top-1 (%)")
+                        label=None if j else label)
+    ax.set(xlabel="total epochs (pretraining + labelled)", ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    save(fig, "results_val_curves.png")
+    return fig
+
+
+def curves_plot(rows: list[dict], save, dataset: str) -> None:
+    """results_val_curves.png: the evaluation-set top-1 of every headline run against total epochs, one colour per
+    arm."""
+    runs = [r for r in rows if r["table"] in ("baseline", "table4")]
+    if not runs:
+        return
+    settings = sorted({r["setting"] for r in runs}, key=arm_rank)
+    held_out = any(r.get("holdout_top1") is not None for r in runs)
+    save(total_epoch_curves([(st, [r for r in runs if r["setting"] == st]) for st in settings],
+                            f"{dataset} {'held-out' if held_out else 'val'} top-1 (%)"), "results_val_curves.png")
 
 
 def run_dir(row: dict) -> Path:
