@@ -190,14 +190,19 @@ LIGHT_GROUPS = {"MAL": lambda s: s.startswith("MAL"),
                 "supervised at the total epochs": lambda s: s.startswith("supervised") and "labelled" not in s}
 
 
+def best_held_out(arms: dict, candidates) -> tuple | None:
+    """Of the `candidates` (keys of `arms`, {arm: rows}), the arm with the best held-out mean; None where none has a
+    held-out number."""
+    return max((a for a in candidates if held(arms[a])), key=lambda a: statistics.mean(held(arms[a])), default=None)
+
+
 def light_choices(rows: list[dict]) -> tuple[dict, dict]:
     """The light pair's arms, {(table, setting): rows} for the light_recipe rows and the headline's heavy runs, and
     each group's (LIGHT_GROUPS) arm with the best held-out mean; a group without held-out numbers chooses None."""
     heavy = by_setting(rows, "baseline")
     arms = {("baseline", s): rs for s, rs in heavy.items()} | {("light", s): rs for s, rs in
                                                                  by_setting(rows, "light").items()}
-    chosen = {g: max((a for a in arms if pick(a[1]) and held(arms[a])), key=lambda a: statistics.mean(held(arms[a])),
-                     default=None) for g, pick in LIGHT_GROUPS.items()}
+    chosen = {g: best_held_out(arms, [a for a in arms if pick(a[1])]) for g, pick in LIGHT_GROUPS.items()}
     return arms, chosen
 
 
@@ -256,7 +261,7 @@ def budget_split_table(rows: list[dict], dataset: str) -> list[str]:
         pre, lab = stage_epochs(rs[0])
         out.append(f"| {setting} | {pre or '–'} | {lab} | {fmt(held(rs))} | {fmt([r.get('top1') for r in rs])} | "
                    f"{', '.join(r['name'] for r in sorted(rs, key=lambda r: r['seed']))} |")
-    best = max((a for a in arms if held(arms[a])), key=lambda a: statistics.mean(held(arms[a])), default=None)
+    best = best_held_out(arms, arms)
     if best is None:
         return out + [""]
     out += ["", f"Chosen on the held-out split (the best mean): {best[1]}.", ""]
