@@ -184,12 +184,11 @@ def low_label(seeds: list[int]) -> list[Experiment]:
     arm's recipe chosen in the light pair (MAL: crop and flip, layer decay 1.0; supervised: crop and flip, a
     mean-pooled head)."""
     ov = ["data.label_fraction=0.1", "optim.epochs=100", "eval_every=10"]
-    recipes = [("", "", [], []),
-               ("_light", ", light recipes", ["optim.layer_decay=1.0"], ["model.global_pool=avg"])]
+    recipes = [("", "", [], [], []),                                        # (tag, setting, both, MAL, supervised)
+               ("_light", ", light recipes", LIGHT_AUG, ["optim.layer_decay=1.0"], ["model.global_pool=avg"])]
     exps = []
     for s in seeds:
-        for tag, setting, mal, sup in recipes:
-            aug = LIGHT_AUG if tag else []
+        for tag, setting, aug, mal, sup in recipes:
             exps.append(Experiment(f"lowlabel10{tag}_s{s}", "lowlabel", f"MAL, 10 % of the labels{setting}", [],
                                    ov + aug + mal, seed=s, pretrained_by=f"default_s{s}"))
             exps.append(Experiment(f"lowlabel10{tag}_supervised_s{s}", "lowlabel",
