@@ -3,6 +3,7 @@ evaluation, the held-out split, probe pooling, the initialization we follow, pos
 pretraining never trains."""
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,19 @@ def test_supervised_and_finetune_recipes_differ_only_in_init_epochs_and_layer_de
     diff = {k for k in vars(ft.optim) if getattr(ft.optim, k) != getattr(sup.optim, k)}
     assert diff == {"epochs", "layer_decay"} and (ft.optim.layer_decay, sup.optim.layer_decay) == (0.75, 1.0)
     assert (ft.ema_decay, ft.ema_warmup) == (sup.ema_decay, sup.ema_warmup)
+
+
+def test_short_finetune_config_is_the_arm_the_light_pair_chose():
+    """imagenette_finetune_short is imagenette_finetune with the overrides of the light pair's chosen MAL arm
+    (sweep.py's light_ld1.0, 15 epochs): the config users get is the recipe that was measured."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from sweep import light_recipe
+    arm = next(e for e in light_recipe([0]) if e.name == "light_ld1.0_s0")
+    short = load_run_config("imagenette_finetune_short", ["init=x"])
+    measured = load_run_config("imagenette_finetune", ["init=x", "optim.epochs=15", *arm.finetune,
+                                                       "output_dir=runs/imagenette_finetune_short"])
+    assert short == measured
+    assert (short.optim.layer_decay, short.aug.mixup, short.aug.auto_augment) == (1.0, 0.0, "")
 
 
 @pytest.mark.parametrize("protocol", ["cifar10", "imagenette"])
