@@ -142,12 +142,12 @@ def cuda_times(step, warmup: int, iters: int) -> tuple[float, float]:
     return statistics.median(times), warm_s
 
 
-def graphed(step):
+def graphed(step, warmup: int):
     """Warm `step` up on a side stream (compiles), capture one call in a CUDA graph, return its replay."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(ARGS.warmup):
+        for _ in range(warmup):
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
@@ -163,7 +163,7 @@ def timed(step, cg: bool):
     count the capture and the timed calls (everything since the capture started)."""
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    run = graphed(step) if cg else step
+    run = graphed(step, ARGS.warmup) if cg else step
     ms, warm = cuda_times(run, ARGS.warmup, ARGS.iters)
     return ms, warm + (time.perf_counter() - t0 if cg else 0), run
 

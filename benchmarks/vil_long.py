@@ -1,17 +1,19 @@
-"""ViL-S forward + backward at high resolution through the whole model: the parallel mLSTM kernel vs the
+"""ViL forward + backward at high resolution through the whole model: the parallel mLSTM kernel vs the
 chunkwise one.
 
-At 512 px and 1024 px with 16-pixel patches, ViL-S's blocks see 1,024 and 4,096 tokens (DH 192, 4 heads). Each
-row builds MAL-S (`mal_small`, 1000 classes) with `mlstm_backend` "triton" (parallel) or "chunkwise", switches
-it to the fused fast path (compiled regions around the cell, no CUDA graph), and times one training step's
-forward + backward (bf16 autocast, cross-entropy on random labels, no optimizer step) with CUDA events:
-median over --iters calls after --warmup calls (compilation included there). Also the peak memory of a step,
-and the GPU's busy share of it: the profiler's summed kernel time over the wall time (below 1: the GPU waits for
-the host). Prints JSON lines, then a markdown table with chunkwise / parallel ratios; --profile also prints each
-row's kernels by GPU time and host operators by CPU time.
+At 512 px and 1024 px with 16-pixel patches, ViL's blocks see 1,024 and 4,096 tokens (4 heads; head dim 96 /
+192 / 384 for --model mal_tiny / mal_small / mal_base). Each row builds the model (1000 classes; default MAL-S)
+with `mlstm_backend` "triton" (parallel) or "chunkwise", switches
+it to the fused fast path (compiled regions around the cell), and times one training step's forward + backward
+(bf16 autocast, cross-entropy on random labels, no optimizer step) with CUDA events: median over --iters calls
+after --warmup calls (compilation included there). Also the peak memory of a step, and the GPU's busy share of
+it: the profiler's summed kernel time over the wall time (below 1: the GPU waits for the host). --graph adds
+each row again with the step replayed from a CUDA graph, as the training loop runs it (`cuda_graph: true`): no
+host work left. Prints JSON lines, then a markdown table with chunkwise / parallel ratios; --profile also prints
+each row's kernels by GPU time and host operators by CPU time.
 
     PYTHONPATH=src python benchmarks/vil_long.py [--sizes 512 1024] [--batch 32 8] [--backends triton chunkwise]
-        [--iters 20] [--warmup 5] [--json vil_long.json] [--profile]
+        [--iters 20] [--warmup 5] [--json vil_long.json] [--profile] [--graph] [--model mal_small]
 """
 from __future__ import annotations
 
@@ -21,16 +23,16 @@ import json
 import torch
 import torch.nn.functional as F
 
-from throughput import cuda_times, warm_up  # benchmarks/ is this script's directory
+from throughput import cuda_times, graphed, warm_up  # benchmarks/ is this script's directory
 
 GIB = 2**30
 
 
-def build(backend: str, img: int) -> torch.nn.Module:
-    """MAL-S at `img` px with the given mLSTM backend, on the fused fast path."""
-    from mal import mal_small
-    model = mal_small(1000, img_size=img, mlstm_backend=backend).cuda()
-    return model.fast_path(compile=True)
+def build(backend: str, img: int, model: str = "mal_small") -> torch.nn.Module:
+    """`model` (mal_tiny / mal_small / mal_base: head dim 96 / 192 / 384) at `img` px with the given mLSTM
+    backend, on the fused fast path."""
+    import mal
+    return getattr(mal, model)(1000, img_size=img, mlstm_backend=backend).cuda().fast_path(compile=True)
 
 
 def step_fn(model, batch: int, img: int):
@@ -62,21 +64,25 @@ def kernel_ms(step, iters: int = 3, tables: bool = False) -> float:
     return sum(e.self_device_time_total for e in stats if e.device_type == torch.autograd.DeviceType.CUDA) / iters / 1e3
 
 
-def measure(backend: str, img: int, batch: int, warmup: int, iters: int, tables: bool = False) -> dict:
-    """Median ms per forward + backward, images per second, the peak GiB of one step and the GPU's busy share."""
-    model = build(backend, img)
+def measure(backend: str, img: int, batch: int, warmup: int, iters: int, tables: bool = False,
+            graph: bool = False, name: str = "mal_small") -> dict:
+    """Median ms per forward + backward, images per second, the peak GiB of one step and the GPU's busy share
+    (graph: of the step's CUDA-graph replay; its busy share is not measured)."""
+    model = build(backend, img, name)
     model.train()
     step = step_fn(model, batch, img)
     warm_up(step, warmup)
     torch.cuda.reset_peak_memory_stats()                                    # the peak of the timed steps
+    step = graphed(step, 2) if graph else step
     ms, _ = cuda_times(step, 0, iters)
     peak = torch.cuda.max_memory_allocated() / GIB
-    if tables:
+    if tables and not graph:
         print(f"--- {backend}, {img} px, batch {batch}", flush=True)
-    busy = kernel_ms(step, tables=tables) / ms
+    busy = None if graph else round(kernel_ms(step, tables=tables) / ms, 3)
     grid = img // model.cfg.patch_size
-    return {"backend": backend, "img": img, "tokens": grid * grid, "batch": batch, "fwd_bwd_ms": round(ms, 2),
-            "img_s": round(batch / ms * 1e3, 1), "peak_gib": round(peak, 2), "gpu_busy": round(busy, 3)}
+    return {"model": name, "backend": backend, "graph": graph, "img": img, "tokens": grid * grid, "batch": batch,
+            "fwd_bwd_ms": round(ms, 2), "img_s": round(batch / ms * 1e3, 1), "peak_gib": round(peak, 2),
+            "gpu_busy": busy}
 
 
 def main():
@@ -88,34 +94,38 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="print each row's kernels and host operators")
+    ap.add_argument("--graph", action="store_true", help="also time each row replayed from a CUDA graph")
+    ap.add_argument("--model", default="mal_small", choices=["mal_tiny", "mal_small", "mal_base"])
     args = ap.parse_args()
     if len(args.batch) != len(args.sizes):
         ap.error("give one --batch per --sizes entry")
     rows = []
     for img, batch in zip(args.sizes, args.batch):
-        for backend in args.backends:
+        for backend, graph in ((b, g) for g in ((False, True) if args.graph else (False,)) for b in args.backends):
             try:
-                row = measure(backend, img, batch, args.warmup, args.iters, args.profile)
+                row = measure(backend, img, batch, args.warmup, args.iters, args.profile, graph, args.model)
             except torch.cuda.OutOfMemoryError:
-                row = {"backend": backend, "img": img, "batch": batch, "error": "OOM"}
+                row = {"backend": backend, "graph": graph, "img": img, "batch": batch, "error": "OOM"}
             rows.append(row)
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
-    print(f"\n{torch.cuda.get_device_name()}, MAL-S fast path, bf16 autocast, forward + backward (no optimizer)\n")
-    print("| px | tokens | batch | backend | ms | img/s | peak GiB | GPU busy | vs triton |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    base = {r["img"]: r for r in rows if r.get("backend") == "triton" and "fwd_bwd_ms" in r}
+    print(f"\n{torch.cuda.get_device_name()}, {args.model} fast path, bf16 autocast, forward + backward (no optimizer)\n")
+    print("| px | tokens | batch | backend | CUDA graph | ms | img/s | peak GiB | GPU busy | vs triton |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    base = {(r["img"], r["graph"]): r for r in rows if r.get("backend") == "triton" and "fwd_bwd_ms" in r}
     for r in rows:
+        graph = "yes" if r["graph"] else "no"
         if "fwd_bwd_ms" not in r:
-            print(f"| {r['img']} | | {r['batch']} | {r['backend']} | {r['error']} | | | | |")
+            print(f"| {r['img']} | | {r['batch']} | {r['backend']} | {graph} | {r['error']} | | | | |")
             continue
-        ref = base.get(r["img"])
+        ref = base.get((r["img"], r["graph"]))
         speed = f"{ref['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x" if ref else "-"
-        print(f"| {r['img']} | {r['tokens']} | {r['batch']} | {r['backend']} | {r['fwd_bwd_ms']} | {r['img_s']} | "
-              f"{r['peak_gib']} | {r['gpu_busy']:.2f} | {speed} |")
+        busy = "-" if r["gpu_busy"] is None else f"{r['gpu_busy']:.2f}"
+        print(f"| {r['img']} | {r['tokens']} | {r['batch']} | {r['backend']} | {graph} | {r['fwd_bwd_ms']} | "
+              f"{r['img_s']} | {r['peak_gib']} | {busy} | {speed} |")
 
 
 if __name__ == "__main__":

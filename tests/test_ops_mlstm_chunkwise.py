@@ -221,6 +221,21 @@ def test_gpu_long_sequence_against_float64(dtype):
 
 
 @pytest.mark.needs_gpu
+@pytest.mark.parametrize("gate_scale", [1.0, 30.0])
+def test_gpu_compiled_gate_gradients_equal_eager(monkeypatch, gate_scale):
+    """The backward's gate step runs through torch.compile on CUDA; it is the same float64 function as the eager
+    one, so di and df agree to float64 rounding (every other gradient is untouched)."""
+    from mal.ops.mlstm import chunkwise
+    inputs, dh = _gpu_inputs(577, 96, torch.bfloat16, gate_scale, seed=7)
+    compiled = _run(lambda *a: mlstm(*a, backend="chunkwise"), inputs, dh)
+    monkeypatch.setattr(chunkwise, "gate_grads", chunkwise._gate_grads)
+    eager = _run(lambda *a: mlstm(*a, backend="chunkwise"), inputs, dh)
+    assert len(chunkwise._COMPILED_GATE_GRADS) == 1                         # the compiled one ran first
+    for name, a, b in zip(NAMES, compiled, eager):
+        assert torch.equal(a, b) if name not in ("di", "df") else _rel(a.double(), b.double()) < 1e-6, name
+
+
+@pytest.mark.needs_gpu
 def test_gpu_state_continues_a_sequence_and_dispatch(monkeypatch):
     inputs, _ = _gpu_inputs(700, 192, torch.bfloat16, 1.0, seed=2)
     whole, state = mlstm_chunkwise(*inputs, return_state=True)

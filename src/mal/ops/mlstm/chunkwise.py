@@ -12,7 +12,7 @@ decay rho_c = exp(G_c + M_c - M_{c+1}), all <= 1). Five kernels and an O(S) gate
     backward  _dq_kernel        per query block: delta, dN, dq, and the log-gradients of the row's weights
               _dstates_kernel   per (batch, head, dC tile): the reverse loop carrying dC, dn; <dC_c, C_c>
               _dkdv_kernel      per key block: dk, dv, and the log-gradients of the key's weights
-              _gate_grads       torch, float64: di, df from those log-gradients
+              _gate_grads       torch, float64 (one torch.compile on CUDA): di, df from those log-gradients
 
 The backward is the parallel form's (kernel.py's docstring), written chunkwise. With r_t = 1/N_t,
 delta_t = r_t sum_j (dh_t . v_j) C[t, j] (from the float32 tiles, as kernel.EXACT_DELTA), dN_t = -delta_t r_t,
@@ -663,6 +663,19 @@ def _gate_grads(dn, sgn, m, arg, omega, row_g, eps_k, col_g, pp, g, ms, f, L: in
     return di.to(i_dtype), df.to(f.dtype)
 
 
+_COMPILED_GATE_GRADS = []
+
+
+def gate_grads(*args, **kwargs):
+    """`_gate_grads`, on CUDA through one torch.compile: eagerly its sixty-odd small float64 operators launch about
+    a hundred kernels per call, and in ViL-S at 1,024 tokens that host work left the GPU idle a third of the step."""
+    if not args[0].is_cuda:
+        return _gate_grads(*args, **kwargs)
+    if not _COMPILED_GATE_GRADS:
+        _COMPILED_GATE_GRADS.append(torch.compile(_gate_grads))
+    return _COMPILED_GATE_GRADS[0](*args, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # autograd and entry points
 # ----------------------------------------------------------------------------------------------------------
@@ -703,7 +716,7 @@ class _MlstmChunkwise(torch.autograd.Function):
         dcs, dns, pp = _run_dstates(q, dout, g, m, r, gn, ms, cs, ns, L)
         del cs, ns
         dk, dv, eps_k, col_g = _run_dkdv(q, k, v, dout, g, ig, m, arg, r, gn, ms, dcs, dns, L)
-        di, df = _gate_grads(dn, sgn, m, arg, omega, row_g, eps_k, col_g, pp, g, ms, f, L, 1.0 / math.sqrt(q.shape[-1]),
+        di, df = gate_grads(dn, sgn, m, arg, omega, row_g, eps_k, col_g, pp, g, ms, f, L, 1.0 / math.sqrt(q.shape[-1]),
                              ctx.i_dtype)
         return dq, dk, dv, di, df, None, None, None, None, None, None
 
