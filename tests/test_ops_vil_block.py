@@ -66,14 +66,20 @@ def _eager_fullgraph_compile():
         regions._COMPILED.clear()
 
 
-@pytest.mark.parametrize("dim,heads,seq", [(16, 4, 9), (24, 2, 17)])
-def test_fused_block_equals_plain_block_float64(dim, heads, seq):
+@pytest.mark.parametrize("dim,heads,seq,drop", [(16, 4, 9, 0.0), (24, 2, 17, 0.0), (24, 2, 17, 0.5)])
+def test_fused_block_equals_plain_block_float64(dim, heads, seq, drop):
+    """Drop-path included: the fast path draws the same per-sample mask and fuses it into the residual."""
     torch.manual_seed(0)
-    blk = ViLBlock(dim, num_heads=heads, backend="torch").double()
+    blk = ViLBlock(dim, drop_path=drop, num_heads=heads, backend="torch").double()
     _randomize(blk, 1)
-    x = torch.randn(3, seq, dim, dtype=torch.float64)
+    x = torch.randn(6, seq, dim, dtype=torch.float64)
+    torch.manual_seed(3)
     out_ref, g_ref = _out_and_grads(blk, x)
+    if drop:                                                                 # some samples dropped, some kept
+        dropped = [torch.equal(out_ref[b], x[b]) for b in range(6)]
+        assert any(dropped) and not all(dropped)
     blk.fast_path(compile=False)
+    torch.manual_seed(3)
     out, g = _out_and_grads(blk, x)
     assert _rel(out, out_ref) < F64_TOL
     assert g.keys() == g_ref.keys()
@@ -432,6 +438,31 @@ def test_compiled_fast_path_bf16_matches_plain_path_on_gpu(dim, seq, checkpoint)
     for name in g_ref:
         e_plain, e_fast = _rel(g_plain[name], g_ref[name]), _rel(g[name], g_ref[name])
         assert e_fast <= BF16_REL_SLACK * e_plain + BF16_REL_FLOOR, (name, e_fast, e_plain)
+
+
+@pytest.mark.needs_gpu
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_drop_path_fused_into_the_kernels_drops_the_plain_paths_samples(checkpoint):
+    """bf16 training on the GPU with drop-path and an order: the fused residual draws the plain path's mask (a
+    dropped sample's output is its input, bitwise, in both) and otherwise agrees to bf16 rounding."""
+    torch.manual_seed(0)
+    blk = ViLBlock(192, drop_path=0.5, num_heads=4, backend="auto").cuda().train()
+    _randomize(blk, 5)
+    x = torch.randn(8, 128, 192, device="cuda")
+    order = torch.randperm(128, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.manual_seed(1)
+        out_plain, g_plain = _out_and_grads(blk, x, order)
+        blk.fast_path(compile=True, checkpoint=checkpoint)
+        torch.manual_seed(1)
+        out, g = _out_and_grads(blk, x, order)
+    xo = gather_tokens(x, order)
+    dropped = [torch.equal(out_plain[b], xo[b]) for b in range(8)]
+    assert any(dropped) and not all(dropped)
+    assert [torch.equal(out[b], xo[b]) for b in range(8)] == dropped
+    assert _rel(out, out_plain) < 2e-2
+    for name in g_plain:
+        assert _rel(g[name], g_plain[name]) < 5e-2, name
 
 
 @pytest.mark.needs_gpu

@@ -54,20 +54,31 @@ def _norm_kernel(x: torch.Tensor, order: torch.Tensor | None) -> bool:
 def block_forward(blk: nn.Module, x: torch.Tensor, fast: FastPath,
                   order: torch.Tensor | None = None) -> torch.Tensor:
     """Fast forward of a `ViLBlock` on x[:, order] (x (B, S, D), order (S,) or (B, S) a permutation of the
-    tokens, None = x as it is) -> (B, S, D); same function as `blk`'s plain forward. The reorder is fused into
-    the block's first and last kernels (no (B, S, D) copy of the residual stream): without grad in the compiled
-    regions, in training (on CUDA) in the LayerNorm kernels and the post-region; otherwise it is a gather first."""
-    fuse_residual = isinstance(blk.drop_path, nn.Identity) or not blk.training
-    keep_order = fuse_residual and (not torch.is_grad_enabled() or _norm_kernel(x, order))
+    tokens, None = x as it is) -> (B, S, D); same function as `blk`'s plain forward. The reorder and the
+    residual (with drop-path's per-sample scale) are fused into the block's first and last kernels (no (B, S, D)
+    copy of the residual stream): without grad in the compiled regions, in training (on CUDA) in the LayerNorm
+    kernels and the post-region; otherwise the reorder is a gather first."""
+    keep_order = not torch.is_grad_enabled() or _norm_kernel(x, order)
     if order is not None and not keep_order:
         x, order = gather_tokens(x, order), None                            # (B, S, D)
+    scale = drop_path_scale(blk, x)                                         # (B, 1, 1) or None
     if fast.checkpoint and torch.is_grad_enabled():
-        # drop-path (the block's only randomness) stays outside, so the recompute needs no RNG state
-        y = torch.utils.checkpoint.checkpoint(_branch, blk, x, fast, fuse_residual, order, use_reentrant=False,
-                                              preserve_rng_state=False)  # (B, S, D)
-    else:
-        y = _branch(blk, x, fast, fuse_residual, order)                     # (B, S, D)
-    return y if fuse_residual else x + blk.drop_path(y)
+        # the drop-path draw (the block's only randomness) stays outside, so the recompute needs no RNG state
+        return torch.utils.checkpoint.checkpoint(_branch, blk, x, fast, order, scale, use_reentrant=False,
+                                                 preserve_rng_state=False)  # (B, S, D)
+    return _branch(blk, x, fast, order, scale)                              # (B, S, D)
+
+
+def drop_path_scale(blk: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The block's drop-path as a per-sample scale of its branch (B, 1, 1), drawn as timm's `DropPath` draws it
+    (one Bernoulli per sample in the branch's dtype, divided by the keep probability): the same mask for the same
+    generator state. None where drop-path is the identity (eval, rate 0)."""
+    dp = blk.drop_path
+    if not blk.training or not getattr(dp, "drop_prob", 0.0):
+        return None
+    keep = 1.0 - dp.drop_prob
+    mask = torch.empty((x.shape[0], 1, 1), dtype=activation_dtype(x), device=x.device).bernoulli_(keep)
+    return mask.div_(keep) if keep > 0.0 and dp.scale_by_keep else mask     # (B, 1, 1)
 
 
 def _up(blk: nn.Module, x: torch.Tensor, fast: FastPath, order: torch.Tensor | None, norm_up: bool):
@@ -82,9 +93,9 @@ def _up(blk: nn.Module, x: torch.Tensor, fast: FastPath, order: torch.Tensor | N
               order=order), None                                            # (B, S, 2I)
 
 
-def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool,
-            order: torch.Tensor | None = None) -> torch.Tensor:
-    """The block's residual branch (B, S, D) on x[:, order], plus x[:, order] when fuse_residual."""
+def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, order: torch.Tensor | None = None,
+            scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The block on x[:, order]: x[:, order] plus its residual branch (B, S, D), times `scale` (B, 1, 1) if given."""
     L, conv = blk.layer, blk.layer.conv.conv
     post = compiled_region(block_post, fast.mode) if fast.compile else block_post
     wg = torch.cat([L.igate.weight, L.fgate.weight], 0)                     # (2NH, 3I)
@@ -120,10 +131,10 @@ def _branch(blk: nn.Module, x: torch.Tensor, fast: FastPath, fuse_residual: bool
         h = mlstm(heads(q), heads(k), heads(v), i, f, backend=L.backend)    # (B, NH, S, DH)
     post_args = (conv.weight, conv.bias, L.outnorm, L.outnorm_bias, L.skip, L.proj_down.weight, L.proj_down.bias)
     if grad_kernels:
-        residual = (x_res if norm_up else x) if fuse_residual else None     # (with order, norm_up holds)
+        residual = x_res if norm_up else x                                  # (with order, norm_up holds)
         return PostFused.apply(fast.compile, fast.mode, h, xz_view[0], residual, *post_args, order,
-                               v_out)                                       # (B, S, D)
-    return post(h, xz, x if fuse_residual else None, *post_args, order=order)  # (B, S, D)
+                               v_out, scale)                                # (B, S, D)
+    return post(h, xz, x, *post_args, order=order, scale=scale)             # (B, S, D)
 
 
 __all__ = ["FastPath", "block_forward"]

@@ -14,9 +14,10 @@ from .regions import compiled_region
 POST_LN_EPS = 1e-5                      # the per-head norm's eps (F.layer_norm's default)
 
 
-def block_post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b, order=None):
-    """Cell output h (B, NH, S, DH) + xz (B, S, 2I) -> down-projected branch (B, S, D), plus residual if given
-    (residual[:, order] with `order`, as `block_up`)."""
+def block_post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b, order=None, scale=None):
+    """Cell output h (B, NH, S, DH) + xz (B, S, 2I) -> down-projected branch (B, S, D), times the per-sample
+    `scale` (B, 1, 1: drop-path) if given, plus residual if given (residual[:, order] with `order`, as
+    `block_up`)."""
     B, NH, S, DH = h.shape
     I = NH * DH
     x_m, z = xz[..., :I], xz[..., I:]                                       # (B, S, I) each
@@ -24,6 +25,8 @@ def block_post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, do
     hn = F.layer_norm(h, (DH,), eps=POST_LN_EPS).transpose(1, 2).reshape(B, S, I)  # (B, S, I) per-head norm
     y = (hn * norm_w + norm_b + skip * x_c) * F.silu(z)                     # (B, S, I)
     y = F.linear(y, down_w, down_b)                                         # (B, S, D)
+    if scale is not None:
+        y = y * scale                                                       # (B, S, D) drop-path
     if residual is not None and order is not None:
         residual = gather_tokens(residual, order)                           # (B, S, D)
     return y if residual is None else residual + y
@@ -36,23 +39,25 @@ class PostFused(torch.autograd.Function):
     function returns for it is the packed [dx_c, dz] (B, S, 2I), which `QKVGates`' backward turns into dxz
     (the conv's gradient then runs once, for both regions). With `order`, residual must be the view returned by
     `NormUp` (which adds d out, returned here in the block's token order, while scattering back through the
-    order). With `v_out` (a `VFromPost`) the backward also forms the cell's v and hands it over. Saves only its
-    inputs."""
+    order). With `v_out` (a `VFromPost`) the backward also forms the cell's v and hands it over. With `scale`
+    (B, 1, 1; drop-path) the branch is scaled per sample before the residual. Saves only its inputs."""
 
     @staticmethod
     def forward(ctx, compiled, mode, h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b,
-                order, v_out):
+                order, v_out, scale=None):
         post = compiled_region(block_post, mode) if compiled else block_post
-        ctx.save_for_backward(h, xz, conv_w, conv_b, norm_w, norm_b, skip, down_w)
+        ctx.save_for_backward(h, xz, conv_w, conv_b, norm_w, norm_b, skip, down_w, scale)
         ctx.residual, ctx.down_b, ctx.v_out = residual is not None, down_b is not None, v_out
-        return post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b, order=order)
+        return post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b, order=order,
+                    scale=scale)
 
     @staticmethod
     def backward(ctx, dout):
-        h, xz, conv_w, conv_b, norm_w, norm_b, skip, down_w = ctx.saved_tensors
+        h, xz, conv_w, conv_b, norm_w, norm_b, skip, down_w, scale = ctx.saved_tensors
         kernels = load("block_grad", "triton")
         B, S, D = dout.shape
-        d2 = dout.reshape(-1, D)                                            # (N, D)
+        dy = dout if scale is None else dout * scale                        # (B, S, D) the branch's gradient
+        d2 = dy.reshape(-1, D)                                              # (N, D)
         if d2.dtype == xz.dtype:
             dlow, d_down_b = d2, d2.sum(0, dtype=torch.float32)             # (N, D), (D,)
         else:                                                               # one read of d out for both
@@ -66,7 +71,7 @@ class PostFused(torch.autograd.Function):
             ctx.v_out.provide(v)                                            # (B, S, I) for the cell's backward, next
         d_down_w = (dlow.t() @ u.view(-1, u.shape[-1])).to(down_w.dtype)   # (D, I)
         return (None, None, dh, packed, dout if ctx.residual else None, None, None, d_nw, d_nb, d_skip,
-                d_down_w, d_down_b if ctx.down_b else None, None, None)
+                d_down_w, d_down_b if ctx.down_b else None, None, None, None)
 
 
 __all__ = ["POST_LN_EPS", "PostFused", "block_post"]
