@@ -668,7 +668,7 @@ _COMPILED_GATE_GRADS = []
 
 def gate_grads(*args, **kwargs):
     """`_gate_grads`, on CUDA through one torch.compile: eagerly its sixty-odd small float64 operators launch about
-    a hundred kernels per call, and in ViL-S at 1,024 tokens that host work left the GPU idle a third of the step."""
+    a hundred kernels per call, and in ViL-S that host work left the GPU idle for a third to a half of a step."""
     if not args[0].is_cuda:
         return _gate_grads(*args, **kwargs)
     if not _COMPILED_GATE_GRADS:
