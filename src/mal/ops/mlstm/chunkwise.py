@@ -663,13 +663,16 @@ def _gate_grads(dn, sgn, m, arg, omega, row_g, eps_k, col_g, pp, g, ms, f, L: in
     return di.to(i_dtype), df.to(f.dtype)
 
 
+# Run `_gate_grads` through torch.compile on CUDA (checked against eager by the GPU tests, torch 2.11). Off: eager.
+# Never on CPU: there Inductor (torch 2.14.1) computes this function wrongly.
+COMPILE_GATE_GRADS = True
 _COMPILED_GATE_GRADS = []
 
 
 def gate_grads(*args, **kwargs):
     """`_gate_grads`, on CUDA through one torch.compile: eagerly its sixty-odd small float64 operators launch about
     a hundred kernels per call, and in ViL-S that host work left the GPU idle for a third to a half of a step."""
-    if not args[0].is_cuda:
+    if not (COMPILE_GATE_GRADS and args[0].is_cuda):
         return _gate_grads(*args, **kwargs)
     if not _COMPILED_GATE_GRADS:
         _COMPILED_GATE_GRADS.append(torch.compile(_gate_grads))
