@@ -95,7 +95,7 @@ def arm_label(arm) -> str:
     table, setting = ("baseline", arm) if isinstance(arm, str) else arm
     if setting == "MAL default":
         return "MAL"
-    return setting if table in ("baseline", "lowlabel", "light", "split") else f"MAL {setting} ({TITLES.get(table, table).split(':')[0]})"
+    return setting if table in ("baseline", "lowlabel", "light", "split", "scale") else f"MAL {setting} ({TITLES.get(table, table).split(':')[0]})"
 
 
 def fmt(vals: list[float]) -> str:
@@ -149,12 +149,13 @@ ABLATIONS = ("table6", "table7", "table5", "table12", "table13")
 # table and the reference of the fine-tuning recipes).
 TABLE_SETS = {"all": None, "headline": ("baseline", "table4"), "ablations": ABLATIONS, "diagnosis": ("diag",),
               "ftdiag": ("ftdiag",), "lowlabel": ("lowlabel",), "table6": ("table6",), "light": ("light",),
-              "split": ("split",)}
+              "split": ("split",), "scale": ("scale",)}
 # The arms each family's tables are read against: settings of the baseline table, or (table, setting) pairs.
 _EQUAL_LABELS = ("MAL default", "supervised, labelled epochs")
 REFERENCE_ARMS = {"ablations": _EQUAL_LABELS, "ftdiag": _EQUAL_LABELS, "table6": ("MAL default",),
                   "light": (*_EQUAL_LABELS, "supervised"),
-                  "split": (("light", "MAL, light fine-tuning, layer decay 1.0"), ("light", "supervised, light"))}
+                  "split": (("light", "MAL, light fine-tuning, layer decay 1.0"), ("light", "supervised, light")),
+                  "scale": (("light", "MAL, light fine-tuning, layer decay 1.0"),)}
 
 
 def select(rows: list[dict], which: str) -> list[dict]:
@@ -182,6 +183,8 @@ def tables(rows: list[dict], dataset: str = "CIFAR-10", which: str = "all") -> s
         out += light_recipe_table(rows, dataset)
     if which in ("all", "split"):
         out += budget_split_table(rows, dataset)
+    if which in ("all", "scale"):
+        out += data_scale_table(rows, dataset)
     return "\n".join(out)
 
 
@@ -267,6 +270,29 @@ def budget_split_table(rows: list[dict], dataset: str) -> list[str]:
     out += ["", f"Chosen on the held-out split (the best mean): {best[1]}.", ""]
     return out + paired_table(rows, [(best, ("light", reference))], title="The chosen split minus supervised "
                               "training for the same total epochs, paired by seed")
+
+
+def data_scale_table(rows: list[dict], dataset: str) -> list[str]:
+    """Markdown rows of the data-scale family (sweep.py's scale* rows: MAL pretrained on part of the images for the
+    same steps) beside the light pair's MAL arm on every image, seeds pooled, and the full-data arm minus each
+    fraction, paired by seed."""
+    scale = by_setting(rows, "scale")
+    (table, full), = REFERENCE_ARMS["scale"]
+    if not scale:
+        return []
+    arms = [(("scale", k), v) for k, v in scale.items()]
+    if full in (light := by_setting(rows, table)):
+        arms.append(((table, full), light[full]))
+    out = [f"#### Pretraining on part of the images, same steps ({dataset})", "",
+           "| arm | pretraining epochs | labelled epochs | held-out linear probe | held-out top-1 | val top-1 | runs |",
+           "|---|---|---|---|---|---|---|"]
+    for (_, setting), rs in sorted(arms, key=lambda a: -stage_epochs(a[1][0])[0]):
+        pre, lab = stage_epochs(rs[0])
+        names = ", ".join(r["name"] for r in sorted(rs, key=lambda r: r["seed"]))
+        out.append(f"| {setting} | {pre} | {lab} | {fmt([r.get('holdout_linprobe') for r in rs])} | {fmt(held(rs))} | "
+                   f"{fmt([r.get('top1') for r in rs])} | {names} |")
+    return out + [""] + paired_table(rows, [((table, full), ("scale", k)) for k in scale],
+                                     title="Every image minus part of them, paired by seed")
 
 
 def light_plot(rows: list[dict], save, dataset: str) -> None:

@@ -210,6 +210,22 @@ def budget_split(seeds: list[int], pre_epochs: int, ft_epochs: int) -> list[Expe
     return exps
 
 
+def data_scale(seeds: list[int], pre_epochs: int, pre_warmup: float) -> list[Experiment]:
+    """Does more unlabelled data make a better encoder at the same pretraining compute? MAL pretrained on a quarter
+    and on half of each class's training images (data.pretrain_fraction) for 4x and 2x --pre-epochs, warm-up
+    likewise (the same optimizer steps and schedule), fine-tuned on every label with the light pair's MAL recipe;
+    the light pair's light_ld1.0_s* is the full-data row."""
+    exps = []
+    for s in seeds:
+        for frac in (0.25, 0.5):
+            pct = round(100 * frac)
+            exps.append(Experiment(f"scale{pct}_s{s}", "scale", f"MAL, {pct} % of the images, same steps",
+                                   [f"data.pretrain_fraction={frac}", f"optim.epochs={round(pre_epochs / frac)}",
+                                    f"optim.warmup_epochs={pre_warmup / frac:g}"],
+                                   LIGHT_AUG + ["optim.layer_decay=1.0"], seed=s))
+    return exps
+
+
 def chosen_recipe(results: Path) -> tuple[list[str], list[str]]:
     """The diagnosis's winners on the held-out split (from a sweep's results.jsonl): the MAL-ViL pretraining overrides
     whose short fine-tune scores best (the linear probe where no fine-tune ran; rows with their own schedule left
@@ -394,8 +410,11 @@ def main() -> None:
         args.pretrain_recipe, args.supervised_recipe = chosen_recipe(Path(args.recipe_from))
     seeds = [int(s) for s in args.seeds.split(",")]
     ablation_seeds = tuple(int(s) for s in args.ablation_seeds.split(","))
+    from mal.config import load_run_config
+    pre_warmup = load_run_config(f"{args.protocol}_pretrain").optim.warmup_epochs
     families = experiments(seeds, ablation_seeds) + diagnosis() + finetune_diagnosis(seeds) + light_recipe(seeds) \
-        + low_label(seeds) + budget_split(seeds, args.pre_epochs, args.ft_epochs)
+        + low_label(seeds) + budget_split(seeds, args.pre_epochs, args.ft_epochs) \
+        + data_scale(seeds, args.pre_epochs, pre_warmup)
     exps = [e for e in families if re.search(args.only, e.name)]
     exps = schedule(exps, args.first, Path(args.out))
     if args.list:

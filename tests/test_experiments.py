@@ -363,6 +363,38 @@ def test_finetune_diagnosis_table_sets_each_recipe_beside_its_reference():
     assert finetune_diagnosis_table(rows[:4]) == []
 
 
+def test_data_scale_rows_keep_the_steps_and_pair_with_the_full_data_arm():
+    """sweep.py's data-scale rows pretrain on a quarter / half of the images for 4x / 2x the epochs and warm-up
+    (the same optimizer steps) and fine-tune with the light pair's MAL recipe; make_results pairs the full-data arm
+    (light_ld1.0) with each fraction by seed."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from make_results import data_scale_table
+    from sweep import data_scale, light_recipe
+    exps = {e.name: e for e in data_scale([0, 1], 30, 5)}
+    assert sorted(exps) == ["scale25_s0", "scale25_s1", "scale50_s0", "scale50_s1"]
+    assert exps["scale25_s1"].pretrain == ["data.pretrain_fraction=0.25", "optim.epochs=120", "optim.warmup_epochs=20"]
+    assert exps["scale50_s0"].pretrain[1:] == ["optim.epochs=60", "optim.warmup_epochs=10"]
+    full = next(e for e in light_recipe([0]) if e.name == "light_ld1.0_s0")
+    assert exps["scale25_s0"].finetune == full.finetune and exps["scale25_s0"].seed == 0
+
+    def row(name, table, setting, seed, top1, pre):
+        return {"name": f"{name}_s{seed}", "table": table, "setting": setting, "seed": seed, "top1": top1 + seed,
+                "holdout_top1": top1 + 2 * seed, "holdout_linprobe": top1 - 5,
+                "commands": [f"mal pretrain optim.epochs=30 optim.epochs={pre}", "mal finetune optim.epochs=15"]}
+    rows = [row(n, t, s, seed, v, pre) for n, t, s, v, pre in (
+        ("light_ld1.0", "light", "MAL, light fine-tuning, layer decay 1.0", 70, 30),
+        ("scale25", "scale", "MAL, 25 % of the images, same steps", 64, 120),
+        ("scale50", "scale", "MAL, 50 % of the images, same steps", 67, 60)) for seed in (0, 1)]
+    text = "\n".join(data_scale_table(rows, "Imagenette-96"))
+    lines = [ln for ln in text.splitlines() if ln.startswith("| MAL")]
+    assert [ln.split(" | ")[1] for ln in lines[:3]] == ["120", "60", "30"]        # fewest images first
+    assert "| MAL, 25 % of the images, same steps | 120 | 15 | 59.00 ± 0.00 (n=2) | 65.00 ± 1.41 (n=2) | " \
+           "64.50 ± 0.71 (n=2) | scale25_s0, scale25_s1 |" in text
+    assert "| MAL, light fine-tuning, layer decay 1.0 − MAL, 25 % of the images, same steps | val top-1 | +6.00 | " \
+           "[+6.00, +6.00] | 2 |" in text
+    assert data_scale_table(rows[:2], "x") == []                              # no scale rows: no table
+
+
 def test_light_recipe_table_chooses_each_arm_on_the_held_out_split_and_pairs_the_choices():
     """The light-augmentation pair: every arm (the headline's heavy-augmentation runs and the light runs) pooled over
     seeds; each arm's recipe is the best held-out mean of its group, and the chosen MAL is paired by seed with the

@@ -210,6 +210,25 @@ def test_label_fraction_trains_on_part_of_the_labels_and_keeps_the_held_out_part
         load_run_config("cifar10_finetune", [*base, "data.label_fraction=0"])
 
 
+def test_pretrain_fraction_pretrains_on_part_of_the_images_and_probes_on_all(image_folder):
+    """data.pretrain_fraction=0.25 with a held-out quarter: the pretraining sees a quarter of each class of the
+    remaining 48 per class, the same images a label_fraction of 0.25 would pick; the probes' memory keeps all 144
+    images and the held-out part is unchanged; a classifier run refuses the key."""
+    from mal.engine.build import build_datasets
+    base = [f"data.dataset={image_folder}", "data.holdout=0.25", "data.cache=false"]
+    full = build_datasets(load_run_config("cifar10_pretrain", base), progress=False)
+    part = build_datasets(load_run_config("cifar10_pretrain", [*base, "data.pretrain_fraction=0.25"]), progress=False)
+    low = build_datasets(load_run_config("cifar10_finetune", [*base, "init=x", "data.label_fraction=0.25"]),
+                         progress=False)
+    assert len(full.train) == 144 and len(part.train) == 36 and part.train.targets.count(0) == 12
+    assert part.train.indices == low.train.indices and part.eval.indices == full.eval.indices
+    assert list(part.train_eval.indices) == list(full.train_eval.indices) and len(part.train_eval) == 144
+    with pytest.raises(ValueError, match="a finetune run would ignore it"):
+        load_run_config("cifar10_finetune", [*base, "init=x", "data.pretrain_fraction=0.5"])
+    with pytest.raises(ValueError, match=r"pretrain_fraction must be in \(0, 1\]"):
+        load_run_config("cifar10_pretrain", [*base, "data.pretrain_fraction=1.5"])
+
+
 def test_pretraining_probes_report_their_pooling_and_the_holdout(image_folder, tmp_path):
     out = tmp_path / "pre"
     assert main(["pretrain", "--config", "cifar10_pretrain", "--output", str(out),

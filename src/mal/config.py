@@ -193,6 +193,9 @@ class DataConfig:
     label_fraction: float = 1.0        # finetune / supervised: train on this fraction of each class of the
                                        # training images (after the held-out part), the low-label protocol;
                                        # drawn with holdout_seed, fixed across run seeds
+    pretrain_fraction: float = 1.0     # pretrain: pretrain on this fraction of each class of the training images
+                                       # (after the held-out part), the data-scale protocol; the probes still
+                                       # train on every training image. Drawn as label_fraction, nested
     mean: tuple[float, float, float] = IMAGENET_MEAN   # per-channel normalization of [0, 1] pixels
     std: tuple[float, float, float] = IMAGENET_STD     # per-channel standard deviation of [0, 1] pixels
     num_workers: int = -1              # loader worker processes; -1 = what the machine has (at most 8)
@@ -211,6 +214,8 @@ class DataConfig:
         _in_range("data.holdout", self.holdout, 0.0, 0.5)
         if not 0 < self.label_fraction <= 1:
             raise ValueError(f"data.label_fraction must be in (0, 1] (1 = every label), got {self.label_fraction}")
+        if not 0 < self.pretrain_fraction <= 1:
+            raise ValueError(f"data.pretrain_fraction must be in (0, 1] (1 = every image), got {self.pretrain_fraction}")
         if min(self.std) <= 0:
             raise ValueError(f"data.std must be positive in every channel, got {list(self.std)}")
 
@@ -435,6 +440,10 @@ class RunConfig:
         if self.data.label_fraction < 1 and self.task not in ("finetune", "supervised"):
             raise ValueError(f"data.label_fraction={self.data.label_fraction} limits the labels a classifier trains "
                              f"on (task finetune or supervised); a {self.task} run would ignore it: remove it")
+        if self.data.pretrain_fraction < 1 and self.task != "pretrain":
+            raise ValueError(f"data.pretrain_fraction={self.data.pretrain_fraction} limits the images a pretraining "
+                             f"sees; a {self.task} run would ignore it: remove it (data.label_fraction limits a "
+                             "classifier's labels)")
         if self.task == "pretrain" and self.objective.kind == "mal":
             from .serialization import check_divides
             check_divides(*self.model.grid, self.model.cluster_size)
