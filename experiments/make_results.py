@@ -235,7 +235,7 @@ def light_recipe_table(rows: list[dict], dataset: str) -> list[str]:
         out.append(f"| {setting} | {'crop and flip' if table == 'light' else 'RandAugment, mixup, cutmix, erasing'} | "
                    f"{stage_epochs(rs[0])[1]} | {fmt(held(rs))} | {fmt([r.get('top1') for r in rs])} | "
                    f"{statistics.mean(map(wall_minutes, rs)):.1f} | "
-                   f"{', '.join(r['name'] for r in sorted(rs, key=lambda r: r['seed']))} |")
+                   f"{run_names(rs)} |")
     out += ["", "Chosen on the held-out split (the best mean): " + "; ".join(
         f"{g}: {a[1]}" for g, a in chosen.items() if a) + ".", ""]
     mal, labelled = chosen["MAL"], chosen["supervised at the labelled epochs"]
@@ -263,7 +263,7 @@ def budget_split_table(rows: list[dict], dataset: str) -> list[str]:
             (("light", reference), light[reference])]:
         pre, lab = stage_epochs(rs[0])
         out.append(f"| {setting} | {pre or '–'} | {lab} | {fmt(held(rs))} | {fmt([r.get('top1') for r in rs])} | "
-                   f"{', '.join(r['name'] for r in sorted(rs, key=lambda r: r['seed']))} |")
+                   f"{run_names(rs)} |")
     best = best_held_out(arms, arms)
     if best is None:
         return out + [""]
@@ -288,9 +288,8 @@ def data_scale_table(rows: list[dict], dataset: str) -> list[str]:
            "|---|---|---|---|---|---|---|"]
     for (_, setting), rs in sorted(arms, key=lambda a: -stage_epochs(a[1][0])[0]):
         pre, lab = stage_epochs(rs[0])
-        names = ", ".join(r["name"] for r in sorted(rs, key=lambda r: r["seed"]))
         out.append(f"| {setting} | {pre} | {lab} | {fmt([r.get('holdout_linprobe') for r in rs])} | {fmt(held(rs))} | "
-                   f"{fmt([r.get('top1') for r in rs])} | {names} |")
+                   f"{fmt([r.get('top1') for r in rs])} | {run_names(rs)} |")
     return out + [""] + paired_table(rows, [((table, full), ("scale", k)) for k in scale],
                                      title="Every image minus part of them, paired by seed")
 
@@ -422,6 +421,11 @@ def ftdiag_runs(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     refs = [r for r in rows if r["table"] == "baseline" and r["seed"] in seeds
             and r["setting"] in ("MAL default", "supervised, labelled epochs")]
     return diag, refs
+
+
+def run_names(rs: list[dict]) -> str:
+    """The runs of an arm, by seed."""
+    return ", ".join(r["name"] for r in sorted(rs, key=lambda r: r["seed"]))
 
 
 def held(rs: list[dict]) -> list[float]:

@@ -120,6 +120,7 @@ def diagnosis() -> list[Experiment]:
 
 
 LIGHT_AUG = ["aug.mixup=0", "aug.cutmix=0", "aug.auto_augment=", "aug.reprob=0"]   # crop and flip only
+LIGHT_MAL = [*LIGHT_AUG, "optim.layer_decay=1.0"]   # the light pair's chosen MAL fine-tune (imagenette_finetune_short)
 
 
 def finetune_diagnosis(seeds: list[int]) -> list[Experiment]:
@@ -167,10 +168,10 @@ def light_recipe(seeds: list[int]) -> list[Experiment]:
                             LIGHT_AUG + ["model.global_pool=avg"], seed=s, labelled_only=True),
                  Experiment(f"supervised_light_s{s}", "light", "supervised, light", None, LIGHT_AUG, seed=s),
                  Experiment(f"mae_vil_light_s{s}", "light", "MAE-ViL, light fine-tuning, layer decay 1.0", [],
-                            LIGHT_AUG + ["optim.layer_decay=1.0"], seed=s, model="mae_vil",
+                            LIGHT_MAL, seed=s, model="mae_vil",
                             pretrained_by=f"table4_mae_vil_s{s}"),
                  Experiment(f"mae_vit_light_s{s}", "light", "MAE-ViT, light fine-tuning, layer decay 1.0", [],
-                            LIGHT_AUG + ["optim.layer_decay=1.0"], seed=s, model="mae_vit",
+                            LIGHT_MAL, seed=s, model="mae_vit",
                             pretrained_by=f"table4_mae_vit_s{s}"),
                  Experiment(f"vit_supervised_light_s{s}", "light", "ViT-T supervised, light", None, LIGHT_AUG, seed=s,
                             model="vit")]
@@ -206,7 +207,7 @@ def budget_split(seeds: list[int], pre_epochs: int, ft_epochs: int) -> list[Expe
         for pre in (pre_epochs // 3, 2 * pre_epochs // 3):                 # 10 and 20 of 30 + 15
             exps.append(Experiment(f"split{pre}_s{s}", "split", f"MAL, {pre} + {total - pre} epochs, light, layer "
                                    "decay 1.0", [f"optim.epochs={pre}"],
-                                   LIGHT_AUG + ["optim.layer_decay=1.0", f"optim.epochs={total - pre}"], seed=s))
+                                   LIGHT_MAL + [f"optim.epochs={total - pre}"], seed=s))
     return exps
 
 
@@ -222,7 +223,7 @@ def data_scale(seeds: list[int], pre_epochs: int, pre_warmup: float) -> list[Exp
             exps.append(Experiment(f"scale{pct}_s{s}", "scale", f"MAL, {pct} % of the images, same steps",
                                    [f"data.pretrain_fraction={frac}", f"optim.epochs={round(pre_epochs / frac)}",
                                     f"optim.warmup_epochs={pre_warmup / frac:g}"],
-                                   LIGHT_AUG + ["optim.layer_decay=1.0"], seed=s))
+                                   LIGHT_MAL, seed=s))
     return exps
 
 

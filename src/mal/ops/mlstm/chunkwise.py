@@ -39,6 +39,7 @@ the inputs' dtype on the tensor cores, and the dominant key's part of them would
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -666,7 +667,12 @@ def _gate_grads(dn, sgn, m, arg, omega, row_g, eps_k, col_g, pp, g, ms, f, L: in
 # Run `_gate_grads` through torch.compile on CUDA (checked against eager by the GPU tests, torch 2.11). Off: eager.
 # Never on CPU: there Inductor (torch 2.14.1) computes this function wrongly.
 COMPILE_GATE_GRADS = True
-_COMPILED_GATE_GRADS = []
+
+
+@functools.cache
+def compiled_gate_grads():
+    """The one torch.compile of `_gate_grads`, made at its first use."""
+    return torch.compile(_gate_grads)
 
 
 def gate_grads(*args, **kwargs):
@@ -674,9 +680,7 @@ def gate_grads(*args, **kwargs):
     a hundred kernels per call, and in ViL-S that host work left the GPU idle for a third to a half of a step."""
     if not (COMPILE_GATE_GRADS and args[0].is_cuda):
         return _gate_grads(*args, **kwargs)
-    if not _COMPILED_GATE_GRADS:
-        _COMPILED_GATE_GRADS.append(torch.compile(_gate_grads))
-    return _COMPILED_GATE_GRADS[0](*args, **kwargs)
+    return compiled_gate_grads()(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------
