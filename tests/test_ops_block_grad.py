@@ -47,10 +47,11 @@ def pointwise_cell(q, k, v, i, f):
 
 
 def region_grads(pre, post, residual, cot, num_heads, fused: bool, autocast: bool = False, cell=mlstm_parallel,
-                 v_from_post: bool = False):
+                 v_from_post: bool = False, scale=None):
     """Output and gradients of all inputs (in `NAMES` order) of pre-step -> cell -> post-tail, either through
     the fused pair (kernels' backward) or the plain functions' autograd. v_from_post: the cell's saved v is
-    not kept but formed by the post-tail's backward kernel (`VFromPost`); checks it is the forward's v."""
+    not kept but formed by the post-tail's backward kernel (`VFromPost`); checks it is the forward's v. scale:
+    drop-path's per-sample scale of the branch (B, 1, 1)."""
     leaves = [t.clone().requires_grad_() for t in pre + post + [residual]]
     p, po, res = leaves[:len(pre)], leaves[len(pre):-1], leaves[-1]
     B, S, two_i = p[0].shape
@@ -68,7 +69,7 @@ def region_grads(pre, post, residual, cot, num_heads, fused: bool, autocast: boo
                      g[..., num_heads:].transpose(1, 2))                   # (B, NH, S, DH)
         del v
         args = (h, xz, res, p[1], p[2], *po)
-        out = PostFused.apply(False, None, *args, None, v_out) if fused else block_post(*args)
+        out = PostFused.apply(False, None, *args, None, v_out, scale) if fused else block_post(*args, scale=scale)
     grads = torch.autograd.grad(out, leaves, cot.to(out.dtype))
     if v_from_post:
         assert v_out.outs is not None                                       # provided by post_grad

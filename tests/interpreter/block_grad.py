@@ -10,15 +10,18 @@ def kernels_match_float64_autograd():
     """Every gradient of pre-step -> cell -> post-tail (xz, the residual and the 15 parameters) through the
     kernels equals float64 autograd of the plain functions: sequences shorter than the conv and than a tile,
     head dims of one and several channel chunks, one head or two, 4 or 3 conv taps; the v that the post tail's
-    kernel forms is the pre-step kernel's."""
+    kernel forms is the pre-step kernel's; with drop-path's per-sample scale of the branch (0 or 1 / keep)."""
     register("qkv", "triton", "mal.ops.qkv.kernel:qkv_gates")              # the pre-step kernel on CPU tensors
-    for B, S, NH, DH, D, taps in [(2, 37, 2, 32, 24, 4), (1, 3, 1, 16, 8, 4), (2, 70, 2, 48, 16, 4),
-                                  (1, 40, 2, 16, 8, 3), (1, 21, 2, 96, 16, 4), (1, 9, 1, 80, 8, 4)]:
+    for B, S, NH, DH, D, taps, drop in [(2, 37, 2, 32, 24, 4, False), (1, 3, 1, 16, 8, 4, False),
+                                        (2, 70, 2, 48, 16, 4, False), (1, 40, 2, 16, 8, 3, False),
+                                        (1, 21, 2, 96, 16, 4, False), (1, 9, 1, 80, 8, 4, False),
+                                        (3, 37, 2, 32, 24, 4, True)]:
         pre, post, res, cot = region_inputs(B, S, NH, DH, D, taps=taps)
-        out_r, g_r = region_grads(pre, post, res, cot, NH, fused=False)
+        scale = torch.tensor([2.0, 0.0, 2.0], dtype=torch.float64).view(3, 1, 1) if drop else None
+        out_r, g_r = region_grads(pre, post, res, cot, NH, fused=False, scale=scale)
         f32 = lambda ts: [t.float() for t in ts]
         out_f, g_f = region_grads(f32(pre), f32(post), res.float(), cot.float(), NH, fused=True,
-                                  v_from_post=DH != 16)
+                                  v_from_post=DH != 16, scale=None if scale is None else scale.float())
         assert ((out_f.double() - out_r).norm() / out_r.norm()).item() < 1e-5
         for name, a, b in zip(NAMES, g_f, g_r):
             assert a.dtype == torch.float32 and a.shape == b.shape, (name, a.dtype, a.shape)
