@@ -417,9 +417,12 @@ def test_light_recipe_table_chooses_each_arm_on_the_held_out_split_and_pairs_the
     rows = [row(n, t, s, seed, ho, ep) for n, t, s, ho, ep in arms for seed in (0, 1)]
     text = "\n".join(light_recipe_table(rows, "Imagenette-96"))
     # the positive control is an arm of no group (not chosen as MAL although its held-out mean is higher), paired
-    # with the supervised arm chosen at the labelled epochs
+    # with both supervised arms and with the chosen MAL
     assert ("| MAE-ViL, light fine-tuning, layer decay 1.0 − supervised, light, labelled epochs | val top-1 | +4.00 |"
             in text)
+    assert "| MAE-ViL, light fine-tuning, layer decay 1.0 − supervised, light | val top-1 | -4.00 |" in text
+    assert ("| MAE-ViL, light fine-tuning, layer decay 1.0 − MAL, light fine-tuning, layer decay 1.0 | val top-1 | "
+            "+1.00 |") in text
     assert "| ViT-T supervised, light | crop and flip | 45 |" in text and "MAE-ViT, light fine-tuning, layer " \
         "decay 1.0 −" not in text                                          # the ViT arms: listed, never chosen
     assert "| MAL, light fine-tuning, layer decay 1.0 | crop and flip | 15 | 65.50 ± 0.71 (n=2) | 64.50 ± 0.71 (n=2) | " \
