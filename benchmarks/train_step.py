@@ -70,10 +70,14 @@ def build_step(cfg, run_dir: Path, info: DistInfo | None = None):
 
 def step_flops(path: str, over: list[str], batch: int = 4) -> float:
     """Model FLOPs per image of one training step of config `path` (forward + backward), counted on the plain
-    eager path in float32 with a batch of `batch`; the fused kernels do the same arithmetic."""
+    eager path in float32 with a batch of `batch`, a ViL's mLSTM cell in its torch form (the counter does not see
+    a Triton kernel's arithmetic); the fused kernels do the same arithmetic."""
     from torch.utils.flop_counter import FlopCounterMode
-    c = load_run_config(path, over + QUIET + ["fast_path=false", "cuda_graph=false", "amp=false",
-                                              f"optim.batch_size={batch}", "optim.accum_steps=1"])
+    over = over + QUIET + ["fast_path=false", "cuda_graph=false", "amp=false", f"optim.batch_size={batch}",
+                           "optim.accum_steps=1"]
+    c = load_run_config(path, over)
+    if c.model.arch == "vil":
+        c = load_run_config(path, over + ["model.mlstm_backend=torch"])
     step = build_step(c, Path(tempfile.mkdtemp(prefix=f"train_step_{Path(path).stem}_flops_")))
     step()                                                  # lazy state (optimizer, EMA) outside the count
     with FlopCounterMode(display=False) as counter:

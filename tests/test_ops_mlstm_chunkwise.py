@@ -116,8 +116,8 @@ def test_dispatch_on_cpu():
     assert _rel(h, mlstm_parallel(*(a.double() for a in args))) < 1e-4 and state[0].shape == (2, 2, 8, 8)
 
 
-def test_auto_length_rule_is_off_until_measured(monkeypatch):
-    assert mlstm_pkg.CHUNKWISE_MIN_SEQ is None                              # set after the GPU measurement
+def test_auto_length_rule_applies_on_cuda_only(monkeypatch):
+    assert mlstm_pkg.CHUNKWISE_MIN_SEQ == 4096                              # from the whole-model measurement
     args = _inputs(dtype=torch.float32)
     monkeypatch.setattr(mlstm_pkg, "CHUNKWISE_MIN_SEQ", 1)
     assert mlstm_pkg.pick(*args).name == "torch"                            # CPU: nothing else applies
@@ -245,7 +245,7 @@ def test_gpu_state_continues_a_sequence_and_dispatch(monkeypatch):
     assert _rel(torch.cat([h1, h2], dim=-2), whole) < 2e-2                  # bf16 roundings at other places
     assert all(_rel(a, b) < 2e-2 for a, b in zip(s2, state))
     assert resolve("mlstm", *inputs, backend="chunkwise").name == "chunkwise"
-    assert mlstm_pkg.pick(*inputs).name == "triton"                         # the rule is unset
+    assert mlstm_pkg.pick(*inputs).name == "triton"                         # 700 tokens: below the rule
     monkeypatch.setattr(mlstm_pkg, "CHUNKWISE_MIN_SEQ", 512)
     assert mlstm_pkg.pick(*inputs).name == "chunkwise"
     assert mlstm_pkg.pick(*first).name == "triton"

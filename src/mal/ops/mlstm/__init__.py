@@ -22,9 +22,10 @@ register("mlstm", "chunkwise", "mal.ops.mlstm.chunkwise:mlstm_chunkwise_triton",
          device="cuda", auto=False)
 
 # backend="auto" runs the chunkwise kernel for rows of at least this many tokens (where it applies), the
-# parallel one below. None: the parallel kernel at every length. To be set from `benchmarks/mlstm_kernel.py
-# --long` on the GPU (the shortest length from which the chunkwise kernel's forward + backward is faster).
-CHUNKWISE_MIN_SEQ: int | None = None
+# parallel one below; None: the parallel kernel at every length. Measured through ViL-T/S/B forward + backward
+# (`benchmarks/vil_long.py --graph`, H200): at 4,096 tokens chunkwise is 1.04-2.2x faster eager and 1.75-2.2x
+# replayed from a CUDA graph; at 1,024 the two are within 4 % (docs/fast_path.md).
+CHUNKWISE_MIN_SEQ: int | None = 4096
 
 
 def pick(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
