@@ -178,6 +178,17 @@ def light_recipe(seeds: list[int]) -> list[Experiment]:
     return exps
 
 
+def objective_light(seeds: list[int]) -> list[Experiment]:
+    """The objective variants that fine-tuned best in the ablations (single patches, 2x2 clusters, masking 20 % of
+    single patches), each with its own 30-epoch pretraining and the light pair's MAL fine-tune: rows of the light
+    pair's MAL group, so MAL's recipe is chosen on the held-out split among them and light_ld1.0_s*."""
+    variants = [("k1", "k=1", ["model.cluster_size=1"]), ("k2", "k=2", ["model.cluster_size=2"]),
+                ("patch20", "masking 20 % of single patches", ["objective.mask.unit=patch",
+                                                               "objective.mask.ratio=0.2"])]
+    return [Experiment(f"light_{name}_s{s}", "light", f"MAL {setting}, light fine-tuning, layer decay 1.0", pre,
+                       LIGHT_MAL, seed=s) for s in seeds for name, setting, pre in variants]
+
+
 def low_label(seeds: list[int]) -> list[Experiment]:
     """MAL against supervised training when labels are scarce: 10 % of each class's labels (data.label_fraction),
     100 labelled epochs (the steps of 10 epochs on every label), evaluated every 10; the fine-tune starts from
@@ -414,7 +425,7 @@ def main() -> None:
     from mal.config import load_run_config
     pre_warmup = load_run_config(f"{args.protocol}_pretrain").optim.warmup_epochs
     families = experiments(seeds, ablation_seeds) + diagnosis() + finetune_diagnosis(seeds) + light_recipe(seeds) \
-        + low_label(seeds) + budget_split(seeds, args.pre_epochs, args.ft_epochs) \
+        + objective_light(seeds) + low_label(seeds) + budget_split(seeds, args.pre_epochs, args.ft_epochs) \
         + data_scale(seeds, args.pre_epochs, pre_warmup)
     exps = [e for e in families if re.search(args.only, e.name)]
     exps = schedule(exps, args.first, Path(args.out))

@@ -395,6 +395,32 @@ def test_data_scale_rows_keep_the_steps_and_pair_with_the_full_data_arm():
     assert data_scale_table(rows[:2], "x") == []                              # no scale rows: no table
 
 
+def test_objective_variants_pretrain_their_own_and_join_the_light_pairs_mal_choice():
+    """sweep.py's objective_light rows: each variant pretrains with its own overrides (no shared pretraining) and
+    fine-tunes with the light pair's MAL recipe; in the light table they are MAL arms, so the held-out split
+    chooses among them and light_ld1.0, and the chosen one is paired with supervised training."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from make_results import light_recipe_table
+    from sweep import LIGHT_MAL, objective_light
+    exps = {e.name: e for e in objective_light([0, 1])}
+    assert sorted(exps) == ["light_k1_s0", "light_k1_s1", "light_k2_s0", "light_k2_s1", "light_patch20_s0",
+                            "light_patch20_s1"]
+    assert exps["light_k1_s1"].pretrain == ["model.cluster_size=1"] and exps["light_k1_s1"].seed == 1
+    assert exps["light_patch20_s0"].pretrain == ["objective.mask.unit=patch", "objective.mask.ratio=0.2"]
+    assert all(e.finetune == LIGHT_MAL and not e.pretrained_by and e.table == "light" for e in exps.values())
+
+    def row(name, setting, seed, ho, epochs):
+        return {"name": f"{name}_s{seed}", "table": "light", "setting": setting, "seed": seed, "top1": ho + seed,
+                "holdout_top1": ho + seed, "commands": [f"mal x optim.epochs={epochs}"]}
+    arms = [("light_ld1.0", "MAL, light fine-tuning, layer decay 1.0", 70, 15),
+            ("light_k1", exps["light_k1_s0"].setting, 73, 15), ("light_k2", exps["light_k2_s0"].setting, 69, 15),
+            ("supervised_light", "supervised, light", 72, 45)]
+    text = "\n".join(light_recipe_table([row(n, s, seed, ho, ep) for n, s, ho, ep in arms for seed in (0, 1)],
+                                         "Imagenette-96"))
+    assert "MAL: MAL k=1, light fine-tuning, layer decay 1.0;" in text
+    assert "| MAL k=1, light fine-tuning, layer decay 1.0 − supervised, light | val top-1 | +1.00 |" in text
+
+
 def test_light_recipe_table_chooses_each_arm_on_the_held_out_split_and_pairs_the_choices():
     """The light-augmentation pair: every arm (the headline's heavy-augmentation runs and the light runs) pooled over
     seeds; each arm's recipe is the best held-out mean of its group, and the chosen MAL is paired by seed with the
