@@ -297,11 +297,13 @@ def data_scale_table(rows: list[dict], dataset: str) -> list[str]:
 
 def light_plot(rows: list[dict], save, dataset: str) -> None:
     """results_light_curves.png: held-out top-1 against total epochs of every seed of each chosen arm of the light
-    pair."""
+    pair, and of the positive control (MAE-ViL) where it ran."""
     if not by_setting(rows, "light"):
         return
     arms, chosen = light_choices(rows)
-    groups = [(f"{g}: {a[1]}", sorted(arms[a], key=lambda r: r["seed"])) for g, a in chosen.items() if a]
+    picked = [(g, a) for g, a in chosen.items() if a] + [("positive control", a) for a in arms
+                                                          if a[1].startswith("MAE-ViL")]
+    groups = [(f"{g}: {a[1]}", sorted(arms[a], key=lambda r: r["seed"])) for g, a in picked]
     save(total_epoch_curves(groups, f"{dataset} held-out top-1 (%)"), "results_light_curves.png")
 
 

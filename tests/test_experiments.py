@@ -526,8 +526,8 @@ def test_wall_minutes_add_the_pretraining_another_experiment_ran(tmp_path):
 
 
 def test_light_plot_draws_every_seed_of_the_chosen_arms_only_on_total_epochs(tmp_path):
-    """results_light_curves.png: one line per seed of each chosen arm, a fine-tune shifted by its pretraining epochs;
-    the arms not chosen are not drawn."""
+    """results_light_curves.png: one line per seed of each chosen arm and of the positive control (MAE-ViL), a
+    fine-tune shifted by its pretraining epochs; the arms not chosen are not drawn."""
     sys.path.insert(0, str(REPO / "experiments"))
     import matplotlib
     matplotlib.use("Agg")
@@ -537,7 +537,8 @@ def test_light_plot_draws_every_seed_of_the_chosen_arms_only_on_total_epochs(tmp
             ("light_ld1.0", "light", "MAL, light fine-tuning, layer decay 1.0", 65, mal),
             ("supervised_ft_light", "light", "supervised, light, labelled epochs", 62,
              ["mal supervised optim.epochs=15"]),
-            ("supervised_light", "light", "supervised, light", 70, ["mal supervised optim.epochs=45"])]
+            ("supervised_light", "light", "supervised, light", 70, ["mal supervised optim.epochs=45"]),
+            ("mae_vil_light", "light", "MAE-ViL, light fine-tuning, layer decay 1.0", 66, mal)]
     rows = []
     for name, table, setting, ho, commands in arms:
         for seed in (0, 1):
@@ -549,12 +550,13 @@ def test_light_plot_draws_every_seed_of_the_chosen_arms_only_on_total_epochs(tmp
     figs = {}
     light_plot(rows, lambda fig, name: figs.setdefault(name, fig), "Imagenette-96")
     lines = figs["results_light_curves.png"].axes[0].get_lines()
-    assert len(lines) == 6                                               # 3 chosen arms x 2 seeds, not the default
+    assert len(lines) == 8                                     # (3 chosen arms + MAE-ViL) x 2 seeds, not the default
     starts = sorted((line.get_xdata()[0], line.get_linestyle()) for line in lines)
-    assert starts == [(1.0, "--")] * 4 + [(31.0, "-")] * 2                # MAL's fine-tune after 30 epochs
+    assert starts == [(1.0, "--")] * 4 + [(31.0, "-")] * 4                # fine-tunes after 30 epochs
     labels = [t.get_text() for t in figs["results_light_curves.png"].axes[0].get_legend().get_texts()]
     assert labels == ["MAL: MAL, light fine-tuning, layer decay 1.0", "supervised at the labelled epochs: supervised, "
-                      "light, labelled epochs", "supervised at the total epochs: supervised, light"]
+                      "light, labelled epochs", "supervised at the total epochs: supervised, light",
+                      "positive control: MAE-ViL, light fine-tuning, layer decay 1.0"]
 
 
 def test_low_label_arms_share_the_default_pretraining_and_pair_by_seed():
