@@ -61,14 +61,11 @@ def build_datasets(cfg: RunConfig, progress: bool = True) -> RunData:
         log.info("held out %d of %d training images (%.0f %% of each class) for evaluation during training",
                  len(held), len(full), 100 * d.holdout)
     probe_keep = keep                                                        # the probes' labelled images
-    if d.label_fraction < 1:
-        keep = mdata.labelled_subset(full.targets, keep, d.label_fraction, d.holdout_seed)
-        log.info("training on the labels of %d of %d training images (%.0f %% of each class)", len(keep),
-                 len(full) - len(held), 100 * d.label_fraction)
-    if d.pretrain_fraction < 1:
-        keep = mdata.labelled_subset(full.targets, keep, d.pretrain_fraction, d.holdout_seed)
-        log.info("pretraining on %d of %d training images (%.0f %% of each class)", len(keep),
-                 len(full) - len(held), 100 * d.pretrain_fraction)
+    for fraction, what in ((d.label_fraction, "training on the labels of"), (d.pretrain_fraction, "pretraining on")):
+        if fraction < 1:                                                     # one per task (RunConfig checks)
+            keep = mdata.labelled_subset(full.targets, keep, fraction, d.holdout_seed)
+            log.info("%s %d of %d training images (%.0f %% of each class)", what, len(keep), len(full) - len(held),
+                     100 * fraction)
     train = mdata.IndexedView(full, keep) if len(keep) < len(full) else full
     holdout = mdata.IndexedView(full, held, transform=eval_tf) if held else None
     probes = cfg.task == "pretrain" and cfg.probe
