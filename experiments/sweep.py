@@ -294,8 +294,8 @@ def stage_cmd(task: str, cfg: str, out: Path, overrides: list[str], resume: bool
             *(["--resume"] if resume else []), *overrides]
 
 
-def execute(exp: Experiment, args, gpus: queue.Queue) -> dict:
-    """Run (or resume, or skip if done) the stages of one experiment on a free GPU slot; return its results row."""
+def plan_stages(exp: Experiment, args) -> list[tuple[str, str, Path, list[str]]]:
+    """The stages of one experiment: (task, config, output folder, overrides) each, in the order they run."""
     base = Path(args.out) / exp.name
     pre_base = Path(args.out) / (exp.pretrained_by or exp.name)           # where the pretraining stage lives
     common = [f"data.dataset={args.data}", f"seed={exp.seed}", f"data.num_workers={args.workers}",
@@ -316,6 +316,17 @@ def execute(exp: Experiment, args, gpus: queue.Queue) -> dict:
             stages.append(("finetune", cfgs["finetune"], base / "finetune",
                            [*common, f"optim.epochs={args.ft_epochs}", f"init={pre_base / 'pretrain/ckpt_last'}",
                             *exp.finetune]))
+    return stages
+
+
+def command_line(task: str, cfg: str, out: Path, overrides: list[str]) -> str:
+    """A stage's command as results rows and --dry-run name it."""
+    return shlex.join(["mal", *stage_cmd(task, cfg, out, overrides, False)[3:]])
+
+
+def execute(exp: Experiment, args, gpus: queue.Queue) -> dict:
+    """Run (or resume, or skip if done) the stages of one experiment on a free GPU slot; return its results row."""
+    stages = plan_stages(exp, args)
     summaries = {}
     for task, cfg, out, overrides in stages:
         with stage_lock(out):                                   # a shared pretraining runs once
@@ -373,7 +384,7 @@ def result_row(exp: Experiment, summaries: dict[str, dict], stages: list) -> dic
             "holdout_top1": last.get("holdout_top1"), "holdout_ema_top1": last.get("holdout_ema_top1"),
             "train_s": round(sum(v.get("train_time_s", 0) for v in own.values()), 1),
             "gpu_min": round(sum(v.get("train_time_s", 0) for v in own.values()) / 60, 2),
-            "commands": [shlex.join(["mal", *stage_cmd(t, c, o, ov, False)[3:]]) for t, c, o, ov in stages]}
+            "commands": [command_line(*stage) for stage in stages]}
 
 
 def schedule(exps: list[Experiment], first: str, out: Path) -> list[Experiment]:
@@ -416,6 +427,7 @@ def main() -> None:
                     help="a diagnosis sweep's results.jsonl: its best held-out pretraining recipe goes into every "
                          "MAL-ViL pretraining, its best supervised recipe into every supervised ViL run")
     ap.add_argument("--list", action="store_true", help="print the experiments and exit")
+    ap.add_argument("--dry-run", action="store_true", help="print each experiment's stage commands and exit")
     args = ap.parse_args()
     args.pretrain_recipe, args.supervised_recipe = [], []
     if args.recipe_from:
@@ -432,6 +444,10 @@ def main() -> None:
     if args.list:
         for e in exps:
             print(f"{e.name:24s} {e.table:9s} {e.setting}")
+        return
+    if args.dry_run:
+        for e in exps:
+            print(e.name, *(f"  {command_line(*stage)}" for stage in plan_stages(e, args)), sep="\n")
         return
     failed = run_all(exps, args)
     if failed:

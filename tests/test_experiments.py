@@ -20,6 +20,16 @@ def _sweep(data, out, *extra):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
 
 
+def _sweep_in_process(capsys, monkeypatch, *argv) -> str:
+    """sweep.py's main() in this process (no interpreter start-up) with `argv`; returns what it printed."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    import sweep
+    monkeypatch.setattr(sys, "argv", ["sweep.py", *argv])
+    capsys.readouterr()
+    sweep.main()
+    return capsys.readouterr().out
+
+
 def test_sweep_rows_resume_and_tables(image_folder, tmp_path):
     out = tmp_path / "sweep"
     res = _sweep(image_folder, out)
@@ -117,7 +127,7 @@ def test_paired_difference_matches_a_hand_computation():
     assert paired_difference(rows, "k=1", "supervised") is None          # plain names are settings of one table
 
 
-def test_diagnosis_picks_the_recipe_on_the_held_out_split(image_folder, tmp_path):
+def test_diagnosis_picks_the_recipe_on_the_held_out_split(image_folder, tmp_path, capsys, monkeypatch):
     """The diagnosis rows are probed and fine-tuned on the held-out part; --recipe-from takes the pretraining
     overrides with the best held-out fine-tune and the supervised ones with the best held-out top-1 into later runs."""
     diag = tmp_path / "diag"
@@ -135,13 +145,15 @@ def test_diagnosis_picks_the_recipe_on_the_held_out_split(image_folder, tmp_path
     made.write_text("".join(json.dumps({**rows[n], "holdout_linprobe": p, "holdout_top1": t}) + "\n" for n, p, t in
                             [("diag_blr1.5e-4", 60.0, 40.0), ("diag_blr3e-3", 50.0, 45.0),
                              ("diag_supervised_ld1.0", None, 60.0)]))
-    res = _sweep(image_folder, tmp_path / "next", "--recipe-from", str(made))
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "pretraining diag_blr3e-3" in res.stdout
-    rows = {r["name"]: r for r in map(json.loads, (tmp_path / "next/results.jsonl").read_text().splitlines())}
-    assert "optim.blr=3e-3" in rows["default_s0"]["commands"][0]
-    assert "optim.blr" not in rows["default_s0"]["commands"][1]            # the fine-tuning recipe is fixed
-    assert "optim.layer_decay=1.0" in rows["supervised_s0"]["commands"][0]
+    out = _sweep_in_process(capsys, monkeypatch, "--data", str(image_folder), "--out", str(tmp_path / "next"),
+                            "--only", "^(supervised|default)_s0$", "--seeds", "0", "--recipe-from", str(made),
+                            "--dry-run")
+    assert "pretraining diag_blr3e-3" in out
+    lines = out.splitlines()[1:]                    # each name, then its stages' commands, as results rows name them
+    assert lines[0] == "supervised_s0" and lines[2] == "default_s0" and len(lines) == 5
+    assert lines[3].startswith("  mal pretrain ") and "optim.blr=3e-3" in lines[3]
+    assert lines[4].startswith("  mal finetune ") and "optim.blr" not in lines[4]   # the fine-tuning recipe is fixed
+    assert "optim.layer_decay=1.0" in lines[1] and not (tmp_path / "next").exists()   # nothing ran
 
 
 def test_diagnosis_section_renders_the_committed_rows(tmp_path):
@@ -279,14 +291,12 @@ def test_segmentation_table_pools_seeds_per_initialization(tmp_path):
     assert "| polyp | 40.0 | 40.0 |" in lines
 
 
-def test_sweep_first_starts_the_named_experiments_first_and_keeps_the_rest_in_order():
+def test_sweep_first_starts_the_named_experiments_first_and_keeps_the_rest_in_order(capsys, monkeypatch):
     """--first moves the matching experiments to the front (the slow ones, so a deadline cuts cheap ones)."""
     def names(*extra):
-        res = subprocess.run([sys.executable, "experiments/sweep.py", "--protocol", "imagenette", "--seeds", "0",
-                              "--only", "^table(6|12)", "--list", *extra], cwd=REPO, capture_output=True, text=True,
-                             timeout=120)
-        assert res.returncode == 0, res.stderr
-        return [ln.split()[0] for ln in res.stdout.splitlines()]
+        out = _sweep_in_process(capsys, monkeypatch, "--protocol", "imagenette", "--seeds", "0", "--only",
+                                "^table(6|12)", "--list", *extra)
+        return [ln.split()[0] for ln in out.splitlines()]
     plain = names()
     first = names("--first", "w1024|d4")
     assert plain[:2] == ["table6_k1", "table6_k2"] and "table12_w1024" in plain[4:]
@@ -294,15 +304,14 @@ def test_sweep_first_starts_the_named_experiments_first_and_keeps_the_rest_in_or
     assert first[2:] == [n for n in plain if n not in ("table12_d4", "table12_w1024")]
 
 
-def test_sweep_starts_runs_waiting_for_a_shared_pretraining_last(tmp_path):
+def test_sweep_starts_runs_waiting_for_a_shared_pretraining_last(tmp_path, capsys, monkeypatch):
     """A fine-tune of another experiment's unfinished pretraining waits for it holding a slot: such runs start after
     the independent ones, even against --first; once the pretraining is done they keep their place."""
     def names(*extra):
-        res = subprocess.run([sys.executable, "experiments/sweep.py", "--protocol", "imagenette", "--seeds", "0",
-                              "--only", r"^(default_s0|ftdiag_(ld1\.0|supervised_nomix|nomix)_s0)$", "--list",
-                              "--out", str(tmp_path), *extra], cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert res.returncode == 0, res.stderr
-        return [ln.split()[0] for ln in res.stdout.splitlines()]
+        out = _sweep_in_process(capsys, monkeypatch, "--protocol", "imagenette", "--seeds", "0", "--only",
+                                r"^(default_s0|ftdiag_(ld1\.0|supervised_nomix|nomix)_s0)$", "--list", "--out",
+                                str(tmp_path), *extra)
+        return [ln.split()[0] for ln in out.splitlines()]
     order = ["default_s0", "ftdiag_supervised_nomix_s0", "ftdiag_ld1.0_s0", "ftdiag_nomix_s0"]
     assert names() == order
     assert names("--first", "nomix") == ["ftdiag_supervised_nomix_s0", "default_s0", "ftdiag_nomix_s0",
@@ -449,8 +458,9 @@ def test_light_recipe_table_chooses_each_arm_on_the_held_out_split_and_pairs_the
     assert "| MAE-ViL, light fine-tuning, layer decay 1.0 − supervised, light | val top-1 | -4.00 |" in text
     assert ("| MAE-ViL, light fine-tuning, layer decay 1.0 − MAL, light fine-tuning, layer decay 1.0 | val top-1 | "
             "+1.00 |") in text
-    assert "| ViT-T supervised, light | crop and flip | 45 |" in text and "MAE-ViT, light fine-tuning, layer " \
-        "decay 1.0 −" not in text                                          # the ViT arms: listed, never chosen
+    assert "| ViT-T supervised, light | crop and flip | 45 |" in text     # the ViT arms: listed, never chosen,
+    assert "− MAE-ViT" not in text and text.count("− ViT-T") == 2         # paired only with each other
+    assert "| MAE-ViT, light fine-tuning, layer decay 1.0 − ViT-T supervised, light | val top-1 | -26.00 |" in text
     assert "| MAL, light fine-tuning, layer decay 1.0 | crop and flip | 15 | 65.50 ± 0.71 (n=2) | 64.50 ± 0.71 (n=2) | " \
            "0.0 | light_ld1.0_s0, light_ld1.0_s1 |" in text
     assert "| supervised | RandAugment, mixup, cutmix, erasing | 45 | 63.50 ± 0.71 (n=2) |" in text
