@@ -245,6 +245,7 @@ def light_recipe_table(rows: list[dict], dataset: str) -> list[str]:
                for other in chosen.values() if other]
     vit = [(a, b) for a in arms if a[1].startswith("MAE-ViT") for b in arms if b[1].startswith("ViT-T supervised")]
     who = "MAL and MAE-ViL minus supervised, and MAE-ViL minus MAL" if control else "MAL minus supervised"
+    who += ", MAE-ViT minus supervised ViT-T" if vit else ""
     return out + paired_table(rows, pairs + control + vit, title=f"{who}, each arm's chosen recipe, paired by seed")
 
 
