@@ -73,11 +73,10 @@ def step_flops(path: str, over: list[str], batch: int = 4) -> float:
     eager path in float32 with a batch of `batch`, a ViL's mLSTM cell in its torch form (the counter does not see
     a Triton kernel's arithmetic); the fused kernels do the same arithmetic."""
     from torch.utils.flop_counter import FlopCounterMode
-    over = over + QUIET + ["fast_path=false", "cuda_graph=false", "amp=false", f"optim.batch_size={batch}",
-                           "optim.accum_steps=1"]
-    c = load_run_config(path, over)
+    c = load_run_config(path, over + QUIET + ["fast_path=false", "cuda_graph=false", "amp=false",
+                                              f"optim.batch_size={batch}", "optim.accum_steps=1"])
     if c.model.arch == "vil":
-        c = load_run_config(path, over + ["model.mlstm_backend=torch"])
+        c.model.mlstm_backend = "torch"                     # a valid backend of every ViL config
     step = build_step(c, Path(tempfile.mkdtemp(prefix=f"train_step_{Path(path).stem}_flops_")))
     step()                                                  # lazy state (optimizer, EMA) outside the count
     with FlopCounterMode(display=False) as counter:
