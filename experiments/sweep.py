@@ -316,7 +316,14 @@ def plan_stages(exp: Experiment, args) -> list[tuple[str, str, Path, list[str]]]
             stages.append(("finetune", cfgs["finetune"], base / "finetune",
                            [*common, f"optim.epochs={args.ft_epochs}", f"init={pre_base / 'pretrain/ckpt_last'}",
                             *exp.finetune]))
-    return stages
+    return [(task, cfg, out, last_wins(overrides)) for task, cfg, out, overrides in stages]
+
+
+def last_wins(overrides: list[str]) -> list[str]:
+    """The overrides with each key once, at its last setting (an experiment's own epochs replace the sweep's), so
+    that no recorded command carries a setting that does nothing."""
+    last = {o.split("=", 1)[0]: i for i, o in enumerate(overrides)}
+    return [o for i, o in enumerate(overrides) if last[o.split("=", 1)[0]] == i]
 
 
 def command_line(task: str, cfg: str, out: Path, overrides: list[str]) -> str:

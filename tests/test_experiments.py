@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.dim=32", "model.depth=2", "objective.decoder.depth=1", "objective.decoder.dim=32",
@@ -638,6 +639,25 @@ def test_stage_epochs_reads_the_override_that_wins():
     row = {"commands": ["mal pretrain optim.epochs=30", "mal finetune optim.epochs=15 init=x optim.epochs=30"]}
     assert stage_epochs(row) == (30, 30)
     assert stage_epochs({"commands": ["mal supervised optim.epochs=45"]}) == (0, 45)
+
+
+def test_stage_commands_carry_each_key_once_at_the_setting_that_wins():
+    """An experiment's own epochs replace the sweep's in the recorded command (no override that does nothing);
+    the merged overrides load the same config as the duplicated ones."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from sweep import budget_split, last_wins, plan_stages
+
+    from mal.config import load_run_config
+    assert last_wins(["a=1", "b=2", "a=3", "c="]) == ["b=2", "a=3", "c="]
+    args = SimpleNamespace(out="runs/x", data="default", workers=0, holdout=0.1, set=["seed=5"], protocol="imagenette",
+                           pre_epochs=30, ft_epochs=15, pretrain_recipe=[], supervised_recipe=[])
+    ten = budget_split([1], 30, 15)[0]
+    (_, pre_cfg, _, pre), (_, ft_cfg, _, ft) = plan_stages(ten, args)
+    assert [o for o in pre if o.startswith("optim.epochs=")] == ["optim.epochs=10"]
+    assert [o for o in ft if o.startswith("optim.epochs=")] == ["optim.epochs=35"]
+    assert [o for o in ft if o.startswith("seed=")] == ["seed=5"]          # --set comes after the sweep's seed
+    duplicated = ["data.dataset=default", "optim.epochs=15", *ten.finetune]
+    assert load_run_config(ft_cfg, last_wins(duplicated)) == load_run_config(ft_cfg, duplicated)
 
 
 def test_a_failed_stage_names_its_command_and_log(image_folder, tmp_path):

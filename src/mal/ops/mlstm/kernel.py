@@ -228,7 +228,7 @@ def _mlstm_fwd_kernel(
     m_row = tl.load(Mlog + vec_base + offs_m, mask=row_ok, other=0.0)         # (BM,) stabilizer m_t
 
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)                           # (BM,) sum_j C
-    for start_n in range(0, (pid_m + 1) * BLOCK_M, BLOCK_N):                 # keys past S are masked
+    for start_n in range(0, tl.minimum((pid_m + 1) * BLOCK_M, S), BLOCK_N):  # causal, and no key tile past S
         offs_n = start_n + tl.arange(0, BLOCK_N)                              # (BN,)
         col_ok = offs_n < S
         k = _load_cols(k_base, offs_n, col_ok, sks, skd, DH, 0, BLOCK_D)     # (BN, BD)
@@ -278,7 +278,7 @@ def _mlstm_bwd_dq_kernel(
     m_row = tl.load(Mlog + vec_base + offs_m, mask=row_ok, other=0.0)         # (BM,)
     r = tl.load(Rinv + vec_base + offs_m, mask=row_ok, other=0.0)             # (BM,) 1 / N_t
     sgn = tl.load(Sgn + vec_base + offs_m, mask=row_ok, other=0.0)            # (BM,) d|s|/ds on the |s| branch
-    hi = (pid_m + 1) * BLOCK_M                                                # keys past S are masked
+    hi = tl.minimum((pid_m + 1) * BLOCK_M, S)                                 # causal, and no key tile past S
     if EXACT_DELTA:
         # delta_t = r_t sum_j (dh_t . v_j) C_tj from the same fp32 tiles the gradient uses, so that the
         # cancellation in dlogD (exact when one key dominates a row) is exact here too.
