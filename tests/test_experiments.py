@@ -472,6 +472,9 @@ def test_light_recipe_table_chooses_each_arm_on_the_held_out_split_and_pairs_the
            "[+3.00, +3.00] | 2 |" in text
     assert "| MAL, light fine-tuning, layer decay 1.0 − supervised, light | held-out top-1 | -5.00 |" in text
     assert light_recipe_table(rows[:6], "Imagenette-96") == []                 # no light rows: no table
+    assert text.startswith("#### Light augmentation against the headline's recipe (Imagenette-96)")
+    light_only = light_recipe_table(rows[6:14], "CIFAR-10")                  # no heavy runs: a title without them
+    assert light_only[0] == "#### MAL and supervised training, light augmentation (CIFAR-10)"
 
 
 def test_budget_split_keeps_the_total_and_its_table_pairs_the_best_split_with_supervised():
