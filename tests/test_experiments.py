@@ -655,7 +655,7 @@ def test_stage_commands_carry_each_key_once_at_the_setting_that_wins():
     args = SimpleNamespace(out="runs/x", data="default", workers=0, holdout=0.1, set=["seed=5"], protocol="imagenette",
                            pre_epochs=30, ft_epochs=15, pretrain_recipe=[], supervised_recipe=[])
     ten = budget_split([1], 30, 15)[0]
-    (_, pre_cfg, _, pre), (_, ft_cfg, _, ft) = plan_stages(ten, args)
+    (_, _, _, pre), (_, ft_cfg, _, ft) = plan_stages(ten, args)
     assert [o for o in pre if o.startswith("optim.epochs=")] == ["optim.epochs=10"]
     assert [o for o in ft if o.startswith("optim.epochs=")] == ["optim.epochs=35"]
     assert [o for o in ft if o.startswith("seed=")] == ["seed=5"]          # --set comes after the sweep's seed
