@@ -322,8 +322,9 @@ def plan_stages(exp: Experiment, args) -> list[tuple[str, str, Path, list[str]]]
 def last_wins(overrides: list[str]) -> list[str]:
     """The overrides with each key once, at its last setting (an experiment's own epochs replace the sweep's), so
     that no recorded command carries a setting that does nothing."""
-    last = {o.split("=", 1)[0]: i for i, o in enumerate(overrides)}
-    return [o for i, o in enumerate(overrides) if last[o.split("=", 1)[0]] == i]
+    keys = [o.split("=", 1)[0].strip() for o in overrides]                # as mal.config.apply_overrides reads them
+    last = {k: i for i, k in enumerate(keys)}
+    return [o for i, (o, k) in enumerate(zip(overrides, keys)) if last[k] == i]
 
 
 def command_line(task: str, cfg: str, out: Path, overrides: list[str]) -> str:
