@@ -252,21 +252,29 @@ def light_recipe_table(rows: list[dict], dataset: str) -> list[str]:
     return out + paired_table(rows, pairs + control + vit, title=f"{who}, each arm's chosen recipe, paired by seed")
 
 
-def budget_split_table(rows: list[dict], dataset: str) -> list[str]:
-    """Markdown rows of the equal-total-epochs splits (sweep.py's budget_split rows) beside the light pair's MAL arm
-    at the full split; the split with the best held-out mean against the light pair's supervised run of the same
-    total epochs, paired by seed."""
+def split_arms(rows: list[dict]) -> tuple[dict, tuple]:
+    """The equal-total-epochs arms: MAL's splits (sweep.py's budget_split rows) and the light pair's MAL arm at the
+    full split, keyed (table, setting) and ordered by pretraining epochs, and the light pair's supervised run of the
+    same total epochs ({} and () where the splits or that run are missing)."""
     splits = by_setting(rows, "split")
     light = by_setting(rows, "light")
-    (_, full), (_, reference) = REFERENCE_ARMS["split"]
-    if not splits or reference not in light:
-        return []
+    (_, full), reference = REFERENCE_ARMS["split"]
+    if not splits or reference[1] not in light:
+        return {}, ()
     arms = {("split", k): v for k, v in splits.items()} | ({("light", full): light[full]} if full in light else {})
+    return dict(sorted(arms.items(), key=lambda a: stage_epochs(a[1][0])[0])), (reference, light[reference[1]])
+
+
+def budget_split_table(rows: list[dict], dataset: str) -> list[str]:
+    """Markdown rows of the equal-total-epochs splits beside the light pair's MAL arm at the full split; the split
+    with the best held-out mean against the light pair's supervised run of the same total epochs, paired by seed."""
+    arms, reference = split_arms(rows)
+    if not arms:
+        return []
     out = [f"#### Equal total epochs, split between pretraining and fine-tuning ({dataset})", "",
            "| arm | pretraining epochs | labelled epochs | held-out top-1 | val top-1 | runs |",
            "|---|---|---|---|---|---|"]
-    for (table, setting), rs in sorted(arms.items(), key=lambda a: stage_epochs(a[1][0])[0]) + [
-            (("light", reference), light[reference])]:
+    for (table, setting), rs in [*arms.items(), reference]:
         pre, lab = stage_epochs(rs[0])
         out.append(f"| {setting} | {pre or '–'} | {lab} | {fmt(held(rs))} | {fmt([r.get('top1') for r in rs])} | "
                    f"{run_names(rs)} |")
@@ -274,7 +282,7 @@ def budget_split_table(rows: list[dict], dataset: str) -> list[str]:
     if best is None:
         return out + [""]
     out += ["", f"Chosen on the held-out split (the best mean): {best[1]}.", ""]
-    return out + paired_table(rows, [(best, ("light", reference))], title="The chosen split minus supervised "
+    return out + paired_table(rows, [(best, reference[0])], title="The chosen split minus supervised "
                               "training for the same total epochs, paired by seed")
 
 
@@ -310,6 +318,15 @@ def light_plot(rows: list[dict], save, dataset: str) -> None:
                                                           if a[1].startswith("MAE-ViL")]
     groups = [(f"{g}: {a[1]}", sorted(arms[a], key=lambda r: r["seed"])) for g, a in picked]
     save(total_epoch_curves(groups, f"{dataset} held-out top-1 (%)"), "results_light_curves.png")
+
+
+def split_plot(rows: list[dict], save, dataset: str) -> None:
+    """results_split_curves.png: held-out top-1 against total epochs of every seed of each split of the same total
+    epochs, and of supervised training for all of them."""
+    arms, reference = split_arms(rows)
+    if arms:
+        groups = [(setting, sorted(rs, key=lambda r: r["seed"])) for (_, setting), rs in [*arms.items(), reference]]
+        save(total_epoch_curves(groups, f"{dataset} held-out top-1 (%)"), "results_split_curves.png")
 
 
 def low_label_table(rows: list[dict], dataset: str) -> list[str]:
@@ -644,6 +661,8 @@ def plots(rows: list[dict], out_dir: Path, dataset: str = "CIFAR-10", which: str
         ftdiag_plot(rows, save, dataset)
     if which in ("all", "light"):
         light_plot(rows, save, dataset)
+    if which in ("all", "split"):
+        split_plot(rows, save, dataset)
     return made
 
 

@@ -507,6 +507,38 @@ def test_budget_split_keeps_the_total_and_its_table_pairs_the_best_split_with_su
     assert budget_split_table(rows[:4], "x") == []                    # no supervised run of the total: no table
 
 
+def test_split_plot_draws_each_split_and_supervised_training_on_total_epochs(tmp_path):
+    """results_split_curves.png: every seed of each split (ordered by pretraining epochs, the light pair's 30 + 15
+    among them) and of supervised training for the total, a fine-tune shifted by its own pretraining epochs."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    import matplotlib
+    matplotlib.use("Agg")
+    from make_results import split_plot
+    arms = [("split20", "split", "MAL, 20 + 25", ["mal pretrain optim.epochs=20", "mal finetune optim.epochs=25"]),
+            ("split10", "split", "MAL, 10 + 35", ["mal pretrain optim.epochs=10", "mal finetune optim.epochs=35"]),
+            ("light_ld1.0", "light", "MAL, light fine-tuning, layer decay 1.0",
+             ["mal pretrain optim.epochs=30", "mal finetune optim.epochs=15"]),
+            ("supervised_light", "light", "supervised, light", ["mal supervised optim.epochs=45"]),
+            ("light_k1", "light", "MAL, k = 1", ["mal pretrain optim.epochs=30", "mal finetune optim.epochs=15"])]
+    rows = []
+    for name, table, setting, commands in arms:
+        for seed in (0, 1):
+            rows.append({"name": f"{name}_s{seed}", "table": table, "setting": setting, "seed": seed,
+                         "holdout_top1": 70.0, "commands": commands, "_dir": str(tmp_path)})
+            stage = tmp_path / rows[-1]["name"] / ("supervised" if "supervised" in name else "finetune")
+            stage.mkdir(parents=True)
+            (stage / "metrics.csv").write_text("epoch,eval_top1\n1,20\n2,30\n")
+    figs = {}
+    split_plot(rows, lambda fig, name: figs.setdefault(name, fig), "Imagenette-96")
+    ax = figs["results_split_curves.png"].axes[0]
+    assert sorted(line.get_xdata()[0] for line in ax.get_lines()) == [1, 1, 11, 11, 21, 21, 31, 31]   # not k = 1
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "MAL, 10 + 35", "MAL, 20 + 25", "MAL, light fine-tuning, layer decay 1.0", "supervised, light"]
+    figs.clear()
+    split_plot(rows[4:], lambda fig, name: figs.setdefault(name, fig), "x")           # no split ran: no figure
+    assert figs == {}
+
+
 def test_make_results_leaves_the_doc_alone_when_the_family_has_not_run(tmp_path):
     """--tables split on results without split rows: a clear exit, and the doc's section is not filled with the
     reference rows' commands."""
