@@ -224,8 +224,8 @@ def budget_split(seeds: list[int], pre_epochs: int, ft_epochs: int) -> list[Expe
 
 def data_scale(seeds: list[int], pre_epochs: int, pre_warmup: float) -> list[Experiment]:
     """Does more unlabelled data make a better encoder at the same pretraining compute? MAL pretrained on a quarter
-    and on half of each class's training images (data.pretrain_fraction) for 4x and 2x --pre-epochs, warm-up
-    likewise (the same optimizer steps and schedule), fine-tuned on every label with the light pair's MAL recipe;
+    and on half of each class's training images (data.pretrain_fraction) for 4x and 2x --pre-epochs, and 4x and 2x
+    pre_warmup (the same optimizer steps and schedule), fine-tuned on every label with the light pair's MAL recipe;
     the light pair's light_ld1.0_s* is the full-data row."""
     exps = []
     for s in seeds:
@@ -325,6 +325,12 @@ def last_wins(overrides: list[str]) -> list[str]:
     keys = [o.split("=", 1)[0].strip() for o in overrides]                # as mal.config.apply_overrides reads them
     last = {k: i for i, k in enumerate(keys)}
     return [o for i, (o, k) in enumerate(zip(overrides, keys)) if last[k] == i]
+
+
+def override_value(overrides: list[str], key: str) -> str | None:
+    """The value the last `key=value` of the overrides sets (keys read as `last_wins` reads them), else None."""
+    values = [o.split("=", 1)[1].strip() for o in overrides if "=" in o and o.split("=", 1)[0].strip() == key]
+    return values[-1] if values else None
 
 
 def command_line(task: str, cfg: str, out: Path, overrides: list[str]) -> str:
@@ -443,7 +449,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     ablation_seeds = tuple(int(s) for s in args.ablation_seeds.split(","))
     from mal.config import load_run_config
-    pre_warmup = load_run_config(f"{args.protocol}_pretrain").optim.warmup_epochs
+    pre_warmup = float(override_value(args.set, "optim.warmup_epochs")
+                       or load_run_config(f"{args.protocol}_pretrain").optim.warmup_epochs)
     families = experiments(seeds, ablation_seeds) + diagnosis() + finetune_diagnosis(seeds) + light_recipe(seeds) \
         + objective_light(seeds) + low_label(seeds) + budget_split(seeds, args.pre_epochs, args.ft_epochs) \
         + data_scale(seeds, args.pre_epochs, pre_warmup)

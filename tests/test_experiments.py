@@ -292,6 +292,20 @@ def test_segmentation_table_pools_seeds_per_initialization(tmp_path):
     assert "| polyp | 40.0 | 40.0 |" in lines
 
 
+def test_data_scale_warm_up_scales_the_sweeps_own_setting(tmp_path, capsys, monkeypatch):
+    """--set optim.warmup_epochs is the warm-up the data-scale rows stretch (a quarter of the images: 4x), not the
+    config's default; each stage's command carries the key once."""
+    def pretrain_line(*extra):
+        out = _sweep_in_process(capsys, monkeypatch, "--protocol", "imagenette", "--seeds", "0", "--only",
+                                "^scale25_s0$", "--out", str(tmp_path), "--dry-run", *extra)
+        return next(ln for ln in out.splitlines() if ln.startswith("  mal pretrain"))
+    from mal.config import load_run_config
+    default = load_run_config("imagenette_pretrain").optim.warmup_epochs
+    assert f"optim.warmup_epochs={4 * default:g}" in pretrain_line()
+    line = pretrain_line("--set", "optim.warmup_epochs=1.5")
+    assert "optim.warmup_epochs=6 " in line + " " and line.count("optim.warmup_epochs") == 1
+
+
 def test_sweep_first_starts_the_named_experiments_first_and_keeps_the_rest_in_order(capsys, monkeypatch):
     """--first moves the matching experiments to the front (the slow ones, so a deadline cuts cheap ones)."""
     def names(*extra):
