@@ -6,9 +6,7 @@ Per shape (B, S, NH, DH), bf16 activations, ms per call (median of CUDA-event-ti
   post_grad_ms, pre_grad_ms      the kernels alone (pre_grad: its two kernels)
   compiled_regions_ms            forward + backward of pre-step -> post-tail (no cell: h is an input), captured
   kernel_regions_ms              in a CUDA graph, the same forward, the old and the new backward
---sweep times every kernel configuration (BLOCK_T, BLOCK_C, warps) of each kernel, for pre_grad's two kernels also
-with each program walking 1, 2 or all of the sequence's token tiles (a fourth entry; 0 = all), and reports the
-fastest.
+--sweep times every kernel configuration (BLOCK_T, BLOCK_C, warps) of each kernel and reports the fastest.
 
     PYTHONPATH=src python benchmarks/block_grad.py --sweep --json block_grad.json
 """
@@ -62,9 +60,8 @@ def kernel_calls(B, S, NH, DH):
     dg = torch.randn(B, S, 2 * NH, device="cuda").bfloat16()
     run_post = lambda cfg=None: bg.post_grad(du, h, xz, *post[:5], POST_LN_EPS, config=cfg)
     packed = run_post()[1]
-    run_pre = lambda cfg=None, dxm=None, tiles=None: bg.pre_grad(*d_qkv, dg, packed, xz, *pre[1:3], pre[3], pre[5],
-                                                                 pre[7], w_c, w_m, config=cfg, dxm_config=dxm,
-                                                                 tiles=tiles)
+    run_pre = lambda cfg=None, dxm=None: bg.pre_grad(*d_qkv, dg, packed, xz, *pre[1:3], pre[3], pre[5], pre[7],
+                                                     w_c, w_m, config=cfg, dxm_config=dxm)
     return (pre, post, h, cot, d_qkv, dg), run_post, run_pre
 
 
@@ -74,8 +71,7 @@ def main() -> dict:
     from mal.ops.vil_block.pre import block_pre_fused
     from mal.ops.vil_block.regions import compiled_region
     args = parse_args(__doc__, SHAPES)
-    out = {**device_info(), "defaults": {"post": bg.POST_CONFIG, "pre": bg.PRE_CONFIG, "dxm": bg.DXM_CONFIG,
-                                         "tiles": bg.PRE_TILES},
+    out = {**device_info(), "defaults": {"post": bg.POST_CONFIG, "pre": bg.PRE_CONFIG, "dxm": bg.DXM_CONFIG},
            "shapes": {}}
     for name in args.shapes.split(","):
         B, S, NH, DH = SHAPES[name]
@@ -87,9 +83,8 @@ def main() -> dict:
         if args.sweep:
             grid = lambda bcs: [c for c in itertools.product((16, 32, 64), bcs, (4, 8)) if I % c[1] == 0]
             res["sweep_post"] = sweep(run_post, [c for c in grid((32, 64, 128)) if DH % c[1] == 0])
-            walks = [(*c, t) for c in grid((32, 64, 128)) for t in (0, 1, 2)]
-            res["sweep_pre"] = sweep(lambda c: run_pre(cfg=c[:3], tiles=(c[3], bg.PRE_TILES[1])), walks)
-            res["sweep_dxm"] = sweep(lambda c: run_pre(dxm=c[:3], tiles=(bg.PRE_TILES[0], c[3])), walks)
+            res["sweep_pre"] = sweep(lambda c: run_pre(cfg=c), grid((32, 64, 128)))
+            res["sweep_dxm"] = sweep(lambda c: run_pre(dxm=c), grid((32, 64, 128)))
         leaves = [t.detach().requires_grad_() for t in pre + post[2:] + [h]]
         pl, ql, hl = leaves[:11], leaves[11:16], leaves[16]
 

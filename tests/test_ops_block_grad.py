@@ -81,10 +81,6 @@ def test_kernels_in_interpreter_match_float64_autograd(triton_interpreter):
     triton_interpreter("block_grad", "kernels_match_float64_autograd")
 
 
-def test_pre_grad_split_over_the_sequence_in_interpreter_matches_one_walk(triton_interpreter):
-    triton_interpreter("block_grad", "pre_grad_split_walks_match_one_walk")
-
-
 def test_cast_colsum_in_interpreter_is_a_cast_and_float64_column_sums(triton_interpreter):
     triton_interpreter("block_grad", "cast_colsum_is_a_cast_and_float64_column_sums")
 

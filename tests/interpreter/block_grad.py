@@ -39,29 +39,3 @@ def cast_colsum_is_a_cast_and_float64_column_sums():
         assert y.dtype == torch.float16 and torch.equal(y, x.half())
         ref = x.double().sum(0)
         assert sums.dtype == torch.float32 and ((sums.double() - ref).abs() <= 1e-5 * x.abs().sum(0)).all()
-
-
-def pre_grad_split_walks_match_one_walk():
-    """`pre_grad` with the sequence split into runs of token tiles (one program per run, partial column sums)
-    writes the same dxz and x_c, bitwise, and the same parameter gradients to float32 rounding, as one program
-    walking the whole sequence; also where the last run is shorter and where a run would be empty."""
-    from mal.ops.qkv import gate_weights
-    g = torch.Generator().manual_seed(3)
-    for B, S, NH, DH, config in [(2, 37, 2, 32, (16, 32, 4)), (1, 70, 1, 48, (32, 16, 4))]:
-        pre, _, _, _ = region_inputs(B, S, NH, DH, 8)
-        pre = [t.float() for t in pre]
-        xz, I = pre[0], NH * DH
-        w_c, w_m, _ = gate_weights(*pre[9:], *pre[3:9])
-        r = lambda *shape: torch.randn(*shape, generator=g)
-        grads = [r(B, S, I), r(B, S, I), r(B, S, I), r(B, S, 2 * NH)]
-        packed = r(B, S, 2 * I)
-
-        def run(tiles):
-            return block_grad_kernel.pre_grad(*grads, packed.clone(), xz, *pre[1:3], pre[3], pre[5], pre[7],
-                                              w_c, w_m, config=config, dxm_config=config, tiles=tiles)
-        whole = run((0, 0))
-        for tiles in [(1, 1), (2, 3), (3, 0), (9, 2)]:
-            split = run(tiles)
-            assert torch.equal(split[0], whole[0]) and torch.equal(split[1], whole[1]), tiles
-            for a, b in zip(split[2:], whole[2:]):
-                assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (tiles, (a - b).abs().max())

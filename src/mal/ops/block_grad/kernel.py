@@ -16,7 +16,7 @@ Backward, from du = d(out) W_down (a GEMM):
   It writes dh, the packed (B, S, 2I) buffer [dx_c(post), dz] (which becomes dxz) and u (for W_down's gradient),
   and on request the cell's v = blockdiag(Wv) x_m + bv from the x_m it reads for the conv (so the forward need
   not keep v for the cell's backward, which runs next).
-* `pre_grad`, two kernels, a program per (image, channel chunk, run of token tiles) walking its tiles:
+* `pre_grad`, two kernels, a program per (image, channel chunk) walking the sequence:
     1. dx_c = blockdiag(Wq)^T dq + blockdiag(Wk)^T dk + dg w_c + dx_c(post),  dy = dx_c SiLU'(y);
        writes dy and x_c (for the q/k weight gradients) in the activations' dtype (the plain path's conv
        backward rounds dy so too); column sums d bq, d bk, d cb and the conv taps sum_t dy[t] x_m[t-s].
@@ -46,9 +46,6 @@ MAX_CONV = 8                # taps of the causal conv
 POST_CONFIG = (16, 32, 4)
 PRE_CONFIG = (32, 64, 4)
 DXM_CONFIG = (32, 64, 4)
-# Token tiles each program of pre_grad's two kernels walks (0: the whole sequence). Fewer tiles per program give
-# more programs, each with a partial of the column sums.
-PRE_TILES = (0, 0)
 CAST_CONFIG = (8192, 4, 16)  # `cast_colsum`: (elements per tile, warps, tiles per program)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -125,12 +122,12 @@ def _post_grad_kernel(DU, H, XZ, CW, CB, NW, NB, SK, WV, BV, DH, PK, U, V, PART,
         tl.store(part + 2 * n_part, tl.sum(da * x_c, 0))
 
 
-@triton.jit(do_not_specialize=["S", "TILES"])
+@triton.jit(do_not_specialize=["S"])
 def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQT, WKT, WC, DY, XC, PART,
-                     S, I, NG, TILES, stride_xb, stride_xs,
+                     S, I, NG, stride_xb, stride_xs,
                      KS: tl.constexpr, KP: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                      GP: tl.constexpr, IEEE: tl.constexpr):
-    b, pid_c, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, pid_c = tl.program_id(0), tl.program_id(1)
     c0 = pid_c * BC
     c = c0 + tl.arange(0, BC)                                                # (BC,) channels
     gi = tl.arange(0, GP)                                                    # (GP,) gate rows, NG of them real
@@ -143,7 +140,7 @@ def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQT, WKT, WC, DY, XC, PART,
     s_y = tl.zeros((BT, BC), dtype=tl.float32)
     s_w = tl.zeros((KP, BT, BC), dtype=tl.float32)                           # tap s: sum_t dy[t] x_m[t-s]
     taps = tl.arange(0, KP)[:, None, None]                                   # (KP, 1, 1)
-    for t0 in range(pid_s * TILES * BT, tl.minimum((pid_s + 1) * TILES * BT, S), BT):   # this program's tiles
+    for t0 in range(0, S, BT):
         t = t0 + tl.arange(0, BT)                                            # (BT,) tokens
         t_ok = t < S
         row = b.to(tl.int64) * S + t
@@ -173,25 +170,25 @@ def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQT, WKT, WC, DY, XC, PART,
             ts = t - s
             xs = tl.load(x_base + ts[:, None] * stride_xs + c[None, :], mask=(t_ok & (ts >= 0))[:, None], other=0.0)
             s_w += tl.where(taps == s, (dy * xs.to(tl.float32))[None, :, :], 0.0)
-    part = PART + (b.to(tl.int64) * tl.num_programs(2) + pid_s) * (3 + KP) * I
+    part = PART + b.to(tl.int64) * (3 + KP) * I
     tl.store(part + c, tl.sum(s_q, 0))
     tl.store(part + I + c, tl.sum(s_k, 0))
     tl.store(part + 2 * I + c, tl.sum(s_y, 0))
     tl.store(part + (3 + tl.arange(0, KP)[:, None]) * I + c[None, :], tl.sum(s_w, 1))
 
 
-@triton.jit(do_not_specialize=["S", "TILES"])
-def _pre_dxm_kernel(DV, DG, DY, CW, WVT, WM, DXZ, PART, S, I, NG, TILES, stride_db, stride_ds,
+@triton.jit(do_not_specialize=["S"])
+def _pre_dxm_kernel(DV, DG, DY, CW, WVT, WM, DXZ, PART, S, I, NG, stride_db, stride_ds,
                     KS: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, GP: tl.constexpr,
                     IEEE: tl.constexpr):
-    b, pid_c, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, pid_c = tl.program_id(0), tl.program_id(1)
     c0 = pid_c * BC
     c = c0 + tl.arange(0, BC)
     gi = tl.arange(0, GP)
     g_ok = gi < NG
     wm = tl.load(WM + gi[:, None] * I + c[None, :], mask=g_ok[:, None], other=0.0)  # (GP, BC) in dg's dtype
     s_v = tl.zeros((BT, BC), dtype=tl.float32)
-    for t0 in range(pid_s * TILES * BT, tl.minimum((pid_s + 1) * TILES * BT, S), BT):
+    for t0 in range(0, S, BT):
         t = t0 + tl.arange(0, BT)
         t_ok = t < S
         row = b.to(tl.int64) * S + t
@@ -209,7 +206,7 @@ def _pre_dxm_kernel(DV, DG, DY, CW, WVT, WM, DXZ, PART, S, I, NG, TILES, stride_
         tl.store(DXZ + b.to(tl.int64) * stride_db + t[:, None] * stride_ds + c[None, :],
                  dxm.to(DXZ.dtype.element_ty), mask=t_ok[:, None])
         s_v += dv.to(tl.float32)
-    tl.store(PART + (b.to(tl.int64) * tl.num_programs(2) + pid_s) * I + c, tl.sum(s_v, 0))
+    tl.store(PART + b.to(tl.int64) * I + c, tl.sum(s_v, 0))
 
 
 @triton.jit(do_not_specialize=["N", "ITERS"])
@@ -285,29 +282,22 @@ def cast_colsum(x: torch.Tensor, dtype: torch.dtype, config: tuple | None = None
     return y, part.sum(0)
 
 
-def _sequence_split(S: int, block_t: int, tiles: int) -> tuple[int, int]:
-    """(tiles per program, programs per sequence) for a walk over S tokens in tiles of block_t, at most `tiles`
-    tiles per program (0: all), with no program left without a tile."""
-    n = triton.cdiv(S, block_t)
-    per = min(tiles, n) if tiles > 0 else n
-    return per, triton.cdiv(n, per)
-
-
 def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, config: tuple | None = None,
-             dxm_config: tuple | None = None, tiles: tuple | None = None):
+             dxm_config: tuple | None = None):
     """Gradients of the block's pre-cell step (module docstring), joined with the post tail's `packed` [dx_c, dz].
 
     dq, dk, dv (B, S, I), dg (B, S, G), packed and xz (B, S, 2I), conv_w (I, 1, K), wq/wk/wv (nb, bs, bs),
     w_c/w_m (G, I) -> dxz (B, S, 2I) (`packed`, its left half overwritten with dx_m), x_c (B, S, I) in xz's dtype,
     and in float32 d conv_w (I, 1, K), d conv_b, d bq, d bk, d bv (I,). config/dxm_config: (BLOCK_T, BLOCK_C,
-    warps) of the two kernels, default `PRE_CONFIG`/`DXM_CONFIG`; tiles: the token tiles per program of each,
-    default `PRE_TILES`."""
+    warps) of the two kernels, default `PRE_CONFIG`/`DXM_CONFIG`."""
     B, S, two_i = xz.shape
     inner, K, G = two_i // 2, conv_w.shape[-1], dg.shape[-1]
     kp = triton.next_power_of_2(K)
     dq, dk, dv, dg, packed = (t.contiguous() for t in (dq, dk, dv, dg, packed))
     dy = torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype)
     x_c = torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype)
+    part = torch.empty(B, 3 + kp, inner, device=xz.device, dtype=torch.float32)
+    part_v = torch.empty(B, inner, device=xz.device, dtype=torch.float32)
     f32 = lambda t: t.detach().float().contiguous()
     wt = lambda w: w.detach().transpose(1, 2).float().contiguous()           # (nb, in, out): the transposed map
     low = lambda w: w.detach().to(dg.dtype).contiguous()                     # gate GEMMs in the activations' dtype
@@ -315,14 +305,11 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
     meta = lambda cfg: dict(BS=wq.shape[-1], BT=cfg[0], BC=_block_c(inner, cfg[1]), GP=MAX_GATES,
                             IEEE=xz.dtype == torch.float32, num_warps=cfg[2])
     m1, m2 = meta(config or PRE_CONFIG), meta(dxm_config or DXM_CONFIG)
-    (per1, n1), (per2, n2) = (_sequence_split(S, m["BT"], t) for m, t in zip((m1, m2), tiles or PRE_TILES))
-    part = torch.empty(B * n1, 3 + kp, inner, device=xz.device, dtype=torch.float32)
-    part_v = torch.empty(B * n2, inner, device=xz.device, dtype=torch.float32)
-    _pre_grad_kernel[(B, inner // m1["BC"], n1)](
+    _pre_grad_kernel[(B, inner // m1["BC"])](
         dq, dk, dg, packed, xz, cw, f32(conv_b), wt(wq), wt(wk), low(w_c), dy, x_c, part,
-        S, inner, G, per1, xz.stride(0), xz.stride(1), KS=K, KP=kp, **m1)
-    _pre_dxm_kernel[(B, inner // m2["BC"], n2)](
-        dv, dg, dy, cw, wt(wv), low(w_m), packed, part_v, S, inner, G, per2, packed.stride(0), packed.stride(1),
+        S, inner, G, xz.stride(0), xz.stride(1), KS=K, KP=kp, **m1)
+    _pre_dxm_kernel[(B, inner // m2["BC"])](
+        dv, dg, dy, cw, wt(wv), low(w_m), packed, part_v, S, inner, G, packed.stride(0), packed.stride(1),
         KS=K, **m2)
     sums = part.sum(0)                                                       # (3 + kp, I)
     d_conv_w = sums[3:3 + K].flip(0).t().contiguous().unsqueeze(1)           # (I, 1, K): row s is tap K-1-s
@@ -330,4 +317,4 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
 
 
 __all__ = ["cast_colsum", "post_grad", "pre_grad", "supports", "POST_CONFIG", "PRE_CONFIG", "DXM_CONFIG",
-           "PRE_TILES", "CAST_CONFIG"]
+           "CAST_CONFIG"]
