@@ -322,14 +322,19 @@ def plan_stages(exp: Experiment, args) -> list[tuple[str, str, Path, list[str]]]
 def last_wins(overrides: list[str]) -> list[str]:
     """The overrides with each key once, at its last setting (an experiment's own epochs replace the sweep's), so
     that no recorded command carries a setting that does nothing."""
-    keys = [o.split("=", 1)[0].strip() for o in overrides]                # as mal.config.apply_overrides reads them
+    keys = [override_key(o) for o in overrides]
     last = {k: i for i, k in enumerate(keys)}
     return [o for i, (o, k) in enumerate(zip(overrides, keys)) if last[k] == i]
 
 
+def override_key(override: str) -> str:
+    """The key of a `key=value` override, as mal.config.apply_overrides reads it."""
+    return override.split("=", 1)[0].strip()
+
+
 def override_value(overrides: list[str], key: str) -> str | None:
-    """The value the last `key=value` of the overrides sets (keys read as `last_wins` reads them), else None."""
-    values = [o.split("=", 1)[1].strip() for o in overrides if "=" in o and o.split("=", 1)[0].strip() == key]
+    """The value the last `key=value` of the overrides sets, else None."""
+    values = [o.split("=", 1)[1].strip() for o in overrides if "=" in o and override_key(o) == key]
     return values[-1] if values else None
 
 
