@@ -128,8 +128,8 @@ def _states_kernel(
     entering chunk c at index c (c = 0..NC - 1; C in CS's dtype, n and M float32 with the final state at NC) and
     the final C in float32 to CF; program 0 of a head also writes the stabilizers M (per chunk), g, m and the
     arg-max (per token)."""
-    pid_bh = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    pid_bh = tl.program_id(0) // (NVB * NVB)                                # a head's tiles run side by side,
+    pid_t = tl.program_id(0) % (NVB * NVB)                                  # sharing its k, v (q, dh) in L2
     bh = pid_bh.to(tl.int64)
     offs_k, offs_v, k_ok, v_ok, first_v = _tile_of_state(pid_t, NVB, BK, BV, DH)   # (BK,), (BV,)
     k_base = _head(K, pid_bh, NH, skb, skh)
@@ -352,8 +352,8 @@ def _dstates_kernel(
     index c the gradient state of chunk c's keys: dC_c = sum over later queries t of u_t q~_t (r_t dh_t)^T, and
     dn_c = sum u_t gN_t q~_t; and this tile's part of <dC_c, C_c> + dn_c . n_c (C_c, n_c: the state entering chunk
     c), the log-gradient of the state's decay rho_c times scale / rho_c."""
-    pid_bh = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    pid_bh = tl.program_id(0) // (NVB * NVB)                                # a head's tiles run side by side,
+    pid_t = tl.program_id(0) % (NVB * NVB)                                  # sharing its k, v (q, dh) in L2
     bh = pid_bh.to(tl.int64)
     offs_k, offs_v, k_ok, v_ok, first_v = _tile_of_state(pid_t, NVB, BK, BV, DH)   # (BK,), (BV,)
     q_base = _head(Q, pid_bh, NH, sqb, sqh)
@@ -482,7 +482,7 @@ CHUNK_SIZE = 128           # tokens per chunk L (a power of two, >= 16; shorter 
 # `benchmarks/mlstm_kernel.py --long --sweep` at S 4,096, B 32 on an H200. Keys up to 64, not swept: the parallel
 # kernel's tiles, with the warps and tiles at which `ptxas -v` (sm_90a, triton 3.8) reports few register spills.
 _OUT_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 4, 2),
-            256: (64, 16, 4, 2), 512: (64, 16, 4, 2)}
+            256: (64, 16, 4, 2), 512: (32, 32, 4, 2)}
 _DQ_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 4, 2),
            256: (64, 32, 4, 2), 512: (32, 32, 4, 2)}
 _DKDV_CFG = {16: (32, 64, 8, 2), 32: (32, 64, 8, 2), 64: (32, 64, 8, 2), 128: (32, 64, 4, 2),
@@ -550,7 +550,7 @@ def _run_states(k, v, lf, ig, L: int, init: State | None, stats=None):
     g, m, arg = stats if stats is not None else (ms, ms, ms)                # unused when WRITE_STATS is off
     bt, warps, stages = _state_launch(DH, k.dtype)
     nb = triton.cdiv(DH, bt)
-    _states_kernel[(B * NH, nb * nb)](
+    _states_kernel[(B * NH * nb * nb,)](
         k, v, lf, ig, c0 if c0 is not None else cf, n0 if n0 is not None else ns, m0 if m0 is not None else ms,
         cs, cf, ns, ms, g, m, arg, *_strides(k), *_strides(v),
         NH, S, NC, DH, nb, 1.0 / math.sqrt(DH),
@@ -597,7 +597,7 @@ def _run_dstates(q, dout, g, m, r, gn, ms, cs, ns, L: int):
     nb = triton.cdiv(DH, bt)
     dcs = torch.empty((B, NH, NC, DH, DH), dtype=q.dtype, device=q.device)
     dns, pp = _f32((B, NH, NC, DH), q), _f32((B, NH, NC, nb * nb), q)
-    _dstates_kernel[(B * NH, nb * nb)](
+    _dstates_kernel[(B * NH * nb * nb,)](
         q, dout, g, m, r, gn, ms, cs, ns, dcs, dns, pp, *_strides(q), *_strides(dout),
         NH, S, NC, DH, nb, nb * nb, 1.0 / math.sqrt(DH),
         L=L, BK=bt, BV=bt, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
