@@ -118,17 +118,18 @@ def _tile_of_state(pid_t, NVB, BK: tl.constexpr, BV: tl.constexpr, DH):
 
 @triton.jit(do_not_specialize=["S", "NC"])
 def _states_kernel(
-    K, V, LF, IG, C0, N0, M0, CS, NS, MS, Gout, Mout, Aout,
+    K, V, LF, IG, C0, N0, M0, CS, CF, NS, MS, Gout, Mout, Aout,
     skb, skh, sks, skd, svb, svh, svs, svd,
     NH, S, NC, DH, NVB, scale,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr, WRITE_STATS: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     """One program = one (BK, BV) tile of C of one (batch, head), looping over the chunks. Writes the state
-    entering chunk c at index c (c = 0..NC, NC: the final state); program 0 of a head also writes the
-    stabilizers M (per chunk), g, m and the arg-max (per token)."""
-    pid_bh = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    entering chunk c at index c (c = 0..NC - 1; C in CS's dtype, n and M float32 with the final state at NC) and
+    the final C in float32 to CF; program 0 of a head also writes the stabilizers M (per chunk), g, m and the
+    arg-max (per token)."""
+    pid_bh = tl.program_id(0) // (NVB * NVB)                                # a head's tiles run side by side,
+    pid_t = tl.program_id(0) % (NVB * NVB)                                  # sharing its k, v (q, dh) in L2
     bh = pid_bh.to(tl.int64)
     offs_k, offs_v, k_ok, v_ok, first_v = _tile_of_state(pid_t, NVB, BK, BV, DH)   # (BK,), (BV,)
     k_base = _head(K, pid_bh, NH, skb, skh)
@@ -148,7 +149,7 @@ def _states_kernel(
     loc = tl.arange(0, L)                                                   # (L,)
     for c in range(0, NC):
         st = bh * (NC + 1) + c
-        tl.store(CS + st * DH * DH + cs_off, c_st, mask=cs_ok)
+        tl.store(CS + st * DH * DH + cs_off, c_st.to(CS.dtype.element_ty), mask=cs_ok)
         tl.store(NS + st * DH + offs_k, n_st, mask=k_ok & first_v)
         if pid_t == 0:
             tl.store(MS + st, m_st)
@@ -180,7 +181,7 @@ def _states_kernel(
         n_st = n_st * rho + tl.sum(ke, axis=0)                              # (BK,)
         m_st = m_next
     st = bh * (NC + 1) + NC
-    tl.store(CS + st * DH * DH + cs_off, c_st, mask=cs_ok)
+    tl.store(CF + bh * DH * DH + cs_off, c_st, mask=cs_ok)
     tl.store(NS + st * DH + offs_k, n_st, mask=k_ok & first_v)
     if pid_t == 0:
         tl.store(MS + st, m_st)
@@ -351,8 +352,8 @@ def _dstates_kernel(
     index c the gradient state of chunk c's keys: dC_c = sum over later queries t of u_t q~_t (r_t dh_t)^T, and
     dn_c = sum u_t gN_t q~_t; and this tile's part of <dC_c, C_c> + dn_c . n_c (C_c, n_c: the state entering chunk
     c), the log-gradient of the state's decay rho_c times scale / rho_c."""
-    pid_bh = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    pid_bh = tl.program_id(0) // (NVB * NVB)                                # a head's tiles run side by side,
+    pid_t = tl.program_id(0) % (NVB * NVB)                                  # sharing its k, v (q, dh) in L2
     bh = pid_bh.to(tl.int64)
     offs_k, offs_v, k_ok, v_ok, first_v = _tile_of_state(pid_t, NVB, BK, BV, DH)   # (BK,), (BV,)
     q_base = _head(Q, pid_bh, NH, sqb, sqh)
@@ -365,10 +366,10 @@ def _dstates_kernel(
     for cc in range(0, NC):
         c = NC - 1 - cc
         st = bh * NC + c
-        tl.store(DCS + st * DH * DH + cs_off, dc, mask=k_ok[:, None] & v_ok[None, :])
+        tl.store(DCS + st * DH * DH + cs_off, dc.to(DCS.dtype.element_ty), mask=k_ok[:, None] & v_ok[None, :])
         tl.store(DNS + st * DH + offs_k, dn, mask=k_ok & first_v)
         fst = bh * (NC + 1) + c
-        c_st = tl.load(CS + fst * DH * DH + cs_off, mask=k_ok[:, None] & v_ok[None, :], other=0.0)  # (BK, BV)
+        c_st = tl.load(CS + fst * DH * DH + cs_off, mask=k_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
         n_st = tl.load(NS + fst * DH + offs_k, mask=k_ok & first_v, other=0.0)                     # (BK,)
         tl.store(PP + st * NT + pid_t, tl.sum(tl.sum(dc * c_st, axis=1), axis=0) + tl.sum(dn * n_st, axis=0))
         offs_t = c * L + loc                                                # (L,)
@@ -481,7 +482,7 @@ CHUNK_SIZE = 128           # tokens per chunk L (a power of two, >= 16; shorter 
 # `benchmarks/mlstm_kernel.py --long --sweep` at S 4,096, B 32 on an H200. Keys up to 64, not swept: the parallel
 # kernel's tiles, with the warps and tiles at which `ptxas -v` (sm_90a, triton 3.8) reports few register spills.
 _OUT_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 4, 2),
-            256: (64, 16, 4, 2), 512: (64, 16, 4, 2)}
+            256: (64, 16, 4, 2), 512: (32, 32, 4, 2)}
 _DQ_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 4, 2),
            256: (64, 32, 4, 2), 512: (32, 32, 4, 2)}
 _DKDV_CFG = {16: (32, 64, 8, 2), 32: (32, 64, 8, 2), 64: (32, 64, 8, 2), 128: (32, 64, 4, 2),
@@ -538,22 +539,24 @@ def _f32(shape, like: torch.Tensor) -> torch.Tensor:
 
 
 def _run_states(k, v, lf, ig, L: int, init: State | None, stats=None):
-    """The forward state loop: states entering each chunk (and the final one) -> CS (B, NH, NC+1, DH, DH), NS
-    (B, NH, NC+1, DH), MS (B, NH, NC+1); stats = (g, m, arg) (B, NH, S) buffers to fill, or None."""
+    """The forward state loop: the states entering each chunk (and the final one) -> CS (B, NH, NC+1, DH, DH) in
+    k's dtype, as the tensor cores read them (slot NC unused), NS (B, NH, NC+1, DH), MS (B, NH, NC+1) and the final
+    C, CF (B, NH, DH, DH), float32; stats = (g, m, arg) (B, NH, S) buffers to fill, or None."""
     B, NH, S, DH = k.shape
     NC = triton.cdiv(S, L)
-    cs, ns, ms = _f32((B, NH, NC + 1, DH, DH), k), _f32((B, NH, NC + 1, DH), k), _f32((B, NH, NC + 1), k)
+    cs = torch.empty((B, NH, NC + 1, DH, DH), dtype=k.dtype, device=k.device)
+    cf, ns, ms = _f32((B, NH, DH, DH), k), _f32((B, NH, NC + 1, DH), k), _f32((B, NH, NC + 1), k)
     c0, n0, m0 = (None, None, None) if init is None else (t.float().contiguous() for t in init)
     g, m, arg = stats if stats is not None else (ms, ms, ms)                # unused when WRITE_STATS is off
     bt, warps, stages = _state_launch(DH, k.dtype)
     nb = triton.cdiv(DH, bt)
-    _states_kernel[(B * NH, nb * nb)](
-        k, v, lf, ig, c0 if c0 is not None else cs, n0 if n0 is not None else ns, m0 if m0 is not None else ms,
-        cs, ns, ms, g, m, arg, *_strides(k), *_strides(v),
+    _states_kernel[(B * NH * nb * nb,)](
+        k, v, lf, ig, c0 if c0 is not None else cf, n0 if n0 is not None else ns, m0 if m0 is not None else ms,
+        cs, cf, ns, ms, g, m, arg, *_strides(k), *_strides(v),
         NH, S, NC, DH, nb, 1.0 / math.sqrt(DH),
         L=L, BK=bt, BV=bt, HAS_INIT=init is not None, WRITE_STATS=stats is not None, IEEE=k.dtype == torch.float32,
         num_warps=warps, num_stages=stages)
-    return cs, ns, ms
+    return cs, cf, ns, ms
 
 
 def _run_out(q, k, v, g, ig, m, cs, ns, ms, L: int, eps: float):
@@ -586,14 +589,15 @@ def _run_dq(q, k, v, dout, g, ig, m, arg, r, sgn, cs, ns, ms, L: int):
 
 
 def _run_dstates(q, dout, g, m, r, gn, ms, cs, ns, L: int):
-    """The reverse state loop: dC (B, NH, NC, DH, DH) and dn (B, NH, NC, DH), index c for chunk c's keys, and
+    """The reverse state loop: dC (B, NH, NC, DH, DH) in q's dtype and dn (B, NH, NC, DH), index c for chunk c's keys, and
     per chunk the tiles' parts of <dC_c, C_c> + dn_c . n_c (B, NH, NC, tiles)."""
     B, NH, S, DH = q.shape
     NC = triton.cdiv(S, L)
     bt, warps, stages = _state_launch(DH, q.dtype)
     nb = triton.cdiv(DH, bt)
-    dcs, dns, pp = _f32((B, NH, NC, DH, DH), q), _f32((B, NH, NC, DH), q), _f32((B, NH, NC, nb * nb), q)
-    _dstates_kernel[(B * NH, nb * nb)](
+    dcs = torch.empty((B, NH, NC, DH, DH), dtype=q.dtype, device=q.device)
+    dns, pp = _f32((B, NH, NC, DH), q), _f32((B, NH, NC, nb * nb), q)
+    _dstates_kernel[(B * NH * nb * nb,)](
         q, dout, g, m, r, gn, ms, cs, ns, dcs, dns, pp, *_strides(q), *_strides(dout),
         NH, S, NC, DH, nb, nb * nb, 1.0 / math.sqrt(DH),
         L=L, BK=bt, BV=bt, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
@@ -699,10 +703,10 @@ class _MlstmChunkwise(torch.autograd.Function):
         ig = i.float().contiguous()                                         # (B, NH, S)
         g, m = _f32((B, NH, S), q), _f32((B, NH, S), q)                     # local cumsum, stabilizer
         arg = torch.empty((B, NH, S), dtype=torch.int32, device=q.device)   # the rows' arg-max j*
-        cs, ns, ms = _run_states(k, v, lf, ig, L, init, (g, m, arg))
+        cs, cf, ns, ms = _run_states(k, v, lf, ig, L, init, (g, m, arg))
         out, r, sgn = _run_out(q, k, v, g, ig, m, cs, ns, ms, L, eps)
         NC = triton.cdiv(S, L)
-        final = (cs[:, :, NC].clone(), ns[:, :, NC].clone(), ms[:, :, NC].clone()) if want_state else (None,) * 3
+        final = (cf, ns[:, :, NC].clone(), ms[:, :, NC].clone()) if want_state else (None,) * 3
         kept = (cs, ns) if SAVE_STATES else (() if init is None else init)
         ctx.save_for_backward(q, k, v, f, lf, ig, g, m, arg, ms, r, sgn, *kept)
         ctx.eps, ctx.L, ctx.i_dtype, ctx.has_init = eps, L, i.dtype, init is not None
@@ -718,7 +722,7 @@ class _MlstmChunkwise(torch.autograd.Function):
         if SAVE_STATES and len(kept) == 2:
             cs, ns = kept
         else:
-            cs, ns, _ = _run_states(k, v, lf, ig, L, tuple(kept) if ctx.has_init else None)
+            cs, _, ns, _ = _run_states(k, v, lf, ig, L, tuple(kept) if ctx.has_init else None)
         dq, dn, gn, omega, row_g = _run_dq(q, k, v, dout, g, ig, m, arg, r, sgn, cs, ns, ms, L)
         dcs, dns, pp = _run_dstates(q, dout, g, m, r, gn, ms, cs, ns, L)
         del cs, ns
