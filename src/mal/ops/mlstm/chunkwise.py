@@ -6,11 +6,13 @@ log-forget cumsum, m_t = g_t + max(M_c, cummax(i - g)), w_t = exp(g_t + M_c - m_
 D~[t, j] = exp((g_t - g_j) + i_j - m_t), key weights e_j = exp((G_c - g_j) + i_j - M_{c+1}) and the state's
 decay rho_c = exp(G_c + M_c - M_{c+1}), all <= 1). Five kernels and an O(S) gate step:
 
-    forward   _states_kernel    per (batch, head, C tile): the loop over the chunks carrying C, n, M; writes the
-                                state entering every chunk (and the final one), g, m and the rows' arg-max j*
+    forward   _states_kernel    per (batch, head, C tile): the loop over the chunks carrying C, n, M in float32;
+                                writes the state entering every chunk (C in the inputs' dtype, as the tensor cores
+                                read it), the final one (float32), g, m and the rows' arg-max j*
               _out_kernel       per query block: h = (w q C_c + intra-chunk C @ V) / N, 1/N and sign(s)
     backward  _dq_kernel        per query block: delta, dN, dq, and the log-gradients of the row's weights
-              _dstates_kernel   per (batch, head, dC tile): the reverse loop carrying dC, dn; <dC_c, C_c>
+              _dstates_kernel   per (batch, head, dC tile): the reverse loop carrying dC, dn in float32; writes dC
+                                in the inputs' dtype, and <dC_c, C_c> with C_c as stored
               _dkdv_kernel      per key block: dk, dv, and the log-gradients of the key's weights
               _gate_grads       torch, float64 (one torch.compile on CUDA): di, df from those log-gradients
 
@@ -54,8 +56,8 @@ from .kernel import (_acc_dkdv, _block_d, _d_chunks, _decay, _dot_acc, _dot_acc2
                      _tile_products, cuda_cell_inputs)
 from .reference import EPS
 
-# Keep the states of the forward for the backward (B * NH * (S / L) * DH^2 floats until the backward) instead
-# of running the state loop again there (one k^T v pass: about a fifth of the forward's work).
+# Keep the states of the forward for the backward (B * NH * (S / L) * DH^2 values in the inputs' dtype until the
+# backward) instead of running the state loop again there (one k^T v pass: about a fifth of the forward's work).
 SAVE_STATES = False
 MAX_OFFSET = 2**31 - 1     # per-head element offsets are int32 in the kernels
 
