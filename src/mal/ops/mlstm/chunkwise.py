@@ -481,8 +481,10 @@ def _dkdv_kernel(
 CHUNK_SIZE = 128           # tokens per chunk L (a power of two, >= 16; shorter rows use the next power of two)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, 2-byte inputs (float32 halves the tiles);
 # BLOCK_M tiles queries, BLOCK_N keys, both <= L. Keys 128, 256 and 512 (DH 96, 192, 384): the fastest of
-# `benchmarks/mlstm_kernel.py --long --sweep` at S 4,096, B 32 on an H200. Keys up to 64, not swept: the parallel
-# kernel's tiles, with the warps and tiles at which `ptxas -v` (sm_90a, triton 3.8) reports few register spills.
+# `benchmarks/mlstm_kernel.py --long --sweep` at S 4,096, B 32 on an H200, except _OUT_CFG[512]: under Triton 3.6
+# the swept (64, 16, 4, 2) computes h wrongly from bf16 state tiles; (32, 32, 4, 2) is the fastest right one.
+# Keys up to 64, not swept: the parallel kernel's tiles, with the warps and tiles at which `ptxas -v` (sm_90a,
+# triton 3.8) reports few register spills.
 _OUT_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 4, 2),
             256: (64, 16, 4, 2), 512: (32, 32, 4, 2)}
 _DQ_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 4, 2),
