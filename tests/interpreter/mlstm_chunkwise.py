@@ -67,6 +67,7 @@ def tensor_core_path_within_tolerance():
 
 def state_layouts_and_saved_states():
     _state_continues_a_sequence()
+    _half_inputs_keep_a_float32_final_state()
     _head_views_get_gradients_in_their_layout()
     _saved_states_equal_recomputed()
 
@@ -91,6 +92,18 @@ def _state_continues_a_sequence():
                    dh[..., cut:, :], torch.float32)
         for name, a, b, r in zip(NAMES, got, tor, ref):
             assert _rel(a, r) <= 2 * _rel(b, r) + 2e-5, (name, _rel(a, r), _rel(b, r))
+
+
+def _half_inputs_keep_a_float32_final_state():
+    """fp16 inputs (the chunk states stored in fp16, as the tensor cores read them): the final state comes back in
+    float32, not rounded through that storage, and matches the recurrence on the same inputs."""
+    xs, _ = _inputs(70, 32, 1.0, seed=3, B=1)
+    half = [x.half() for x in xs]
+    _, (C, n, m) = ck.mlstm_chunkwise_triton(*half, chunk_size=16, return_state=True)
+    _, (Cr, nr, mr) = mlstm_recurrent_state(*(x.double() for x in half))
+    assert C.dtype == n.dtype == m.dtype == torch.float32
+    assert not torch.equal(C, C.half().float())                             # not an fp16 value
+    assert _rel(C, Cr) < 5e-3 and _rel(n, nr) < 5e-3 and _rel(m, mr) < 1e-6, (_rel(C, Cr), _rel(n, nr), _rel(m, mr))
 
 
 def _head_views_get_gradients_in_their_layout():
