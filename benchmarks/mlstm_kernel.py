@@ -128,8 +128,8 @@ def floors(B, NH, S, DH, itemsize=2):
 def sweep(B, NH, S, DH, dtype, tol=2e-2):
     """Time each Triton kernel's candidate configs; returns the best per table.
 
-    A config whose outputs (and gradients) differ from the current config's by more than `tol` (relative) is
-    reported as wrong and never picked: a compiler fault in one tiling must not win the sweep."""
+    A config whose outputs (and gradients) differ from the current config's by more than `tol` (relative), or
+    between two calls, is reported as wrong and never picked: a compiler fault in one tiling must not win the sweep."""
     from mal.ops.mlstm import kernel as mt
     results, timing = results_and_timing(mt.mlstm_triton, *make_inputs(B, NH, S, DH, dtype))
     bd = mt._block_d(DH)
@@ -305,16 +305,18 @@ def results_and_timing(fn, inputs, dh):
 
 def sweep_configs(label, title, apply, keep, candidates, results, timing, tol):
     """Time each candidate config (apply(cfg) installs it) with gpu_ms(timing); a config whose results() differ
-    from the current config's by more than tol (relative), or that fails, is reported and never picked (a compiler
-    fault in one tiling must not win the sweep). Reinstalls `keep`, prints the five fastest, returns the fastest."""
+    from the current config's by more than tol (relative), whose output and q, k, v gradients differ between two
+    calls (a race), or that fails, is reported and never picked (a compiler fault in one tiling must not win the
+    sweep). Reinstalls `keep`, prints the five fastest, returns the fastest."""
     expect, timed = results(), []
     for cfg in candidates:
         apply(cfg)
         try:
+            got, again = results(), results()
             err = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-                      for a, b in zip(results(), expect))
-            if not err <= tol:
-                print(f"  {label} {cfg}: wrong results (rel. difference {err:.3g})")
+                      for a, b in zip(got, expect))
+            if not err <= tol or not all(torch.equal(a, b) for a, b in list(zip(got, again))[:4]):
+                print(f"  {label} {cfg}: wrong results (rel. difference {err:.3g}, or not the same twice)")
                 timed.append((math.inf, cfg))
                 continue
             timed.append((gpu_ms(timing), cfg))

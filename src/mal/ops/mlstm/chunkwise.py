@@ -481,18 +481,20 @@ def _dkdv_kernel(
 CHUNK_SIZE = 128           # tokens per chunk L (a power of two, >= 16; shorter rows use the next power of two)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, 2-byte inputs (float32 halves the tiles);
 # BLOCK_M tiles queries, BLOCK_N keys, both <= L. Keys 128, 256 and 512 (DH 96, 192, 384): the fastest of
-# `benchmarks/mlstm_kernel.py --long --sweep` at S 4,096, B 32 on an H200, except _OUT_CFG[512]: under Triton 3.6
-# the swept (64, 16, 4, 2) computes h wrongly from bf16 state tiles; (32, 32, 4, 2) is the fastest right one.
+# `benchmarks/mlstm_kernel.py --long --sweep` at S 4,096, B 32 on an H200 whose h is the same call after call. Under
+# Triton 3.6, with bf16 state tiles, _OUT_CFG's (64, 32, 4, 2) and (64, 32, 8, 2) at DH 96 race in the second
+# column tile (h differs between calls, by up to 16 in a few thousand entries), and (64, 16, 4, 2) at DH 384
+# computes h wrongly; tests/test_ops_mlstm_chunkwise.py::test_gpu_deterministic checks every head dim.
 # Keys up to 64, not swept: the parallel kernel's tiles, with the warps and tiles at which `ptxas -v` (sm_90a,
 # triton 3.8) reports few register spills.
-_OUT_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 4, 2),
+_OUT_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 16, 4, 2),
             256: (64, 16, 4, 2), 512: (32, 32, 4, 2)}
 _DQ_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 4, 2),
            256: (64, 32, 4, 2), 512: (32, 32, 4, 2)}
 _DKDV_CFG = {16: (32, 64, 8, 2), 32: (32, 64, 8, 2), 64: (32, 64, 8, 2), 128: (32, 64, 4, 2),
              256: (32, 32, 4, 2), 512: (64, 32, 8, 2)}
 # (C tile edge, warps, stages) of the two state loops per padded head dim (keys 128 to 512: the same sweep)
-_STATE_CFG = {16: (64, 8, 2), 32: (64, 8, 2), 64: (64, 8, 2), 128: (64, 4, 2), 256: (64, 4, 2), 512: (128, 8, 2)}
+_STATE_CFG = {16: (64, 8, 2), 32: (64, 8, 2), 64: (64, 8, 2), 128: (64, 2, 2), 256: (64, 4, 2), 512: (128, 8, 2)}
 _FP32_STATE_CFG = (64, 8, 2)
 _INNER_K = 32              # head-dim block of the q C, dh C^T, v dC^T, k dC products (float32 halves it at DH > 128)
 
