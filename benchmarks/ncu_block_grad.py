@@ -12,7 +12,13 @@ occupancy, stalls, cache hit rates) is in the profiler's sections:
         --section LaunchStats --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_block_grad.py
     PYTHONPATH=src ncu --clock-control none -k regex:"_mlstm" --launch-skip 3 --launch-count 3 [sections] \
         python3 benchmarks/ncu_block_grad.py --cell
+    PYTHONPATH=src ncu --clock-control none -k regex:"_(states|out|dq|dstates|dkdv)_kernel" --launch-skip 6 \
+        --launch-count 6 [sections] python3 benchmarks/ncu_block_grad.py --chunkwise 32,4096,192
     PYTHONPATH=src python benchmarks/ncu_block_grad.py --shape T-small --regs
+
+`--chunkwise B,S,DH`: two forward + backward calls of the chunkwise cell (`mal.ops.mlstm.chunkwise`, 4 heads,
+bf16) instead; each call launches the state loop, the output kernel, the state loop again, dq, the gradient
+states and dk/dv, so --launch-skip 6 --launch-count 6 profiles the second call's six launches.
 """
 from __future__ import annotations
 
@@ -39,14 +45,29 @@ def print_registers(kernels: dict) -> None:
                   f"{getattr(meta, 'num_warps', '?')} warps, {getattr(meta, 'shared', '?')} B shared", flush=True)
 
 
+def chunkwise_calls(B: int, S: int, DH: int) -> dict:
+    """Two forward + backward calls of the chunkwise cell; its kernels by name."""
+    from mlstm_kernel import long_inputs
+    from mal.ops.mlstm import chunkwise as ck
+    inputs, dh = long_inputs(B, 4, S, DH)
+    for _ in range(2):
+        torch.autograd.grad(ck.mlstm_chunkwise_triton(*inputs), inputs, dh)
+    names = ("_states_kernel", "_out_kernel", "_dq_kernel", "_dstates_kernel", "_dkdv_kernel")
+    return {n: getattr(ck, n) for n in names}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="B", choices=list(SHAPES))
     ap.add_argument("--cell", action="store_true", help="the mLSTM cell's kernels instead of the block's")
+    ap.add_argument("--chunkwise", default=None, metavar="B,S,DH",
+                    help="the chunkwise mLSTM cell's kernels at B images of S tokens, head dim DH (4 heads)")
     ap.add_argument("--regs", action="store_true", help="print the compiled kernels' registers and spills")
     args = ap.parse_args()
     B, S, NH, DH = SHAPES[args.shape]
-    if args.cell:
+    if args.chunkwise:
+        kernels = chunkwise_calls(*(int(x) for x in args.chunkwise.split(",")))
+    elif args.cell:
         from mlstm_kernel import make_inputs
         from mal.ops.mlstm import kernel as mk
         inputs, dh = make_inputs(B, NH, S, DH, torch.bfloat16)
@@ -62,7 +83,8 @@ def main() -> None:
         kernels = {n: getattr(bg, n) for n in ("_post_grad_kernel", "_pre_grad_kernel", "_pre_dxm_kernel")}
     torch.cuda.synchronize()
     if args.regs:
-        print(f"shape {args.shape}: B {B}, S {S}, NH {NH}, DH {DH}")
+        where = f"chunkwise B,S,DH {args.chunkwise}" if args.chunkwise else f"{args.shape}: B {B}, S {S}, DH {DH}"
+        print(f"shape {where}")
         print_registers(kernels)
 
 
