@@ -176,11 +176,12 @@ def ablation(inputs, dh, name: str, off=False) -> dict:
 LONG_SEQS = (196, 1024, 4096, 16384)
 TFLA_CHUNK = 128
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of the chunkwise block kernels; state-loop candidates
-# (C tile edge, num_warps, num_stages). Tiles larger than the chunk are skipped.
+# (C tile rows, C tile columns, num_warps, num_stages). Block tiles larger than the chunk are skipped.
 CHUNK_BLOCK_CANDIDATES = [(64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2), (64, 64, 8, 2),
                           (32, 64, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2),
                           (64, 16, 4, 2), (128, 32, 8, 2)]
-CHUNK_STATE_CANDIDATES = [(64, 4, 2), (64, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 1), (128, 8, 2)]
+CHUNK_STATE_CANDIDATES = [(bk, bv, 4, 2) for bk in (32, 64, 128) for bv in (32, 64, 128)] + [
+    (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 8, 2), (64, 64, 2, 2), (32, 32, 2, 2), (64, 64, 4, 3)]
 
 
 def long_inputs(B, NH, S, DH, dtype=torch.bfloat16):
@@ -329,22 +330,30 @@ def sweep_configs(label, title, apply, keep, candidates, results, timing, tol):
     return timed[0][1]
 
 
-def sweep_chunkwise(B, NH, S, DH, tol=2e-2) -> dict:
-    """Time candidate configurations of each chunkwise kernel (the others at their current entries), checking
-    the results against the current configuration's; returns the fastest per table (not written back)."""
+SWEPT_TABLES = ("out", "dq", "dkdv", "states", "dstates")
+
+
+def sweep_chunkwise(B, NH, S, DH, tol=2e-2, only=SWEPT_TABLES) -> dict:
+    """Time candidate configurations of each chunkwise kernel in `only` (the others at their current entries),
+    checking the results against the current configuration's; returns the fastest per table (not written back)."""
     from mal.ops.mlstm import chunkwise as ck
     results, timing = results_and_timing(ck.mlstm_chunkwise_triton, *long_inputs(B, NH, S, DH))
     L = ck.chunk_size_for(S)
     best, bd = {}, ck._block_d(DH)
     tables = [("out", ck._OUT_CFG, False), ("dq", ck._DQ_CFG, True), ("dkdv", ck._DKDV_CFG, True)]
     for name, table, with_bwd in tables:
+        if name not in only:
+            continue
         best[name] = sweep_configs(
             f"DH={DH} {name}", f"chunkwise sweep DH={DH} {name}", lambda cfg: table.__setitem__(bd, cfg), table[bd],
             [c for c in CHUNK_BLOCK_CANDIDATES if c[0] <= L and c[1] <= L], lambda: results(with_bwd),
             timing(with_bwd), tol)
 
-    best["states"] = sweep_configs(f"DH={DH} states", f"chunkwise sweep DH={DH} states (fwd+bwd)",
-                                   lambda cfg: ck._STATE_CFG.__setitem__(bd, cfg), ck._STATE_CFG[bd],
+    for name, table in (("states", ck._STATE_CFG), ("dstates", ck._DSTATE_CFG)):
+        if name not in only:
+            continue
+        best[name] = sweep_configs(f"DH={DH} {name}", f"chunkwise sweep DH={DH} {name} (fwd+bwd)",
+                                   lambda cfg: table.__setitem__(bd, cfg), table[bd],
                                    CHUNK_STATE_CANDIDATES, lambda: results(True), timing(True), tol)
     return best
 
@@ -375,7 +384,7 @@ def long_main(args) -> None:
         if args.sweep:
             S = max(args.seqs)
             print(json.dumps({"DH": DH, "chunkwise_best": sweep_chunkwise(
-                args.batch or max(1, args.tokens // S), args.heads, S, DH)}), flush=True)
+                args.batch or max(1, args.tokens // S), args.heads, S, DH, only=args.sweep_tables)}), flush=True)
         for S in args.seqs:
             B = args.batch or max(1, args.tokens // S)
             row = long_row(B, args.heads, S, DH, fns)
@@ -401,6 +410,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seq", type=int, default=197)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-tables", type=lambda s: tuple(s.split(",")), default=SWEPT_TABLES,
+                    help="--long --sweep: the chunkwise tables to sweep (comma-separated; default all)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--delta-ablation", action="store_true",
                     help="also time the backward with delta from the stored output (EXACT_DELTA=False)")

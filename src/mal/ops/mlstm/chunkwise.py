@@ -122,7 +122,7 @@ def _tile_of_state(pid_t, NVB, BK: tl.constexpr, BV: tl.constexpr, DH):
 def _states_kernel(
     K, V, LF, IG, C0, N0, M0, CS, CF, NS, MS, Gout, Mout, Aout,
     skb, skh, sks, skd, svb, svh, svs, svd,
-    NH, S, NC, DH, NVB, scale,
+    NH, S, NC, DH, NVB, NT, scale,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr, WRITE_STATS: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -130,8 +130,8 @@ def _states_kernel(
     entering chunk c at index c (c = 0..NC - 1; C in CS's dtype, n and M float32 with the final state at NC) and
     the final C in float32 to CF; program 0 of a head also writes the stabilizers M (per chunk), g, m and the
     arg-max (per token)."""
-    pid_bh = tl.program_id(0) // (NVB * NVB)                                # a head's tiles run side by side,
-    pid_t = tl.program_id(0) % (NVB * NVB)                                  # sharing its k, v (q, dh) in L2
+    pid_bh = tl.program_id(0) // NT                                         # a head's NT tiles run side by side,
+    pid_t = tl.program_id(0) % NT                                           # sharing its k, v (q, dh) in L2
     bh = pid_bh.to(tl.int64)
     offs_k, offs_v, k_ok, v_ok, first_v = _tile_of_state(pid_t, NVB, BK, BV, DH)   # (BK,), (BV,)
     k_base = _head(K, pid_bh, NH, skb, skh)
@@ -354,8 +354,8 @@ def _dstates_kernel(
     index c the gradient state of chunk c's keys: dC_c = sum over later queries t of u_t q~_t (r_t dh_t)^T, and
     dn_c = sum u_t gN_t q~_t; and this tile's part of <dC_c, C_c> + dn_c . n_c (C_c, n_c: the state entering chunk
     c), the log-gradient of the state's decay rho_c times scale / rho_c."""
-    pid_bh = tl.program_id(0) // (NVB * NVB)                                # a head's tiles run side by side,
-    pid_t = tl.program_id(0) % (NVB * NVB)                                  # sharing its k, v (q, dh) in L2
+    pid_bh = tl.program_id(0) // NT                                         # a head's NT tiles run side by side,
+    pid_t = tl.program_id(0) % NT                                           # sharing its k, v (q, dh) in L2
     bh = pid_bh.to(tl.int64)
     offs_k, offs_v, k_ok, v_ok, first_v = _tile_of_state(pid_t, NVB, BK, BV, DH)   # (BK,), (BV,)
     q_base = _head(Q, pid_bh, NH, sqb, sqh)
@@ -493,9 +493,12 @@ _DQ_CFG = {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64,
            256: (64, 32, 4, 2), 512: (32, 32, 4, 2)}
 _DKDV_CFG = {16: (32, 64, 8, 2), 32: (32, 64, 8, 2), 64: (32, 64, 8, 2), 128: (32, 64, 4, 2),
              256: (32, 32, 4, 2), 512: (64, 32, 8, 2)}
-# (C tile edge, warps, stages) of the two state loops per padded head dim (keys 128 to 512: the same sweep)
-_STATE_CFG = {16: (64, 8, 2), 32: (64, 8, 2), 64: (64, 8, 2), 128: (64, 2, 2), 256: (64, 4, 2), 512: (128, 8, 2)}
-_FP32_STATE_CFG = (64, 8, 2)
+# (C tile rows, C tile columns, warps, stages) of the forward state loop and of the reverse (gradient) one, per
+# padded head dim (keys 128 to 512: each table's H200 sweep at 4,096 tokens; 64 x 128 won at DH 96, 192 and 384)
+_STATE_CFG = {16: (64, 64, 8, 2), 32: (64, 64, 8, 2), 64: (64, 64, 8, 2), 128: (64, 128, 4, 2), 256: (64, 128, 4, 2),
+              512: (64, 128, 4, 2)}
+_DSTATE_CFG = dict(_STATE_CFG)
+_FP32_STATE_CFG = (64, 64, 8, 2)
 _INNER_K = 32              # head-dim block of the q C, dh C^T, v dC^T, k dC products (float32 halves it at DH > 128)
 
 
@@ -519,13 +522,12 @@ def _inner_k(DH: int, dtype: torch.dtype) -> int:
     return 16 if dtype == torch.float32 and _block_d(DH) >= 256 else _INNER_K
 
 
-def _state_launch(DH: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(C tile edge, warps, stages) of the state loops: the table's, float32 at the untuned (64, 8, 2); the edge is
-    the largest power of two <= the table's dividing DH (min 16)."""
-    t, warps, stages = _FP32_STATE_CFG if dtype == torch.float32 else _STATE_CFG[_block_d(DH)]
-    while t > 16 and DH % t:
-        t //= 2
-    return t, warps, stages
+def _state_launch(table: dict, DH: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(C tile rows, columns, warps, stages, tiles per head) of a state loop: the table's (float32 at the untuned
+    (64, 64, 8, 2)), each edge at most DH's padded size; edges that do not divide DH leave masked rows/columns."""
+    bk, bv, warps, stages = _FP32_STATE_CFG if dtype == torch.float32 else table[_block_d(DH)]
+    bk, bv = min(bk, _block_d(DH)), min(bv, _block_d(DH))
+    return bk, bv, warps, stages, triton.cdiv(DH, bk) * triton.cdiv(DH, bv)
 
 
 def chunk_size_for(S: int, chunk_size: int | None = None) -> int:
@@ -554,13 +556,12 @@ def _run_states(k, v, lf, ig, L: int, init: State | None, stats=None):
     cf, ns, ms = _f32((B, NH, DH, DH), k), _f32((B, NH, NC + 1, DH), k), _f32((B, NH, NC + 1), k)
     c0, n0, m0 = (None, None, None) if init is None else (t.float().contiguous() for t in init)
     g, m, arg = stats if stats is not None else (ms, ms, ms)                # unused when WRITE_STATS is off
-    bt, warps, stages = _state_launch(DH, k.dtype)
-    nb = triton.cdiv(DH, bt)
-    _states_kernel[(B * NH * nb * nb,)](
+    bk, bv, warps, stages, nt = _state_launch(_STATE_CFG, DH, k.dtype)
+    _states_kernel[(B * NH * nt,)](
         k, v, lf, ig, c0 if c0 is not None else cf, n0 if n0 is not None else ns, m0 if m0 is not None else ms,
         cs, cf, ns, ms, g, m, arg, *_strides(k), *_strides(v),
-        NH, S, NC, DH, nb, 1.0 / math.sqrt(DH),
-        L=L, BK=bt, BV=bt, HAS_INIT=init is not None, WRITE_STATS=stats is not None, IEEE=k.dtype == torch.float32,
+        NH, S, NC, DH, triton.cdiv(DH, bv), nt, 1.0 / math.sqrt(DH),
+        L=L, BK=bk, BV=bv, HAS_INIT=init is not None, WRITE_STATS=stats is not None, IEEE=k.dtype == torch.float32,
         num_warps=warps, num_stages=stages)
     return cs, cf, ns, ms
 
@@ -599,14 +600,13 @@ def _run_dstates(q, dout, g, m, r, gn, ms, cs, ns, L: int):
     per chunk the tiles' parts of <dC_c, C_c> + dn_c . n_c (B, NH, NC, tiles)."""
     B, NH, S, DH = q.shape
     NC = triton.cdiv(S, L)
-    bt, warps, stages = _state_launch(DH, q.dtype)
-    nb = triton.cdiv(DH, bt)
+    bk, bv, warps, stages, nt = _state_launch(_DSTATE_CFG, DH, q.dtype)
     dcs = torch.empty((B, NH, NC, DH, DH), dtype=q.dtype, device=q.device)
-    dns, pp = _f32((B, NH, NC, DH), q), _f32((B, NH, NC, nb * nb), q)
-    _dstates_kernel[(B * NH * nb * nb,)](
+    dns, pp = _f32((B, NH, NC, DH), q), _f32((B, NH, NC, nt), q)
+    _dstates_kernel[(B * NH * nt,)](
         q, dout, g, m, r, gn, ms, cs, ns, dcs, dns, pp, *_strides(q), *_strides(dout),
-        NH, S, NC, DH, nb, nb * nb, 1.0 / math.sqrt(DH),
-        L=L, BK=bt, BV=bt, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
+        NH, S, NC, DH, triton.cdiv(DH, bv), nt, 1.0 / math.sqrt(DH),
+        L=L, BK=bk, BV=bv, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
     return dcs, dns, pp
 
 
