@@ -17,8 +17,10 @@ ablations time the kernels with one of their module settings off (EXACT_DELTA, S
 `--long`: long sequences, in one run: ours parallel ("triton"), ours chunkwise ("chunkwise"), causal SDPA and,
 when the `mlstm_kernels` package is importable, NX-AI's TFLA kernel `chunkwise--triton_xl_chunk` ("tfla",
 its chunk 128; a length it does not take is zero-padded at the end to a multiple of 128 (causal: the first S
-outputs are unchanged) and timed padded, `tfla_S`; it is first tried at each head dim in a child process, and
-left out with the reason printed where that run aborts). Every length has B = tokens // S sequences (B * S
+outputs are unchanged) and timed padded, `tfla_S`; it is first tried at each head dim in a child process; where
+that run aborts it is tried again with Triton's LLVM optimization passes off (`DISABLE_LLVM_OPT=1`: an LLVM pass
+aborts on its kernels under some Triton builds; ptxas still optimizes), and if that runs, its row is timed with the
+passes off while its kernels compile, `tfla_llvm_opt: false`; otherwise it is left out with the reason printed). Every length has B = tokens // S sequences (B * S
 constant; --batch fixes B instead), 4 heads, bf16 q, k, v and gates. Per backend: forward and forward+backward
 (eager and GPU kernel time), the peak extra memory of one forward+backward, and per token (memory linear in S
 is a constant column). Ratios: TFLA / chunkwise and parallel / chunkwise GPU forward+backward (> 1: chunkwise is
@@ -30,8 +32,10 @@ shortest S where chunkwise beats parallel is where `mal.ops.mlstm.CHUNKWISE_MIN_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -223,39 +227,65 @@ torch.cuda.synchronize()
 """
 
 
-def tfla_compiles(dh: int) -> bool:
-    """Whether TFLA's forward + backward compiles and runs at head dim `dh`, tried in a child process: a Triton
-    compile that aborts (an LLVM assertion on some toolchains) would end this one and lose every row."""
+NO_LLVM_OPT = {"DISABLE_LLVM_OPT": "1"}
+
+
+def tfla_compiles(dh: int, env: dict | None = None) -> bool:
+    """Whether TFLA's forward + backward compiles and runs at head dim `dh` (with `env` added to the environment),
+    tried in a child process: a Triton compile that aborts (an LLVM assertion on some toolchains) would end this
+    one and lose every row."""
     import subprocess
     import sys
-    res = subprocess.run([sys.executable, "-c", TFLA_PROBE.format(DH=dh)], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", TFLA_PROBE.format(DH=dh)], capture_output=True, text=True,
+                         env={**os.environ, **(env or {})})
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or ["?"])[-1][:200]
-        print(f"TFLA skipped at DH {dh}: its probe run ended with code {res.returncode} ({last})", flush=True)
+        print(f"TFLA's probe at DH {dh} with {env or 'the default environment'} ended with code {res.returncode} "
+              f"({last})", flush=True)
     return res.returncode == 0
 
 
+@contextlib.contextmanager
+def environ(env: dict):
+    """`env` added to os.environ inside the block (Triton reads its compile options there at each compile)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
 def long_backends(dh: int, tfla):
-    """(name, fn) of every backend of the --long rows at head dim `dh` (`tfla`: `tfla_fn()`'s, or None)."""
+    """(name, fn, env) of every backend of the --long rows at head dim `dh` (`tfla`: `tfla_fn()`'s, or None); env is
+    added to the environment while the backend is timed (TFLA's fallback without LLVM's passes)."""
     from mal.ops.mlstm.chunkwise import mlstm_chunkwise_triton
     from mal.ops.mlstm.kernel import mlstm_triton
-    rows = [("triton", mlstm_triton), ("chunkwise", mlstm_chunkwise_triton)]
-    if tfla is not None and tfla_compiles(dh):
-        rows.append(("tfla", tfla))
-    return rows + [(n, f) for f, n in sdpa_fn()]
+    rows = [("triton", mlstm_triton, {}), ("chunkwise", mlstm_chunkwise_triton, {})]
+    if tfla is not None:
+        env = {} if tfla_compiles(dh) else NO_LLVM_OPT if tfla_compiles(dh, NO_LLVM_OPT) else None
+        if env is not None:
+            rows.append(("tfla", tfla, env))
+    return rows + [(n, f, {}) for f, n in sdpa_fn()]
 
 
 def long_row(B, NH, S, DH, fns) -> dict:
     """One --long row: every backend timed on the same inputs; the ratios."""
     inputs, dh = long_inputs(B, NH, S, DH)
     row = {"device": torch.cuda.get_device_name(), "B": B, "NH": NH, "S": S, "DH": DH, "dtype": "bf16"}
-    if "tfla" in dict(fns):
-        row["tfla_S"] = S + ((-S) % TFLA_CHUNK if S >= TFLA_CHUNK or S & (S - 1) else 0)
-    for name, fn in fns:
+    for name, fn, env in fns:
+        if name == "tfla":
+            row["tfla_S"] = S + ((-S) % TFLA_CHUNK if S >= TFLA_CHUNK or S & (S - 1) else 0)
+            row["tfla_llvm_opt"] = "DISABLE_LLVM_OPT" not in env
         if name == "sdpa-mem-eff" and "sdpa-flash" in row:
             continue
         try:
-            row[name] = time_backend(fn, inputs, dh)
+            with environ(env):
+                row[name] = time_backend(fn, inputs, dh)
             row[name]["peak_bytes_per_token"] = row[name]["peak_mib"] * 2**20 / (B * S)
         except (RuntimeError, AssertionError) as exc:   # flash above DH 256, TFLA's shape limits, OOM
             print(f"{name} S={S} DH={DH}: {str(exc).splitlines()[0][:160]}", flush=True)
