@@ -68,3 +68,31 @@ def test_ddp_scaling_rows_on_two_cpu_processes(image_folder, tmp_path):
     assert two["loss_pairs"] == 2                   # 2-process steps 5, 10 = 1-process steps 10, 20
     assert one["comm_ms"] == 0 and two["comm_ms"] > 0 and 0 < two["comm_share"] < 1
     assert "| 8 | 2 | 16 |" in res.stdout
+
+
+def test_tfla_row_falls_back_to_llvm_passes_off(monkeypatch):
+    """Where TFLA's probe aborts with LLVM's passes on and runs with them off, `--long` times TFLA's row (and no
+    other) with DISABLE_LLVM_OPT=1 set and marks the row; where both probes abort, TFLA is left out."""
+    import os
+
+    import mlstm_kernel as mk
+    monkeypatch.delenv("DISABLE_LLVM_OPT", raising=False)
+    monkeypatch.setattr(mk, "tfla_compiles", lambda dh, env=None: bool(env))
+    monkeypatch.setattr(mk, "sdpa_fn", lambda: [])
+    monkeypatch.setattr(mk, "long_inputs", lambda *a: ((), None))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test")
+    seen = {}
+
+    def fake_time(fn, inputs, dh):
+        seen[fn] = os.environ.get("DISABLE_LLVM_OPT")
+        return {"gpu_fwd_ms": 1.0, "gpu_fwd_bwd_ms": 2.0, "peak_mib": 1.0}
+    monkeypatch.setattr(mk, "time_backend", fake_time)
+
+    def tfla(*args):
+        return None
+    row = mk.long_row(1, 4, 256, 96, mk.long_backends(96, tfla))
+    assert row["tfla_llvm_opt"] is False and seen.pop(tfla) == "1"
+    assert len(seen) == 2 and set(seen.values()) == {None}                  # the parallel and chunkwise rows
+    assert "DISABLE_LLVM_OPT" not in os.environ
+    monkeypatch.setattr(mk, "tfla_compiles", lambda dh, env=None: False)
+    assert [n for n, _, _ in mk.long_backends(96, tfla)] == ["triton", "chunkwise"]
