@@ -13,6 +13,7 @@ import importlib
 import pytest
 import torch
 
+from cell_checks import NAMES, assert_same_each_call, rel, run_cell
 from mal.ops import backends, resolve
 from mal.ops.mlstm import mlstm, mlstm_chunkwise
 from mal.ops.mlstm.chunkwise_reference import mlstm_chunkwise_reference, mlstm_recurrent_state
@@ -27,7 +28,6 @@ FP32_REL_SLACK, FP32_REL_FLOOR = 2.0, 2e-5
 # chunkwise 1.4e-4 / 3.5e-4 at DH 384, S 577), so the kernel's bound leaves that much room
 FP32_ILL_SLACK = 3.0
 BF16_REL_SLACK, BF16_REL_FLOOR = 1.5, 1e-2
-NAMES = ("h", "dq", "dk", "dv", "di", "df")
 
 
 def _inputs(B=2, NH=2, S=23, DH=8, dtype=torch.float64, gate_scale=30.0, seed=0):
@@ -36,10 +36,6 @@ def _inputs(B=2, NH=2, S=23, DH=8, dtype=torch.float64, gate_scale=30.0, seed=0)
     q, k, v = (torch.randn(B, NH, S, DH, generator=g, dtype=dtype) for _ in range(3))
     i, f = ((torch.rand(B, NH, S, generator=g, dtype=dtype) * 2 - 1) * gate_scale for _ in range(2))
     return q, k, v, i, f
-
-
-def _rel(x, ref):
-    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
 
 
 def _split(args, cut):
@@ -57,8 +53,8 @@ def test_reference_equals_recurrent_and_parallel_float64(chunk, S, gate_scale):
     args = _inputs(S=S, gate_scale=gate_scale, seed=S + chunk)
     rec, par = mlstm_recurrent(*args), mlstm_parallel(*args)
     out = mlstm_chunkwise_reference(*args, chunk_size=chunk)
-    assert _rel(out, rec) <= F64_REL
-    assert _rel(out, par) <= _rel(par, rec) + F64_REL
+    assert rel(out, rec) <= F64_REL
+    assert rel(out, par) <= rel(par, rec) + F64_REL
 
 
 @pytest.mark.parametrize("gate_scale", [1.0, 30.0])
@@ -70,7 +66,7 @@ def test_reference_gradients_equal_parallel_autograd(S, chunk, gate_scale):
     g_par = torch.autograd.grad(mlstm_parallel(*args), args, dh)
     g_chk = torch.autograd.grad(mlstm_chunkwise_reference(*args, chunk_size=chunk), args, dh)
     for name, a, b in zip(NAMES[1:], g_chk, g_par):
-        assert _rel(a, b) <= F64_GRAD_REL, (name, _rel(a, b))
+        assert rel(a, b) <= F64_GRAD_REL, (name, rel(a, b))
 
 
 @pytest.mark.parametrize("gate_scale", [1.0, 30.0])
@@ -83,10 +79,10 @@ def test_reference_state_continues_a_sequence(S, cut, gate_scale):
     first, second = _split(args, cut)
     h1, s1 = mlstm_chunkwise_reference(*first, chunk_size=32, return_state=True)
     h2, s2 = mlstm_chunkwise_reference(*second, chunk_size=16, initial_state=s1, return_state=True)
-    assert _rel(torch.cat([h1, h2], dim=-2), whole) <= F64_REL
-    assert _rel(h2, mlstm_recurrent_state(*second, initial_state=s1)[0]) <= F64_REL
+    assert rel(torch.cat([h1, h2], dim=-2), whole) <= F64_REL
+    assert rel(h2, mlstm_recurrent_state(*second, initial_state=s1)[0]) <= F64_REL
     for a, b, c in zip(s2, state, rec_state):
-        assert _rel(a, b) <= F64_REL and _rel(b, c) <= F64_REL
+        assert rel(a, b) <= F64_REL and rel(b, c) <= F64_REL
 
 
 def test_reference_state_gradients_match_the_recurrent_oracle():
@@ -102,7 +98,7 @@ def test_reference_state_gradients_match_the_recurrent_oracle():
         loss = (h * torch.linspace(-1, 1, h.shape[-1], dtype=h.dtype)).sum() + C.sum() + (n * n).sum() + m.sum()
         grads.append(torch.autograd.grad(loss, leaves))
     for a, b in zip(*grads):
-        assert _rel(a, b) <= F64_GRAD_REL
+        assert rel(a, b) <= F64_GRAD_REL
 
 
 # ------------------------------------------------------------------------------------------- dispatch
@@ -113,7 +109,7 @@ def test_dispatch_on_cpu():
         resolve("mlstm", *args, backend="chunkwise")
     assert resolve("mlstm", *args).name == "torch"
     h, state = mlstm_chunkwise(*args, chunk_size=16, return_state=True)    # the PyTorch form on the CPU
-    assert _rel(h, mlstm_parallel(*(a.double() for a in args))) < 1e-4 and state[0].shape == (2, 2, 8, 8)
+    assert rel(h, mlstm_parallel(*(a.double() for a in args))) < 1e-4 and state[0].shape == (2, 2, 8, 8)
 
 
 def test_auto_length_rule_applies_on_cuda_only(monkeypatch):
@@ -171,12 +167,6 @@ def _gpu_inputs(S, DH, dtype, gate_scale, seed, B=2, NH=2):
     return (q, k, v, i, f), torch.randn(B, NH, S, DH, generator=g).to("cuda", dtype)
 
 
-def _run(fn, inputs, dh, upcast=False):
-    leaves = [(t.double() if upcast else t).detach().requires_grad_() for t in inputs]
-    out = fn(*leaves)
-    return (out, *torch.autograd.grad(out, leaves, dh.to(out.dtype)))
-
-
 @pytest.mark.needs_gpu
 @pytest.mark.parametrize("gate_scale", [1.0, 10.0])
 @pytest.mark.parametrize("S", [1, 17, 197, 577, 1100])
@@ -186,11 +176,11 @@ def test_gpu_matches_torch(dtype, DH, S, gate_scale):
     """In float32 the yardstick is the larger error of torch's two float32 forms (parallel and chunkwise): at
     gates of scale 10 the chunkwise algorithm itself loses accuracy in ill-conditioned rows (docs/fast_path.md)."""
     inputs, dh = _gpu_inputs(S, DH, dtype, gate_scale, seed=1000 * DH + S)
-    ref = _run(mlstm_parallel, inputs, dh, upcast=True)
-    tor = _run(mlstm_parallel, inputs, dh)
-    chk = _run(lambda *a: mlstm(*a, backend="chunkwise"), inputs, dh)
+    ref = run_cell(mlstm_parallel, inputs, dh, upcast=True)
+    tor = run_cell(mlstm_parallel, inputs, dh)
+    chk = run_cell(lambda *a: mlstm(*a, backend="chunkwise"), inputs, dh)
     from mal.ops.mlstm.chunkwise import chunk_size_for                 # the kernel's chunk length for S
-    alt = _run(lambda *a: mlstm_chunkwise_reference(*a, chunk_size=chunk_size_for(S)), inputs, dh) \
+    alt = run_cell(lambda *a: mlstm_chunkwise_reference(*a, chunk_size=chunk_size_for(S)), inputs, dh) \
         if dtype == torch.float32 else tor
     for name, a, b, c, r in zip(NAMES, chk, tor, alt, ref):
         assert torch.isfinite(a).all() and a.dtype == b.dtype, name
@@ -199,8 +189,8 @@ def test_gpu_matches_torch(dtype, DH, S, gate_scale):
             continue
         slack, floor = (FP32_REL_SLACK, FP32_REL_FLOOR) if dtype == torch.float32 else (BF16_REL_SLACK, BF16_REL_FLOOR)
         slack = FP32_ILL_SLACK if dtype == torch.float32 and gate_scale >= 10 else slack
-        yardstick = max(_rel(b, r), _rel(c, r))
-        assert _rel(a, r) <= slack * yardstick + floor, (name, _rel(a, r), _rel(b, r), _rel(c, r))
+        yardstick = max(rel(b, r), rel(c, r))
+        assert rel(a, r) <= slack * yardstick + floor, (name, rel(a, r), rel(b, r), rel(c, r))
 
 
 @pytest.mark.needs_gpu
@@ -209,15 +199,15 @@ def test_gpu_long_sequence_against_float64(dtype):
     """S = 4096 (DH 192, one image, 2 heads): as test_gpu_matches_torch; the float64 chunkwise PyTorch form
     agrees with the float64 parallel one."""
     inputs, dh = _gpu_inputs(4096, 192, dtype, 1.0, seed=5, B=1, NH=2)
-    ref = _run(mlstm_parallel, inputs, dh, upcast=True)
-    tor = _run(mlstm_parallel, inputs, dh)
-    chk = _run(lambda *a: mlstm(*a, backend="chunkwise"), inputs, dh)
+    ref = run_cell(mlstm_parallel, inputs, dh, upcast=True)
+    tor = run_cell(mlstm_parallel, inputs, dh)
+    chk = run_cell(lambda *a: mlstm(*a, backend="chunkwise"), inputs, dh)
     slack, floor = (FP32_REL_SLACK, FP32_REL_FLOOR) if dtype == torch.float32 else (BF16_REL_SLACK, BF16_REL_FLOOR)
     for name, a, b, r in zip(NAMES, chk, tor, ref):
-        assert _rel(a, r) <= slack * _rel(b, r) + floor, (name, _rel(a, r), _rel(b, r))
-    ref64 = _run(lambda *a: mlstm_chunkwise_reference(*a, chunk_size=256), inputs, dh, upcast=True)
+        assert rel(a, r) <= slack * rel(b, r) + floor, (name, rel(a, r), rel(b, r))
+    ref64 = run_cell(lambda *a: mlstm_chunkwise_reference(*a, chunk_size=256), inputs, dh, upcast=True)
     for name, a, r in zip(NAMES, ref64, ref):
-        assert _rel(a, r) <= 1e-9, (name, _rel(a, r))
+        assert rel(a, r) <= 1e-9, (name, rel(a, r))
 
 
 @pytest.mark.needs_gpu
@@ -230,11 +220,7 @@ def test_gpu_deterministic(DH, B):
     q, k, v, dh = (torch.randn(B, 4, 4096, DH, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(4))
     i, f = (torch.randn(B, 4, 4096, device="cuda", generator=g) for _ in range(2))
     inputs = (q, k, v, i, f + 3.0)
-    first = _run(lambda *a: mlstm(*a, backend="chunkwise"), inputs, dh)
-    for _ in range(4):
-        again = _run(lambda *a: mlstm(*a, backend="chunkwise"), inputs, dh)
-        for name, a, b in zip(NAMES, again, first):
-            assert torch.equal(a, b) if name not in ("di", "df") else _rel(a, b) < 1e-6, name
+    assert_same_each_call(lambda *a: mlstm(*a, backend="chunkwise"), inputs, dh, calls=4)
 
 
 @pytest.mark.needs_gpu
@@ -244,12 +230,12 @@ def test_gpu_compiled_gate_gradients_equal_eager(monkeypatch, gate_scale):
     one, so di and df agree to float64 rounding (every other gradient is untouched)."""
     from mal.ops.mlstm import chunkwise
     inputs, dh = _gpu_inputs(577, 96, torch.bfloat16, gate_scale, seed=7)
-    compiled = _run(lambda *a: mlstm(*a, backend="chunkwise"), inputs, dh)
+    compiled = run_cell(lambda *a: mlstm(*a, backend="chunkwise"), inputs, dh)
     monkeypatch.setattr(chunkwise, "gate_grads", chunkwise._gate_grads)
-    eager = _run(lambda *a: mlstm(*a, backend="chunkwise"), inputs, dh)
+    eager = run_cell(lambda *a: mlstm(*a, backend="chunkwise"), inputs, dh)
     assert chunkwise.compiled_gate_grads.cache_info().currsize == 1         # the compiled one ran first
     for name, a, b in zip(NAMES, compiled, eager):
-        assert torch.equal(a, b) if name not in ("di", "df") else _rel(a, b) < 1e-6, name
+        assert torch.equal(a, b) if name not in ("di", "df") else rel(a, b) < 1e-6, name
 
 
 @pytest.mark.needs_gpu
@@ -259,8 +245,8 @@ def test_gpu_state_continues_a_sequence_and_dispatch(monkeypatch):
     first, second = _split(inputs, 300)
     h1, s1 = mlstm_chunkwise(*first, return_state=True)
     h2, s2 = mlstm_chunkwise(*second, initial_state=s1, return_state=True)
-    assert _rel(torch.cat([h1, h2], dim=-2), whole) < 2e-2                  # bf16 roundings at other places
-    assert all(_rel(a, b) < 2e-2 for a, b in zip(s2, state))
+    assert rel(torch.cat([h1, h2], dim=-2), whole) < 2e-2                  # bf16 roundings at other places
+    assert all(rel(a, b) < 2e-2 for a, b in zip(s2, state))
     assert resolve("mlstm", *inputs, backend="chunkwise").name == "chunkwise"
     assert mlstm_pkg.pick(*inputs).name == "triton"                         # 700 tokens: below the rule
     monkeypatch.setattr(mlstm_pkg, "CHUNKWISE_MIN_SEQ", 512)

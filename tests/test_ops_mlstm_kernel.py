@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cell_checks import NAMES, assert_same_each_call, rel, run_cell
 from mal.ops import mlstm, resolve
 from mal.ops.mlstm.reference import mlstm_parallel
 
@@ -24,7 +25,6 @@ BATCH, HEADS = 2, 2
 FP32_REL_SLACK, FP32_REL_FLOOR = 2.0, 2e-5
 BF16_REL_SLACK, BF16_REL_FLOOR = 1.5, 1e-2
 BF16_REL_VS_TORCH = 5e-2
-NAMES = ("h", "dq", "dk", "dv", "di", "df")
 
 
 def _inputs(S, DH, dtype, gate_scale, device, seed):
@@ -35,19 +35,6 @@ def _inputs(S, DH, dtype, gate_scale, device, seed):
     f = (gate_scale * torch.randn(BATCH, HEADS, S, generator=g) + (3.0 if gate_scale < 10 else 0.0)).to(device)
     dh = torch.randn(BATCH, HEADS, S, DH, generator=g).to(device, dtype)
     return (q, k, v, i, f), dh
-
-
-def _run(fn, inputs, dh, upcast=False):
-    """Output and gradients w.r.t. q, k, v, i, f of fn at the inputs (all in float64 if upcast)."""
-    leaves = [(t.double() if upcast else t).detach().requires_grad_() for t in inputs]
-    out = fn(*leaves)
-    grads = torch.autograd.grad(out, leaves, dh.to(out.dtype))
-    return (out, *grads)
-
-
-def _rel(x, ref):
-    ref = ref.double()
-    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 def _triton_fn(q, k, v, i, f):
@@ -61,20 +48,20 @@ def _triton_fn(q, k, v, i, f):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_torch(dtype, DH, S, gate_scale):
     inputs, dh = _inputs(S, DH, dtype, gate_scale, "cuda", seed=1000 * DH + S)
-    ref = _run(mlstm_parallel, inputs, dh, upcast=True)
-    tor = _run(mlstm_parallel, inputs, dh)
-    tri = _run(_triton_fn, inputs, dh)
+    ref = run_cell(mlstm_parallel, inputs, dh, upcast=True)
+    tor = run_cell(mlstm_parallel, inputs, dh)
+    tri = run_cell(_triton_fn, inputs, dh)
     for name, a, b, r in zip(NAMES, tri, tor, ref):
         assert torch.isfinite(a).all(), name
         if r.norm() == 0:           # df at S=1 is exactly zero
             assert a.abs().max() == 0, name
             continue
-        err_tri, err_tor = _rel(a, r), _rel(b, r)
+        err_tri, err_tor = rel(a, r), rel(b, r)
         if dtype == torch.float32:
             assert err_tri <= FP32_REL_SLACK * err_tor + FP32_REL_FLOOR, (name, err_tri, err_tor)
         else:
             assert err_tri <= BF16_REL_SLACK * err_tor + BF16_REL_FLOOR, (name, err_tri, err_tor)
-            assert _rel(a, b.double()) <= BF16_REL_VS_TORCH or _rel(a, r) <= _rel(b, r), (name, _rel(a, b))
+            assert rel(a, b.double()) <= BF16_REL_VS_TORCH or rel(a, r) <= rel(b, r), (name, rel(a, b))
 
 
 @pytest.mark.needs_gpu
@@ -86,11 +73,7 @@ def test_deterministic(DH, S):
     g = torch.Generator().manual_seed(DH + S)
     q, k, v, dh = (torch.randn(64, 4, S, DH, generator=g).to("cuda", torch.bfloat16) for _ in range(4))
     i, f = (torch.randn(64, 4, S, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
-    first = _run(_triton_fn, (q, k, v, i, f + 3.0), dh)
-    for _ in range(2):
-        again = _run(_triton_fn, (q, k, v, i, f + 3.0), dh)
-        for name, a, b in zip(NAMES, again, first):
-            assert torch.equal(a, b) if name not in ("di", "df") else _rel(a, b) < 1e-6, name
+    assert_same_each_call(_triton_fn, (q, k, v, i, f + 3.0), dh, calls=2)
 
 
 @pytest.mark.needs_gpu
@@ -102,11 +85,11 @@ def test_noncontiguous_and_autograd_through_model_like_views():
     q, k, v = (t.transpose(1, 2) for t in base)                             # (B, NH, S, DH) views
     i, f = torch.randn(2, B, NH, S, device="cuda", dtype=torch.bfloat16)
     dh = torch.randn(B, NH, S, DH, device="cuda", dtype=torch.bfloat16)
-    a = _run(_triton_fn, (q, k, v, i, f), dh)
-    b = _run(mlstm_parallel, tuple(t.contiguous() for t in (q, k, v, i, f)), dh)
+    a = run_cell(_triton_fn, (q, k, v, i, f), dh)
+    b = run_cell(mlstm_parallel, tuple(t.contiguous() for t in (q, k, v, i, f)), dh)
     for name, x, y in zip(NAMES, a, b):
         assert x.dtype == y.dtype, name
-        assert _rel(x, y) < BF16_REL_VS_TORCH, (name, _rel(x, y))
+        assert rel(x, y) < BF16_REL_VS_TORCH, (name, rel(x, y))
 
 
 @pytest.mark.needs_gpu
