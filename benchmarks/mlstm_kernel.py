@@ -14,20 +14,20 @@ Prints JSON, then a markdown table.
 fastest per head dim; `--profile` prints the per-kernel GPU times of the Triton forward+backward; the
 ablations time the kernels with one of their module settings off (EXACT_DELTA, SPLIT_HEAD_DIM, _DQ_MAXNREG).
 
-`--long`: long sequences, in one run: ours parallel ("triton"), ours chunkwise ("chunkwise"), causal SDPA and,
-when the `mlstm_kernels` package is importable, NX-AI's TFLA kernel `chunkwise--triton_xl_chunk` ("tfla",
-its chunk 128; a length it does not take is zero-padded at the end to a multiple of 128 (causal: the first S
-outputs are unchanged) and timed padded, `tfla_S`; it is first tried at each head dim in a child process; where
-that run aborts it is tried again with Triton's LLVM optimization passes off (`DISABLE_LLVM_OPT=1`: an LLVM pass
-aborts on its kernels under some Triton builds; ptxas still optimizes), and if that runs, its row is timed with the
-passes off while its kernels compile, `tfla_llvm_opt: false`; otherwise it is left out with the reason printed). Every length has B = tokens // S sequences (B * S
-constant; --batch fixes B instead), 4 heads, bf16 q, k, v and gates. Per backend: forward and forward+backward
-(eager and GPU kernel time), the peak extra memory of one forward+backward, and per token (memory linear in S
-is a constant column). Ratios: TFLA / chunkwise and parallel / chunkwise GPU forward+backward (> 1: chunkwise is
-faster). With --sweep, the chunkwise kernels' tile configurations are swept first (GPU kernel time, per head dim
-at the longest S); with --chunk-ablation, the chunk length (64, 128, 256) and SAVE_STATES are timed too; with
---profile, the chunkwise kernels' GPU times per row are printed. The
-shortest S where chunkwise beats parallel is where `mal.ops.mlstm.CHUNKWISE_MIN_SEQ` belongs.
+`--long`: long sequences, in one run: ours parallel ("triton"), ours chunkwise ("chunkwise"), causal SDPA and, when
+the `mlstm_kernels` package is importable, NX-AI's TFLA kernel `chunkwise--triton_xl_chunk` ("tfla", its chunk 128;
+a length it does not take is zero-padded at the end to a multiple of 128 (causal: the first S outputs are
+unchanged) and timed padded, `tfla_S`; it is first tried at each head dim in a child process; where that run aborts
+it is tried again with Triton's LLVM optimization passes off (`DISABLE_LLVM_OPT=1`: an LLVM pass aborts on its
+kernels under some Triton builds; ptxas still optimizes), and if that runs, its row is timed with the passes off
+while its kernels compile, `tfla_llvm_opt: false`; otherwise it is left out with the reason printed). Every length
+has B = tokens // S sequences (B * S constant; --batch fixes B instead), 4 heads, bf16 q, k, v and gates. Per
+backend: forward and forward+backward (eager and GPU kernel time), the peak extra memory of one forward+backward,
+and per token (memory linear in S is a constant column). Ratios: TFLA / chunkwise and parallel / chunkwise GPU
+forward+backward (> 1: chunkwise is faster). With --sweep, the chunkwise kernels' tile configurations are swept
+first (GPU kernel time, per head dim at the longest S); with --chunk-ablation, the chunk length (64, 128, 256) and
+SAVE_STATES are timed too; with --profile, the chunkwise kernels' GPU times per row are printed. The shortest S
+where chunkwise beats parallel is where `mal.ops.mlstm.CHUNKWISE_MIN_SEQ` belongs.
 """
 from __future__ import annotations
 
