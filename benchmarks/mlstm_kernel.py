@@ -32,10 +32,10 @@ where chunkwise beats parallel is where `mal.ops.mlstm.CHUNKWISE_MIN_SEQ` belong
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -245,21 +245,6 @@ def tfla_compiles(dh: int, env: dict | None = None) -> bool:
     return res.returncode == 0
 
 
-@contextlib.contextmanager
-def environ(env: dict):
-    """`env` added to os.environ inside the block (Triton reads its compile options there at each compile)."""
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
-
-
 def long_backends(dh: int, tfla):
     """(name, fn, env) of every backend of the --long rows at head dim `dh` (`tfla`: `tfla_fn()`'s, or None); env is
     added to the environment while the backend is timed (TFLA's fallback without LLVM's passes)."""
@@ -284,7 +269,7 @@ def long_row(B, NH, S, DH, fns) -> dict:
         if name == "sdpa-mem-eff" and "sdpa-flash" in row:
             continue
         try:
-            with environ(env):
+            with mock.patch.dict(os.environ, env):           # Triton reads DISABLE_LLVM_OPT at each compile
                 row[name] = time_backend(fn, inputs, dh)
             row[name]["peak_bytes_per_token"] = row[name]["peak_mib"] * 2**20 / (B * S)
         except (RuntimeError, AssertionError) as exc:   # flash above DH 256, TFLA's shape limits, OOM
