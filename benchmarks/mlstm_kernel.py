@@ -17,10 +17,11 @@ ablations time the kernels with one of their module settings off (EXACT_DELTA, S
 `--long`: long sequences, in one run: ours parallel ("triton"), ours chunkwise ("chunkwise"), causal SDPA and, when
 the `mlstm_kernels` package is importable, NX-AI's TFLA kernel `chunkwise--triton_xl_chunk` ("tfla", its chunk 128;
 a length it does not take is zero-padded at the end to a multiple of 128 (causal: the first S outputs are
-unchanged) and timed padded, `tfla_S`; it is first tried at each head dim in a child process; where that run aborts
-it is tried again with Triton's LLVM optimization passes off (`DISABLE_LLVM_OPT=1`: an LLVM pass aborts on its
-kernels under some Triton builds; ptxas still optimizes), and if that runs, its row is timed with the passes off
-while its kernels compile, `tfla_llvm_opt: false`; otherwise it is left out with the reason printed). Every length
+unchanged) and timed padded, `tfla_S`; it is first tried in a child process at each head dim's row with the most
+(padded) tokens; where that run aborts it is tried again with Triton's LLVM optimization passes off
+(`DISABLE_LLVM_OPT=1`: an LLVM pass aborts on its kernels under some Triton builds; ptxas still optimizes), and if
+that runs, its rows are timed with the passes off while its kernels compile, `tfla_llvm_opt: false`; otherwise it is
+left out at that head dim with the reason printed). Every length
 has B = tokens // S sequences (B * S constant; --batch fixes B instead), 4 heads, bf16 q, k, v and gates. Per
 backend: forward and forward+backward (eager and GPU kernel time), the peak extra memory of one forward+backward,
 and per token (memory linear in S is a constant column). Ratios: TFLA / chunkwise and parallel / chunkwise GPU
@@ -208,7 +209,7 @@ def tfla_fn():
 
     def call(q, k, v, i, f):
         S = q.shape[2]
-        pad = (-S) % TFLA_CHUNK if S >= TFLA_CHUNK or S & (S - 1) else 0   # it takes 16..64 (powers) or k * 128
+        pad = tfla_len(S) - S
         if pad:
             q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
             i, f = (F.pad(t, (0, pad)) for t in (i, f))
@@ -220,8 +221,8 @@ def tfla_fn():
 TFLA_PROBE = """
 import torch
 from mlstm_kernels.torch import get_mlstm_kernel
-q, k, v = (torch.randn(1, 2, 256, {DH}, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-i, f = (torch.randn(1, 2, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+q, k, v = (torch.randn({B}, {NH}, {S}, {DH}, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+i, f = (torch.randn({B}, {NH}, {S}, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
 get_mlstm_kernel("chunkwise--triton_xl_chunk")(q, k, v, i, f, chunk_size=128).sum().backward()
 torch.cuda.synchronize()
 """
@@ -230,29 +231,36 @@ torch.cuda.synchronize()
 NO_LLVM_OPT = {"DISABLE_LLVM_OPT": "1"}
 
 
-def tfla_compiles(dh: int, env: dict | None = None) -> bool:
-    """Whether TFLA's forward + backward compiles and runs at head dim `dh` (with `env` added to the environment),
-    tried in a child process: a Triton compile that aborts (an LLVM assertion on some toolchains) would end this
-    one and lose every row."""
+def tfla_len(S: int) -> int:
+    """The length TFLA is run at: S, or S zero-padded to a multiple of its chunk (it takes 16..64 (powers) or k * 128)."""
+    return S + ((-S) % TFLA_CHUNK if S >= TFLA_CHUNK or S & (S - 1) else 0)
+
+
+def tfla_compiles(shape: tuple, env: dict | None = None) -> bool:
+    """Whether TFLA's forward + backward compiles and runs at shape (B, NH, S, DH) (with `env` added to the
+    environment), tried in a child process: a Triton compile that aborts (an LLVM assertion on some toolchains) or an
+    illegal memory access (TFLA at B 128, S 4096, DH 384 on an H200) would end this one and lose every row."""
     import subprocess
     import sys
-    res = subprocess.run([sys.executable, "-c", TFLA_PROBE.format(DH=dh)], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})})
+    B, NH, S, DH = shape
+    res = subprocess.run([sys.executable, "-c", TFLA_PROBE.format(B=B, NH=NH, S=tfla_len(S), DH=DH)],
+                         capture_output=True, text=True, env={**os.environ, **(env or {})})
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or ["?"])[-1][:200]
-        print(f"TFLA's probe at DH {dh} with {env or 'the default environment'} ended with code {res.returncode} "
-              f"({last})", flush=True)
+        print(f"TFLA's probe at (B, NH, S, DH) = {shape} with {env or 'the default environment'} ended with code "
+              f"{res.returncode} ({last})", flush=True)
     return res.returncode == 0
 
 
-def long_backends(dh: int, tfla):
-    """(name, fn, env) of every backend of the --long rows at head dim `dh` (`tfla`: `tfla_fn()`'s, or None); env is
-    added to the environment while the backend is timed (TFLA's fallback without LLVM's passes)."""
+def long_backends(shape: tuple, tfla):
+    """(name, fn, env) of every backend of the --long rows at shape (B, NH, S, DH), TFLA's probe run at that shape
+    (`tfla`: `tfla_fn()`'s, or None); env is added to the environment while the backend is timed (TFLA's fallback
+    without LLVM's passes)."""
     from mal.ops.mlstm.chunkwise import mlstm_chunkwise_triton
     from mal.ops.mlstm.kernel import mlstm_triton
     rows = [("triton", mlstm_triton, {}), ("chunkwise", mlstm_chunkwise_triton, {})]
     if tfla is not None:
-        env = {} if tfla_compiles(dh) else NO_LLVM_OPT if tfla_compiles(dh, NO_LLVM_OPT) else None
+        env = {} if tfla_compiles(shape) else NO_LLVM_OPT if tfla_compiles(shape, NO_LLVM_OPT) else None
         if env is not None:
             rows.append(("tfla", tfla, env))
     return rows + [(n, f, {}) for f, n in sdpa_fn()]
@@ -264,7 +272,7 @@ def long_row(B, NH, S, DH, fns) -> dict:
     row = {"device": torch.cuda.get_device_name(), "B": B, "NH": NH, "S": S, "DH": DH, "dtype": "bf16"}
     for name, fn, env in fns:
         if name == "tfla":
-            row["tfla_S"] = S + ((-S) % TFLA_CHUNK if S >= TFLA_CHUNK or S & (S - 1) else 0)
+            row["tfla_S"] = tfla_len(S)
             row["tfla_llvm_opt"] = "DISABLE_LLVM_OPT" not in env
         if name == "sdpa-mem-eff" and "sdpa-flash" in row:
             continue
@@ -396,7 +404,8 @@ def long_main(args) -> None:
     """--long: every backend at every (S, DH), in one run; JSON lines, then the markdown table."""
     rows, tfla = [], tfla_fn()
     for DH in args.dh:
-        fns = long_backends(DH, tfla)
+        shapes = [(args.batch or max(1, args.tokens // S), args.heads, S, DH) for S in args.seqs]
+        fns = long_backends(max(shapes, key=lambda b: (b[0] * tfla_len(b[2]), b[2])), tfla)   # the most tokens
         if args.sweep:
             S = max(args.seqs)
             print(json.dumps({"DH": DH, "chunkwise_best": sweep_chunkwise(

@@ -77,7 +77,8 @@ def test_tfla_row_falls_back_to_llvm_passes_off(monkeypatch):
 
     import mlstm_kernel as mk
     monkeypatch.delenv("DISABLE_LLVM_OPT", raising=False)
-    monkeypatch.setattr(mk, "tfla_compiles", lambda dh, env=None: bool(env))
+    probed = []
+    monkeypatch.setattr(mk, "tfla_compiles", lambda shape, env=None: probed.append(shape) or bool(env))
     monkeypatch.setattr(mk, "sdpa_fn", lambda: [])
     monkeypatch.setattr(mk, "long_inputs", lambda *a: ((), None))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test")
@@ -90,9 +91,10 @@ def test_tfla_row_falls_back_to_llvm_passes_off(monkeypatch):
 
     def tfla(*args):
         return None
-    row = mk.long_row(1, 4, 256, 96, mk.long_backends(96, tfla))
+    row = mk.long_row(1, 4, 256, 96, mk.long_backends((1, 4, 256, 96), tfla))
+    assert probed == [(1, 4, 256, 96)] * 2                                  # with the passes on, then off
     assert row["tfla_llvm_opt"] is False and seen.pop(tfla) == "1"
     assert len(seen) == 2 and set(seen.values()) == {None}                  # the parallel and chunkwise rows
     assert "DISABLE_LLVM_OPT" not in os.environ
-    monkeypatch.setattr(mk, "tfla_compiles", lambda dh, env=None: False)
-    assert [n for n, _, _ in mk.long_backends(96, tfla)] == ["triton", "chunkwise"]
+    monkeypatch.setattr(mk, "tfla_compiles", lambda shape, env=None: False)
+    assert [n for n, _, _ in mk.long_backends((1, 4, 256, 96), tfla)] == ["triton", "chunkwise"]
