@@ -24,7 +24,7 @@ register("mlstm", "chunkwise", "mal.ops.mlstm.chunkwise:mlstm_chunkwise_triton",
 # backend="auto" runs the chunkwise kernel for rows of at least this many tokens (where it applies), the
 # parallel one below; None: the parallel kernel at every length. Measured through ViL-T/S/B forward + backward
 # (`benchmarks/vil_long.py --graph`, H200): at 4,096 tokens chunkwise is 1.04-2.2x faster eager and 1.75-2.2x
-# replayed from a CUDA graph; at 1,024 the two are within 4 % (docs/fast_path.md).
+# replayed from a CUDA graph; at 1,024 it is 0.73-0.94x eager (host-bound) and 1.11-1.21x graphed (docs/fast_path.md).
 CHUNKWISE_MIN_SEQ: int | None = 4096
 
 
