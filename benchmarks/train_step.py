@@ -12,6 +12,9 @@ step `mal pretrain` / `mal finetune` run, on one GPU:
   step_whole   graph_optimizer=true: forward, backward, clip and AdamW in one graph per step (EMA eager);
                step_whole_loop: the same back to back, as step_loop
   step_plain   fast_path=false (plain PyTorch ViL blocks, torch mLSTM), eager
+  step_ops     step_eager, with its --profile-top kernels by GPU time, each named with the PyTorch op that launched
+               it and the autograd node (backward) or outermost op (forward) above that: who owns the kernels that
+               step_graph's profile names only by kernel (a graphed step's kernels are the eager step's)
   fit          the real training loop (`Trainer.fit`: loader with --fit-workers workers, logging, EMA, checkpoints
                at the config's intervals; no evaluations or probes) for --fit-steps steps: the median img/s of its
                10-step windows after the first 20 %, and their 10th / 90th percentiles. fit_whole: with
@@ -33,6 +36,7 @@ Prints JSON lines, then a markdown table.
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import statistics
@@ -161,6 +165,39 @@ def host_ops(step, steps: int = 5, top: int = 15) -> list[dict]:
              "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3)} for e in ev]
 
 
+def owner(ev) -> str:
+    """The autograd node an op ran under (the nearest 'autograd::engine::evaluate_function: X' above it: 'X'), or,
+    outside the backward, 'forward: ' and the outermost op above it (a module's or a record_function's name)."""
+    outer = ev
+    while ev.cpu_parent is not None:
+        ev = ev.cpu_parent
+        if ev.name.startswith("autograd::engine::evaluate_function: "):
+            return ev.name.split(": ", 1)[1]
+        outer = ev
+    return "forward: " + outer.name
+
+
+def kernels_by_op(step, top: int, steps: int = 3) -> list[dict]:
+    """The `top` (kernel, op, owner) triples of an eager step by GPU ms per step: each kernel with the op whose
+    launch the profiler correlates it with (kernels that no op launched, such as Triton's from Python, are under
+    the innermost record_function or op around the launch, if any) and that op's `owner`."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    ms, calls = collections.Counter(), collections.Counter()
+    for ev in prof.events():
+        for k in ev.kernels:
+            key = (k.name[:100], ev.name, owner(ev))
+            ms[key] += k.duration / 1e3 / steps
+            calls[key] += 1 / steps
+    return [{"kernel": k, "op": op, "owner": own, "calls_per_step": round(calls[k, op, own], 1), "ms": round(t, 3)}
+            for (k, op, own), t in ms.most_common(top)]
+
+
 def bench_loader(cfg, workers: int, batches: int) -> float:
     """img/s of the run's training DataLoader (after its first batch)."""
     from torch.utils.data import DataLoader
@@ -179,6 +216,7 @@ def bench_loader(cfg, workers: int, batches: int) -> float:
 
 # each row's overrides on top of the config
 ROW_OVERRIDES = {"step_plain": ["fast_path=false", "cuda_graph=false"], "step_eager": ["cuda_graph=false"],
+                 "step_ops": ["cuda_graph=false"],
                  "step_whole": ["graph_optimizer=true"], "step_whole_loop": ["graph_optimizer=true"],
                  "fit_whole": ["graph_optimizer=true"]}
 
@@ -213,6 +251,8 @@ def measure_row(path: str, row: str, over: list[str], args) -> dict:
         prof = top_kernels(step)
         res["gpu_ms"] = prof[0]["total_gpu_ms"]
         res["profile"] = prof
+    if row == "step_ops":
+        res["kernel_ops"] = kernels_by_op(step, args.profile_top)
     return res
 
 
@@ -239,7 +279,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for the MFU")
-    p.add_argument("--profile-top", type=int, default=12, help="kernels listed in the step_graph row's profile")
+    p.add_argument("--profile-top", type=int, default=12,
+                   help="kernels listed in the step_graph row's profile and the step_ops row's")
     p.add_argument("--json", default="")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True

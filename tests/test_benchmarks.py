@@ -98,3 +98,39 @@ def test_tfla_row_falls_back_to_llvm_passes_off(monkeypatch):
     assert "DISABLE_LLVM_OPT" not in os.environ
     monkeypatch.setattr(mk, "tfla_compiles", lambda shape, env=None: False)
     assert [n for n, _, _ in mk.long_backends((1, 4, 256, 96), tfla)] == ["triton", "chunkwise"]
+
+
+def test_step_ops_names_each_kernel_with_its_op_and_autograd_node(monkeypatch):
+    """The step_ops row sums each kernel's GPU time per step under (kernel, launching op, owner): the owner is the
+    nearest autograd node above the op in the backward, else the outermost op of the forward."""
+    from types import SimpleNamespace as Ev
+
+    import train_step as ts
+    from torch.autograd.profiler_util import Kernel
+    node = Ev(name="autograd::engine::evaluate_function: SumBackward0", cpu_parent=None, kernels=[])
+    expand = Ev(name="aten::expand", cpu_parent=Ev(name="aten::copy_", cpu_parent=node, kernels=[]),
+                kernels=[Kernel("copy_kernel", 0, 3000.0)])
+    linear = Ev(name="aten::linear", cpu_parent=Ev(name="## block 3 ##", cpu_parent=None, kernels=[]), kernels=[])
+    mm = Ev(name="aten::mm", cpu_parent=linear, kernels=[Kernel("gemm", 0, 600.0), Kernel("gemm", 0, 600.0)])
+
+    class FakeProfile:
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            return [node, expand, linear, mm]
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    calls = []
+    rows = ts.kernels_by_op(lambda: calls.append(1), top=5, steps=3)
+    assert len(calls) == 4                                                  # one warm-up step, three profiled
+    assert rows == [
+        {"kernel": "copy_kernel", "op": "aten::expand", "owner": "SumBackward0", "calls_per_step": 0.3, "ms": 1.0},
+        {"kernel": "gemm", "op": "aten::mm", "owner": "forward: ## block 3 ##", "calls_per_step": 0.7, "ms": 0.4}]
+    assert ts.kernels_by_op(lambda: None, top=1, steps=3) == rows[:1]
