@@ -178,9 +178,10 @@ def owner(ev) -> str:
 
 
 def kernels_by_op(step, top: int, steps: int = 3) -> list[dict]:
-    """The `top` (kernel, op, owner) triples of an eager step by GPU ms per step: each kernel with the op whose
-    launch the profiler correlates it with (kernels that no op launched, such as Triton's from Python, are under
-    the innermost record_function or op around the launch, if any) and that op's `owner`."""
+    """The `top` (kernel, op, owner) triples of an eager step by GPU ms per step: each kernel with the op the
+    profiler correlates its launch with (the innermost op or record_function active at the launch: for a Triton
+    kernel launched from Python, the autograd Function around it) and that op's `owner`. A kernel launched with no
+    op active is not listed."""
     from torch.profiler import ProfilerActivity, profile
     step()
     torch.cuda.synchronize()
