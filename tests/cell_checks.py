@@ -20,11 +20,14 @@ def rel(x, ref) -> float:
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
+def assert_same_results(got, ref) -> None:
+    """Two runs' (h, dq, dk, dv, di, df): h, dq, dk, dv bitwise equal, di and df within 1e-6 (float64 sums)."""
+    for name, a, b in zip(NAMES, got, ref):
+        assert torch.equal(a, b) if name not in ("di", "df") else rel(a, b) < 1e-6, name
+
+
 def assert_same_each_call(fn, inputs, dh, calls: int) -> None:
-    """`calls` more calls of fn, with fresh buffers, give the first call's h, dq, dk, dv bitwise (di, df within
-    1e-6: float64 sums)."""
+    """`calls` more calls of fn, with fresh buffers, give the first call's results (`assert_same_results`)."""
     first = run_cell(fn, inputs, dh)
     for _ in range(calls):
-        again = run_cell(fn, inputs, dh)
-        for name, a, b in zip(NAMES, again, first):
-            assert torch.equal(a, b) if name not in ("di", "df") else rel(a, b) < 1e-6, name
+        assert_same_results(run_cell(fn, inputs, dh), first)
