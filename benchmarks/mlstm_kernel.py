@@ -232,7 +232,8 @@ NO_LLVM_OPT = {"DISABLE_LLVM_OPT": "1"}
 
 
 def tfla_len(S: int) -> int:
-    """The length TFLA is run at: S, or S zero-padded to a multiple of its chunk (it takes 16..64 (powers) or k * 128)."""
+    """The length TFLA is run at: S, or S zero-padded to a multiple of its chunk (it takes 16..64 (powers) or
+    k * 128)."""
     return S + ((-S) % TFLA_CHUNK if S >= TFLA_CHUNK or S & (S - 1) else 0)
 
 
@@ -404,21 +405,19 @@ def long_main(args) -> None:
     """--long: every backend at every (S, DH), in one run; JSON lines, then the markdown table."""
     rows, tfla = [], tfla_fn()
     for DH in args.dh:
-        shapes = [(args.batch or max(1, args.tokens // S), args.heads, S, DH) for S in args.seqs]
+        shapes = [(args.batch or max(1, args.tokens // S), args.heads, S, DH) for S in args.seqs]   # (B, NH, S, DH)
         fns = long_backends(max(shapes, key=lambda b: (b[0] * tfla_len(b[2]), b[2])), tfla)   # the most tokens
         if args.sweep:
-            S = max(args.seqs)
             print(json.dumps({"DH": DH, "chunkwise_best": sweep_chunkwise(
-                args.batch or max(1, args.tokens // S), args.heads, S, DH, only=args.sweep_tables)}), flush=True)
-        for S in args.seqs:
-            B = args.batch or max(1, args.tokens // S)
-            row = long_row(B, args.heads, S, DH, fns)
+                *max(shapes, key=lambda b: b[2]), only=args.sweep_tables)}), flush=True)     # at the longest S
+        for B, NH, S, _ in shapes:
+            row = long_row(B, NH, S, DH, fns)
             if args.chunk_ablation:
-                row["chunk_ablation_gpu_fwd_bwd_ms"] = chunk_ablation(B, args.heads, S, DH)
+                row["chunk_ablation_gpu_fwd_bwd_ms"] = chunk_ablation(B, NH, S, DH)
             if args.profile:
                 from mal.ops.mlstm.chunkwise import mlstm_chunkwise_triton
                 print(f"chunkwise kernels, B={B} S={S} DH={DH}:", flush=True)
-                profile(*long_inputs(B, args.heads, S, DH), fn=mlstm_chunkwise_triton)
+                profile(*long_inputs(B, NH, S, DH), fn=mlstm_chunkwise_triton)
             rows.append(row)
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
