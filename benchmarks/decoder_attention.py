@@ -72,13 +72,19 @@ def rel_errors(got: list[torch.Tensor], ref: list[torch.Tensor]) -> list[float]:
     return [((a.float() - b).norm() / b.norm()).item() for a, b in zip(got, ref)]
 
 
-def measure(name: str, fn, q, k, v, dout, ref, warmup: int, iters: int) -> dict:
-    """One candidate: forward + backward time and its errors against the float32 reference."""
+def forward_backward(fn, q, k, v, dout):
+    """A call that returns fn's [out, dq, dk, dv] at q, k, v (as leaves) for the upstream gradient dout."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
 
     def step():
         out = fn(*leaves)
         return [out, *torch.autograd.grad(out, leaves, dout)]
+    return step
+
+
+def measure(name: str, fn, q, k, v, dout, ref, warmup: int, iters: int) -> dict:
+    """One candidate: forward + backward time and its errors against the float32 reference."""
+    step = forward_backward(fn, q, k, v, dout)
     try:
         errs = rel_errors(step(), ref)
         ms, warm_s = cuda_times(step, warmup, iters)
@@ -106,9 +112,7 @@ def main(argv=None) -> list[dict]:
     shape = (args.batch, args.heads, args.tokens, args.head_dim)
     q, k, v, dout = (torch.randn(shape, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(4))
     mask = block_causal_mask(torch.arange(args.tokens, device="cuda") // args.slot)   # (M, M)
-    leaves = [t.float().requires_grad_() for t in (q, k, v)]
-    out = math_attention(mask)(*leaves)
-    ref = [out.detach(), *torch.autograd.grad(out, leaves, dout.float())]
+    ref = [t.detach() for t in forward_backward(math_attention(mask), *(t.float() for t in (q, k, v, dout)))()]
     rows = []
     for name, fn in candidates(mask, args.slot).items():
         rows.append(measure(name, fn, q, k, v, dout, ref, args.warmup, args.iters))
