@@ -97,15 +97,21 @@ def test_supports_refuses_cpu_and_odd_head_dims():
 
 
 @pytest.mark.needs_gpu
-@pytest.mark.parametrize("B,S,NH,DH,D", [(8, 197, 4, 96, 192), (2, 197, 4, 384, 768), (3, 5, 2, 16, 32)])
-def test_bf16_gradients_as_close_to_float64_as_plain_autocast(B, S, NH, DH, D):
+@pytest.mark.parametrize("B,S,NH,DH,D,drop", [(8, 197, 4, 96, 192, False), (2, 197, 4, 384, 768, False),
+                                               (3, 5, 2, 16, 32, False), (8, 144, 4, 96, 192, True)])
+def test_bf16_gradients_as_close_to_float64_as_plain_autocast(B, S, NH, DH, D, drop):
+    """drop: with drop-path's per-sample scale (bf16, 0 or 1 / 0.9), which the kernel applies to the float32 d out
+    while casting it."""
     pre, post, res, cot = region_inputs(B, S, NH, DH, D, device="cuda")
     xz = pre[0].to(torch.bfloat16)
     low = [xz] + [t.float() for t in pre[1:]]
     f32 = [t.float() for t in post]
-    kw = dict(cell=pointwise_cell)
+    keep = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1], device="cuda")[:B].view(B, 1, 1)
+    scale = (keep.to(torch.bfloat16) / 0.9) if drop else None
+    kw = dict(cell=pointwise_cell, scale=scale)
     _, g_f = region_grads(low, f32, res.float(), cot.float(), NH, fused=True, autocast=True, **kw)
     _, g_p = region_grads(low, f32, res.float(), cot.float(), NH, fused=False, autocast=True, **kw)
+    kw["scale"] = None if scale is None else scale.double()
     _, g_r = region_grads([xz.double()] + pre[1:], post, res, cot, NH, fused=False, **kw)  # on the rounded xz
     for name, a, p, want in zip(NAMES, g_f, g_p, g_r):
         e = ((a.double() - want).norm() / want.norm()).item()

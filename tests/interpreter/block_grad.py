@@ -31,11 +31,21 @@ def kernels_match_float64_autograd():
 
 def cast_colsum_is_a_cast_and_float64_column_sums():
     """`cast_colsum` (the down-projection's d out in the activations' dtype and its column sums): the cast is
-    bitwise torch's, the sums within float32 rounding of float64."""
+    bitwise torch's, the sums within float32 rounding of float64; with drop-path's per-sample scale (bf16, as the
+    block draws it; 0 or 1 / keep) both are those of torch's `x * scale`, groups of rows split across programs."""
     g = torch.Generator().manual_seed(0)
-    for N, D, config in [(37, 24, (64, 1, 3)), (5, 40, (128, 2, 1)), (100, 16, None)]:
+    for N, D, config, groups in [(37, 24, (64, 1, 3), 0), (5, 40, (128, 2, 1), 0), (100, 16, None, 0),
+                                 (36, 24, (64, 1, 3), 3), (100, 16, (32, 1, 2), 5), (6, 40, None, 6)]:
         x = torch.randn(N, D, generator=g) * 3
-        y, sums = block_grad_kernel.cast_colsum(x, torch.float16, config)
-        assert y.dtype == torch.float16 and torch.equal(y, x.half())
-        ref = x.double().sum(0)
-        assert sums.dtype == torch.float32 and ((sums.double() - ref).abs() <= 1e-5 * x.abs().sum(0)).all()
+        scale = (torch.rand(groups, 1, 1, generator=g) < 0.7).to(torch.bfloat16) / 0.7 if groups else None
+        want = x if scale is None else (x.view(groups, -1, D) * scale).view(N, D)    # (N, D) float32
+        y, sums = block_grad_kernel.cast_colsum(x, torch.float16, config, scale=scale)
+        assert y.dtype == torch.float16 and torch.equal(y, want.half())
+        ref = want.double().sum(0)
+        assert sums.dtype == torch.float32 and ((sums.double() - ref).abs() <= 1e-5 * want.abs().sum(0)).all()
+    try:
+        block_grad_kernel.cast_colsum(torch.ones(10, 4), torch.float16, scale=torch.ones(3, 1, 1))
+    except ValueError as e:
+        assert "10 rows do not split into 3" in str(e)
+    else:
+        raise AssertionError("a scale whose groups do not divide the rows must be refused")

@@ -209,8 +209,9 @@ def _pre_dxm_kernel(DV, DG, DY, CW, WVT, WM, DXZ, PART, S, I, NG, stride_db, str
     tl.store(PART + b.to(tl.int64) * I + c, tl.sum(s_v, 0))
 
 
-@triton.jit(do_not_specialize=["N", "ITERS"])
-def _cast_colsum_kernel(X, Y, PART, N, D, ITERS, ROWS: tl.constexpr, BD: tl.constexpr):
+@triton.jit(do_not_specialize=["N", "ITERS", "GROUP"])
+def _cast_colsum_kernel(X, SC, Y, PART, N, D, ITERS, GROUP, ROWS: tl.constexpr, BD: tl.constexpr,
+                        SCALED: tl.constexpr):
     pid = tl.program_id(0)
     d = tl.arange(0, BD)
     acc = tl.zeros((ROWS, BD), dtype=tl.float32)                             # column sums, reduced at the end
@@ -219,6 +220,8 @@ def _cast_colsum_kernel(X, Y, PART, N, D, ITERS, ROWS: tl.constexpr, BD: tl.cons
         m = (r < N)[:, None] & (d < D)[None, :]
         offs = r.to(tl.int64)[:, None] * D + d[None, :]
         x = tl.load(X + offs, mask=m, other=0.0)                             # (ROWS, BD)
+        if SCALED:                                                           # row r times its group's scale
+            x = x.to(tl.float32) * tl.load(SC + r // GROUP, mask=r < N, other=0.0)[:, None]
         tl.store(Y + offs, x.to(Y.dtype.element_ty), mask=m)
         acc += x.to(tl.float32)
     tl.store(PART + pid.to(tl.int64) * D + d, tl.sum(acc, 0), mask=d < D)
@@ -266,19 +269,26 @@ def post_grad(du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, ln_eps: float, v_
     return dh.view(B, S, NH, DH).transpose(1, 2), packed, u, d_nw, d_nb, d_skip, v
 
 
-def cast_colsum(x: torch.Tensor, dtype: torch.dtype, config: tuple | None = None):
+def cast_colsum(x: torch.Tensor, dtype: torch.dtype, config: tuple | None = None,
+                scale: torch.Tensor | None = None):
     """x (N, D) on CUDA -> (x in dtype, its column sums (D,) float32) in one read of x: the down-projection's
-    output gradient for its GEMMs in the activations' dtype, and its bias gradient. config: (elements per
-    tile, warps, tiles per program), default `CAST_CONFIG`."""
+    output gradient for its GEMMs in the activations' dtype, and its bias gradient. scale (G,): row r is first
+    multiplied in float32 by scale[r // (N / G)] (drop-path's per-sample scale: G samples of N / G tokens).
+    config: (elements per tile, warps, tiles per program), default `CAST_CONFIG`."""
     N, D = x.shape
     elements, warps, iters = config or CAST_CONFIG
     bd = triton.next_power_of_2(D)
     rows = max(1, elements // bd)
     programs = triton.cdiv(N, rows * iters)
     x = x.contiguous()
+    if scale is not None and (scale.numel() == 0 or N % scale.numel()):
+        raise ValueError(f"cast_colsum: {N} rows do not split into {scale.numel()} equal groups of the scale")
+    sc = x if scale is None else scale.reshape(-1).float().contiguous()     # unused without a scale
+    group = 1 if scale is None else N // scale.numel()
     y = torch.empty(N, D, device=x.device, dtype=dtype)
     part = torch.empty(programs, D, device=x.device, dtype=torch.float32)
-    _cast_colsum_kernel[(programs,)](x, y, part, N, D, iters, ROWS=rows, BD=bd, num_warps=warps)
+    _cast_colsum_kernel[(programs,)](x, sc, y, part, N, D, iters, group, ROWS=rows, BD=bd,
+                                     SCALED=scale is not None, num_warps=warps)
     return y, part.sum(0)
 
 

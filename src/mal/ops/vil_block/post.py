@@ -56,12 +56,11 @@ class PostFused(torch.autograd.Function):
         h, xz, conv_w, conv_b, norm_w, norm_b, skip, down_w, scale = ctx.saved_tensors
         kernels = load("block_grad", "triton")
         B, S, D = dout.shape
-        dy = dout if scale is None else dout * scale                        # (B, S, D) the branch's gradient
-        d2 = dy.reshape(-1, D)                                              # (N, D)
-        if d2.dtype == xz.dtype:
-            dlow, d_down_b = d2, d2.sum(0, dtype=torch.float32)             # (N, D), (D,)
-        else:                                                               # one read of d out for both
-            dlow, d_down_b = kernels.cast_colsum(d2, xz.dtype)
+        if dout.dtype == xz.dtype:
+            dlow = (dout if scale is None else dout * scale).reshape(-1, D)  # (N, D) the branch's gradient
+            d_down_b = dlow.sum(0, dtype=torch.float32)                      # (D,)
+        else:                                                               # one read of d out for all three
+            dlow, d_down_b = kernels.cast_colsum(dout.reshape(-1, D), xz.dtype, scale=scale)
         du = (dlow @ down_w.to(xz.dtype)).view(B, S, -1)                    # GEMMs in the activations' dtype, as
                                                                             # autocast's linear
         v_weights = ctx.v_out.weights if ctx.v_out is not None else None
