@@ -57,14 +57,19 @@ from mal.distributed import DistInfo  # noqa: E402
 from mal.engine import Trainer  # noqa: E402
 from mal.engine.build import build_datasets  # noqa: E402
 from mal.engine.sampling import SeededDataset, StepSampler  # noqa: E402
+from mal.engine.trainer import enable_fast_path  # noqa: E402
 
 QUIET = ["log_every=1000000", "save_every=1000000", "eval_every=1000000", "probe=false", "data.num_workers=0"]
 
 
-def build_step(cfg, run_dir: Path, info: DistInfo | None = None):
+def build_step(cfg, run_dir: Path, info: DistInfo | None = None, compile_mode: str | None = None):
     """A zero-argument callable running one `Trainer.train_step` of `cfg` on synthetic device batches (`info`: this
-    process of a torchrun job; default one process)."""
+    process of a torchrun job; default one process). compile_mode: the fast path's regions and block stacks under
+    torch.compile(mode=compile_mode) instead of the default mode."""
     trainer = Trainer(cfg, run_dir, info or DistInfo(), progress=False)
+    if compile_mode:
+        enable_fast_path(trainer.model, trainer.device, mode=compile_mode, checkpoint=cfg.recompute,
+                         recompute_qkv=cfg.recompute_qkv)
     trainer.begin()
     B, size, dev = trainer.micro, cfg.model.img_size, trainer.device
     batch = (torch.randn(B, 3, size, size, device=dev), torch.randint(0, trainer.num_classes or 10, (B,), device=dev))
@@ -239,7 +244,8 @@ def measure_fit(path: str, row: str, over: list[str], args) -> dict:
 def measure_row(path: str, row: str, over: list[str], args) -> dict:
     """One step row of config `path` with overrides `over`: img/s, ms, peak memory (+ host or kernel profile)."""
     c = load_run_config(path, over + QUIET + ROW_OVERRIDES.get(row, []))
-    step = build_step(c, Path(tempfile.mkdtemp(prefix=f"train_step_{Path(path).stem}_{row}_")))
+    step = build_step(c, Path(tempfile.mkdtemp(prefix=f"train_step_{Path(path).stem}_{row}_")),
+                      compile_mode=args.compile_mode)
     loop = row.endswith("_loop")
     sec, warm = time_step(step, args.warmup, args.iters, sync_each=not loop)
     res = dict(img_s=round(c.optim.batch_size / sec, 1), ms=round(sec * 1e3, 2), warmup_s=round(warm, 1),
@@ -282,6 +288,9 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for the MFU")
     p.add_argument("--profile-top", type=int, default=12,
                    help="kernels listed in the step_graph row's profile and the step_ops row's")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode of the fast path's compiled regions in the step rows, e.g. "
+                        "max-autotune-no-cudagraphs (default: torch's default mode, as the trainer runs)")
     p.add_argument("--json", default="")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
