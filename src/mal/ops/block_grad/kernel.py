@@ -22,7 +22,7 @@ Backward, from du = d(out) W_down (a GEMM):
        backward rounds dy so too); column sums d bq, d bk, d cb and the conv taps sum_t dy[t] x_m[t-s].
     2. dx_m = blockdiag(Wv)^T dv + dg w_m + sum_s dy[t+s] w[K-1-s]; the transposed conv needs dy of the next
        K-1 tokens, which other programs of kernel 1 write, hence two kernels. dx_m goes into the packed
-       buffer's left half, which is then dxz; column sum d bv.
+       buffer's left half, which is then dxz; column sums d bv and d b (the gates' bias: dg's).
 
 So the conv's backward runs once for both regions (the post region's x_c gradient joins the pre region's before
 SiLU'), and dxz is written once, with no add of two regions' (B, S, 2I) gradients. The LayerNorm statistics
@@ -124,7 +124,7 @@ def _post_grad_kernel(DU, H, XZ, CW, CB, NW, NB, SK, WV, BV, DH, PK, U, V, PART,
 
 @triton.jit(do_not_specialize=["S"])
 def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQT, WKT, WC, DY, XC, PART,
-                     S, I, NG, stride_xb, stride_xs,
+                     S, I, NG, stride_xb, stride_xs, stride_pb,
                      KS: tl.constexpr, KP: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                      GP: tl.constexpr, IEEE: tl.constexpr):
     b, pid_c = tl.program_id(0), tl.program_id(1)
@@ -170,7 +170,7 @@ def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQT, WKT, WC, DY, XC, PART,
             ts = t - s
             xs = tl.load(x_base + ts[:, None] * stride_xs + c[None, :], mask=(t_ok & (ts >= 0))[:, None], other=0.0)
             s_w += tl.where(taps == s, (dy * xs.to(tl.float32))[None, :, :], 0.0)
-    part = PART + b.to(tl.int64) * (3 + KP) * I
+    part = PART + b.to(tl.int64) * stride_pb
     tl.store(part + c, tl.sum(s_q, 0))
     tl.store(part + I + c, tl.sum(s_k, 0))
     tl.store(part + 2 * I + c, tl.sum(s_y, 0))
@@ -178,7 +178,7 @@ def _pre_grad_kernel(DQ, DK, DG, PK, XZ, CW, CB, WQT, WKT, WC, DY, XC, PART,
 
 
 @triton.jit(do_not_specialize=["S"])
-def _pre_dxm_kernel(DV, DG, DY, CW, WVT, WM, DXZ, PART, S, I, NG, stride_db, stride_ds,
+def _pre_dxm_kernel(DV, DG, DY, CW, WVT, WM, DXZ, PART, S, I, NG, stride_db, stride_ds, stride_pb,
                     KS: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, GP: tl.constexpr,
                     IEEE: tl.constexpr):
     b, pid_c = tl.program_id(0), tl.program_id(1)
@@ -188,6 +188,7 @@ def _pre_dxm_kernel(DV, DG, DY, CW, WVT, WM, DXZ, PART, S, I, NG, stride_db, str
     g_ok = gi < NG
     wm = tl.load(WM + gi[:, None] * I + c[None, :], mask=g_ok[:, None], other=0.0)  # (GP, BC) in dg's dtype
     s_v = tl.zeros((BT, BC), dtype=tl.float32)
+    s_g = tl.zeros((BT, GP), dtype=tl.float32)
     for t0 in range(0, S, BT):
         t = t0 + tl.arange(0, BT)
         t_ok = t < S
@@ -206,7 +207,12 @@ def _pre_dxm_kernel(DV, DG, DY, CW, WVT, WM, DXZ, PART, S, I, NG, stride_db, str
         tl.store(DXZ + b.to(tl.int64) * stride_db + t[:, None] * stride_ds + c[None, :],
                  dxm.to(DXZ.dtype.element_ty), mask=t_ok[:, None])
         s_v += dv.to(tl.float32)
-    tl.store(PART + b.to(tl.int64) * I + c, tl.sum(s_v, 0))
+        s_g += dg.to(tl.float32)
+    part = PART + b.to(tl.int64) * stride_pb
+    tl.store(part + c, tl.sum(s_v, 0))
+    # the next row: the gates' column sums in its first NG entries (chunk 0's program), zeros after them
+    tl.store(part + I + gi, tl.sum(s_g, 0), mask=g_ok & (pid_c == 0))
+    tl.store(part + I + c, tl.zeros((BC,), dtype=tl.float32), mask=c >= NG)
 
 
 @triton.jit(do_not_specialize=["N", "ITERS", "GROUP"])
@@ -298,16 +304,16 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
 
     dq, dk, dv (B, S, I), dg (B, S, G), packed and xz (B, S, 2I), conv_w (I, 1, K), wq/wk/wv (nb, bs, bs),
     w_c/w_m (G, I) -> dxz (B, S, 2I) (`packed`, its left half overwritten with dx_m), x_c (B, S, I) in xz's dtype,
-    and in float32 d conv_w (I, 1, K), d conv_b, d bq, d bk, d bv (I,). config/dxm_config: (BLOCK_T, BLOCK_C,
-    warps) of the two kernels, default `PRE_CONFIG`/`DXM_CONFIG`."""
+    and in float32 d conv_w (I, 1, K), d conv_b, d bq, d bk, d bv (I,) and the gate bias's d b (G,) (dg's column
+    sums). All column sums come from one float32 buffer of per-image partials (both kernels write into it), reduced
+    by one sum. config/dxm_config: (BLOCK_T, BLOCK_C, warps) of the two kernels, default `PRE_CONFIG`/`DXM_CONFIG`."""
     B, S, two_i = xz.shape
     inner, K, G = two_i // 2, conv_w.shape[-1], dg.shape[-1]
     kp = triton.next_power_of_2(K)
     dq, dk, dv, dg, packed = (t.contiguous() for t in (dq, dk, dv, dg, packed))
     dy = torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype)
     x_c = torch.empty(B, S, inner, device=xz.device, dtype=xz.dtype)
-    part = torch.empty(B, 3 + kp, inner, device=xz.device, dtype=torch.float32)
-    part_v = torch.empty(B, inner, device=xz.device, dtype=torch.float32)
+    part = torch.empty(B, 5 + kp, inner, device=xz.device, dtype=torch.float32)  # q, k, y, taps, v, gates (G <= I)
     f32 = lambda t: t.detach().float().contiguous()
     wt = lambda w: w.detach().transpose(1, 2).float().contiguous()           # (nb, in, out): the transposed map
     low = lambda w: w.detach().to(dg.dtype).contiguous()                     # gate GEMMs in the activations' dtype
@@ -317,13 +323,13 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
     m1, m2 = meta(config or PRE_CONFIG), meta(dxm_config or DXM_CONFIG)
     _pre_grad_kernel[(B, inner // m1["BC"])](
         dq, dk, dg, packed, xz, cw, f32(conv_b), wt(wq), wt(wk), low(w_c), dy, x_c, part,
-        S, inner, G, xz.stride(0), xz.stride(1), KS=K, KP=kp, **m1)
+        S, inner, G, xz.stride(0), xz.stride(1), part.stride(0), KS=K, KP=kp, **m1)
     _pre_dxm_kernel[(B, inner // m2["BC"])](
-        dv, dg, dy, cw, wt(wv), low(w_m), packed, part_v, S, inner, G, packed.stride(0), packed.stride(1),
-        KS=K, **m2)
-    sums = part.sum(0)                                                       # (3 + kp, I)
+        dv, dg, dy, cw, wt(wv), low(w_m), packed, part[:, 3 + kp], S, inner, G, packed.stride(0),
+        packed.stride(1), part.stride(0), KS=K, **m2)
+    sums = part.sum(0)                                                       # (5 + kp, I)
     d_conv_w = sums[3:3 + K].flip(0).t().contiguous().unsqueeze(1)           # (I, 1, K): row s is tap K-1-s
-    return packed, x_c, d_conv_w, sums[2], sums[0], sums[1], part_v.sum(0)
+    return packed, x_c, d_conv_w, sums[2], sums[0], sums[1], sums[3 + kp], sums[4 + kp, :G]
 
 
 __all__ = ["cast_colsum", "post_grad", "pre_grad", "supports", "POST_CONFIG", "PRE_CONFIG", "DXM_CONFIG",

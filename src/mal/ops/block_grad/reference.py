@@ -36,10 +36,10 @@ def gate_weights_grad(wg, wq, bq, wk, bk, wv, bv, d_wc, d_wm, d_b, qkv_grads):
 def pre_weight_grads(dq, dk, dv, dg, x_c, x_m, bs: int):
     """The pre-step's weight gradients from its incoming gradients and inputs, all (N, .) in the activations'
     dtype: dq, dk, dv, x_c, x_m (N, I), dg (N, G) -> d wq, d wk, d wv (nb, bs, bs), and in float32 (float64 in
-    tests) d w_c, d w_m (G, I) and d b (G,) of the precomposed gates."""
+    tests) d w_c, d w_m (G, I) of the precomposed gates (their bias's gradient is dg's column sums)."""
     acc = torch.promote_types(x_c.dtype, torch.float32)
     return (headwise_wgrad(dq, x_c, bs), headwise_wgrad(dk, x_c, bs), headwise_wgrad(dv, x_m, bs),
-            (dg.t() @ x_c).to(acc), (dg.t() @ x_m).to(acc), dg.sum(0, dtype=acc))
+            (dg.t() @ x_c).to(acc), (dg.t() @ x_m).to(acc))
 
 
 def block_pre_vjp(xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, dq, dk, dv, dg):
@@ -61,8 +61,9 @@ def block_pre_vjp(xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, dq, dk, dv, dg):
     dx_m = dx_m + sum(dyp[:, K - 1 - j:K - 1 - j + S] * w[j] for j in range(K))  # (B, S, I) through the conv
     d_conv_w = torch.stack([(dy * xp[:, j:j + S]).sum((0, 1)) for j in range(K)], -1).unsqueeze(1)  # (I, 1, K)
     flat = lambda t: t.reshape(-1, I).to(dt)                                # (N, I)
-    dwq, dwk, dwv, d_wc, d_wm, d_b = pre_weight_grads(flat(dq), flat(dk), flat(dv), dg.reshape(-1, dg.shape[-1]),
-                                                      flat(x_c), flat(x_m), wq.shape[-1])
+    dwq, dwk, dwv, d_wc, d_wm = pre_weight_grads(flat(dq), flat(dk), flat(dv), dg.reshape(-1, dg.shape[-1]),
+                                                 flat(x_c), flat(x_m), wq.shape[-1])
+    d_b = dg.sum((0, 1), dtype=acc)                                          # (G,)
     return (F.pad(dx_m, (0, I)).to(dt), d_conv_w, dy.sum((0, 1)), dwq, dq.to(acc).sum((0, 1)),
             dwk, dk.to(acc).sum((0, 1)), dwv, dv.to(acc).sum((0, 1)), d_wc, d_wm, d_b)
 

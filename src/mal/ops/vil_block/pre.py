@@ -52,12 +52,12 @@ def block_pre_grad_triton(xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, dq, dk, dv, 
     """`block_pre_vjp`'s outputs from `mal.ops.block_grad.kernel.pre_grad`, with the post tail's packed
     [dx_c, dz] (B, S, 2I) joined in: dxz is `packed` with its left half overwritten."""
     I = xz.shape[-1] // 2
-    dxz, x_c, dcw, dcb, dbq, dbk, dbv = load("block_grad", "triton").pre_grad(
+    dxz, x_c, dcw, dcb, dbq, dbk, dbv, d_b = load("block_grad", "triton").pre_grad(
         dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m)
     flat = lambda t: t.reshape(-1, I)                                        # (N, I)
-    dwq, dwk, dwv, d_wc, d_wm, d_b = pre_weight_grads(flat(dq), flat(dk), flat(dv),
-                                                      dg.reshape(-1, dg.shape[-1]).to(xz.dtype), flat(x_c),
-                                                      flat(xz[..., :I]), wq.shape[-1])
+    dwq, dwk, dwv, d_wc, d_wm = pre_weight_grads(flat(dq), flat(dk), flat(dv),
+                                                 dg.reshape(-1, dg.shape[-1]).to(xz.dtype), flat(x_c),
+                                                 flat(xz[..., :I]), wq.shape[-1])
     return dxz, dcw, dcb, dwq, dbq, dwk, dbk, dwv, dbv, d_wc, d_wm, d_b
 
 
