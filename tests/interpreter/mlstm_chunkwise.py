@@ -1,5 +1,6 @@
 """The chunkwise mLSTM kernels (`mal.ops.mlstm.chunkwise`) in the interpreter, against float64."""
 import torch
+from cell_checks import NAMES, rel, run_cell   # tests/ is on the path
 
 from mal.ops.mlstm import chunkwise as ck
 from mal.ops.mlstm.chunkwise_reference import mlstm_recurrent_state
@@ -9,7 +10,6 @@ from mal.ops.mlstm.reference import mlstm_parallel
 # dims as one tile (16, 32, 64) and as two (48 = 32 + 16, 96 = 64 + 32); gates uniform in [-scale, scale]
 CASES = [(1, 16, 16, 30.0), (17, 32, 16, 30.0), (64, 64, 32, 30.0), (100, 16, 32, 30.0), (100, 32, 16, 1.0),
          (64, 16, 16, 1.0), (17, 64, 32, 1.0), (100, 48, 16, 10.0), (40, 96, 16, 10.0)]
-NAMES = ("h", "dq", "dk", "dv", "di", "df")
 
 
 def _inputs(S, DH, gate_scale, seed, B=2, NH=2):
@@ -20,13 +20,8 @@ def _inputs(S, DH, gate_scale, seed, B=2, NH=2):
 
 
 def _run(fn, xs, dh, dtype):
-    leaves = [x.to(dtype).requires_grad_() for x in xs]
-    out = fn(*leaves)
-    return [out] + list(torch.autograd.grad(out, leaves, dh.to(dtype)))
-
-
-def _rel(x, ref):
-    return ((x.double() - ref).norm() / ref.norm()).item()
+    """`run_cell` of fn with the inputs in `dtype`."""
+    return run_cell(fn, [x.to(dtype) for x in xs], dh)
 
 
 def _check(xs, dh, chunk, dtype, slack, floor, worst):
@@ -39,7 +34,7 @@ def _check(xs, dh, chunk, dtype, slack, floor, worst):
         if r.norm() == 0:                                                   # df at S = 1
             assert a.abs().max() == 0, name
             continue
-        e_k, e_t = _rel(a, r), _rel(b, r)
+        e_k, e_t = rel(a, r), rel(b, r)
         assert e_k <= slack * e_t + floor, (name, chunk, e_k, e_t)
         prev = worst.get(name, (0.0, 0.0))
         worst[name] = (max(prev[0], e_k), max(prev[1], e_k / max(e_t, 1e-300)))
@@ -83,15 +78,15 @@ def _state_continues_a_sequence():
         h1, s1 = ck.mlstm_chunkwise_triton(*first, chunk_size=chunk, return_state=True)
         h2, s2 = ck.mlstm_chunkwise_triton(*second, chunk_size=chunk, initial_state=s1, return_state=True)
         hr, sr = mlstm_recurrent_state(*(x.double() for x in xs))
-        assert all(_rel(a, b) < 5e-5 for a, b in zip(s2, sr)), [_rel(a, b) for a, b in zip(s2, sr)]
+        assert all(rel(a, b) < 5e-5 for a, b in zip(s2, sr)), [rel(a, b) for a, b in zip(s2, sr)]
         dh_second = torch.cat([torch.zeros_like(dh[..., :cut, :]), dh[..., cut:, :]], dim=-2)
         whole32, whole64 = (_run(mlstm_parallel, xs, dh_second, dt) for dt in (torch.float32, torch.float64))
-        assert _rel(torch.cat([h1, h2], dim=-2), hr) <= 2 * _rel(whole32[0], whole64[0]) + 2e-5
+        assert rel(torch.cat([h1, h2], dim=-2), hr) <= 2 * rel(whole32[0], whole64[0]) + 2e-5
         tor, ref = ([part(t, slice(cut, None)) for t in w] for w in (whole32, whole64))   # the second part's
         got = _run(lambda *a: ck.mlstm_chunkwise_triton(*a, chunk_size=chunk, initial_state=s1), second,
                    dh[..., cut:, :], torch.float32)
         for name, a, b, r in zip(NAMES, got, tor, ref):
-            assert _rel(a, r) <= 2 * _rel(b, r) + 2e-5, (name, _rel(a, r), _rel(b, r))
+            assert rel(a, r) <= 2 * rel(b, r) + 2e-5, (name, rel(a, r), rel(b, r))
 
 
 def _half_inputs_keep_a_float32_final_state():
@@ -103,7 +98,7 @@ def _half_inputs_keep_a_float32_final_state():
     _, (Cr, nr, mr) = mlstm_recurrent_state(*(x.double() for x in half))
     assert C.dtype == n.dtype == m.dtype == torch.float32
     assert not torch.equal(C, C.half().float())                             # not an fp16 value
-    assert _rel(C, Cr) < 5e-3 and _rel(n, nr) < 5e-3 and _rel(m, mr) < 1e-6, (_rel(C, Cr), _rel(n, nr), _rel(m, mr))
+    assert rel(C, Cr) < 5e-3 and rel(n, nr) < 5e-3 and rel(m, mr) < 1e-6, (rel(C, Cr), rel(n, nr), rel(m, mr))
 
 
 def _head_views_get_gradients_in_their_layout():
@@ -125,7 +120,7 @@ def _head_views_get_gradients_in_their_layout():
             grads = torch.autograd.grad(fn(*views, *leaves[3:]), views, dh)
             assert all(g.stride() == t.stride() for g, t in zip(grads, views))
     for a, b, r in zip(*res):
-        assert _rel(a, r) <= 2 * _rel(b, r) + 2e-5, (_rel(a, r), _rel(b, r))
+        assert rel(a, r) <= 2 * rel(b, r) + 2e-5, (rel(a, r), rel(b, r))
 
 
 def _saved_states_equal_recomputed():
