@@ -65,9 +65,9 @@ QUIET = ["log_every=1000000", "save_every=1000000", "eval_every=1000000", "probe
 def build_step(cfg, run_dir: Path, info: DistInfo | None = None, compile_mode: str | None = None):
     """A zero-argument callable running one `Trainer.train_step` of `cfg` on synthetic device batches (`info`: this
     process of a torchrun job; default one process). compile_mode: the fast path's regions and block stacks under
-    torch.compile(mode=compile_mode) instead of the default mode."""
+    torch.compile(mode=compile_mode) instead of the default mode (rows with fast_path=false keep the plain path)."""
     trainer = Trainer(cfg, run_dir, info or DistInfo(), progress=False)
-    if compile_mode:
+    if compile_mode and cfg.fast_path:
         enable_fast_path(trainer.model, trainer.device, mode=compile_mode, checkpoint=cfg.recompute,
                          recompute_qkv=cfg.recompute_qkv)
     trainer.begin()
