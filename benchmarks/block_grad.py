@@ -6,6 +6,9 @@ Per shape (B, S, NH, DH), bf16 activations, ms per call (median of CUDA-event-ti
   post_grad_ms, pre_grad_ms      the kernels alone (pre_grad: its two kernels)
   compiled_regions_ms            forward + backward of pre-step -> post-tail (no cell: h is an input), captured
   kernel_regions_ms              in a CUDA graph, the same forward, the old and the new backward
+  post_fwd_kernel_ms             the post tail's forward kernel alone (`post_fwd`: u)
+  post_fwd_ms, post_fwd_compiled_ms   the post tail's forward without grad, as `PostFused` runs it (`post_fwd` +
+                                 the compiled `block_down`) and as the compiled `block_post` (inductor)
 --sweep times every kernel configuration (BLOCK_T, BLOCK_C, warps) of each kernel and reports the fastest.
 
     PYTHONPATH=src python benchmarks/block_grad.py --sweep --json block_grad.json
@@ -65,13 +68,39 @@ def kernel_calls(B, S, NH, DH):
     return (pre, post, h, cot, d_qkv, dg), run_post, run_pre
 
 
+def forward_rows(res: dict, xz, post, h, sweep_configs: bool) -> None:
+    """The post tail's forward rows of `res` (module docstring), residual included, bf16 autocast."""
+    from mal.ops.block_grad import kernel as bg
+    from mal.ops.vil_block.post import POST_LN_EPS, block_down, block_post
+    from mal.ops.vil_block.regions import compiled_region
+    B, S, D = xz.shape[0], xz.shape[1], post[5].shape[0]
+    residual = torch.randn(B, S, D, device="cuda")
+    run_fwd = lambda cfg=None: bg.post_fwd(h, xz, *post[:5], POST_LN_EPS, config=cfg)
+    down, whole = compiled_region(block_down, None), compiled_region(block_post, None)
+
+    def fused():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return down(run_fwd(), *post[5:], residual)
+
+    def compiled():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return whole(h, xz, residual, *post)
+    res["post_fwd_kernel_ms"] = cuda_ms(run_fwd)
+    res["post_fwd_ms"], res["post_fwd_compiled_ms"] = graphed_ms(fused), graphed_ms(compiled)
+    if sweep_configs:
+        DH = h.shape[-1]
+        res["sweep_post_fwd"] = sweep(run_fwd, [c for c in itertools.product((16, 32, 64), (32, 64, 128), (2, 4, 8))
+                                                if DH % c[1] == 0])
+
+
 def main() -> dict:
     from mal.ops.block_grad import kernel as bg
     from mal.ops.vil_block.post import PostFused, block_post
     from mal.ops.vil_block.pre import block_pre_fused
     from mal.ops.vil_block.regions import compiled_region
     args = parse_args(__doc__, SHAPES)
-    out = {**device_info(), "defaults": {"post": bg.POST_CONFIG, "pre": bg.PRE_CONFIG, "dxm": bg.DXM_CONFIG},
+    out = {**device_info(), "defaults": {"post": bg.POST_CONFIG, "pre": bg.PRE_CONFIG, "dxm": bg.DXM_CONFIG,
+                                         "post_fwd": bg.POST_FWD_CONFIG},
            "shapes": {}}
     for name in args.shapes.split(","):
         B, S, NH, DH = SHAPES[name]
@@ -85,6 +114,7 @@ def main() -> dict:
             res["sweep_post"] = sweep(run_post, [c for c in grid((32, 64, 128)) if DH % c[1] == 0])
             res["sweep_pre"] = sweep(lambda c: run_pre(cfg=c), grid((32, 64, 128)))
             res["sweep_dxm"] = sweep(lambda c: run_pre(dxm=c), grid((32, 64, 128)))
+        forward_rows(res, pre[0], post, h, args.sweep)
         leaves = [t.detach().requires_grad_() for t in pre + post[2:] + [h]]
         pl, ql, hl = leaves[:11], leaves[11:16], leaves[16]
 
@@ -103,13 +133,15 @@ def main() -> dict:
         out["shapes"][name] = res
         print(json.dumps({name: {k: (v if not k.startswith("sweep") else {"best": v["best"], "ms": v["best_ms"]})
                                  for k, v in res.items()}}), flush=True)
-    best = lambda r: " / ".join(f"{r[k]['best']} {r[k]['best_ms']}" for k in ("sweep_post", "sweep_pre", "sweep_dxm")
-                                if k in r) or "-"
+    best = lambda r: " / ".join(f"{r[k]['best']} {r[k]['best_ms']}" for k in
+                                ("sweep_post", "sweep_pre", "sweep_dxm", "sweep_post_fwd") if k in r) or "-"
     report(out, ["shape", "post_grad ms", "pre_grad ms", "compiled regions fwd+bwd ms", "kernels fwd+bwd ms", "x",
-                 "best post / pre / dxm"],
+                 "post fwd: kernel / +down / compiled ms", "best post / pre / dxm / post_fwd"],
            lambda name, r: [f"{name} {r['B']}x{r['S']}x{r['NH']}x{r['DH']}", f"{r['post_grad_ms']:.3f}",
                             f"{r['pre_grad_ms']:.3f}", f"{r['compiled_regions_ms']:.3f}",
-                            f"{r['kernel_regions_ms']:.3f}", r["regions_speedup"], best(r)], args.json)
+                            f"{r['kernel_regions_ms']:.3f}", r["regions_speedup"],
+                            f"{r['post_fwd_kernel_ms']:.3f} / {r['post_fwd_ms']:.3f} / {r['post_fwd_compiled_ms']:.3f}",
+                            best(r)], args.json)
     return out
 
 

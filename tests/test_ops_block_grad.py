@@ -81,6 +81,10 @@ def test_kernels_in_interpreter_match_float64_autograd(triton_interpreter):
     triton_interpreter("block_grad", "kernels_match_float64_autograd")
 
 
+def test_post_fwd_in_interpreter_is_post_grads_u_and_float64(triton_interpreter):
+    triton_interpreter("block_grad", "post_fwd_is_post_grads_u")
+
+
 def test_cast_colsum_in_interpreter_is_a_cast_and_float64_column_sums(triton_interpreter):
     triton_interpreter("block_grad", "cast_colsum_is_a_cast_and_float64_column_sums")
 
@@ -100,8 +104,8 @@ def test_supports_refuses_cpu_and_odd_head_dims():
 @pytest.mark.parametrize("B,S,NH,DH,D,drop", [(8, 197, 4, 96, 192, False), (2, 197, 4, 384, 768, False),
                                                (3, 5, 2, 16, 32, False), (8, 144, 4, 96, 192, True)])
 def test_bf16_gradients_as_close_to_float64_as_plain_autocast(B, S, NH, DH, D, drop):
-    """drop: with drop-path's per-sample scale (bf16, 0 or 1 / 0.9), which the kernel applies to the float32 d out
-    while casting it."""
+    """The output (the forward's `post_fwd` kernel) and every gradient. drop: with drop-path's per-sample scale (bf16,
+    0 or 1 / 0.9), which the kernel applies to the float32 d out while casting it."""
     pre, post, res, cot = region_inputs(B, S, NH, DH, D, device="cuda")
     xz = pre[0].to(torch.bfloat16)
     low = [xz] + [t.float() for t in pre[1:]]
@@ -109,10 +113,12 @@ def test_bf16_gradients_as_close_to_float64_as_plain_autocast(B, S, NH, DH, D, d
     keep = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1], device="cuda")[:B].view(B, 1, 1)
     scale = (keep.to(torch.bfloat16) / 0.9) if drop else None
     kw = dict(cell=pointwise_cell, scale=scale)
-    _, g_f = region_grads(low, f32, res.float(), cot.float(), NH, fused=True, autocast=True, **kw)
-    _, g_p = region_grads(low, f32, res.float(), cot.float(), NH, fused=False, autocast=True, **kw)
+    out_f, g_f = region_grads(low, f32, res.float(), cot.float(), NH, fused=True, autocast=True, **kw)
+    out_p, g_p = region_grads(low, f32, res.float(), cot.float(), NH, fused=False, autocast=True, **kw)
     kw["scale"] = None if scale is None else scale.double()
-    _, g_r = region_grads([xz.double()] + pre[1:], post, res, cot, NH, fused=False, **kw)  # on the rounded xz
+    out_r, g_r = region_grads([xz.double()] + pre[1:], post, res, cot, NH, fused=False, **kw)  # on the rounded xz
+    e_out, e_out_plain = (((o.double() - out_r).norm() / out_r.norm()).item() for o in (out_f, out_p))
+    assert out_f.dtype == out_p.dtype and e_out <= 1.5 * e_out_plain + 1e-3, (e_out, e_out_plain)
     for name, a, p, want in zip(NAMES, g_f, g_p, g_r):
         e = ((a.double() - want).norm() / want.norm()).item()
         e_plain = ((p.double() - want).norm() / want.norm()).item()

@@ -4,6 +4,7 @@ from test_ops_block_grad import NAMES, region_grads, region_inputs   # tests/ is
 
 from mal.ops.block_grad import kernel as block_grad_kernel
 from mal.ops.registry import register
+from mal.ops.vil_block.post import block_post
 
 
 def kernels_match_float64_autograd():
@@ -49,3 +50,26 @@ def cast_colsum_is_a_cast_and_float64_column_sums():
         assert "10 rows do not split into 3" in str(e)
     else:
         raise AssertionError("a scale whose groups do not divide the rows must be refused")
+
+
+def post_fwd_is_post_grads_u():
+    """`post_fwd` (the post tail's forward up to the down-projection) writes the u that `post_grad` writes for
+    the down-projection's weight gradient, to float32 rounding, and equals float64 `block_post`'s input of the
+    down-projection: tiles that cut the sequence and the head, 4 or 3 conv taps, a head view of h."""
+    g = torch.Generator().manual_seed(1)
+    for B, S, NH, DH, taps, config in [(2, 37, 2, 32, 4, None), (1, 3, 1, 16, 4, (16, 16, 1)),
+                                       (2, 21, 2, 96, 3, (8, 32, 2)), (1, 9, 1, 80, 4, None)]:
+        inner = NH * DH
+        r = lambda *shape, s=1.0: torch.randn(*shape, generator=g, dtype=torch.float64) * s
+        h = r(B, S, NH, DH).transpose(1, 2)                                 # (B, NH, S, DH) a head view
+        xz, cw, cb, nw, nb, skip = r(B, S, 2 * inner), r(inner, 1, taps, s=0.5), r(inner, s=0.1), \
+            1 + r(inner, s=0.2), r(inner, s=0.1), 1 + r(inner, s=0.2)
+        eye, zero = torch.eye(inner, dtype=torch.float64), torch.zeros(inner, dtype=torch.float64)
+        want = block_post(h, xz, None, cw, cb, nw, nb, skip, eye, zero)    # (B, S, I): identity down-projection
+        args = [t.float() for t in (h, xz, cw, cb, nw, nb, skip)]
+        u = block_grad_kernel.post_fwd(*args, 1e-5, config)
+        u_grad = block_grad_kernel.post_grad(torch.zeros(B, S, inner), *args, 1e-5)[2]
+        assert u.dtype == torch.float32 and u.shape == (B, S, inner)
+        torch.testing.assert_close(u, u_grad, rtol=1e-6, atol=1e-6)
+        e = ((u.double() - want).norm() / want.norm()).item()
+        assert e < 1e-6, (B, S, NH, DH, taps, e)

@@ -1,4 +1,5 @@
-"""Backward of the ViL block's pointwise regions in Triton: the post-cell tail and the pre-cell step.
+"""Backward of the ViL block's pointwise regions in Triton: the post-cell tail and the pre-cell step; and the
+post tail's forward up to the down-projection.
 
 The block's forward (`mal.ops.qkv.reference.block_pre`, the mLSTM cell, `mal.ops.vil_block.post.block_post`), per
 token t and channel c:
@@ -7,6 +8,9 @@ token t and channel c:
     q, k, v = blockdiag(Wq) x_c + bq, blockdiag(Wk) x_c + bk, blockdiag(Wv) x_m + bv;  g = x_c w_c^T + x_m w_m^T + b
     h = mLSTM(q, k, v, g);  hn = LayerNorm over each head's DH channels of h
     a = hn nw + nb + skip x_c,  u = a SiLU(z),  out = u W_down^T + b_down (+ residual)
+
+Forward, `post_fwd`, a program per (token tile, image, head): u from h and xz (the norm's statistics in a first
+pass over the head's channels, the conv recomputed from x_m), which the down-projection GEMM then reads.
 
 Backward, from du = d(out) W_down (a GEMM):
 
@@ -44,10 +48,55 @@ MAX_CONV = 8                # taps of the causal conv
 # BLOCK_C channels of one image, walking the sequence in tiles of BLOCK_T tokens. The fastest at ViL-B's shape
 # in `benchmarks/block_grad.py --sweep` on an H100 (benchmarks/results/block_grad_h100.json).
 POST_CONFIG = (16, 32, 4)
+POST_FWD_CONFIG = (16, 32, 4)  # `post_fwd`: (BLOCK_T, BLOCK_C, warps), a program per BLOCK_T tokens of one head
 PRE_CONFIG = (32, 64, 4)
 DXM_CONFIG = (32, 64, 4)
 CAST_CONFIG = (8192, 4, 16)  # `cast_colsum`: (elements per tile, warps, tiles per program)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _conv_silu(x_base, t, t_ok, c, CW, CB, stride_xs, KS: tl.constexpr):
+    """x_m (BT, BC) of tokens t and channels c (x_base: the image's xz) and x_c = SiLU(causal conv of x_m), in
+    float32 rounded to xz's dtype as the forward's conv rounds it."""
+    y = tl.load(CB + c)[None, :]                                             # (1, BC) conv bias
+    for s in tl.static_range(KS):
+        ts = t - s
+        xs = tl.load(x_base + ts[:, None] * stride_xs + c[None, :], mask=(t_ok & (ts >= 0))[:, None], other=0.0)
+        if s == 0:
+            x_m = xs
+        y += xs.to(tl.float32) * tl.load(CW + c * KS + (KS - 1 - s))[None, :]
+    return x_m, (y * tl.sigmoid(y)).to(x_base.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["S"])
+def _post_fwd_kernel(H, XZ, CW, CB, NW, NB, SK, U, S, I, HD, stride_hb, stride_hh, stride_hs, stride_xb,
+                     stride_xs, ln_eps, KS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    pid_t, b, hd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BT + tl.arange(0, BT)                                        # (BT,) tokens
+    t_ok = t < S
+    m2 = t_ok[:, None]
+    row = b.to(tl.int64) * S + t
+    h_base = H + b.to(tl.int64) * stride_hb + hd.to(tl.int64) * stride_hh
+    x_base = XZ + b.to(tl.int64) * stride_xb
+    s_h = tl.zeros((BT,), dtype=tl.float32)                                  # pass 1: the per-head norm's statistics
+    s_hh = tl.zeros((BT,), dtype=tl.float32)
+    for d0 in range(0, HD, BC):
+        h = tl.load(h_base + t[:, None] * stride_hs + (d0 + tl.arange(0, BC))[None, :], mask=m2,
+                    other=0.0).to(tl.float32)                                # (BT, BC)
+        s_h += tl.sum(h, 1)
+        s_hh += tl.sum(h * h, 1)
+    mean = s_h / HD
+    rstd = 1.0 / tl.sqrt(tl.maximum(s_hh / HD - mean * mean, 0.0) + ln_eps)
+    for d0 in range(0, HD, BC):                                              # pass 2: u
+        c = hd * HD + d0 + tl.arange(0, BC)                                  # (BC,) channels
+        h = tl.load(h_base + t[:, None] * stride_hs + (d0 + tl.arange(0, BC))[None, :], mask=m2,
+                    other=0.0).to(tl.float32)
+        z = tl.load(x_base + t[:, None] * stride_xs + (I + c)[None, :], mask=m2, other=0.0).to(tl.float32)
+        x_m, x_c = _conv_silu(x_base, t, t_ok, c, CW, CB, stride_xs, KS)
+        hn = (h - mean[:, None]) * rstd[:, None]
+        a = hn * tl.load(NW + c)[None, :] + tl.load(NB + c)[None, :] + tl.load(SK + c)[None, :] * x_c
+        tl.store(U + row[:, None] * I + c[None, :], (a * z * tl.sigmoid(z)).to(U.dtype.element_ty), mask=m2)
 
 
 @triton.jit(do_not_specialize=["S"])
@@ -90,14 +139,7 @@ def _post_grad_kernel(DU, H, XZ, CW, CB, NW, NB, SK, WV, BV, DH, PK, U, V, PART,
                     other=0.0).to(tl.float32)
         du = tl.load(DU + row[:, None] * I + c[None, :], mask=m2, other=0.0).to(tl.float32)
         z = tl.load(x_base + t[:, None] * stride_xs + (I + c)[None, :], mask=m2, other=0.0).to(tl.float32)
-        y = tl.load(CB + c)[None, :]                                         # (1, BC) conv bias
-        for s in tl.static_range(KS):
-            ts = t - s
-            xs = tl.load(x_base + ts[:, None] * stride_xs + c[None, :], mask=(t_ok & (ts >= 0))[:, None], other=0.0)
-            if s == 0:
-                x_m = xs
-            y += xs.to(tl.float32) * tl.load(CW + c * KS + (KS - 1 - s))[None, :]
-        x_c = (y * tl.sigmoid(y)).to(XZ.dtype.element_ty).to(tl.float32)   # (BT, BC) as the forward rounds it
+        x_m, x_c = _conv_silu(x_base, t, t_ok, c, CW, CB, stride_xs, KS)     # (BT, BC) each
         out = row[:, None] * I + c[None, :]
         if WITH_V:                                                           # the cell's v, as `qkv.kernel` makes it
             v = _blockdiag(x_m, WV, hd * HD + d0, BT, BC, BS) + tl.load(BV + c)[None, :]
@@ -244,6 +286,23 @@ def supports(xz: torch.Tensor, num_heads: int, conv_w: torch.Tensor, wq: torch.T
             and xz.numel() < 2 ** 31)
 
 
+def post_fwd(h, xz, conv_w, conv_b, norm_w, norm_b, skip, ln_eps: float, config: tuple | None = None):
+    """The post tail's forward up to the down-projection: h (B, NH, S, DH), xz (B, S, 2I), conv_w (I, 1, K),
+    conv_b/norm_w/norm_b/skip (I,) -> u = (LayerNorm_head(h) norm_w + norm_b + skip x_c) SiLU(z) (B, S, I) in xz's
+    dtype, the down-projection's input (module docstring; the same u as `post_grad` writes). config: (BLOCK_T,
+    BLOCK_C, warps), default `POST_FWD_CONFIG`."""
+    bt, bc, warps = config or POST_FWD_CONFIG
+    B, NH, S, DH = h.shape
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    u = torch.empty(B, S, NH * DH, device=xz.device, dtype=xz.dtype)
+    f32 = lambda t: t.detach().float().contiguous()
+    _post_fwd_kernel[(triton.cdiv(S, bt), B, NH)](
+        h, xz, f32(conv_w), f32(conv_b), f32(norm_w), f32(norm_b), f32(skip), u, S, NH * DH, DH, h.stride(0),
+        h.stride(1), h.stride(2), xz.stride(0), xz.stride(1), ln_eps, KS=conv_w.shape[-1], BT=bt,
+        BC=_block_c(DH, bc), num_warps=warps)
+    return u
+
+
 def post_grad(du, h, xz, conv_w, conv_b, norm_w, norm_b, skip, ln_eps: float, v_weights: tuple | None = None,
               config: tuple | None = None):
     """Gradients of the block's post-cell tail from du = d(out) W_down (B, S, I) (module docstring).
@@ -332,5 +391,5 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
     return packed, x_c, d_conv_w, sums[2], sums[0], sums[1], sums[3 + kp], sums[4 + kp, :G]
 
 
-__all__ = ["cast_colsum", "post_grad", "pre_grad", "supports", "POST_CONFIG", "PRE_CONFIG", "DXM_CONFIG",
+__all__ = ["cast_colsum", "post_fwd", "post_grad", "pre_grad", "supports", "POST_CONFIG", "POST_FWD_CONFIG", "PRE_CONFIG", "DXM_CONFIG",
            "CAST_CONFIG"]

@@ -19,7 +19,8 @@ Algebra used (exact in real arithmetic, so the fused block equals the plain one 
   * on CUDA in fp16/bf16 `block_pre` is one Triton kernel (`mal.ops.qkv.kernel`, through `QKVGates`); in
     training there both regions' backward is `mal.ops.block_grad.kernel` (`QKVGates` hands xz to `PostFused`,
     whose backward passes the post tail's x_c gradient and dz back through it: the conv's backward runs once
-    and dxz is written once), otherwise (e.g. a head dim that is not a multiple of 16) `QKVGates`' backward is
+    and dxz is written once), and the post tail's forward is that module's `post_fwd` kernel up to the
+    down-projection (then `block_down`, compiled), otherwise (e.g. a head dim that is not a multiple of 16) `QKVGates`' backward is
     the written-out `block_pre_vjp` (compiled) and `block_post`'s is inductor's;
   * the reorder between blocks (`order`) is no gather of its own: without grad it is inside the compiled up-
     and post-regions; in training on CUDA `NormUp` (`mal.ops.norm.kernel`) reads x's rows through it and
@@ -33,7 +34,7 @@ Algebra used (exact in real arithmetic, so the fused block equals the plain one 
 Parameter names and state dicts are untouched: the fast path only reads the block's parameters.
 
 Modules: `block` (FastPath, block_forward), `regions` (the compiled regions), `norm_up` (NormUp), `pre`
-(QKVGates), `post` (block_post, PostFused), `saved` (RecomputeQKV, VFromPost).
+(QKVGates), `post` (block_post, block_down, PostFused), `saved` (RecomputeQKV, VFromPost).
 """
 from __future__ import annotations
 

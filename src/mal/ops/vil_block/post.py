@@ -1,6 +1,6 @@
 """The block's post-cell tail: per-head norm, learnable skip, output gate, down-projection and residual
-(`block_post`, compiled), and with it in training on CUDA its backward in `mal.ops.block_grad.kernel`
-(`PostFused`)."""
+(`block_post`, compiled), and in training on CUDA `PostFused`: its forward up to the down-projection and its
+backward in `mal.ops.block_grad.kernel`, the down-projection and residual (`block_down`) compiled."""
 from __future__ import annotations
 
 import torch
@@ -23,8 +23,13 @@ def block_post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, do
     x_m, z = xz[..., :I], xz[..., I:]                                       # (B, S, I) each
     x_c = causal_conv_silu(x_m, conv_w, conv_b)                             # (B, S, I) recomputed
     hn = F.layer_norm(h, (DH,), eps=POST_LN_EPS).transpose(1, 2).reshape(B, S, I)  # (B, S, I) per-head norm
-    y = (hn * norm_w + norm_b + skip * x_c) * F.silu(z)                     # (B, S, I)
-    y = F.linear(y, down_w, down_b)                                         # (B, S, D)
+    u = (hn * norm_w + norm_b + skip * x_c) * F.silu(z)                     # (B, S, I)
+    return block_down(u, down_w, down_b, residual, order, scale)
+
+
+def block_down(u, down_w, down_b, residual=None, order=None, scale=None):
+    """The down-projection u (B, S, I) -> (B, S, D), times `scale` (B, 1, 1) and plus residual as `block_post`."""
+    y = F.linear(u, down_w, down_b)                                         # (B, S, D)
     if scale is not None:
         y = y * scale                                                       # (B, S, D) drop-path
     if residual is not None and order is not None:
@@ -33,7 +38,8 @@ def block_post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, do
 
 
 class PostFused(torch.autograd.Function):
-    """`block_post` (compiled when `compiled`) with its backward in `mal.ops.block_grad.kernel.post_grad`.
+    """`block_post` as `mal.ops.block_grad.kernel.post_fwd` and `block_down` (compiled when `compiled`), with its
+    backward in `mal.ops.block_grad.kernel.post_grad`.
 
     xz must be the view returned by `QKVGates` (`block_pre_fused(..., xz_view=True)`): the "gradient" this
     function returns for it is the packed [dx_c, dz] (B, S, 2I), which `QKVGates`' backward turns into dxz
@@ -45,11 +51,11 @@ class PostFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, compiled, mode, h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b,
                 order, v_out, scale=None):
-        post = compiled_region(block_post, mode) if compiled else block_post
+        down = compiled_region(block_down, mode) if compiled else block_down
         ctx.save_for_backward(h, xz, conv_w, conv_b, norm_w, norm_b, skip, down_w, scale)
         ctx.residual, ctx.down_b, ctx.v_out = residual is not None, down_b is not None, v_out
-        return post(h, xz, residual, conv_w, conv_b, norm_w, norm_b, skip, down_w, down_b, order=order,
-                    scale=scale)
+        u = load("block_grad", "triton").post_fwd(h, xz, conv_w, conv_b, norm_w, norm_b, skip, POST_LN_EPS)
+        return down(u, down_w, down_b, residual, order, scale)              # (B, S, D)
 
     @staticmethod
     def backward(ctx, dout):
@@ -73,4 +79,4 @@ class PostFused(torch.autograd.Function):
                 d_down_w, d_down_b if ctx.down_b else None, None, None, None)
 
 
-__all__ = ["POST_LN_EPS", "PostFused", "block_post"]
+__all__ = ["POST_LN_EPS", "PostFused", "block_down", "block_post"]
