@@ -24,7 +24,7 @@ Algebra used (exact in real arithmetic, so the fused block equals the plain one 
     the written-out `block_pre_vjp` (compiled) and `block_post`'s is inductor's;
   * the reorder between blocks (`order`) is no gather of its own: without grad it is inside the compiled up-
     and post-regions; in training on CUDA `NormUp` (`mal.ops.norm.kernel`) reads x's rows through it and
-    scatters the gradient back, joined with the residual's, and the compiled post-region gathers the residual;
+    scatters the gradient back, joined with the residual's, and the compiled `block_down` gathers the residual;
   * for the backward, `block_pre` and `block_post` save nothing but their inputs (`regions.MEMORY_BUDGET`):
     x_c, the conv's padded input, SiLU and the per-head norm are recomputed from xz and h, which the block keeps
     anyway; `NormUp` keeps x and its row statistics, not the LayerNorm's output; with the kernels' backward
