@@ -48,7 +48,7 @@ MAX_CONV = 8                # taps of the causal conv
 # BLOCK_C channels of one image, walking the sequence in tiles of BLOCK_T tokens. The fastest at ViL-B's shape
 # in `benchmarks/block_grad.py --sweep` on an H100 (benchmarks/results/block_grad_h100.json).
 POST_CONFIG = (16, 32, 4)
-POST_FWD_CONFIG = (16, 32, 4)  # `post_fwd`: (BLOCK_T, BLOCK_C, warps), a program per BLOCK_T tokens of one head
+POST_FWD_CONFIG = (16, 32, 4)  # `post_fwd`: post_grad's tiles (a program per BLOCK_T tokens of one head), not swept
 PRE_CONFIG = (32, 64, 4)
 DXM_CONFIG = (32, 64, 4)
 CAST_CONFIG = (8192, 4, 16)  # `cast_colsum`: (elements per tile, warps, tiles per program)
@@ -93,7 +93,7 @@ def _post_fwd_kernel(H, XZ, CW, CB, NW, NB, SK, U, S, I, HD, stride_hb, stride_h
         h = tl.load(h_base + t[:, None] * stride_hs + (d0 + tl.arange(0, BC))[None, :], mask=m2,
                     other=0.0).to(tl.float32)
         z = tl.load(x_base + t[:, None] * stride_xs + (I + c)[None, :], mask=m2, other=0.0).to(tl.float32)
-        x_m, x_c = _conv_silu(x_base, t, t_ok, c, CW, CB, stride_xs, KS)
+        _, x_c = _conv_silu(x_base, t, t_ok, c, CW, CB, stride_xs, KS)     # (BT, BC)
         hn = (h - mean[:, None]) * rstd[:, None]
         a = hn * tl.load(NW + c)[None, :] + tl.load(NB + c)[None, :] + tl.load(SK + c)[None, :] * x_c
         tl.store(U + row[:, None] * I + c[None, :], (a * z * tl.sigmoid(z)).to(U.dtype.element_ty), mask=m2)
@@ -391,5 +391,5 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
     return packed, x_c, d_conv_w, sums[2], sums[0], sums[1], sums[3 + kp], sums[4 + kp, :G]
 
 
-__all__ = ["cast_colsum", "post_fwd", "post_grad", "pre_grad", "supports", "POST_CONFIG", "POST_FWD_CONFIG", "PRE_CONFIG", "DXM_CONFIG",
-           "CAST_CONFIG"]
+__all__ = ["cast_colsum", "post_fwd", "post_grad", "pre_grad", "supports", "POST_CONFIG", "POST_FWD_CONFIG",
+           "PRE_CONFIG", "DXM_CONFIG", "CAST_CONFIG"]

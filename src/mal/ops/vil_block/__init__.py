@@ -20,8 +20,8 @@ Algebra used (exact in real arithmetic, so the fused block equals the plain one 
     training there both regions' backward is `mal.ops.block_grad.kernel` (`QKVGates` hands xz to `PostFused`,
     whose backward passes the post tail's x_c gradient and dz back through it: the conv's backward runs once
     and dxz is written once), and the post tail's forward is that module's `post_fwd` kernel up to the
-    down-projection (then `block_down`, compiled), otherwise (e.g. a head dim that is not a multiple of 16) `QKVGates`' backward is
-    the written-out `block_pre_vjp` (compiled) and `block_post`'s is inductor's;
+    down-projection (then `block_down`, compiled), otherwise (e.g. a head dim that is not a multiple of 16)
+    `QKVGates`' backward is the written-out `block_pre_vjp` (compiled) and `block_post`'s is inductor's;
   * the reorder between blocks (`order`) is no gather of its own: without grad it is inside the compiled up-
     and post-regions; in training on CUDA `NormUp` (`mal.ops.norm.kernel`) reads x's rows through it and
     scatters the gradient back, joined with the residual's, and the compiled `block_down` gathers the residual;
