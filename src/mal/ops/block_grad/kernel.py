@@ -93,7 +93,7 @@ def _post_fwd_kernel(H, XZ, CW, CB, NW, NB, SK, U, S, I, HD, stride_hb, stride_h
         h = tl.load(h_base + t[:, None] * stride_hs + (d0 + tl.arange(0, BC))[None, :], mask=m2,
                     other=0.0).to(tl.float32)
         z = tl.load(x_base + t[:, None] * stride_xs + (I + c)[None, :], mask=m2, other=0.0).to(tl.float32)
-        _, x_c = _conv_silu(x_base, t, t_ok, c, CW, CB, stride_xs, KS)     # (BT, BC)
+        x_m, x_c = _conv_silu(x_base, t, t_ok, c, CW, CB, stride_xs, KS)   # (BT, BC) each; x_m unused here
         hn = (h - mean[:, None]) * rstd[:, None]
         a = hn * tl.load(NW + c)[None, :] + tl.load(NB + c)[None, :] + tl.load(SK + c)[None, :] * x_c
         tl.store(U + row[:, None] * I + c[None, :], (a * z * tl.sigmoid(z)).to(U.dtype.element_ty), mask=m2)
