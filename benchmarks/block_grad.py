@@ -9,7 +9,8 @@ Per shape (B, S, NH, DH), bf16 activations, ms per call (median of CUDA-event-ti
   post_fwd_kernel_ms             the post tail's forward kernel alone (`post_fwd`: u)
   post_fwd_ms, post_fwd_compiled_ms   the post tail's forward without grad, as `PostFused` runs it (`post_fwd` +
                                  the compiled `block_down`) and as the compiled `block_post` (inductor)
---sweep times every kernel configuration (BLOCK_T, BLOCK_C, warps) of each kernel and reports the fastest.
+--sweep times every kernel configuration (BLOCK_T, BLOCK_C, warps) of each kernel and reports the fastest (ms per
+call from a CUDA graph of 10 calls: the kernel's time without launch overhead, as in a graphed training step).
 
     PYTHONPATH=src python benchmarks/block_grad.py --sweep --json block_grad.json
 """
@@ -19,7 +20,7 @@ import itertools
 import json
 
 import torch
-from qkv_kernel import cuda_ms, inputs as pre_inputs, parse_args, report, sweep  # benchmarks/ is this script's dir
+from qkv_kernel import cuda_ms, graph_ms, inputs as pre_inputs, parse_args, report, sweep  # benchmarks/: this dir
 from throughput import device_info
 
 SHAPES = {"T": (128, 197, 4, 96), "S": (128, 197, 4, 192), "B": (128, 197, 4, 384), "B-pretrain": (256, 145, 4, 384),
@@ -90,7 +91,7 @@ def forward_rows(res: dict, xz, post, h, sweep_configs: bool) -> None:
     if sweep_configs:
         DH = h.shape[-1]
         res["sweep_post_fwd"] = sweep(run_fwd, [c for c in itertools.product((16, 32, 64), (32, 64, 128), (2, 4, 8))
-                                                if DH % c[1] == 0])
+                                                if DH % c[1] == 0], graph_ms)
 
 
 def main() -> dict:
@@ -111,9 +112,9 @@ def main() -> dict:
         res["pre_grad_ms"] = cuda_ms(run_pre)
         if args.sweep:
             grid = lambda bcs: [c for c in itertools.product((16, 32, 64), bcs, (4, 8)) if I % c[1] == 0]
-            res["sweep_post"] = sweep(run_post, [c for c in grid((32, 64, 128)) if DH % c[1] == 0])
-            res["sweep_pre"] = sweep(lambda c: run_pre(cfg=c), grid((32, 64, 128)))
-            res["sweep_dxm"] = sweep(lambda c: run_pre(dxm=c), grid((32, 64, 128)))
+            res["sweep_post"] = sweep(run_post, [c for c in grid((32, 64, 128)) if DH % c[1] == 0], graph_ms)
+            res["sweep_pre"] = sweep(lambda c: run_pre(cfg=c), grid((32, 64, 128)), graph_ms)
+            res["sweep_dxm"] = sweep(lambda c: run_pre(dxm=c), grid((32, 64, 128)), graph_ms)
         forward_rows(res, pre[0], post, h, args.sweep)
         leaves = [t.detach().requires_grad_() for t in pre + post[2:] + [h]]
         pl, ql, hl = leaves[:11], leaves[11:16], leaves[16]
