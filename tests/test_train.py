@@ -254,10 +254,11 @@ def test_pretraining_draws_its_masks_on_one_thread_and_restores_the_count(image_
     assert seen[:192 // 16] == [1] * (192 // 16)                        # every training step's draw
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", [1, 2, 4])
 def test_one_pass_over_epochs_is_the_epochs_one_after_another(world):
     """The trainer reads a whole run through one loader pass: the samples are those of the epochs read one by one,
-    resuming mid-epoch skips exactly the samples already trained on, and the processes never share a sample."""
+    resuming mid-epoch skips exactly the samples already trained on, the processes never share a sample, and
+    optimizer step s of all processes together trains on positions [s*B, (s+1)*B) of the epoch's permutation."""
     from mal.engine.sampling import StepSampler
     n, B, epochs, seed = 21, 4, 3, 7                             # 5 steps per epoch, the last image dropped
     for rank in range(world):
@@ -272,13 +273,17 @@ def test_one_pass_over_epochs_is_the_epochs_one_after_another(world):
         assert len({i for _, i in by_epoch[:20 // world]}) == 20 // world          # no repeat within an epoch
         run.set_epoch(1, start=3, until=epochs)                   # resumed: epoch 1 after 3 of its samples
         assert list(run) == by_epoch[20 // world + 3:] and len(run) == len(by_epoch) - 20 // world - 3
-    if world == 2:
-        shards = []
-        for rank in range(2):
-            s = StepSampler(n, B, 2, rank, seed)
-            s.set_epoch(0)
-            shards.append({i for _, i in s})
-        assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 20
+    shards = []
+    for rank in range(world):
+        s = StepSampler(n, B, world, rank, seed)
+        s.set_epoch(0)
+        shards.append([i for _, i in s])
+    assert sum(map(len, shards)) == len(set().union(*shards)) == 20              # disjoint, all 20 usable images
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:20].tolist()   # epoch 0's order
+    micro = B // world
+    for step in range(20 // B):
+        together = {i for shard in shards for i in shard[step * micro:(step + 1) * micro]}
+        assert together == set(perm[step * B:(step + 1) * B]), step
 
 
 def test_evaluations_between_steps_do_not_change_the_training(image_folder, tmp_path):
