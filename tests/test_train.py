@@ -152,8 +152,9 @@ def test_killed_run_resumes_to_identical_weights(image_folder, tmp_path):
     assert again["train_time_s"] > 0.5 * ref_sum["train_time_s"]
 
 
-def test_torchrun_two_processes_match_one(image_folder, tmp_path):
-    """DDP (gloo, 2 CPU processes) with the same global batch gives the same weights as one process."""
+def test_torchrun_two_and_four_processes_match_one(image_folder, tmp_path):
+    """DDP (gloo, 2 CPU processes; 4 with the flat all-reduce) with the same global batch gives the same weights as
+    one process."""
     common = ["max_steps=4", "probe=false", "optim.batch_size=8", "optim.blr=0.05", "optim.warmup_epochs=0"]
     one = tmp_path / "one"
     subprocess.run(_cli(*_pretrain_args(image_folder, one, *common)), check=True, env=_env(), capture_output=True)
@@ -164,18 +165,14 @@ def test_torchrun_two_processes_match_one(image_folder, tmp_path):
     subprocess.run(_cli(*_pretrain_args(image_folder, short, *common, "max_steps=3")), check=True, env=_env(),
                    capture_output=True)
     assert max((_weights(one)[k] - w).abs().max().item() for k, w in _weights(short).items()) > 8 * atol
-    two = tmp_path / "two"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mal"]
-    res = subprocess.run([*torchrun, *_pretrain_args(image_folder, two, *common)], env=_env(), capture_output=True,
-                         text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    _assert_same_weights(_weights(one), _weights(two), atol=atol)
-    # the flat all-reduce after the backward (what CUDA-graphed steps use) instead of DDP's hooks: the same weights
-    flat = tmp_path / "flat"
-    res = subprocess.run([*torchrun, *_pretrain_args(image_folder, flat, *common, "grad_sync=flat")], env=_env(),
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    _assert_same_weights(_weights(one), _weights(flat), atol=atol)
+    torchrun = lambda n: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                          "-m", "mal"]
+    # DDP's hooks; the flat all-reduce after the backward (what CUDA-graphed steps use), on 2 and on 4 processes
+    for name, procs, sync in (("two", 2, []), ("flat", 2, ["grad_sync=flat"]), ("four", 4, ["grad_sync=flat"])):
+        res = subprocess.run([*torchrun(procs), *_pretrain_args(image_folder, tmp_path / name, *common, *sync)],
+                             env=_env(), capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+        _assert_same_weights(_weights(one), _weights(tmp_path / name), atol=atol)
     # and accumulation: 1 process, 2 micro-batches of 4
     acc = tmp_path / "acc"
     subprocess.run(_cli(*_pretrain_args(image_folder, acc, *common, "optim.accum_steps=2")), check=True, env=_env(),
