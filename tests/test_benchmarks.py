@@ -134,3 +134,21 @@ def test_step_ops_names_each_kernel_with_its_op_and_autograd_node(monkeypatch):
         {"kernel": "copy_kernel", "op": "aten::expand", "owner": "SumBackward0", "calls_per_step": 0.3, "ms": 1.0},
         {"kernel": "gemm", "op": "aten::mm", "owner": "forward: ## block 3 ##", "calls_per_step": 0.7, "ms": 0.4}]
     assert ts.kernels_by_op(lambda: None, top=1, steps=3) == rows[:1]
+
+
+def test_ab_step_alternates_the_codes_and_compares_their_medians(tmp_path):
+    """ab_step.py runs the codes in the given order, alternations times over, and compares each code's median
+    img/s with the first code's, leaving out failed rows; a --code that is not a source directory is refused."""
+    import pytest
+
+    from ab_step import compare, main, schedule
+    assert schedule(["new", "old"], 2) == ["new_1", "old_1", "new_2", "old_2"]
+    row = lambda ips, gpu=None: {"config": "c", "row": "step_loop", "img_s": ips, **({"gpu_ms": gpu} if gpu else {})}
+    runs = {"new_1": [row(110.0, 9.0)], "old_1": [row(100.0)], "new_2": [row(130.0)],
+            "old_2": [{"config": "c", "row": "step_loop", "error": "RuntimeError: ..."}], "new_3": [row(120.0)]}
+    (entry,) = compare(runs, ["old", "new"])
+    assert entry["old"] == {"img_s": [100.0], "gpu_ms": [], "median_img_s": 100.0, "ratio": 1.0}
+    assert entry["new"]["img_s"] == [110.0, 130.0, 120.0] and entry["new"]["gpu_ms"] == [9.0]
+    assert entry["new"]["median_img_s"] == 120.0 and entry["new"]["ratio"] == 1.2
+    with pytest.raises(SystemExit):
+        main(["--code", f"new={REPO / 'src'}", "--code", f"old={tmp_path}"])   # tmp_path holds no package mal
