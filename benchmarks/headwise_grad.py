@@ -83,7 +83,7 @@ class GemmHeadwise(torch.autograd.Function):
         if ctx.chunk < 0:                                                    # batched (bs x N) @ (N x bs) per block
             gw = torch.einsum("nho,nhi->hoi", g2.unflatten(-1, (nb, bs)), x2.unflatten(-1, (nb, bs)))
         elif ctx.chunk == 0:                                                 # one dense GEMM, diagonal blocks
-            gw = headwise_wgrad_dense(g2, x2, bs)
+            gw = headwise_wgrad_dense(g2, x2, bs)[0]
         else:
             gw = chunk_diag(g2, x2, nb, bs, ctx.chunk)
         return gx, gw.to(w.dtype), None

@@ -38,8 +38,7 @@ def pre_weight_grads(dq, dk, dv, dg, x_c, x_m, bs: int):
     dtype: dq, dk, dv, x_c, x_m (N, I), dg (N, G) -> d wq, d wk, d wv (nb, bs, bs), and in float32 (float64 in
     tests) d w_c, d w_m (G, I) of the precomposed gates (their bias's gradient is dg's column sums)."""
     acc = torch.promote_types(x_c.dtype, torch.float32)
-    return (headwise_wgrad(dq, x_c, bs), headwise_wgrad(dk, x_c, bs), headwise_wgrad(dv, x_m, bs),
-            (dg.t() @ x_c).to(acc), (dg.t() @ x_m).to(acc))
+    return (*headwise_wgrad(dq, x_c, dk, x_c, dv, x_m, bs).unbind(0), (dg.t() @ x_c).to(acc), (dg.t() @ x_m).to(acc))
 
 
 def block_pre_vjp(xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, dq, dk, dv, dg):

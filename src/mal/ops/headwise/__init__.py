@@ -1,8 +1,8 @@
 """The 4x4 block-diagonal q/k/v map of a ViL block (`LinearHeadwise`) with its weight gradient on tensor cores:
 `reference` (the dense-GEMM weight gradient and the input gradient) and `kernel` (the weight gradient in Triton).
 
-Backends of the op "headwise", the weight gradient dispatched on (g, x, bs): "torch" (the reference) and
-"triton" (CUDA fp16/bf16, `kernel.supports`).
+Backends of the op "headwise", the weight gradients of P maps dispatched on (g0, x0, ..., bs): "torch" (the
+reference) and "triton" (CUDA fp16/bf16 pairs of one shape, `kernel.supports`).
 """
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ register("headwise", "triton", "mal.ops.headwise.kernel:headwise_wgrad", "mal.op
          device="cuda")
 
 
-def headwise_wgrad(g: torch.Tensor, x: torch.Tensor, bs: int) -> torch.Tensor:
-    """Weight gradient of a block-diagonal map, g, x (N, nb*bs) -> (nb, bs, bs): the Triton kernel where it
-    applies (CUDA fp16/bf16; float32 out), else the dense-GEMM form."""
-    return resolve("headwise", g, x, bs)(g, x, bs)                          # (nb, bs, bs)
+def headwise_wgrad(*args) -> torch.Tensor:
+    """Weight gradients of P block-diagonal maps, args = (g0, x0, g1, x1, ..., bs) with each pair (N, nb*bs)
+    -> (P, nb, bs, bs): the Triton kernel where it applies (CUDA fp16/bf16; float32 out; one reduction for all
+    pairs), else the dense-GEMM form."""
+    return resolve("headwise", *args)(*args)                                # (P, nb, bs, bs)
 
 
 class HeadwiseGemmGrad(torch.autograd.Function):
@@ -46,7 +47,7 @@ class HeadwiseGemmGrad(torch.autograd.Function):
         low = x.dtype in (torch.bfloat16, torch.float16)                    # autocast: GEMM in the activations' dtype
         dt = x.dtype if low else torch.promote_types(x.dtype, gy.dtype)
         g2, x2 = gy.reshape(-1, nb * bs).to(dt), x.reshape(-1, nb * bs).to(dt)  # (N, I) each
-        return gx.to(x.dtype), headwise_wgrad(g2, x2, bs).to(weight.dtype)
+        return gx.to(x.dtype), headwise_wgrad(g2, x2, bs)[0].to(weight.dtype)
 
 
 def headwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pointwise: bool) -> torch.Tensor:

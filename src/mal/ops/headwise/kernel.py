@@ -4,7 +4,8 @@
 
 One program takes a group of C channels (C/bs blocks) and a chunk of tokens, accumulates the (C, C) product
 g^T x of its tiles on tensor cores, keeps the diagonal (bs, bs) blocks and writes them as one partial sum;
-torch adds the partials of the token chunks (deterministic, no atomics). It reads g and x once and does C/bs
+torch adds the partials of the token chunks (deterministic, no atomics). The maps of a block (q, k, v) are one
+launch each into one buffer of partials, added by one reduction kernel. It reads g and x once and does C/bs
 times the needed FLOPs, where one dense (I, N) x (N, I) GEMM does I/bs times (384 x at ViL-B's I = 1536,
 which made that GEMM 8 % of a B training step).
 """
@@ -40,28 +41,45 @@ def _wgrad_kernel(G, X, OUT, N, stride_g, stride_x, CHUNK_N: tl.constexpr, C: tl
     tl.store(OUT + offs, acc, mask=diag)
 
 
-def supports(g: torch.Tensor, x: torch.Tensor, bs: int) -> bool:
-    """CUDA fp16/bf16 (N, I) inputs with unit channel stride, GROUP | I, bs | GROUP, offsets within int32."""
+def _pair_ok(g: torch.Tensor, x: torch.Tensor, bs: int) -> bool:
     return (g.dim() == 2 and g.shape == x.shape and g.dtype == x.dtype and g.dtype in SUPPORTED_DTYPES
             and g.device == x.device and g.device.type == "cuda" and g.stride(1) == 1 and x.stride(1) == 1
             and g.shape[1] % GROUP == 0 and GROUP % bs == 0 and g.shape[0] > 0
             and (g.shape[0] + CHUNK) * max(g.stride(0), x.stride(0)) < 2 ** 31)
 
 
+def supports(*args) -> bool:
+    """args = (g0, x0, g1, x1, ..., bs): CUDA fp16/bf16 (N, I) pairs of one shape and dtype with unit channel
+    stride, GROUP | I, bs | GROUP, offsets within int32."""
+    *pairs, bs = args
+    same = all(t.shape == pairs[0].shape and t.dtype == pairs[0].dtype for t in pairs)
+    return len(pairs) >= 2 and len(pairs) % 2 == 0 and same and all(map(_pair_ok, pairs[::2], pairs[1::2],
+                                                                        [bs] * len(pairs)))
+
+
 @torch.library.custom_op("mal::headwise_wgrad", mutates_args=())
-def headwise_wgrad(g: torch.Tensor, x: torch.Tensor, bs: int) -> torch.Tensor:
-    """g, x (N, nb*bs) -> dW (nb, bs, bs) in float32: the diagonal blocks of g^T x (see the module docstring)."""
-    N, I = x.shape
+def _headwise_wgrads(gs: list[torch.Tensor], xs: list[torch.Tensor], bs: int) -> torch.Tensor:
+    """P pairs g, x (N, nb*bs) -> dW (P, nb, bs, bs) in float32: the diagonal blocks of each g^T x, one launch
+    per pair into one buffer of partials and one sum for all (see the module docstring)."""
+    N, I = xs[0].shape
     splits = triton.cdiv(N, CHUNK)
-    partial = torch.empty(splits, I // bs, bs, bs, device=x.device, dtype=torch.float32)  # every entry written
-    _wgrad_kernel[(I // GROUP, splits)](g, x, partial, N, g.stride(0), x.stride(0), CHUNK_N=CHUNK, C=GROUP, BS=bs,
-                                        BLOCK=BLOCK_N)
-    return partial.sum(0)                                                    # (nb, bs, bs)
+    partial = torch.empty(len(xs), splits, I // bs, bs, bs, device=xs[0].device, dtype=torch.float32)  # all written
+    for g, x, out in zip(gs, xs, partial):
+        _wgrad_kernel[(I // GROUP, splits)](g, x, out, N, g.stride(0), x.stride(0), CHUNK_N=CHUNK, C=GROUP, BS=bs,
+                                            BLOCK=BLOCK_N)
+    return partial.sum(1)                                                    # (P, nb, bs, bs)
 
 
-@headwise_wgrad.register_fake
-def _(g: torch.Tensor, x: torch.Tensor, bs: int) -> torch.Tensor:
-    return x.new_empty(x.shape[1] // bs, bs, bs, dtype=torch.float32)
+@_headwise_wgrads.register_fake
+def _(gs: list[torch.Tensor], xs: list[torch.Tensor], bs: int) -> torch.Tensor:
+    return xs[0].new_empty(len(xs), xs[0].shape[1] // bs, bs, bs, dtype=torch.float32)
+
+
+def headwise_wgrad(*args) -> torch.Tensor:
+    """args = (g0, x0, g1, x1, ..., bs) -> (P, nb, bs, bs) float32: the weight gradients of P block-diagonal
+    maps of one shape (the q, k and v maps of a block) with one reduction kernel for all."""
+    *pairs, bs = args
+    return _headwise_wgrads(list(pairs[::2]), list(pairs[1::2]), bs)
 
 
 __all__ = ["headwise_wgrad", "supports", "GROUP"]

@@ -5,12 +5,16 @@ from __future__ import annotations
 import torch
 
 
-def headwise_wgrad_dense(g: torch.Tensor, x: torch.Tensor, bs: int) -> torch.Tensor:
-    """Weight gradient of a block-diagonal map as the diagonal (bs, bs) blocks of one dense GEMM:
-    g, x (N, nb*bs) -> (nb, bs, bs), I/bs times the needed FLOPs."""
-    nb = x.shape[1] // bs
-    full = g.t() @ x                                                        # (nb*bs, nb*bs)
-    return torch.diagonal(full.view(nb, bs, nb, bs), dim1=0, dim2=2).permute(2, 0, 1)  # (nb, bs, bs)
+def headwise_wgrad_dense(*args) -> torch.Tensor:
+    """Weight gradients of block-diagonal maps as the diagonal (bs, bs) blocks of dense GEMMs, I/bs times the
+    needed FLOPs: args = (g0, x0, g1, x1, ..., bs), each pair (N, nb*bs) -> (P, nb, bs, bs)."""
+    *pairs, bs = args
+    out = []
+    for g, x in zip(pairs[::2], pairs[1::2]):
+        nb = x.shape[1] // bs
+        full = g.t() @ x                                                    # (nb*bs, nb*bs)
+        out.append(torch.diagonal(full.view(nb, bs, nb, bs), dim1=0, dim2=2).permute(2, 0, 1))  # (nb, bs, bs)
+    return torch.stack(out)                                                 # (P, nb, bs, bs)
 
 
 def headwise_input_grad(gy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
