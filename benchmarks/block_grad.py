@@ -100,7 +100,8 @@ def main() -> dict:
     from mal.ops.vil_block.pre import block_pre_fused
     from mal.ops.vil_block.regions import compiled_region
     args = parse_args(__doc__, SHAPES)
-    out = {**device_info(), "defaults": {"post": bg.POST_CONFIG, "pre": bg.PRE_CONFIG, "dxm": bg.DXM_CONFIG,
+    out = {**device_info(), "defaults": {"post": bg.POST_CONFIG, "pre": bg.PRE_CONFIG,
+                                         "pre_narrow": bg.PRE_CONFIG_NARROW, "dxm": bg.DXM_CONFIG,
                                          "post_fwd": bg.POST_FWD_CONFIG},
            "shapes": {}}
     for name in args.shapes.split(","):

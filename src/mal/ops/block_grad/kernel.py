@@ -46,10 +46,13 @@ MAX_CONV = 8                # taps of the causal conv
 # (BLOCK_T tokens, BLOCK_C channels, warps) of each kernel. post_grad: a program per BLOCK_T tokens of one head,
 # walking its DH channels in chunks of BLOCK_C (shrunk to divide DH). pre_grad's two kernels: a program per
 # BLOCK_C channels of one image, walking the sequence in tiles of BLOCK_T tokens. The fastest at ViL-B's shape
-# in `benchmarks/block_grad.py --sweep` on an H100 (benchmarks/results/block_grad_h100.json).
+# in `benchmarks/block_grad.py --sweep` on an H100 (benchmarks/results/block_grad_h100.json); `_pre_grad_kernel`
+# takes PRE_CONFIG_NARROW up to I = 384 (ViL-T: the fastest at 128 and 144 tokens on an H200, and the faster
+# training step, benchmarks/results/block_grad_pre16_h200.json and train_step_pre16_h200.json).
 POST_CONFIG = (16, 32, 4)
-POST_FWD_CONFIG = (16, 32, 4)  # `post_fwd`: post_grad's tiles (a program per BLOCK_T tokens of one head), not swept
+POST_FWD_CONFIG = (16, 32, 4)  # `post_fwd`: post_grad's tiles (a program per BLOCK_T tokens of one head)
 PRE_CONFIG = (32, 64, 4)
+PRE_CONFIG_NARROW = (16, 128, 4)
 DXM_CONFIG = (32, 64, 4)
 CAST_CONFIG = (8192, 4, 16)  # `cast_colsum`: (elements per tile, warps, tiles per program)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -357,6 +360,11 @@ def cast_colsum(x: torch.Tensor, dtype: torch.dtype, config: tuple | None = None
     return y, part.sum(0)
 
 
+def pre_config(inner: int) -> tuple:
+    """`_pre_grad_kernel`'s (BLOCK_T, BLOCK_C, warps) for a block of inner width I."""
+    return PRE_CONFIG_NARROW if inner <= 384 else PRE_CONFIG
+
+
 def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, config: tuple | None = None,
              dxm_config: tuple | None = None):
     """Gradients of the block's pre-cell step (module docstring), joined with the post tail's `packed` [dx_c, dz].
@@ -365,7 +373,7 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
     w_c/w_m (G, I) -> dxz (B, S, 2I) (`packed`, its left half overwritten with dx_m), x_c (B, S, I) in xz's dtype,
     and in float32 d conv_w (I, 1, K), d conv_b, d bq, d bk, d bv (I,) and the gate bias's d b (G,) (dg's column
     sums). All column sums come from one float32 buffer of per-image partials (both kernels write into it), reduced
-    by one sum. config/dxm_config: (BLOCK_T, BLOCK_C, warps) of the two kernels, default `PRE_CONFIG`/`DXM_CONFIG`."""
+    by one sum. config/dxm_config: (BLOCK_T, BLOCK_C, warps) of the two kernels, default `pre_config(I)`/`DXM_CONFIG`."""
     B, S, two_i = xz.shape
     inner, K, G = two_i // 2, conv_w.shape[-1], dg.shape[-1]
     kp = triton.next_power_of_2(K)
@@ -379,7 +387,7 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
     cw = f32(conv_w)
     meta = lambda cfg: dict(BS=wq.shape[-1], BT=cfg[0], BC=_block_c(inner, cfg[1]), GP=MAX_GATES,
                             IEEE=xz.dtype == torch.float32, num_warps=cfg[2])
-    m1, m2 = meta(config or PRE_CONFIG), meta(dxm_config or DXM_CONFIG)
+    m1, m2 = meta(config or pre_config(inner)), meta(dxm_config or DXM_CONFIG)
     _pre_grad_kernel[(B, inner // m1["BC"])](
         dq, dk, dg, packed, xz, cw, f32(conv_b), wt(wq), wt(wk), low(w_c), dy, x_c, part,
         S, inner, G, xz.stride(0), xz.stride(1), part.stride(0), KS=K, KP=kp, **m1)
@@ -391,5 +399,5 @@ def pre_grad(dq, dk, dv, dg, packed, xz, conv_w, conv_b, wq, wk, wv, w_c, w_m, c
     return packed, x_c, d_conv_w, sums[2], sums[0], sums[1], sums[3 + kp], sums[4 + kp, :G]
 
 
-__all__ = ["cast_colsum", "post_fwd", "post_grad", "pre_grad", "supports", "POST_CONFIG", "POST_FWD_CONFIG",
-           "PRE_CONFIG", "DXM_CONFIG", "CAST_CONFIG"]
+__all__ = ["cast_colsum", "post_fwd", "post_grad", "pre_config", "pre_grad", "supports", "POST_CONFIG",
+           "POST_FWD_CONFIG", "PRE_CONFIG", "PRE_CONFIG_NARROW", "DXM_CONFIG", "CAST_CONFIG"]
