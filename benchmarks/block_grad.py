@@ -36,7 +36,7 @@ def graphed_ms(fn) -> float:
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn()
     return cuda_ms(graph.replay)
 

@@ -35,7 +35,7 @@ def graph_ms(fn, calls: int = 10) -> float:
         fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         for _ in range(calls):
             fn()
     return cuda_ms(graph.replay) / calls

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from mal.distributed import DistInfo
 from mal.objectives.mal import MALPretrain
 from mal.engine.build import build_criterion
 from mal.engine.optim import adapt_loaded_optimizer, make_optimizer, set_lr
+from mal.engine import step as step_module
 from mal.engine.step import LossStep, StepRunner, graphs_usable, restore, snapshot
 from mal.models.vil import VisionLSTM
 
@@ -150,6 +152,65 @@ def test_graphed_pretraining_steps_match_eager_steps(unit):
     assert upd_a.norm() > 0
     rel = (upd_a - upd_b).norm() / upd_a.norm()     # 3 AdamW steps: same updates up to bf16 noise
     assert rel < 1e-1, rel.item()               # stale inputs or wrong gradients give order 1
+
+
+def test_graphs_are_captured_thread_local_with_and_without_torchs_argument(monkeypatch):
+    """`graphed_callables` asks for thread-local capture: through make_graphed_callables' capture_error_mode where
+    torch has it, else (torch 2.11) through the graphs it creates, whose class is swapped for the call only."""
+    seen = {}
+
+    def with_mode(fn, static, num_warmup_iters=3, allow_unused_input=False, capture_error_mode="global"):
+        seen["mode"] = capture_error_mode
+        return fn
+
+    def without_mode(fn, static, num_warmup_iters=3, allow_unused_input=False):
+        seen["graph_class"] = torch.cuda.CUDAGraph
+        return fn
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", with_mode)
+    assert step_module.graphed_callables(len, (), 2) is len and seen["mode"] == "thread_local"
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", without_mode)
+    original = torch.cuda.CUDAGraph
+    assert step_module.graphed_callables(len, (), 2) is len
+    assert seen["graph_class"] is step_module._ThreadLocalGraph and torch.cuda.CUDAGraph is original
+
+
+@cuda
+def test_capture_survives_another_thread_allocating_pinned_memory():
+    """The loader's pin-memory thread allocates pinned memory while the first step captures. In CUDA's global capture
+    mode that call invalidates the capture ("operation failed due to a previous error during capture")."""
+    empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
+    if empty_host_cache is None:
+        pytest.skip("torch has no _host_emptyCache: pinned blocks would be reused, not allocated")
+    torch.manual_seed(0)
+    a = VisionLSTM(EncoderConfig(**ENC), num_classes=10).cuda().train()
+    b = VisionLSTM(EncoderConfig(**ENC), num_classes=10).cuda().train()
+    b.load_state_dict(a.state_dict())
+    for m in (a, b):
+        m.fast_path()
+    crit = nn.CrossEntropyLoss()
+    batches = [(torch.randn(8, 3, 24, 24, device="cuda"), torch.randint(0, 10, (8,), device="cuda")) for _ in range(3)]
+    eager = _steps(a, False, batches, crit)
+    stop, pinned, errors = threading.Event(), [0], []
+
+    def pin_memory_thread():                        # cudaHostAlloc + cudaFreeHost, over and over
+        try:
+            while not stop.is_set():
+                torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True)
+                empty_host_cache()
+                pinned[0] += 1
+        except Exception as e:                      # noqa: BLE001 (reported by the assert below)
+            errors.append(e)
+
+    thread = threading.Thread(target=pin_memory_thread)
+    thread.start()
+    try:
+        graph = _steps(b, True, batches, crit)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors and pinned[0] > 0, (errors, pinned)
+    assert torch.allclose(torch.tensor(eager), torch.tensor(graph), rtol=2e-2, atol=1e-3), (eager, graph)
 
 
 @cuda

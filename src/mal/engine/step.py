@@ -9,8 +9,10 @@ computation as the eager one; the autocast weight cache is off so the casts are 
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -104,8 +106,7 @@ class StepRunner:
         quiet_graphed_backward()
         static = tuple(a.detach().clone() for a in args)
         with autocast_for(self.device, self.amp, cache=False):
-            return torch.cuda.make_graphed_callables(self.loss_step, static, num_warmup_iters=self.warmup,
-                                                     allow_unused_input=True)
+            return graphed_callables(self.loss_step, static, self.warmup)
 
     def capture_update(self, args: tuple[torch.Tensor, ...]) -> Callable:
         """Warm up (compiles, creates AdamW's state) and capture one whole update for inputs shaped like `args`;
@@ -124,7 +125,7 @@ class StepRunner:
         restore(params, opt, saved)
         make_capturable(opt, self.device)               # after the eager warm-up (else AdamW warns at each step)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
             loss = self.update(static, params)
 
         def replay(*new: torch.Tensor) -> torch.Tensor:
@@ -179,6 +180,39 @@ def restore(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, saved:
                 v.zero_()
 
 
+CAPTURE_MODE = "thread_local"
+
+
+class _ThreadLocalGraph(torch.cuda.CUDAGraph):
+    """A CUDA graph whose capture always begins in `CAPTURE_MODE` (for torch without make_graphed_callables'
+    capture_error_mode argument, which creates its graphs itself)."""
+
+    def capture_begin(self, pool=None, capture_error_mode: str = "global") -> None:
+        super().capture_begin(pool, capture_error_mode=CAPTURE_MODE)
+
+
+@contextlib.contextmanager
+def _graphs_capture_thread_local() -> Iterator[None]:
+    saved = torch.cuda.CUDAGraph
+    torch.cuda.CUDAGraph = _ThreadLocalGraph
+    try:
+        yield
+    finally:
+        torch.cuda.CUDAGraph = saved
+
+
+def graphed_callables(fn: Callable, static: tuple[torch.Tensor, ...], warmup: int) -> Callable:
+    """`torch.cuda.make_graphed_callables` with thread-local capture: a CUDA call from another host thread during
+    the capture (the loader's pin-memory thread allocating pinned memory, a profiler's thread) would otherwise
+    invalidate it ("operation failed due to a previous error during capture"). The capture's own thread is
+    checked as before."""
+    kwargs = dict(num_warmup_iters=warmup, allow_unused_input=True)
+    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
+        return torch.cuda.make_graphed_callables(fn, static, capture_error_mode=CAPTURE_MODE, **kwargs)
+    with _graphs_capture_thread_local():
+        return torch.cuda.make_graphed_callables(fn, static, **kwargs)
+
+
 def quiet_graphed_backward() -> None:
     """Silence autograd's AccumulateGrad stream-mismatch warning (torch >= 2.10) for the rest of the process.
     `make_graphed_callables` warms up on a side stream, where the parameters' AccumulateGrad nodes are created, and
@@ -190,5 +224,5 @@ def quiet_graphed_backward() -> None:
         switch(False)
 
 
-__all__ = ["LossStep", "StepRunner", "graphs_usable", "make_capturable", "snapshot", "restore",
-           "quiet_graphed_backward"]
+__all__ = ["LossStep", "StepRunner", "graphs_usable", "graphed_callables", "make_capturable", "snapshot",
+           "restore", "quiet_graphed_backward", "CAPTURE_MODE"]
