@@ -30,6 +30,11 @@ def schedule(names: list[str], alternations: int) -> list[str]:
     return [f"{name}_{r}" for r in range(1, alternations + 1) for name in names]
 
 
+def code_of(run: str) -> str:
+    """The code's name of a run named by `schedule`."""
+    return run.rsplit("_", 1)[0]
+
+
 def run_code(src: str, passthrough: list[str], out: Path) -> dict:
     """One train_step.py process on the source directory `src`; its JSON ({device, results})."""
     env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())}
@@ -47,7 +52,7 @@ def compare(runs: dict[str, list[dict]], names: list[str]) -> list[dict]:
     for config, row in keys:
         entry: dict = {"config": config, "row": row}
         for name in names:
-            hits = [r for run, results in runs.items() if run.rsplit("_", 1)[0] == name for r in results
+            hits = [r for run, results in runs.items() if code_of(run) == name for r in results
                     if (r["config"], r["row"]) == (config, row) and "img_s" in r]
             entry[name] = {"img_s": [r["img_s"] for r in hits], "gpu_ms": [r["gpu_ms"] for r in hits if "gpu_ms" in r],
                            "median_img_s": statistics.median(r["img_s"] for r in hits) if hits else None}
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     order, runs, device = schedule(list(codes), args.alternations), {}, None
     with tempfile.TemporaryDirectory() as tmp:
         for run in order:
-            res = run_code(codes[run.rsplit("_", 1)[0]], passthrough, Path(tmp) / f"{run}.json")
+            res = run_code(codes[code_of(run)], passthrough, Path(tmp) / f"{run}.json")
             runs[run], device = res["results"], device or res["device"]
     rows = compare(runs, list(codes))
     print(table(rows, list(codes)))

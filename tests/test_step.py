@@ -80,6 +80,17 @@ def test_optimizer_state_from_a_fused_gpu_run_resumes_on_cpu():
     assert opt2.state[model.weight]["step"].item() == 2
 
 
+def _twin_classifiers() -> tuple[VisionLSTM, VisionLSTM]:
+    """Two small ViL classifiers on the GPU with the same weights (seed 0), on the fast path."""
+    torch.manual_seed(0)
+    a = VisionLSTM(EncoderConfig(**ENC), num_classes=10).cuda().train()
+    b = VisionLSTM(EncoderConfig(**ENC), num_classes=10).cuda().train()
+    b.load_state_dict(a.state_dict())
+    for m in (a, b):
+        m.fast_path()
+    return a, b
+
+
 def _steps(model, graphs: bool, batches, crit=None):
     """Three AdamW steps through StepRunner; returns the losses."""
     dev = torch.device("cuda")
@@ -182,12 +193,7 @@ def test_capture_survives_another_thread_allocating_pinned_memory():
     empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
     if empty_host_cache is None:
         pytest.skip("torch has no _host_emptyCache: pinned blocks would be reused, not allocated")
-    torch.manual_seed(0)
-    a = VisionLSTM(EncoderConfig(**ENC), num_classes=10).cuda().train()
-    b = VisionLSTM(EncoderConfig(**ENC), num_classes=10).cuda().train()
-    b.load_state_dict(a.state_dict())
-    for m in (a, b):
-        m.fast_path()
+    a, b = _twin_classifiers()
     crit = nn.CrossEntropyLoss()
     batches = [(torch.randn(8, 3, 24, 24, device="cuda"), torch.randint(0, 10, (8,), device="cuda")) for _ in range(3)]
     eager = _steps(a, False, batches, crit)
@@ -215,12 +221,7 @@ def test_capture_survives_another_thread_allocating_pinned_memory():
 
 @cuda
 def test_graphed_classification_step_with_mixup_targets_matches_eager():
-    torch.manual_seed(0)
-    a = VisionLSTM(EncoderConfig(**ENC), num_classes=10).cuda().train()
-    b = VisionLSTM(EncoderConfig(**ENC), num_classes=10).cuda().train()
-    b.load_state_dict(a.state_dict())
-    for m in (a, b):
-        m.fast_path()
+    a, b = _twin_classifiers()
     cfg = load_run_config("cifar10_supervised")
     crit, mixup = build_criterion(cfg, 10)
     batches = []

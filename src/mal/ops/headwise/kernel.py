@@ -53,8 +53,8 @@ def supports(*args) -> bool:
     stride, GROUP | I, bs | GROUP, offsets within int32."""
     *pairs, bs = args
     same = all(t.shape == pairs[0].shape and t.dtype == pairs[0].dtype for t in pairs)
-    return len(pairs) >= 2 and len(pairs) % 2 == 0 and same and all(map(_pair_ok, pairs[::2], pairs[1::2],
-                                                                        [bs] * len(pairs)))
+    return (len(pairs) >= 2 and len(pairs) % 2 == 0 and same
+            and all(_pair_ok(g, x, bs) for g, x in zip(pairs[::2], pairs[1::2])))
 
 
 @torch.library.custom_op("mal::headwise_wgrad", mutates_args=())
