@@ -10,6 +10,7 @@ about 3.6 of the step's 48 GPU ms (docs/performance.md). Candidates, on the same
   sdpa-mem-eff  the same with the memory-efficient backend forced
   flex          torch's flex_attention under torch.compile with the block mask (fully masked tiles skipped)
   math          softmax(q k^T / sqrt(d), masked) v in eager PyTorch
+  mal-triton    MAL's short-sequence kernel (`mal.ops.attention`, backend "triton": all keys of a head in one tile)
 
     PYTHONPATH=src python benchmarks/decoder_attention.py [--batch 256] [--heads 16] [--tokens 128]
         [--head-dim 32] [--slot 16] [--json attn.json]
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import cuda_times, device_info  # noqa: E402
 
 from mal.models.vit import block_causal_mask  # noqa: E402
+from mal.ops.attention import attention  # noqa: E402
 
 
 def math_attention(mask: torch.Tensor):
@@ -55,7 +57,8 @@ def candidates(mask: torch.Tensor, slot: int) -> dict:
                 return sdpa(q, k, v)
         return call
     fns = {"sdpa": sdpa, "sdpa-cudnn": forced(SDPBackend.CUDNN_ATTENTION),
-           "sdpa-mem-eff": forced(SDPBackend.EFFICIENT_ATTENTION), "math": math_attention(mask)}
+           "sdpa-mem-eff": forced(SDPBackend.EFFICIENT_ATTENTION), "math": math_attention(mask),
+           "mal-triton": lambda q, k, v: attention(q, k, v, mask, backend="triton")}
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         M = mask.shape[0]
@@ -88,7 +91,7 @@ def measure(name: str, fn, q, k, v, dout, ref, warmup: int, iters: int) -> dict:
     try:
         errs = rel_errors(step(), ref)
         ms, warm_s = cuda_times(step, warmup, iters)
-    except RuntimeError as exc:                                              # a backend that takes no such mask
+    except (RuntimeError, ValueError) as exc:                                # a backend that takes no such input
         return {"name": name, "error": str(exc).splitlines()[0][:200]}
     return {"name": name, "ms": ms, "warmup_s": warm_s, "rel_err": dict(zip(("out", "dq", "dk", "dv"), errs))}
 

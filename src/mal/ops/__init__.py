@@ -6,13 +6,14 @@ kernel, and one dispatch (`registry`) that picks the backend per call:
     qkv         the pre-cell step: conv + SiLU, q/k/v, gates  (torch, triton)
     norm        the pre-LayerNorm + up-projection              (torch, triton)
     block_grad  the backward of the regions around the cell    (torch, triton)
+    attention   the pretraining decoder's masked attention     (torch, triton by name)
 
 `vil_block` composes them into a block's fast path. Importing this package imports no Triton: a kernel module
 is imported when its backend is resolved for CUDA inputs.
 """
 from __future__ import annotations
 
-from . import block_grad, headwise, norm, qkv  # noqa: F401  (register their backends)
+from . import attention, block_grad, headwise, norm, qkv  # noqa: F401  (register their backends)
 from .mlstm import EPS, mlstm
 from .registry import backends, resolve
 

@@ -1,0 +1,199 @@
+"""Masked softmax attention for short sequences in Triton: all M <= 256 keys of a (batch, head) in one tile.
+
+The pretraining decoder attends over M = 128 tokens (MAL-T on Imagenette-96) with heads of 32 channels and a
+block-causal mask; there SDPA's kernels are far from the memory bound (docs/performance.md). One program takes one
+(batch, head): it loads K and V once and walks the queries in blocks of BQ rows, so the softmax needs no online
+rescaling and the backward no atomics:
+
+    forward    S = q k^T / sqrt(Dh) (masked), P = softmax(S), O = P V; keeps lse = log-sum-exp of each row
+    backward   P again from lse, dV = P^T dO, dP = dO V^T, dS = P (dP - delta) with delta = rowsum(dO O),
+               dQ = dS K / sqrt(Dh), dK = dS^T Q / sqrt(Dh)
+
+The mask is the (M, M) bool matrix SDPA takes. A row that sees no key gives 0 (SDPA gives NaN). Arithmetic is
+float32 with the products in the inputs' dtype (IEEE float32 for float32 inputs).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import triton  # imported by the ops' registry only for CUDA inputs; without triton the backend is unavailable
+import triton.language as tl
+
+MAX_TOKENS = 256            # all keys in one tile
+HEAD_DIMS = (16, 32, 64)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FWD_CONFIG = (64, 4)        # (BQ query rows per block, warps); not yet swept
+BWD_CONFIG = (64, 8)
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _scores(q, k, MASK, rows, cols, M, smq, smk, scale2, IEEE: tl.constexpr):
+    """Scores in log2 units (BQ, BM) of the query rows against all keys, -inf where the mask hides the key."""
+    s = _dot(q, tl.trans(k), IEEE) * scale2                                  # (BQ, BM)
+    seen = tl.load(MASK + rows[:, None] * smq + cols[None, :] * smk,
+                   mask=(rows < M)[:, None] & (cols < M)[None, :], other=0) != 0
+    return tl.where(seen, s, float("-inf"))
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, MASK, O, LSE, H, M, scale2,
+                     sqb, sqh, sqm, skb, skh, skm, svb, svh, svm, sob, soh, som, smq, smk,
+                     BQ: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    b, h = pid // H, pid % H
+    cols, d = tl.arange(0, BM), tl.arange(0, D)
+    col_ok = (cols < M)[:, None]
+    k = tl.load(K + b * skb + h * skh + cols[:, None] * skm + d[None, :], mask=col_ok, other=0.0)  # (BM, D)
+    v = tl.load(V + b * svb + h * svh + cols[:, None] * svm + d[None, :], mask=col_ok, other=0.0)  # (BM, D)
+    for q0 in range(0, M, BQ):
+        rows = q0 + tl.arange(0, BQ)                                         # (BQ,) queries
+        row_ok = rows < M
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], mask=row_ok[:, None], other=0.0)
+        s = _scores(q, k, MASK, rows, cols, M, smq, smk, scale2, IEEE)       # (BQ, BM) log2 units
+        mx = tl.max(s, 1)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)                          # a row that sees nothing
+        p = tl.exp2(s - mx[:, None])                                         # (BQ, BM)
+        den = tl.sum(p, 1)
+        o = _dot(p.to(v.dtype), v, IEEE) / tl.where(den > 0, den, 1.0)[:, None]  # (BQ, D)
+        tl.store(O + b * sob + h * soh + rows[:, None] * som + d[None, :], o.to(O.dtype.element_ty),
+                 mask=row_ok[:, None])
+        lse = tl.where(den > 0, mx + tl.log2(tl.where(den > 0, den, 1.0)), float("inf"))  # inf: P = 0 in the backward
+        tl.store(LSE + pid * M + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_kernel(Q, K, V, MASK, O, LSE, DO, DQ, DK, DV, H, M, scale2, scale,
+                     sqb, sqh, sqm, skb, skh, skm, svb, svh, svm, sob, soh, som, sdb, sdh, sdm, smq, smk,
+                     BQ: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    b, h = pid // H, pid % H
+    cols, d = tl.arange(0, BM), tl.arange(0, D)
+    col_ok = (cols < M)[:, None]
+    k_at = b * skb + h * skh + cols[:, None] * skm + d[None, :]
+    v_at = b * svb + h * svh + cols[:, None] * svm + d[None, :]
+    k = tl.load(K + k_at, mask=col_ok, other=0.0)                           # (BM, D)
+    v = tl.load(V + v_at, mask=col_ok, other=0.0)                           # (BM, D)
+    dk = tl.zeros((BM, D), dtype=tl.float32)
+    dv = tl.zeros((BM, D), dtype=tl.float32)
+    for q0 in range(0, M, BQ):
+        rows = q0 + tl.arange(0, BQ)
+        row_ok = rows < M
+        q_at = b * sqb + h * sqh + rows[:, None] * sqm + d[None, :]
+        q = tl.load(Q + q_at, mask=row_ok[:, None], other=0.0)               # (BQ, D)
+        do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdm + d[None, :], mask=row_ok[:, None], other=0.0)
+        o = tl.load(O + b * sob + h * soh + rows[:, None] * som + d[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + pid * M + rows, mask=row_ok, other=float("inf"))
+        p = tl.exp2(_scores(q, k, MASK, rows, cols, M, smq, smk, scale2, IEEE) - lse[:, None])  # (BQ, BM)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)              # (BQ,)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)                       # (BM, D)
+        dp = _dot(do, tl.trans(v), IEEE)                                     # (BQ, BM)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)                         # (BQ, BM) d scores
+        dq = _dot(ds, k, IEEE) * scale                                       # (BQ, D)
+        tl.store(DQ + q_at, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        dk += _dot(tl.trans(ds), q, IEEE)                                    # (BM, D)
+    tl.store(DK + k_at, (dk * scale).to(DK.dtype.element_ty), mask=col_ok)
+    tl.store(DV + v_at, dv.to(DV.dtype.element_ty), mask=col_ok)
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> bool:
+    """CUDA q, k, v (B, H, M, Dh) of one supported dtype with unit channel stride, M <= MAX_TOKENS, Dh in
+    HEAD_DIMS, and an (M, M) bool mask on the same device."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v, mask)) or q.dim() != 4:
+        return False
+    B, H, M, D = q.shape
+    return (q.is_cuda and k.shape == q.shape and v.shape == q.shape and q.dtype in SUPPORTED_DTYPES
+            and k.dtype == q.dtype and v.dtype == q.dtype and all(t.stride(-1) == 1 for t in (q, k, v))
+            and k.device == q.device and v.device == q.device and mask.device == q.device
+            and mask.dtype == torch.bool and mask.shape == (M, M) and 1 <= M <= MAX_TOKENS and D in HEAD_DIMS
+            and B * H > 0)
+
+
+def _blocks(M: int, config: tuple) -> tuple[int, int]:
+    bq, warps = config
+    return min(bq, max(16, triton.next_power_of_2(M))), warps
+
+
+def _like_heads_last(q: torch.Tensor) -> torch.Tensor:
+    """An empty (B, H, M, Dh) tensor laid out as (B, M, H, Dh): `.transpose(1, 2).reshape(B, M, H * Dh)` of it,
+    as a Transformer block does next, needs no copy."""
+    B, H, M, D = q.shape
+    return q.new_empty(B, M, H, D).transpose(1, 2)
+
+
+def _s3(t: torch.Tensor) -> tuple[int, int, int]:
+    """Batch, head and token strides of a (B, H, M, Dh) tensor (the channel stride is 1)."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+@torch.library.custom_op("mal::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k, v (B, H, M, Dh), mask (M, M) -> out (B, H, M, Dh) laid out heads-last, lse (B, H, M) float32 (log2)."""
+    B, H, M, D = q.shape
+    out, lse = _like_heads_last(q), torch.empty(B, H, M, device=q.device, dtype=torch.float32)
+    bq, warps = _blocks(M, FWD_CONFIG)
+    m8 = mask.view(torch.uint8)
+    _attn_fwd_kernel[(B * H,)](q, k, v, m8, out, lse, H, M, LOG2E / math.sqrt(D),
+                               *_s3(q), *_s3(k), *_s3(v), *_s3(out), m8.stride(0), m8.stride(1),
+                               BQ=bq, BM=max(16, triton.next_power_of_2(M)), D=D, IEEE=q.dtype == torch.float32,
+                               num_warps=warps)
+    return out, lse
+
+
+@attention_fwd.register_fake
+def _(q, k, v, mask):
+    B, H, M, D = q.shape
+    return _like_heads_last(q), q.new_empty(B, H, M, dtype=torch.float32)
+
+
+@torch.library.custom_op("mal::attention_bwd", mutates_args=())
+def attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients dq, dk, dv (in q's, k's and v's layouts) from the forward's out, lse and dout."""
+    B, H, M, D = q.shape
+    dq, dk, dv = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in (q, k, v))
+    bq, warps = _blocks(M, BWD_CONFIG)
+    m8 = mask.view(torch.uint8)
+    dout = dout.to(q.dtype)
+    _attn_bwd_kernel[(B * H,)](q, k, v, m8, out, lse, dout, dq, dk, dv, H, M, LOG2E / math.sqrt(D),
+                               1.0 / math.sqrt(D), *_s3(q), *_s3(k), *_s3(v), *_s3(out), *_s3(dout),
+                               m8.stride(0), m8.stride(1), BQ=bq, BM=max(16, triton.next_power_of_2(M)), D=D,
+                               IEEE=q.dtype == torch.float32, num_warps=warps)
+    return dq, dk, dv
+
+
+@attention_bwd.register_fake
+def _(q, k, v, mask, out, lse, dout):
+    return tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask = inputs
+    ctx.save_for_backward(q, k, v, mask, *output)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, mask, out, lse = ctx.saved_tensors
+    return (*attention_bwd(q, k, v, mask, out, lse, dout.contiguous() if dout.stride(-1) != 1 else dout), None)
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked softmax attention, q, k, v (B, H, M, Dh), mask (M, M) bool -> (B, H, M, Dh) (see the module
+    docstring)."""
+    return attention_fwd(q, k, v, mask)[0]
+
+
+__all__ = ["attention_triton", "attention_fwd", "attention_bwd", "supports", "MAX_TOKENS", "HEAD_DIMS"]

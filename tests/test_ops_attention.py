@@ -1,0 +1,76 @@
+"""The pretraining decoder's masked attention op (`mal.ops.attention`): SDPA (the reference) and the short-sequence
+Triton kernel.
+
+CPU: the kernel in Triton's interpreter against float64 math (`tests/interpreter/attention.py`: the decoder's slots
+at M = 128 on head views of one qkv tensor, causal at M = 143, odd sizes, float32 and float16, a row that sees no
+key), and the op's dispatch to SDPA. GPU: bf16 at the decoder's shape against float32 math, as close as SDPA, also
+compiled; "auto" keeps SDPA until the kernel is measured faster (benchmarks/decoder_attention.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mal.models.vit import block_causal_mask
+from mal.ops import backends, resolve
+from mal.ops.attention import attention, attention_math
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_interpreter_matches_float64_on_cpu(triton_interpreter):
+    triton_interpreter("attention", "matches_float64")
+
+
+def test_interpreter_row_that_sees_nothing_gives_zero_on_cpu(triton_interpreter):
+    triton_interpreter("attention", "hidden_rows_give_zero")
+
+
+def test_the_op_runs_sdpa_on_cpu_and_equals_the_math_form():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 24, 16, dtype=torch.float64) for _ in range(3))
+    mask = block_causal_mask(torch.arange(24) // 4)
+    assert backends("attention") == ["torch", "triton"]
+    assert resolve("attention", q, k, v, mask).name == "torch"
+    assert _rel(attention(q, k, v, mask), attention_math(q, k, v, mask)) < 1e-12
+    with pytest.raises(ValueError, match="attention backend 'triton' does not support"):
+        attention(q, k, v, mask, backend="triton")
+
+
+def _decoder_case(B=8, H=16, M=128, D=32, slot=16):
+    qkv = torch.randn(B, M, 3, H, D, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                            # (B, H, M, D), as CausalBlock
+    return q, k, v, block_causal_mask(torch.arange(M, device="cuda") // slot), torch.randn_like(q)
+
+
+def _out_and_grads(fn, q, k, v, dout):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    return [out, *torch.autograd.grad(out, leaves, dout)]
+
+
+@pytest.mark.needs_gpu
+@pytest.mark.parametrize("M,slot", [(128, 16), (143, 1)])
+def test_kernel_is_as_close_to_float32_math_as_sdpa_on_gpu(M, slot):
+    torch.manual_seed(0)
+    q, k, v, mask, dout = _decoder_case(M=M, slot=slot)
+    assert resolve("attention", q, k, v, mask).name == "torch"                # "auto": SDPA until measured faster
+    ref = _out_and_grads(lambda *t: attention_math(*(x.float() for x in t), mask), q, k, v, dout.float())
+    ours = _out_and_grads(lambda *t: attention(*t, mask, backend="triton"), q, k, v, dout)
+    sdpa = _out_and_grads(lambda *t: attention(*t, mask, backend="torch"), q, k, v, dout)
+    for name, a, s, r in zip(["out", "dq", "dk", "dv"], ours, sdpa, ref):
+        assert _rel(a, r) <= 2 * _rel(s, r) + 2e-3, (name, _rel(a, r), _rel(s, r))
+
+
+@pytest.mark.needs_gpu
+def test_kernel_under_torch_compile_equals_eager_on_gpu():
+    """The decoder's block stack is compiled: the kernel is a custom op with its autograd, one opaque node."""
+    torch.manual_seed(0)
+    q, k, v, mask, dout = _decoder_case(B=2)
+    fn = lambda *t: attention(*t, mask, backend="triton")
+    eager = _out_and_grads(fn, q, k, v, dout)
+    compiled = _out_and_grads(torch.compile(fn, fullgraph=True), q, k, v, dout)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
