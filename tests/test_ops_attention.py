@@ -11,13 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cell_checks import rel
 from mal.models.vit import block_causal_mask
 from mal.ops import backends, resolve
 from mal.ops.attention import attention, attention_math
-
-
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_interpreter_matches_float64_on_cpu(triton_interpreter):
@@ -34,7 +31,7 @@ def test_the_op_runs_sdpa_on_cpu_and_equals_the_math_form():
     mask = block_causal_mask(torch.arange(24) // 4)
     assert backends("attention") == ["torch", "triton"]
     assert resolve("attention", q, k, v, mask).name == "torch"
-    assert _rel(attention(q, k, v, mask), attention_math(q, k, v, mask)) < 1e-12
+    assert rel(attention(q, k, v, mask), attention_math(q, k, v, mask)) < 1e-12
     with pytest.raises(ValueError, match="attention backend 'triton' does not support"):
         attention(q, k, v, mask, backend="triton")
 
@@ -61,7 +58,7 @@ def test_kernel_is_as_close_to_float32_math_as_sdpa_on_gpu(M, slot):
     ours = _out_and_grads(lambda *t: attention(*t, mask, backend="triton"), q, k, v, dout)
     sdpa = _out_and_grads(lambda *t: attention(*t, mask, backend="torch"), q, k, v, dout)
     for name, a, s, r in zip(["out", "dq", "dk", "dv"], ours, sdpa, ref):
-        assert _rel(a, r) <= 2 * _rel(s, r) + 2e-3, (name, _rel(a, r), _rel(s, r))
+        assert rel(a, r) <= 2 * rel(s, r) + 2e-3, (name, rel(a, r), rel(s, r))
 
 
 @pytest.mark.needs_gpu

@@ -1,6 +1,7 @@
 """The short-sequence attention kernels (`mal.ops.attention.kernel`) in the interpreter."""
 import torch
 
+from cell_checks import rel   # tests/ is on the path
 from mal.models.vit import block_causal_mask
 from mal.ops.attention import attention_math
 from mal.ops.attention.kernel import attention_triton
@@ -17,9 +18,6 @@ def _case(B, H, M, D, slot, dtype, heads_last):
     mask = block_causal_mask(torch.arange(M) // slot)                        # (M, M)
     return q, k, v, mask, torch.randn(B, H, M, D, dtype=dtype)
 
-
-def _rel(a, b) -> float:
-    return ((a.double() - b).norm() / b.norm()).item()
 
 
 def matches_float64():
@@ -41,7 +39,7 @@ def matches_float64():
         tol = 1e-5 if dtype == torch.float32 else 3e-3
         assert out.shape == q.shape and out.dtype == dtype
         for name, a, b in zip(["out", "dq", "dk", "dv"], [out, *grads], [ref, *ref_grads]):
-            assert _rel(a, b) < tol, (B, H, M, D, slot, dtype, name, _rel(a, b))
+            assert rel(a, b) < tol, (B, H, M, D, slot, dtype, name, rel(a, b))
         assert grads[0].stride() == q.stride() and out.transpose(1, 2).is_contiguous()   # q's, heads-last
 
 
@@ -57,4 +55,4 @@ def hidden_rows_give_zero():
     assert torch.equal(out[0, 0, 3], torch.zeros(16)) and torch.equal(dq[0, 0, 3], torch.zeros(16))
     keep = torch.arange(20) != 3
     ref = attention_math(q.double(), k.double(), v.double(), mask)
-    assert _rel(out[..., keep, :], ref[..., keep, :]) < 1e-5
+    assert rel(out[..., keep, :], ref[..., keep, :]) < 1e-5

@@ -118,9 +118,11 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
             and B * H > 0)
 
 
-def _blocks(M: int, config: tuple) -> tuple[int, int]:
+def _blocks(M: int, config: tuple) -> tuple[int, int, int]:
+    """(BQ query rows, BM keys: all M padded to a power of two >= 16, warps) of a launch for M tokens."""
     bq, warps = config
-    return min(bq, max(16, triton.next_power_of_2(M))), warps
+    bm = max(16, triton.next_power_of_2(M))
+    return min(bq, bm), bm, warps
 
 
 def _like_heads_last(q: torch.Tensor) -> torch.Tensor:
@@ -141,12 +143,11 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     """q, k, v (B, H, M, Dh), mask (M, M) -> out (B, H, M, Dh) laid out heads-last, lse (B, H, M) float32 (log2)."""
     B, H, M, D = q.shape
     out, lse = _like_heads_last(q), torch.empty(B, H, M, device=q.device, dtype=torch.float32)
-    bq, warps = _blocks(M, FWD_CONFIG)
+    bq, bm, warps = _blocks(M, FWD_CONFIG)
     m8 = mask.view(torch.uint8)
     _attn_fwd_kernel[(B * H,)](q, k, v, m8, out, lse, H, M, LOG2E / math.sqrt(D),
                                *_s3(q), *_s3(k), *_s3(v), *_s3(out), m8.stride(0), m8.stride(1),
-                               BQ=bq, BM=max(16, triton.next_power_of_2(M)), D=D, IEEE=q.dtype == torch.float32,
-                               num_warps=warps)
+                               BQ=bq, BM=bm, D=D, IEEE=q.dtype == torch.float32, num_warps=warps)
     return out, lse
 
 
@@ -162,12 +163,12 @@ def attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     """The gradients dq, dk, dv (in q's, k's and v's layouts) from the forward's out, lse and dout."""
     B, H, M, D = q.shape
     dq, dk, dv = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in (q, k, v))
-    bq, warps = _blocks(M, BWD_CONFIG)
+    bq, bm, warps = _blocks(M, BWD_CONFIG)
     m8 = mask.view(torch.uint8)
-    dout = dout.to(q.dtype)
+    dout = dout.to(q.dtype) if dout.stride(-1) == 1 else dout.to(q.dtype).contiguous()
     _attn_bwd_kernel[(B * H,)](q, k, v, m8, out, lse, dout, dq, dk, dv, H, M, LOG2E / math.sqrt(D),
                                1.0 / math.sqrt(D), *_s3(q), *_s3(k), *_s3(v), *_s3(out), *_s3(dout),
-                               m8.stride(0), m8.stride(1), BQ=bq, BM=max(16, triton.next_power_of_2(M)), D=D,
+                               m8.stride(0), m8.stride(1), BQ=bq, BM=bm, D=D,
                                IEEE=q.dtype == torch.float32, num_warps=warps)
     return dq, dk, dv
 
@@ -184,7 +185,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, mask, out, lse = ctx.saved_tensors
-    return (*attention_bwd(q, k, v, mask, out, lse, dout.contiguous() if dout.stride(-1) != 1 else dout), None)
+    return (*attention_bwd(q, k, v, mask, out, lse, dout), None)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
