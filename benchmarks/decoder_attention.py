@@ -13,10 +13,12 @@ about 3.6 of the step's 48 GPU ms (docs/performance.md). Candidates, on the same
   mal-triton    MAL's short-sequence kernel (`mal.ops.attention`, backend "triton": all keys of a head in one tile)
 
     PYTHONPATH=src python benchmarks/decoder_attention.py [--batch 256] [--heads 16] [--tokens 128]
-        [--head-dim 32] [--slot 16] [--json attn.json]
+        [--head-dim 32] [--slot 16] [--sweep] [--json attn.json]
 
-Prints a JSON line per candidate (median ms of forward + backward over CUDA-event-timed calls; the relative error of
-out, dq, dk, dv against the float32 math form on the same inputs), then a table with each time over `sdpa`'s.
+Prints a JSON line per candidate (forward + backward: median ms over CUDA-event-timed eager calls, and ms per call
+replayed from a CUDA graph as the training step runs it; the relative error of out, dq, dk, dv against the float32
+math form on the same inputs), then a table with each graphed time over `sdpa`'s.
+--sweep adds a `mal-triton` row per launch configuration (query rows per block and warps, forward and backward).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from qkv_kernel import graph_ms  # noqa: E402
 from throughput import cuda_times, device_info  # noqa: E402
 
 from mal.models.vit import block_causal_mask  # noqa: E402
@@ -71,6 +74,28 @@ def candidates(mask: torch.Tensor, slot: int) -> dict:
     return fns
 
 
+SWEEP_FWD = [(32, 4), (64, 4), (128, 4), (128, 8)]
+SWEEP_BWD = [(16, 4), (32, 4), (64, 4), (64, 8), (128, 8)]
+
+
+def sweep_rows(mask: torch.Tensor, q, k, v, dout, ref, warmup: int, iters: int) -> list[dict]:
+    """The Triton kernel's forward + backward at each (FWD_CONFIG, BWD_CONFIG) of the grid; the defaults restored."""
+    from mal.ops.attention import kernel
+    default = kernel.FWD_CONFIG, kernel.BWD_CONFIG
+    rows = []
+    try:
+        for fwd in SWEEP_FWD:
+            for bwd in SWEEP_BWD:
+                kernel.FWD_CONFIG, kernel.BWD_CONFIG = fwd, bwd
+                row = measure(f"mal-triton fwd{fwd} bwd{bwd}", lambda q, k, v: attention(q, k, v, mask, "triton"),
+                              q, k, v, dout, ref, warmup, iters)
+                rows.append({**row, "fwd_config": fwd, "bwd_config": bwd})
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        kernel.FWD_CONFIG, kernel.BWD_CONFIG = default
+    return rows
+
+
 def rel_errors(got: list[torch.Tensor], ref: list[torch.Tensor]) -> list[float]:
     return [((a.float() - b).norm() / b.norm()).item() for a, b in zip(got, ref)]
 
@@ -86,14 +111,20 @@ def forward_backward(fn, q, k, v, dout):
 
 
 def measure(name: str, fn, q, k, v, dout, ref, warmup: int, iters: int) -> dict:
-    """One candidate: forward + backward time and its errors against the float32 reference."""
+    """One candidate: forward + backward time, eager (`ms`, launches included) and replayed from a CUDA graph as in
+    the training step (`graph_ms`), and its errors against the float32 reference."""
     step = forward_backward(fn, q, k, v, dout)
     try:
         errs = rel_errors(step(), ref)
         ms, warm_s = cuda_times(step, warmup, iters)
     except (RuntimeError, ValueError) as exc:                                # a backend that takes no such input
         return {"name": name, "error": str(exc).splitlines()[0][:200]}
-    return {"name": name, "ms": ms, "warmup_s": warm_s, "rel_err": dict(zip(("out", "dq", "dk", "dv"), errs))}
+    row = {"name": name, "ms": ms, "warmup_s": warm_s, "rel_err": dict(zip(("out", "dq", "dk", "dv"), errs))}
+    try:
+        row["graph_ms"] = graph_ms(step)
+    except RuntimeError as exc:                                              # a backend that cannot be captured
+        row["graph_error"] = str(exc).splitlines()[0][:200]
+    return row
 
 
 def main(argv=None) -> list[dict]:
@@ -105,6 +136,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--slot", type=int, default=16, help="tokens per slot (k*k)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--sweep", action="store_true", help="time the Triton kernel at every launch configuration")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -120,15 +152,20 @@ def main(argv=None) -> list[dict]:
     for name, fn in candidates(mask, args.slot).items():
         rows.append(measure(name, fn, q, k, v, dout, ref, args.warmup, args.iters))
         print(json.dumps(rows[-1]), flush=True)
-    base = next((r["ms"] for r in rows if r["name"] == "sdpa" and "ms" in r), None)
+    if args.sweep:
+        rows += sweep_rows(mask, q, k, v, dout, ref, args.warmup, args.iters)
+    timed = {r["name"]: r for r in rows if "graph_ms" in r}
+    base = timed.get("sdpa", {}).get("graph_ms")
     print(f"\n{torch.cuda.get_device_name()}, B {args.batch}, {args.heads} heads of {args.head_dim}, M {args.tokens}, "
-          f"slots of {args.slot}, bf16, forward + backward\n\n| kernel | ms | / sdpa | max rel. error |\n|---|---|---|---|")
+          f"slots of {args.slot}, bf16, forward + backward, CUDA-graph replay (eager in brackets)\n\n"
+          "| kernel | ms | / sdpa | max rel. error |\n|---|---|---|---|")
     for r in rows:
-        if "ms" in r:
-            ratio = f"{r['ms'] / base:.2f}" if base else "-"
-            print(f"| {r['name']} | {r['ms']:.3f} | {ratio} | {max(r['rel_err'].values()):.1e} |")
+        if "graph_ms" in r:
+            ratio = f"{r['graph_ms'] / base:.2f}" if base else "-"
+            print(f"| {r['name']} | {r['graph_ms']:.3f} ({r['ms']:.3f}) | {ratio} | {max(r['rel_err'].values()):.1e} |")
         else:
-            print(f"| {r['name']} | failed: {r['error'][:60]} | - | - |")
+            why = r.get("error") or r.get("graph_error", "")
+            print(f"| {r['name']} | failed: {why[:60]} | - | - |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": device_info(), "args": vars(args), "rows": rows}, fh, indent=1)

@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 from timm.models.vision_transformer import Block
 
 from ..config import EncoderConfig
+from ..ops.registry import prepare
 from ..serialization import FIXED_ORDERS, gather_tokens, inverse, scan_order
 from .base import PatchEncoder, check_output_fmt, take_indices, to_output_fmt
 
@@ -87,9 +88,11 @@ class ViTFast:
 def run_stack(blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor | None, fast: ViTFast | None
               ) -> torch.Tensor:
     """Transformer blocks `blk(x, mask)` on x (B, N, D) -> (B, N, D): as they are (fast None), or as `fast` says
-    (the ViT encoder's and the pretraining decoders' blocks)."""
+    (the ViT encoder's and the pretraining decoders' blocks). The kernels of x's device are imported first: a block
+    that dispatches an op (the decoders' attention) then imports nothing inside the compiled trace."""
     if fast is None:
         return blocks_forward(blocks, x, mask, False)
+    prepare(x.device.type)
     run = compiled_blocks_forward(fast.mode) if fast.compile else blocks_forward
     return run(blocks, x, mask, fast.checkpoint and torch.is_grad_enabled())
 

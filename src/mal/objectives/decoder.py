@@ -14,12 +14,14 @@ from timm.layers import Mlp, trunc_normal_
 from ..config import DecoderConfig
 from ..models.vil import ViLBlock
 from ..models.vit import ViTFast, block_causal_mask, run_stack
+from ..ops.attention import attention
 from ..scan import ScanPlan
 from ..serialization import gather_tokens, slot_perm
 
 
 class CausalBlock(nn.Module):
-    """Pre-LN Transformer block whose attention takes a boolean visibility mask."""
+    """Pre-LN Transformer block whose attention takes a boolean visibility mask (`mal.ops.attention`: a short-sequence
+    kernel on CUDA, SDPA otherwise)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -34,7 +36,7 @@ class CausalBlock(nn.Module):
         B, N, D = x.shape
         qkv = self.qkv(self.norm1(x)).view(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                       # (B, H, N, Dh) each
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)       # (B, H, N, Dh)
+        a = attention(q, k, v, visible)                                      # (B, H, N, Dh)
         x = x + self.proj(a.transpose(1, 2).reshape(B, N, D))                # (B, N, D)
         return x + self.mlp(self.norm2(x))                                   # (B, N, D)
 

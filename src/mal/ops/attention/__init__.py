@@ -1,8 +1,9 @@
 """Masked softmax attention of the pretraining decoders: `reference` (SDPA, and the eager math form as the oracle)
 and `kernel` (short sequences, all keys in one tile, in Triton).
 
-Backends of the op "attention", dispatched on (q, k, v, mask): "torch" (SDPA, the reference) and "triton" (CUDA,
-`kernel.supports`; by name only until it is measured against SDPA on a GPU: `benchmarks/decoder_attention.py`).
+Backends of the op "attention", dispatched on (q, k, v, mask): "triton" (CUDA, `kernel.supports`: up to 256 tokens,
+heads of 16, 32 or 64; about half SDPA's time at the decoder's shape, `benchmarks/decoder_attention.py`) and "torch"
+(SDPA, the reference and the fallback).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from .reference import attention_math, attention_sdpa
 
 register("attention", "torch", attention_sdpa, reference=True)
 register("attention", "triton", "mal.ops.attention.kernel:attention_triton", "mal.ops.attention.kernel:supports",
-         device="cuda", auto=False)
+         device="cuda")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, backend: str = "auto"

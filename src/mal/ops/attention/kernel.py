@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 import triton  # imported by the ops' registry only for CUDA inputs; without triton the backend is unavailable
 import triton.language as tl
@@ -24,8 +25,8 @@ import triton.language as tl
 MAX_TOKENS = 256            # all keys in one tile
 HEAD_DIMS = (16, 32, 64)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FWD_CONFIG = (64, 4)        # (BQ query rows per block, warps); not yet swept
-BWD_CONFIG = (64, 8)
+FWD_CONFIG = (64, 4)        # (BQ query rows per block, warps): benchmarks/decoder_attention.py --sweep
+BWD_CONFIG = (64, 4)
 LOG2E = 1.4426950408889634
 
 
@@ -189,6 +190,17 @@ def _backward(ctx, dout, dlse):
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.mal.attention_fwd)
+def _fwd_flops(q, k, v, mask, *args, **kwargs) -> int:
+    """SDPA's count for the same shapes (FlopCounterMode passes shapes): the kernel skips no masked work."""
+    return sdpa_flop_count(q, k, v)
+
+
+@register_flop_formula(torch.ops.mal.attention_bwd)
+def _bwd_flops(q, k, v, mask, out, lse, dout, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(dout, q, k, v)
 
 
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
