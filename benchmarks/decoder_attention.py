@@ -18,7 +18,8 @@ about 3.6 of the step's 48 GPU ms (docs/performance.md). Candidates, on the same
 Prints a JSON line per candidate (forward + backward: median ms over CUDA-event-timed eager calls, and ms per call
 replayed from a CUDA graph as the training step runs it; the relative error of out, dq, dk, dv against the float32
 math form on the same inputs), then a table with each graphed time over `sdpa`'s.
---sweep adds a `mal-triton` row per launch configuration (query rows per block and warps, forward and backward).
+--sweep adds a `mal-triton` row per launch configuration: the forward's (query rows per block, warps), then the
+backward's, whole or split into blocks of keys (`BWD_KEYS`).
 """
 from __future__ import annotations
 
@@ -74,25 +75,27 @@ def candidates(mask: torch.Tensor, slot: int) -> dict:
     return fns
 
 
-SWEEP_FWD = [(32, 4), (64, 4), (128, 4), (128, 8)]
-SWEEP_BWD = [(16, 4), (32, 4), (64, 4), (64, 8), (128, 8)]
+SWEEP_FWD = [(32, 4), (64, 4), (128, 4), (128, 8)]                     # (query rows per block, warps)
+SWEEP_BWD = [(keys, cfg) for keys in (None, 32, 64) for cfg in [(32, 4), (64, 4), (64, 8), (128, 8)]]
 
 
 def sweep_rows(mask: torch.Tensor, q, k, v, dout, ref, warmup: int, iters: int) -> list[dict]:
-    """The Triton kernel's forward + backward at each (FWD_CONFIG, BWD_CONFIG) of the grid; the defaults restored."""
+    """The Triton kernels' forward + backward at each forward config (the backward's default), then at each backward
+    (BWD_KEYS, BWD_CONFIG) (the forward's default); the defaults restored."""
     from mal.ops.attention import kernel
-    default = kernel.FWD_CONFIG, kernel.BWD_CONFIG
+    default = kernel.FWD_CONFIG, kernel.BWD_CONFIG, kernel.BWD_KEYS
+    points = [(fwd, default[1], default[2]) for fwd in SWEEP_FWD]
+    points += [(default[0], cfg, keys) for keys, cfg in SWEEP_BWD]
     rows = []
     try:
-        for fwd in SWEEP_FWD:
-            for bwd in SWEEP_BWD:
-                kernel.FWD_CONFIG, kernel.BWD_CONFIG = fwd, bwd
-                row = measure(f"mal-triton fwd{fwd} bwd{bwd}", lambda q, k, v: attention(q, k, v, mask, "triton"),
-                              q, k, v, dout, ref, warmup, iters)
-                rows.append({**row, "fwd_config": fwd, "bwd_config": bwd})
-                print(json.dumps(rows[-1]), flush=True)
+        for fwd, bwd, keys in points:
+            kernel.FWD_CONFIG, kernel.BWD_CONFIG, kernel.BWD_KEYS = fwd, bwd, keys
+            row = measure(f"mal-triton fwd{fwd} bwd{bwd} keys {keys}",
+                          lambda q, k, v: attention(q, k, v, mask, "triton"), q, k, v, dout, ref, warmup, iters)
+            rows.append({**row, "fwd_config": fwd, "bwd_config": bwd, "bwd_keys": keys})
+            print(json.dumps(rows[-1]), flush=True)
     finally:
-        kernel.FWD_CONFIG, kernel.BWD_CONFIG = default
+        kernel.FWD_CONFIG, kernel.BWD_CONFIG, kernel.BWD_KEYS = default
     return rows
 
 

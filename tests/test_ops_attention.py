@@ -67,8 +67,12 @@ def _out_and_grads(fn, q, k, v, dout):
 
 
 @pytest.mark.needs_gpu
+@pytest.mark.parametrize("keys", [None, 64])
 @pytest.mark.parametrize("M,slot", [(128, 16), (143, 1)])
-def test_kernel_is_as_close_to_float32_math_as_sdpa_on_gpu(M, slot):
+def test_kernel_is_as_close_to_float32_math_as_sdpa_on_gpu(M, slot, keys, monkeypatch):
+    """The backward whole (keys None) and split into blocks of 64 keys (BWD_KEYS)."""
+    from mal.ops.attention import kernel
+    monkeypatch.setattr(kernel, "BWD_KEYS", keys)
     torch.manual_seed(0)
     q, k, v, mask, dout = _decoder_case(M=M, slot=slot)
     assert resolve("attention", q, k, v, mask).name == "triton"

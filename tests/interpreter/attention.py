@@ -1,9 +1,12 @@
 """The short-sequence attention kernels (`mal.ops.attention.kernel`) in the interpreter."""
+from contextlib import contextmanager
+
 import torch
 
 from cell_checks import rel   # tests/ is on the path
 from mal.models.vit import block_causal_mask
 from mal.ops.attention import attention_math
+from mal.ops.attention import kernel
 from mal.ops.attention.kernel import attention_triton
 
 
@@ -23,36 +26,52 @@ def _case(B, H, M, D, slot, dtype, heads_last):
 def matches_float64():
     """Output and q/k/v gradients against the float64 math form: the decoder's slots of 16 at M = 128 (heads
     views of one qkv tensor), causal at M = 143 (clusters of one patch: keys in a 256-wide tile), odd M and slot,
-    a head dim of 16; float32 (IEEE products) and float16."""
+    a head dim of 16; float32 (IEEE products) and float16; the backward whole and split into blocks of 32 keys
+    (at M = 128 with 64-row query blocks, the first query block's tiles of keys 64-127 are hidden and skipped)."""
     torch.manual_seed(0)
     for B, H, M, D, slot, dtype, heads_last in [(2, 2, 128, 32, 16, torch.float32, True),
                                                  (1, 2, 143, 32, 1, torch.float32, False),
                                                  (2, 1, 37, 16, 5, torch.float32, False),
                                                  (2, 2, 128, 32, 16, torch.float16, True)]:
         q, k, v, mask, dout = _case(B, H, M, D, slot, dtype, heads_last)
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = attention_triton(*leaves, mask)
-        grads = torch.autograd.grad(out, leaves, dout)
         ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
         ref = attention_math(*ref_leaves, mask)
         ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
         tol = 1e-5 if dtype == torch.float32 else 3e-3
-        assert out.shape == q.shape and out.dtype == dtype
-        for name, a, b in zip(["out", "dq", "dk", "dv"], [out, *grads], [ref, *ref_grads]):
-            assert rel(a, b) < tol, (B, H, M, D, slot, dtype, name, rel(a, b))
-        assert grads[0].stride() == q.stride() and out.transpose(1, 2).is_contiguous()   # q's, heads-last
+        for keys in (None, 32):
+            with bwd_keys(keys):
+                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                out = attention_triton(*leaves, mask)
+                grads = torch.autograd.grad(out, leaves, dout)
+            assert out.shape == q.shape and out.dtype == dtype
+            for name, a, b in zip(["out", "dq", "dk", "dv"], [out, *grads], [ref, *ref_grads]):
+                assert rel(a, b) < tol, (B, H, M, D, slot, dtype, keys, name, rel(a, b))
+            assert grads[0].stride() == q.stride() and out.transpose(1, 2).is_contiguous()   # q's, heads-last
+
+
+@contextmanager
+def bwd_keys(keys):
+    """The kernel module's BWD_KEYS set to `keys` inside the block."""
+    saved, kernel.BWD_KEYS = kernel.BWD_KEYS, keys
+    try:
+        yield
+    finally:
+        kernel.BWD_KEYS = saved
 
 
 def hidden_rows_give_zero():
-    """A query row that sees no key gives out 0 and no gradient (SDPA gives NaN); the other rows are the math form's."""
+    """A query row that sees no key gives out 0 and no gradient (SDPA gives NaN), the backward whole or split in
+    blocks of 16 keys; the other rows are the math form's."""
     torch.manual_seed(0)
     q, k, v, mask, dout = _case(1, 1, 20, 16, 4, torch.float32, False)
     mask = mask.clone()
     mask[3] = False
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = attention_triton(*leaves, mask)
-    dq = torch.autograd.grad(out, leaves, dout)[0]
-    assert torch.equal(out[0, 0, 3], torch.zeros(16)) and torch.equal(dq[0, 0, 3], torch.zeros(16))
+    for keys in (None, 16):
+        with bwd_keys(keys):
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = attention_triton(*leaves, mask)
+            dq = torch.autograd.grad(out, leaves, dout)[0]
+        assert torch.equal(out[0, 0, 3], torch.zeros(16)) and torch.equal(dq[0, 0, 3], torch.zeros(16)), keys
     keep = torch.arange(20) != 3
     ref = attention_math(q.double(), k.double(), v.double(), mask)
     assert rel(out[..., keep, :], ref[..., keep, :]) < 1e-5

@@ -3,7 +3,8 @@
 The pretraining decoder attends over M = 128 tokens (MAL-T on Imagenette-96) with heads of 32 channels and a
 block-causal mask; there SDPA's kernels are far from the memory bound (docs/performance.md). One program takes one
 (batch, head): it loads K and V once and walks the queries in blocks of BQ rows, so the softmax needs no online
-rescaling and the backward no atomics:
+rescaling and the backward no atomics (`BWD_KEYS` splits the backward instead: one program per block of keys for
+dK and dV, a second kernel per block of queries for dQ, each skipping the tiles the mask hides whole):
 
     forward    S = q k^T / sqrt(Dh) (masked), P = softmax(S), O = P V; keeps lse = log-sum-exp of each row
     backward   P again from lse, dV = P^T dO, dP = dO V^T, dS = P (dP - delta) with delta = rowsum(dO O),
@@ -27,6 +28,8 @@ HEAD_DIMS = (16, 32, 64)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FWD_CONFIG = (64, 4)        # (BQ query rows per block, warps): benchmarks/decoder_attention.py --sweep
 BWD_CONFIG = (64, 4)
+BWD_KEYS = None             # keys per backward program: None, all M in one kernel; else blocks of BWD_KEYS keys
+                            # (dK, dV) and a second kernel for dQ, both skipping the mask's fully hidden tiles
 LOG2E = 1.4426950408889634
 
 
@@ -38,72 +41,137 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, MASK, rows, cols, M, smq, smk, scale2, IEEE: tl.constexpr):
-    """Scores in log2 units (BQ, BM) of the query rows against all keys, -inf where the mask hides the key."""
-    s = _dot(q, tl.trans(k), IEEE) * scale2                                  # (BQ, BM)
-    seen = tl.load(MASK + rows[:, None] * smq + cols[None, :] * smk,
+def _seen(MASK, rows, cols, M, smq, smk):
+    """The mask's tile (BQ, BK): True where query row i sees key j (False past M)."""
+    return tl.load(MASK + rows[:, None] * smq + cols[None, :] * smk,
                    mask=(rows < M)[:, None] & (cols < M)[None, :], other=0) != 0
-    return tl.where(seen, s, float("-inf"))
+
+
+@triton.jit
+def _scores(q, k, seen, scale2, IEEE: tl.constexpr):
+    """Scores in log2 units (BQ, BK) of the query rows against the keys, -inf where the mask hides the key."""
+    return tl.where(seen, _dot(q, tl.trans(k), IEEE) * scale2, float("-inf"))
+
+
+@triton.jit
+def _dscores(p, do, v, delta, IEEE: tl.constexpr):
+    """dS = P (dO V^T - delta) (BQ, BK), float32."""
+    return p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+
+
+@triton.jit
+def _load_rows(T, b, h, rows, d, sb, sh, sm, M):
+    """Rows `rows` of head (b, h) of a (B, H, M, Dh) tensor: (len(rows), Dh), 0 past M."""
+    return tl.load(T + b * sb + h * sh + rows[:, None] * sm + d[None, :], mask=(rows < M)[:, None], other=0.0)
+
+
+@triton.jit
+def _store_rows(T, x, b, h, rows, d, sb, sh, sm, M):
+    tl.store(T + b * sb + h * sh + rows[:, None] * sm + d[None, :], x.to(T.dtype.element_ty), mask=(rows < M)[:, None])
 
 
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, MASK, O, LSE, H, M, scale2,
                      sqb, sqh, sqm, skb, skh, skm, svb, svh, svm, sob, soh, som, smq, smk,
-                     BQ: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+                     BQ: tl.constexpr, BK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     b, h = pid // H, pid % H
-    cols, d = tl.arange(0, BM), tl.arange(0, D)
-    col_ok = (cols < M)[:, None]
-    k = tl.load(K + b * skb + h * skh + cols[:, None] * skm + d[None, :], mask=col_ok, other=0.0)  # (BM, D)
-    v = tl.load(V + b * svb + h * svh + cols[:, None] * svm + d[None, :], mask=col_ok, other=0.0)  # (BM, D)
+    cols, d = tl.arange(0, BK), tl.arange(0, D)
+    k = _load_rows(K, b, h, cols, d, skb, skh, skm, M)                      # (BK, D) all keys
+    v = _load_rows(V, b, h, cols, d, svb, svh, svm, M)                      # (BK, D)
     for q0 in range(0, M, BQ):
         rows = q0 + tl.arange(0, BQ)                                         # (BQ,) queries
-        row_ok = rows < M
-        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], mask=row_ok[:, None], other=0.0)
-        s = _scores(q, k, MASK, rows, cols, M, smq, smk, scale2, IEEE)       # (BQ, BM) log2 units
+        q = _load_rows(Q, b, h, rows, d, sqb, sqh, sqm, M)                  # (BQ, D)
+        s = _scores(q, k, _seen(MASK, rows, cols, M, smq, smk), scale2, IEEE)  # (BQ, BK) log2 units
         mx = tl.max(s, 1)
         mx = tl.where(mx == float("-inf"), 0.0, mx)                          # a row that sees nothing
-        p = tl.exp2(s - mx[:, None])                                         # (BQ, BM)
+        p = tl.exp2(s - mx[:, None])                                         # (BQ, BK)
         den = tl.sum(p, 1)
         o = _dot(p.to(v.dtype), v, IEEE) / tl.where(den > 0, den, 1.0)[:, None]  # (BQ, D)
-        tl.store(O + b * sob + h * soh + rows[:, None] * som + d[None, :], o.to(O.dtype.element_ty),
-                 mask=row_ok[:, None])
+        _store_rows(O, o, b, h, rows, d, sob, soh, som, M)
         lse = tl.where(den > 0, mx + tl.log2(tl.where(den > 0, den, 1.0)), float("inf"))  # inf: P = 0 in the backward
-        tl.store(LSE + pid * M + rows, lse, mask=row_ok)
+        tl.store(LSE + pid * M + rows, lse, mask=rows < M)
 
 
 @triton.jit
 def _attn_bwd_kernel(Q, K, V, MASK, O, LSE, DO, DQ, DK, DV, H, M, scale2, scale,
                      sqb, sqh, sqm, skb, skh, skm, svb, svh, svm, sob, soh, som, sdb, sdh, sdm, smq, smk,
-                     BQ: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+                     BQ: tl.constexpr, BK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+    """All keys of a head in one tile: dK and dV accumulate over the query blocks, dQ of a block is whole at once."""
     pid = tl.program_id(0)
     b, h = pid // H, pid % H
-    cols, d = tl.arange(0, BM), tl.arange(0, D)
-    col_ok = (cols < M)[:, None]
-    k_at = b * skb + h * skh + cols[:, None] * skm + d[None, :]
-    v_at = b * svb + h * svh + cols[:, None] * svm + d[None, :]
-    k = tl.load(K + k_at, mask=col_ok, other=0.0)                           # (BM, D)
-    v = tl.load(V + v_at, mask=col_ok, other=0.0)                           # (BM, D)
-    dk = tl.zeros((BM, D), dtype=tl.float32)
-    dv = tl.zeros((BM, D), dtype=tl.float32)
+    cols, d = tl.arange(0, BK), tl.arange(0, D)
+    k = _load_rows(K, b, h, cols, d, skb, skh, skm, M)                      # (BK, D)
+    v = _load_rows(V, b, h, cols, d, svb, svh, svm, M)                      # (BK, D)
+    dk = tl.zeros((BK, D), dtype=tl.float32)
+    dv = tl.zeros((BK, D), dtype=tl.float32)
     for q0 in range(0, M, BQ):
         rows = q0 + tl.arange(0, BQ)
-        row_ok = rows < M
-        q_at = b * sqb + h * sqh + rows[:, None] * sqm + d[None, :]
-        q = tl.load(Q + q_at, mask=row_ok[:, None], other=0.0)               # (BQ, D)
-        do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdm + d[None, :], mask=row_ok[:, None], other=0.0)
-        o = tl.load(O + b * sob + h * soh + rows[:, None] * som + d[None, :], mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSE + pid * M + rows, mask=row_ok, other=float("inf"))
-        p = tl.exp2(_scores(q, k, MASK, rows, cols, M, smq, smk, scale2, IEEE) - lse[:, None])  # (BQ, BM)
+        q = _load_rows(Q, b, h, rows, d, sqb, sqh, sqm, M)                  # (BQ, D)
+        do = _load_rows(DO, b, h, rows, d, sdb, sdh, sdm, M)                # (BQ, D)
+        o = _load_rows(O, b, h, rows, d, sob, soh, som, M)                  # (BQ, D)
+        lse = tl.load(LSE + pid * M + rows, mask=rows < M, other=float("inf"))
+        p = tl.exp2(_scores(q, k, _seen(MASK, rows, cols, M, smq, smk), scale2, IEEE) - lse[:, None])  # (BQ, BK)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)              # (BQ,)
-        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)                       # (BM, D)
-        dp = _dot(do, tl.trans(v), IEEE)                                     # (BQ, BM)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)                         # (BQ, BM) d scores
-        dq = _dot(ds, k, IEEE) * scale                                       # (BQ, D)
-        tl.store(DQ + q_at, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
-        dk += _dot(tl.trans(ds), q, IEEE)                                    # (BM, D)
-    tl.store(DK + k_at, (dk * scale).to(DK.dtype.element_ty), mask=col_ok)
-    tl.store(DV + v_at, dv.to(DV.dtype.element_ty), mask=col_ok)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)                       # (BK, D)
+        ds = _dscores(p, do, v, delta, IEEE).to(q.dtype)                     # (BQ, BK)
+        _store_rows(DQ, _dot(ds, k, IEEE) * scale, b, h, rows, d, sqb, sqh, sqm, M)
+        dk += _dot(tl.trans(ds), q, IEEE)                                    # (BK, D)
+    _store_rows(DK, dk * scale, b, h, cols, d, skb, skh, skm, M)
+    _store_rows(DV, dv, b, h, cols, d, svb, svh, svm, M)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, MASK, O, LSE, DO, DQ, DK, DV, H, M, scale2, scale,
+                          sqb, sqh, sqm, skb, skh, skm, svb, svh, svm, sob, soh, som, sdb, sdh, sdm, smq, smk,
+                          BQ: tl.constexpr, BK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+    """dK and dV of one block of BK keys (program id 1), over the query blocks whose mask tile sees one of them."""
+    pid = tl.program_id(0)
+    b, h = pid // H, pid % H
+    cols, d = tl.program_id(1) * BK + tl.arange(0, BK), tl.arange(0, D)
+    k = _load_rows(K, b, h, cols, d, skb, skh, skm, M)                      # (BK, D)
+    v = _load_rows(V, b, h, cols, d, svb, svh, svm, M)                      # (BK, D)
+    dk = tl.zeros((BK, D), dtype=tl.float32)
+    dv = tl.zeros((BK, D), dtype=tl.float32)
+    for q0 in range(0, M, BQ):
+        rows = q0 + tl.arange(0, BQ)
+        seen = _seen(MASK, rows, cols, M, smq, smk)                          # (BQ, BK)
+        if tl.max(seen.to(tl.int32)) > 0:                                    # a fully hidden tile adds nothing
+            q = _load_rows(Q, b, h, rows, d, sqb, sqh, sqm, M)              # (BQ, D)
+            do = _load_rows(DO, b, h, rows, d, sdb, sdh, sdm, M)            # (BQ, D)
+            o = _load_rows(O, b, h, rows, d, sob, soh, som, M)              # (BQ, D)
+            lse = tl.load(LSE + pid * M + rows, mask=rows < M, other=float("inf"))
+            p = tl.exp2(_scores(q, k, seen, scale2, IEEE) - lse[:, None])   # (BQ, BK)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)          # (BQ,)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)                   # (BK, D)
+            dk += _dot(tl.trans(_dscores(p, do, v, delta, IEEE).to(q.dtype)), q, IEEE)  # (BK, D)
+    _store_rows(DK, dk * scale, b, h, cols, d, skb, skh, skm, M)
+    _store_rows(DV, dv, b, h, cols, d, svb, svh, svm, M)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, MASK, O, LSE, DO, DQ, DK, DV, H, M, scale2, scale,
+                        sqb, sqh, sqm, skb, skh, skm, svb, svh, svm, sob, soh, som, sdb, sdh, sdm, smq, smk,
+                        BQ: tl.constexpr, BK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+    """dQ of one block of BQ queries (program id 1), over the key blocks its mask tile sees."""
+    pid = tl.program_id(0)
+    b, h = pid // H, pid % H
+    rows, d = tl.program_id(1) * BQ + tl.arange(0, BQ), tl.arange(0, D)
+    q = _load_rows(Q, b, h, rows, d, sqb, sqh, sqm, M)                      # (BQ, D)
+    do = _load_rows(DO, b, h, rows, d, sdb, sdh, sdm, M)                    # (BQ, D)
+    o = _load_rows(O, b, h, rows, d, sob, soh, som, M)                      # (BQ, D)
+    lse = tl.load(LSE + pid * M + rows, mask=rows < M, other=float("inf"))
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)                  # (BQ,)
+    dq = tl.zeros((BQ, D), dtype=tl.float32)
+    for k0 in range(0, M, BK):
+        cols = k0 + tl.arange(0, BK)
+        seen = _seen(MASK, rows, cols, M, smq, smk)                          # (BQ, BK)
+        if tl.max(seen.to(tl.int32)) > 0:
+            k = _load_rows(K, b, h, cols, d, skb, skh, skm, M)              # (BK, D)
+            v = _load_rows(V, b, h, cols, d, svb, svh, svm, M)              # (BK, D)
+            p = tl.exp2(_scores(q, k, seen, scale2, IEEE) - lse[:, None])   # (BQ, BK)
+            dq += _dot(_dscores(p, do, v, delta, IEEE).to(q.dtype), k, IEEE)  # (BQ, D)
+    _store_rows(DQ, dq * scale, b, h, rows, d, sqb, sqh, sqm, M)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> bool:
@@ -120,10 +188,10 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
 
 
 def _blocks(M: int, config: tuple) -> tuple[int, int, int]:
-    """(BQ query rows, BM keys: all M padded to a power of two >= 16, warps) of a launch for M tokens."""
+    """(BQ query rows, BK keys: all M padded to a power of two >= 16, warps) of a launch for M tokens."""
     bq, warps = config
-    bm = max(16, triton.next_power_of_2(M))
-    return min(bq, bm), bm, warps
+    bk = max(16, triton.next_power_of_2(M))
+    return min(bq, bk), bk, warps
 
 
 def _like_heads_last(q: torch.Tensor) -> torch.Tensor:
@@ -144,11 +212,11 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     """q, k, v (B, H, M, Dh), mask (M, M) -> out (B, H, M, Dh) laid out heads-last, lse (B, H, M) float32 (log2)."""
     B, H, M, D = q.shape
     out, lse = _like_heads_last(q), torch.empty(B, H, M, device=q.device, dtype=torch.float32)
-    bq, bm, warps = _blocks(M, FWD_CONFIG)
+    bq, bk, warps = _blocks(M, FWD_CONFIG)
     m8 = mask.view(torch.uint8)
     _attn_fwd_kernel[(B * H,)](q, k, v, m8, out, lse, H, M, LOG2E / math.sqrt(D),
                                *_s3(q), *_s3(k), *_s3(v), *_s3(out), m8.stride(0), m8.stride(1),
-                               BQ=bq, BM=bm, D=D, IEEE=q.dtype == torch.float32, num_warps=warps)
+                               BQ=bq, BK=bk, D=D, IEEE=q.dtype == torch.float32, num_warps=warps)
     return out, lse
 
 
@@ -164,13 +232,18 @@ def attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     """The gradients dq, dk, dv (in q's, k's and v's layouts) from the forward's out, lse and dout."""
     B, H, M, D = q.shape
     dq, dk, dv = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in (q, k, v))
-    bq, bm, warps = _blocks(M, BWD_CONFIG)
+    bq, bk, warps = _blocks(M, BWD_CONFIG)
     m8 = mask.view(torch.uint8)
     dout = dout.to(q.dtype) if dout.stride(-1) == 1 else dout.to(q.dtype).contiguous()
-    _attn_bwd_kernel[(B * H,)](q, k, v, m8, out, lse, dout, dq, dk, dv, H, M, LOG2E / math.sqrt(D),
-                               1.0 / math.sqrt(D), *_s3(q), *_s3(k), *_s3(v), *_s3(out), *_s3(dout),
-                               m8.stride(0), m8.stride(1), BQ=bq, BM=bm, D=D,
-                               IEEE=q.dtype == torch.float32, num_warps=warps)
+    args = (q, k, v, m8, out, lse, dout, dq, dk, dv, H, M, LOG2E / math.sqrt(D), 1.0 / math.sqrt(D),
+            *_s3(q), *_s3(k), *_s3(v), *_s3(out), *_s3(dout), m8.stride(0), m8.stride(1))
+    meta = dict(D=D, IEEE=q.dtype == torch.float32, num_warps=warps)
+    if BWD_KEYS is None:
+        _attn_bwd_kernel[(B * H,)](*args, BQ=bq, BK=bk, **meta)
+    else:
+        bk = min(BWD_KEYS, bk)
+        _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(M, bk))](*args, BQ=bq, BK=bk, **meta)
+        _attn_bwd_dq_kernel[(B * H, triton.cdiv(M, bq))](*args, BQ=bq, BK=bk, **meta)
     return dq, dk, dv
 
 
