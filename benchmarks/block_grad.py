@@ -41,27 +41,27 @@ def graphed_ms(fn) -> float:
     return cuda_ms(graph.replay)
 
 
-def inputs(B, S, NH, DH):
+def inputs(B, S, NH, DH, device="cuda"):
     """bf16 xz and the pre-step's float32 parameters (11, as `qkv_kernel.inputs`), the post tail's 7, bf16 h
     and a float32 cotangent of the block output."""
-    g = torch.Generator(device="cuda").manual_seed(1)
-    r = lambda *shape, s=1.0: torch.randn(*shape, generator=g, device="cuda") * s
+    g = torch.Generator(device=device).manual_seed(1)
+    r = lambda *shape, s=1.0: torch.randn(*shape, generator=g, device=device) * s
     I, D = NH * DH, NH * DH // 2
     post = [r(I, 1, 4, s=0.5), r(I, s=0.1), 1 + r(I, s=0.2), r(I, s=0.1), 1 + r(I, s=0.2), r(D, I, s=0.05), r(D)]
-    return pre_inputs(B, S, I, gates=2 * NH), post, r(B, NH, S, DH).bfloat16(), r(B, S, D)
+    return pre_inputs(B, S, I, gates=2 * NH, device=device), post, r(B, NH, S, DH).bfloat16(), r(B, S, D)
 
 
-def kernel_calls(B, S, NH, DH):
+def kernel_calls(B, S, NH, DH, device="cuda"):
     """`inputs`, random bf16 incoming gradients (dq, dk, dv, dg) and the kernels as functions of their config:
     run_post(cfg) -> `post_grad`'s outputs, run_pre(cfg, dxm) -> `pre_grad`'s (on run_post's packed buffer)."""
     from mal.ops.block_grad import kernel as bg
     from mal.ops.qkv import gate_weights
     from mal.ops.vil_block.post import POST_LN_EPS
-    pre, post, h, cot = inputs(B, S, NH, DH)
+    pre, post, h, cot = inputs(B, S, NH, DH, device)
     xz, I = pre[0], NH * DH
     w_c, w_m, _ = gate_weights(*pre[9:], *pre[3:9])
-    du, *d_qkv = (torch.randn(B, S, I, device="cuda").bfloat16() for _ in range(4))
-    dg = torch.randn(B, S, 2 * NH, device="cuda").bfloat16()
+    du, *d_qkv = (torch.randn(B, S, I, device=device).bfloat16() for _ in range(4))
+    dg = torch.randn(B, S, 2 * NH, device=device).bfloat16()
     run_post = lambda cfg=None: bg.post_grad(du, h, xz, *post[:5], POST_LN_EPS, config=cfg)
     packed = run_post()[1]
     run_pre = lambda cfg=None, dxm=None: bg.pre_grad(*d_qkv, dg, packed, xz, *pre[1:3], pre[3], pre[5], pre[7],

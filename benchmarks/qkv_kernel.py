@@ -76,9 +76,9 @@ def parse_args(doc: str, shapes: dict) -> argparse.Namespace:
     return p.parse_args()
 
 
-def inputs(B, S, I, gates=8):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    r = lambda *shape, s=1.0: torch.randn(*shape, generator=g, device="cuda") * s
+def inputs(B, S, I, gates=8, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(0)
+    r = lambda *shape, s=1.0: torch.randn(*shape, generator=g, device=device) * s
     args = [r(B, S, 2 * I).bfloat16(), r(I, 1, 4, s=0.5), r(I, s=0.1)]
     for _ in range(3):
         args += [r(I // 4, 4, 4, s=0.5), r(I, s=0.1)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -152,3 +153,35 @@ def test_ab_step_alternates_the_codes_and_compares_their_medians(tmp_path):
     assert entry["new"]["median_img_s"] == 120.0 and entry["new"]["ratio"] == 1.2
     with pytest.raises(SystemExit):
         main(["--code", f"new={REPO / 'src'}", "--code", f"old={tmp_path}"])   # tmp_path holds no package mal
+
+
+def test_kernel_report_compiles_the_attention_kernels_for_hopper_without_a_gpu():
+    """kernel_report.py compiles each kernel as its op launches it, for sm_90, through Triton and its ptxas on this
+    machine (no GPU): one row per kernel with its registers, shared memory and programs per multiprocessor; the
+    driver it stands in for is put back after."""
+    pytest.importorskip("triton")
+    import kernel_report
+    from triton.runtime import driver
+    before = driver._active
+    rows = kernel_report.report(["attention"], 90, 8192)
+    assert driver._active is before
+    assert sorted(r["kernel"] for r in rows) == ["_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_kernel",
+                                                  "_attn_fwd_kernel"]
+    for r in rows:
+        assert 0 < r["regs"] <= 255 and r["smem"] > 0 and 1 <= r["ctas_per_sm"] <= 32, r
+        assert r["launch"]["D"] == 32 and r["launch"]["IEEE"] is False                 # the decoder's bf16 heads of 32
+
+
+def test_kernel_report_reads_conversions_and_occupancy_by_hand():
+    """The TTGIR parser against a hand-written line, and programs per multiprocessor against hand arithmetic
+    (registers go to a warp in blocks of 256; 65,536 registers, 228 KiB, 2,048 threads and 32 programs each)."""
+    import kernel_report
+    line = ("%s_95 = ttg.convert_layout %s_94 : tensor<64x128xf32, #mma> -> tensor<64x128xf32, #blocked> loc(#loc12)\n"
+            "%x = ttg.convert_layout %y : tensor<16xf32, #blocked> -> tensor<16xf32, #blocked1> loc(#loc13)\n")
+    assert kernel_report.conversions(line, 8192) == [{"tensor": "64x128xf32", "bytes": 32768, "from": "#mma",
+                                                       "to": "#blocked"}]
+    assert len(kernel_report.conversions(line, 1)) == 2
+    assert kernel_report.ctas_per_sm(255, 4, 0) == 2              # 8,192 registers a warp, 32,768 a program
+    assert kernel_report.ctas_per_sm(128, 4, 49408) == 4          # by registers 4, by shared memory 4
+    assert kernel_report.ctas_per_sm(125, 4, 100_000) == 2        # shared memory bounds it
+    assert kernel_report.ctas_per_sm(62, 1, 512) == 32            # the 32-program limit
