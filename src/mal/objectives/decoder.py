@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
 from ..config import DecoderConfig
