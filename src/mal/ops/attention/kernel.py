@@ -71,14 +71,36 @@ def _store_rows(T, x, b, h, rows, d, sb, sh, sm, M):
 
 
 @triton.jit
+def _query_rows(Q, O, DO, LSE, pid, b, h, rows, d, M, sqb, sqh, sqm, sob, soh, som, sdb, sdh, sdm):
+    """A block of query rows for the backward: q, dO (BQ, D), lse (BQ,) (inf past M: P = 0 there) and
+    delta = rowsum(dO O) (BQ,)."""
+    q = _load_rows(Q, b, h, rows, d, sqb, sqh, sqm, M)                      # (BQ, D)
+    do = _load_rows(DO, b, h, rows, d, sdb, sdh, sdm, M)                    # (BQ, D)
+    o = _load_rows(O, b, h, rows, d, sob, soh, som, M)                      # (BQ, D)
+    lse = tl.load(LSE + pid * M + rows, mask=rows < M, other=float("inf"))
+    return q, do, lse, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+
+
+@triton.jit
+def _key_rows(K, V, b, h, cols, d, M, skb, skh, skm, svb, svh, svm):
+    """k and v (BK, D) of a block of keys."""
+    return _load_rows(K, b, h, cols, d, skb, skh, skm, M), _load_rows(V, b, h, cols, d, svb, svh, svm, M)
+
+
+@triton.jit
+def _store_dkdv(DK, DV, dk, dv, scale, b, h, cols, d, M, skb, skh, skm, svb, svh, svm):
+    _store_rows(DK, dk * scale, b, h, cols, d, skb, skh, skm, M)
+    _store_rows(DV, dv, b, h, cols, d, svb, svh, svm, M)
+
+
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, MASK, O, LSE, H, M, scale2,
                      sqb, sqh, sqm, skb, skh, skm, svb, svh, svm, sob, soh, som, smq, smk,
                      BQ: tl.constexpr, BK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     b, h = pid // H, pid % H
     cols, d = tl.arange(0, BK), tl.arange(0, D)
-    k = _load_rows(K, b, h, cols, d, skb, skh, skm, M)                      # (BK, D) all keys
-    v = _load_rows(V, b, h, cols, d, svb, svh, svm, M)                      # (BK, D)
+    k, v = _key_rows(K, V, b, h, cols, d, M, skb, skh, skm, svb, svh, svm)  # (BK, D) each, all keys
     for q0 in range(0, M, BQ):
         rows = q0 + tl.arange(0, BQ)                                         # (BQ,) queries
         q = _load_rows(Q, b, h, rows, d, sqb, sqh, sqm, M)                  # (BQ, D)
@@ -101,24 +123,19 @@ def _attn_bwd_kernel(Q, K, V, MASK, O, LSE, DO, DQ, DK, DV, H, M, scale2, scale,
     pid = tl.program_id(0)
     b, h = pid // H, pid % H
     cols, d = tl.arange(0, BK), tl.arange(0, D)
-    k = _load_rows(K, b, h, cols, d, skb, skh, skm, M)                      # (BK, D)
-    v = _load_rows(V, b, h, cols, d, svb, svh, svm, M)                      # (BK, D)
+    k, v = _key_rows(K, V, b, h, cols, d, M, skb, skh, skm, svb, svh, svm)  # (BK, D) each
     dk = tl.zeros((BK, D), dtype=tl.float32)
     dv = tl.zeros((BK, D), dtype=tl.float32)
     for q0 in range(0, M, BQ):
         rows = q0 + tl.arange(0, BQ)
-        q = _load_rows(Q, b, h, rows, d, sqb, sqh, sqm, M)                  # (BQ, D)
-        do = _load_rows(DO, b, h, rows, d, sdb, sdh, sdm, M)                # (BQ, D)
-        o = _load_rows(O, b, h, rows, d, sob, soh, som, M)                  # (BQ, D)
-        lse = tl.load(LSE + pid * M + rows, mask=rows < M, other=float("inf"))
+        q, do, lse, delta = _query_rows(Q, O, DO, LSE, pid, b, h, rows, d, M,
+                                        sqb, sqh, sqm, sob, soh, som, sdb, sdh, sdm)
         p = tl.exp2(_scores(q, k, _seen(MASK, rows, cols, M, smq, smk), scale2, IEEE) - lse[:, None])  # (BQ, BK)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)              # (BQ,)
         dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)                       # (BK, D)
         ds = _dscores(p, do, v, delta, IEEE).to(q.dtype)                     # (BQ, BK)
         _store_rows(DQ, _dot(ds, k, IEEE) * scale, b, h, rows, d, sqb, sqh, sqm, M)
         dk += _dot(tl.trans(ds), q, IEEE)                                    # (BK, D)
-    _store_rows(DK, dk * scale, b, h, cols, d, skb, skh, skm, M)
-    _store_rows(DV, dv, b, h, cols, d, svb, svh, svm, M)
+    _store_dkdv(DK, DV, dk, dv, scale, b, h, cols, d, M, skb, skh, skm, svb, svh, svm)
 
 
 @triton.jit
@@ -129,24 +146,19 @@ def _attn_bwd_dkdv_kernel(Q, K, V, MASK, O, LSE, DO, DQ, DK, DV, H, M, scale2, s
     pid = tl.program_id(0)
     b, h = pid // H, pid % H
     cols, d = tl.program_id(1) * BK + tl.arange(0, BK), tl.arange(0, D)
-    k = _load_rows(K, b, h, cols, d, skb, skh, skm, M)                      # (BK, D)
-    v = _load_rows(V, b, h, cols, d, svb, svh, svm, M)                      # (BK, D)
+    k, v = _key_rows(K, V, b, h, cols, d, M, skb, skh, skm, svb, svh, svm)  # (BK, D) each
     dk = tl.zeros((BK, D), dtype=tl.float32)
     dv = tl.zeros((BK, D), dtype=tl.float32)
     for q0 in range(0, M, BQ):
         rows = q0 + tl.arange(0, BQ)
         seen = _seen(MASK, rows, cols, M, smq, smk)                          # (BQ, BK)
         if tl.max(seen.to(tl.int32)) > 0:                                    # a fully hidden tile adds nothing
-            q = _load_rows(Q, b, h, rows, d, sqb, sqh, sqm, M)              # (BQ, D)
-            do = _load_rows(DO, b, h, rows, d, sdb, sdh, sdm, M)            # (BQ, D)
-            o = _load_rows(O, b, h, rows, d, sob, soh, som, M)              # (BQ, D)
-            lse = tl.load(LSE + pid * M + rows, mask=rows < M, other=float("inf"))
+            q, do, lse, delta = _query_rows(Q, O, DO, LSE, pid, b, h, rows, d, M,
+                                            sqb, sqh, sqm, sob, soh, som, sdb, sdh, sdm)
             p = tl.exp2(_scores(q, k, seen, scale2, IEEE) - lse[:, None])   # (BQ, BK)
-            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)          # (BQ,)
             dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)                   # (BK, D)
             dk += _dot(tl.trans(_dscores(p, do, v, delta, IEEE).to(q.dtype)), q, IEEE)  # (BK, D)
-    _store_rows(DK, dk * scale, b, h, cols, d, skb, skh, skm, M)
-    _store_rows(DV, dv, b, h, cols, d, svb, svh, svm, M)
+    _store_dkdv(DK, DV, dk, dv, scale, b, h, cols, d, M, skb, skh, skm, svb, svh, svm)
 
 
 @triton.jit
@@ -157,18 +169,14 @@ def _attn_bwd_dq_kernel(Q, K, V, MASK, O, LSE, DO, DQ, DK, DV, H, M, scale2, sca
     pid = tl.program_id(0)
     b, h = pid // H, pid % H
     rows, d = tl.program_id(1) * BQ + tl.arange(0, BQ), tl.arange(0, D)
-    q = _load_rows(Q, b, h, rows, d, sqb, sqh, sqm, M)                      # (BQ, D)
-    do = _load_rows(DO, b, h, rows, d, sdb, sdh, sdm, M)                    # (BQ, D)
-    o = _load_rows(O, b, h, rows, d, sob, soh, som, M)                      # (BQ, D)
-    lse = tl.load(LSE + pid * M + rows, mask=rows < M, other=float("inf"))
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)                  # (BQ,)
+    q, do, lse, delta = _query_rows(Q, O, DO, LSE, pid, b, h, rows, d, M,
+                                    sqb, sqh, sqm, sob, soh, som, sdb, sdh, sdm)
     dq = tl.zeros((BQ, D), dtype=tl.float32)
     for k0 in range(0, M, BK):
         cols = k0 + tl.arange(0, BK)
         seen = _seen(MASK, rows, cols, M, smq, smk)                          # (BQ, BK)
         if tl.max(seen.to(tl.int32)) > 0:
-            k = _load_rows(K, b, h, cols, d, skb, skh, skm, M)              # (BK, D)
-            v = _load_rows(V, b, h, cols, d, svb, svh, svm, M)              # (BK, D)
+            k, v = _key_rows(K, V, b, h, cols, d, M, skb, skh, skm, svb, svh, svm)  # (BK, D) each
             p = tl.exp2(_scores(q, k, seen, scale2, IEEE) - lse[:, None])   # (BQ, BK)
             dq += _dot(_dscores(p, do, v, delta, IEEE).to(q.dtype), k, IEEE)  # (BQ, D)
     _store_rows(DQ, dq * scale, b, h, rows, d, sqb, sqh, sqm, M)
