@@ -54,6 +54,25 @@ def test_flop_counter_counts_the_kernels_as_sdpa_on_cpu():
     assert counts == {"mal.attention_fwd": 2 * 2 * B * H * M * M * D, "mal.attention_bwd": 5 * 2 * B * H * M * M * D}
 
 
+def test_kernel_takes_the_decoders_16_bit_heads_and_leaves_the_rest_to_sdpa_on_cpu():
+    """What "auto" hands the kernel, read off CUDA tensors' metadata (fake tensors, no GPU): 16-bit heads of 16, 32
+    or 64 up to 256 tokens with an (M, M) bool mask; float32 (timed only in 16 bits), longer sequences, other head
+    dims and other masks go to SDPA."""
+    pytest.importorskip("triton")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from mal.ops.attention.kernel import supports
+
+    def case(B=2, H=4, M=128, D=32, dtype=torch.bfloat16, mask_shape=None, mask_dtype=torch.bool):
+        q = torch.empty(B, M, 3, H, D, device="cuda", dtype=dtype).permute(2, 0, 3, 1, 4)[0]   # a head view
+        mask = torch.ones(mask_shape or (M, M), device="cuda", dtype=mask_dtype)
+        return supports(q, q, q, mask)
+    with FakeTensorMode():
+        assert case() and case(dtype=torch.float16) and case(M=256, D=64) and case(M=1, D=16)
+        assert not case(dtype=torch.float32)
+        assert not case(M=257) and not case(D=48) and not case(D=128)
+        assert not case(mask_shape=(128, 127)) and not case(mask_dtype=torch.float32)
+
+
 def _decoder_case(B=8, H=16, M=128, D=32, slot=16):
     qkv = torch.randn(B, M, 3, H, D, device="cuda", dtype=torch.bfloat16)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                            # (B, H, M, D), as CausalBlock

@@ -1,9 +1,9 @@
 """Masked softmax attention of the pretraining decoders: `reference` (SDPA, and the eager math form as the oracle)
 and `kernel` (short sequences, all keys in one tile, in Triton).
 
-Backends of the op "attention", dispatched on (q, k, v, mask): "triton" (CUDA, `kernel.supports`: up to 256 tokens,
-heads of 16, 32 or 64; about half SDPA's time at the decoder's shape, `benchmarks/decoder_attention.py`) and "torch"
-(SDPA, the reference and the fallback).
+Backends of the op "attention", dispatched on (q, k, v, mask): "triton" (CUDA, `kernel.supports`: fp16/bf16, up to
+256 tokens, heads of 16, 32 or 64; about half SDPA's time at the decoder's shape, `benchmarks/decoder_attention.py`)
+and "torch" (SDPA, the reference and the fallback).
 """
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ import triton.language as tl
 
 MAX_TOKENS = 256            # all keys in one tile
 HEAD_DIMS = (16, 32, 64)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)   # the op's dtypes; the kernels also take float32 (IEEE products,
+                                                     # tested in the interpreter) but are timed only in 16 bits
 FWD_CONFIG = (64, 4)        # (BQ query rows per block, warps): benchmarks/decoder_attention.py --sweep
 BWD_CONFIG = (64, 4)
 BWD_KEYS = None             # keys per backward program: None, all M in one kernel; else blocks of BWD_KEYS keys
@@ -183,8 +184,8 @@ def _attn_bwd_dq_kernel(Q, K, V, MASK, O, LSE, DO, DQ, DK, DV, H, M, scale2, sca
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> bool:
-    """CUDA q, k, v (B, H, M, Dh) of one supported dtype with unit channel stride, M <= MAX_TOKENS, Dh in
-    HEAD_DIMS, and an (M, M) bool mask on the same device."""
+    """CUDA fp16/bf16 q, k, v (B, H, M, Dh) of one dtype with unit channel stride, M <= MAX_TOKENS, Dh in
+    HEAD_DIMS, and an (M, M) bool mask on the same device (float32 goes to SDPA)."""
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v, mask)) or q.dim() != 4:
         return False
     B, H, M, D = q.shape
