@@ -83,19 +83,15 @@ def sweep_rows(mask: torch.Tensor, q, k, v, dout, ref, warmup: int, iters: int) 
     """The Triton kernels' forward + backward at each forward config (the backward's default), then at each backward
     (BWD_KEYS, BWD_CONFIG) (the forward's default); the defaults restored."""
     from mal.ops.attention import kernel
-    default = kernel.FWD_CONFIG, kernel.BWD_CONFIG, kernel.BWD_KEYS
-    points = [(fwd, default[1], default[2]) for fwd in SWEEP_FWD]
-    points += [(default[0], cfg, keys) for keys, cfg in SWEEP_BWD]
+    points = [(fwd, kernel.BWD_CONFIG, kernel.BWD_KEYS) for fwd in SWEEP_FWD]
+    points += [(kernel.FWD_CONFIG, cfg, keys) for keys, cfg in SWEEP_BWD]
     rows = []
-    try:
-        for fwd, bwd, keys in points:
-            kernel.FWD_CONFIG, kernel.BWD_CONFIG, kernel.BWD_KEYS = fwd, bwd, keys
+    for fwd, bwd, keys in points:
+        with kernel.launch_config(FWD_CONFIG=fwd, BWD_CONFIG=bwd, BWD_KEYS=keys):
             row = measure(f"mal-triton fwd{fwd} bwd{bwd} keys {keys}",
                           lambda q, k, v: attention(q, k, v, mask, "triton"), q, k, v, dout, ref, warmup, iters)
-            rows.append({**row, "fwd_config": fwd, "bwd_config": bwd, "bwd_keys": keys})
-            print(json.dumps(rows[-1]), flush=True)
-    finally:
-        kernel.FWD_CONFIG, kernel.BWD_CONFIG, kernel.BWD_KEYS = default
+        rows.append({**row, "fwd_config": fwd, "bwd_config": bwd, "bwd_keys": keys})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

@@ -92,11 +92,9 @@ def launch_attention() -> None:
     q = torch.zeros(b, m, 3, h, d, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)[0]    # (B, H, M, D) head views
     mask = torch.ones(m, m, dtype=torch.bool)
     out, lse = kernel.attention_fwd(q, q, q, mask)
-    saved = kernel.BWD_KEYS
     for keys in (None, 64):
-        kernel.BWD_KEYS = keys
-        kernel.attention_bwd(q, q, q, mask, out, lse, out)
-    kernel.BWD_KEYS = saved
+        with kernel.launch_config(BWD_KEYS=keys):
+            kernel.attention_bwd(q, q, q, mask, out, lse, out)
 
 
 def launch_block_grad() -> None:

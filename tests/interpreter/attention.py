@@ -1,13 +1,10 @@
 """The short-sequence attention kernels (`mal.ops.attention.kernel`) in the interpreter."""
-from contextlib import contextmanager
-
 import torch
 
 from cell_checks import rel   # tests/ is on the path
 from mal.models.vit import block_causal_mask
 from mal.ops.attention import attention_math
-from mal.ops.attention import kernel
-from mal.ops.attention.kernel import attention_triton
+from mal.ops.attention.kernel import attention_triton, launch_config
 
 
 def _case(B, H, M, D, slot, dtype, heads_last):
@@ -39,7 +36,7 @@ def matches_float64():
         ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
         tol = 1e-5 if dtype == torch.float32 else 3e-3
         for keys in (None, 32):
-            with bwd_keys(keys):
+            with launch_config(BWD_KEYS=keys):
                 leaves = [t.detach().requires_grad_() for t in (q, k, v)]
                 out = attention_triton(*leaves, mask)
                 grads = torch.autograd.grad(out, leaves, dout)
@@ -47,16 +44,6 @@ def matches_float64():
             for name, a, b in zip(["out", "dq", "dk", "dv"], [out, *grads], [ref, *ref_grads]):
                 assert rel(a, b) < tol, (B, H, M, D, slot, dtype, keys, name, rel(a, b))
             assert grads[0].stride() == q.stride() and out.transpose(1, 2).is_contiguous()   # q's, heads-last
-
-
-@contextmanager
-def bwd_keys(keys):
-    """The kernel module's BWD_KEYS set to `keys` inside the block."""
-    saved, kernel.BWD_KEYS = kernel.BWD_KEYS, keys
-    try:
-        yield
-    finally:
-        kernel.BWD_KEYS = saved
 
 
 def hidden_rows_give_zero():
@@ -67,7 +54,7 @@ def hidden_rows_give_zero():
     mask = mask.clone()
     mask[3] = False
     for keys in (None, 16):
-        with bwd_keys(keys):
+        with launch_config(BWD_KEYS=keys):
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
             out = attention_triton(*leaves, mask)
             dq = torch.autograd.grad(out, leaves, dout)[0]

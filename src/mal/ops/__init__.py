@@ -1,12 +1,12 @@
-"""The fused ops of the ViL block, one folder each with the PyTorch reference (the oracle) beside its Triton
-kernel, and one dispatch (`registry`) that picks the backend per call:
+"""The fused ops of the ViL block and of the pretraining decoder, one folder each with the PyTorch reference (the
+oracle) beside its Triton kernel, and one dispatch (`registry`) that picks the backend per call:
 
     mlstm       the causal mLSTM cell                        (backends torch, recurrent, triton)
     headwise    the block-diagonal q/k/v maps' weight gradient (torch, triton)
     qkv         the pre-cell step: conv + SiLU, q/k/v, gates  (torch, triton)
     norm        the pre-LayerNorm + up-projection              (torch, triton)
     block_grad  the backward of the regions around the cell    (torch, triton)
-    attention   the pretraining decoder's masked attention     (torch, triton by name)
+    attention   the pretraining decoder's masked attention     (torch, triton)
 
 `vil_block` composes them into a block's fast path. Importing this package imports no Triton: a kernel module
 is imported when its backend is resolved for CUDA inputs.

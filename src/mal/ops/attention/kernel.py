@@ -15,7 +15,9 @@ float32 with the products in the inputs' dtype (IEEE float32 for float32 inputs)
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
@@ -196,6 +198,21 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
             and B * H > 0)
 
 
+@contextlib.contextmanager
+def launch_config(**settings) -> Iterator[None]:
+    """Inside the block, the named launch settings (FWD_CONFIG, BWD_CONFIG, BWD_KEYS) take the given values; the
+    previous ones come back after (for sweeps and tests)."""
+    unknown = sorted(set(settings) - {"FWD_CONFIG", "BWD_CONFIG", "BWD_KEYS"})
+    if unknown:
+        raise ValueError(f"unknown attention launch settings {unknown}; use FWD_CONFIG, BWD_CONFIG or BWD_KEYS")
+    saved = {name: globals()[name] for name in settings}
+    globals().update(settings)
+    try:
+        yield
+    finally:
+        globals().update(saved)
+
+
 def _blocks(M: int, config: tuple) -> tuple[int, int, int]:
     """(BQ query rows, BK keys: all M padded to a power of two >= 16, warps) of a launch for M tokens."""
     bq, warps = config
@@ -291,4 +308,5 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return attention_fwd(q, k, v, mask)[0]
 
 
-__all__ = ["attention_triton", "attention_fwd", "attention_bwd", "supports", "MAX_TOKENS", "HEAD_DIMS"]
+__all__ = ["attention_triton", "attention_fwd", "attention_bwd", "launch_config", "supports", "MAX_TOKENS",
+           "HEAD_DIMS"]
