@@ -201,6 +201,16 @@ def _dq_tile(q, q2, do, do2, k_base, v_base, A, Ig, vec_base, offs_m, row_ok, a_
     return k, k2, p, dov, decay
 
 
+@triton.jit
+def _query_rows(pid_m, S, BLOCK_M: tl.constexpr):
+    """Query block pid_m of a row, the blocks aligned to the row's end: the partial block is the first, whose
+    queries see the fewest keys, so a length that is not a multiple of BLOCK_M costs a short block, not a long one.
+    -> rows (BM,) (negative rows are padding), row_ok, and the causal end of the block's keys."""
+    first = pid_m * BLOCK_M - (tl.cdiv(S, BLOCK_M) * BLOCK_M - S)             # the padding sits before row 0
+    offs_m = first + tl.arange(0, BLOCK_M)                                    # (BM,)
+    return offs_m, offs_m >= 0, first + BLOCK_M
+
+
 @triton.jit(do_not_specialize=["S"])
 def _mlstm_fwd_kernel(
     Q, K, V, A, Ig, Mlog, O, Rinv, Sgn,
@@ -216,8 +226,7 @@ def _mlstm_fwd_kernel(
     o_base = _head(O, pid_bh, NH, sob, soh)
     vec_base = pid_bh.to(tl.int64) * S                                      # (B, NH, S) vectors are contiguous
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                          # (BM,)
-    row_ok = offs_m < S
+    offs_m, row_ok, hi = _query_rows(pid_m, S, BLOCK_M)                      # (BM,), (BM,), causal end
     q = _load_cols(q_base, offs_m, row_ok, sqs, sqd, DH, 0, BLOCK_D)         # (BM, BD)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                      # (BM, BD) sum_j C v_j
     acc2 = acc                                                                # unused without a second chunk
@@ -228,7 +237,7 @@ def _mlstm_fwd_kernel(
     m_row = tl.load(Mlog + vec_base + offs_m, mask=row_ok, other=0.0)         # (BM,) stabilizer m_t
 
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)                           # (BM,) sum_j C
-    for start_n in range(0, tl.minimum((pid_m + 1) * BLOCK_M, S), BLOCK_N):  # causal, and no key tile past S
+    for start_n in range(0, hi, BLOCK_N):                                     # causal: no key past the block
         offs_n = start_n + tl.arange(0, BLOCK_N)                              # (BN,)
         col_ok = offs_n < S
         k = _load_cols(k_base, offs_n, col_ok, sks, skd, DH, 0, BLOCK_D)     # (BN, BD)
@@ -270,15 +279,13 @@ def _mlstm_bwd_dq_kernel(
     do_base = _head(DO, pid_bh, NH, sdob, sdoh)
     vec_base = pid_bh.to(tl.int64) * S
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                          # (BM,)
-    row_ok = offs_m < S
+    offs_m, row_ok, hi = _query_rows(pid_m, S, BLOCK_M)                      # (BM,), (BM,), causal end
     q, q2 = _load_cols2(q_base, offs_m, row_ok, sqs, sqd, DH, BLOCK_D, BLOCK_D2)      # (BM, BD), (BM, BD2)
     do, do2 = _load_cols2(do_base, offs_m, row_ok, sdos, sdod, DH, BLOCK_D, BLOCK_D2)
     a_row = tl.load(A + vec_base + offs_m, mask=row_ok, other=0.0)            # (BM,)
     m_row = tl.load(Mlog + vec_base + offs_m, mask=row_ok, other=0.0)         # (BM,)
     r = tl.load(Rinv + vec_base + offs_m, mask=row_ok, other=0.0)             # (BM,) 1 / N_t
     sgn = tl.load(Sgn + vec_base + offs_m, mask=row_ok, other=0.0)            # (BM,) d|s|/ds on the |s| branch
-    hi = tl.minimum((pid_m + 1) * BLOCK_M, S)                                 # causal, and no key tile past S
     if EXACT_DELTA:
         # delta_t = r_t sum_j (dh_t . v_j) C_tj from the same fp32 tiles the gradient uses, so that the
         # cancellation in dlogD (exact when one key dominates a row) is exact here too.
